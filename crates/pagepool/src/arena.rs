@@ -1,0 +1,216 @@
+//! Arenas: where a heap's memory comes from and goes back to.
+//!
+//! An arena is a memfd of a fixed size with one shared *home* mapping (see [`crate::os`]). A
+//! range of it is either *unused* (a hole in the file: no memory, reads zero) or *used* (a block
+//! that is pooled or in a live buffer). Getting fresh pages means carving an unused range and
+//! populating it (the kernel zeroes each page); giving pages back means punching a hole and
+//! marking the range unused. An arena with nothing used is unmapped and closed, so a heap that
+//! is trimmed holds no memory and no mappings at all.
+//!
+//! Unused ranges are kept per arena in an ordered map of `offset -> length`, coalesced on
+//! release; this is metadata for memory the process does *not* hold, never for pooled blocks.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::OsError;
+use crate::os;
+
+struct Arena {
+    fd: Arc<OwnedFd>,
+    base: NonNull<u8>,
+    len: usize,
+    /// Unused ranges: offset -> length in bytes.
+    free: BTreeMap<usize, usize>,
+    used: usize,
+}
+
+impl Arena {
+    fn contains(&self, p: NonNull<u8>) -> bool {
+        let (a, b) = (self.base.as_ptr() as usize, p.as_ptr() as usize);
+        b >= a && b < a + self.len
+    }
+
+    /// Takes the first unused range of at least `bytes`; returns its offset.
+    fn carve(&mut self, bytes: usize) -> Option<usize> {
+        let (&off, &len) = self.free.iter().find(|&(_, &len)| len >= bytes)?;
+        self.free.remove(&off);
+        if len > bytes {
+            self.free.insert(off + bytes, len - bytes);
+        }
+        self.used += bytes;
+        Some(off)
+    }
+
+    /// Marks `off..off + bytes` unused, merging with its neighbours.
+    fn uncarve(&mut self, mut off: usize, mut bytes: usize) {
+        self.used -= bytes;
+        if let Some((&prev, &plen)) = self.free.range(..off).next_back()
+            && prev + plen == off
+        {
+            self.free.remove(&prev);
+            off = prev;
+            bytes += plen;
+        }
+        if let Some(next) = self.free.remove(&(off + bytes)) {
+            bytes += next;
+        }
+        self.free.insert(off, bytes);
+    }
+}
+
+/// Where a block lives: the arena's file and the block's offset in it.
+pub(crate) struct Location {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) offset: usize,
+}
+
+/// A heap's arenas, and the counters of pages taken from and given back to the system.
+pub(crate) struct Arenas {
+    list: Mutex<Vec<Arena>>,
+    name: String,
+    arena_size: usize,
+    pub(crate) fresh_pages: AtomicU64,
+    pub(crate) released_pages: AtomicU64,
+}
+
+// SAFETY: the raw base pointers are only addresses of mappings the set owns; all access to
+// the list goes through the Mutex.
+unsafe impl Send for Arenas {}
+// SAFETY: as above.
+unsafe impl Sync for Arenas {}
+
+impl Arenas {
+    pub(crate) fn new(name: &str, arena_size: usize) -> Arenas {
+        Arenas {
+            list: Mutex::new(Vec::new()),
+            name: name.to_owned(),
+            arena_size,
+            fresh_pages: AtomicU64::new(0),
+            released_pages: AtomicU64::new(0),
+        }
+    }
+
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arena>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The number of arenas mapped now.
+    pub(crate) fn count(&self) -> usize {
+        self.list().len()
+    }
+
+    /// Gets `bytes` (a multiple of the page size) of fresh, zeroed, resident memory, contiguous
+    /// in one arena; makes a new arena if none has room.
+    pub(crate) fn carve(&self, bytes: usize) -> Result<NonNull<u8>, OsError> {
+        let (fd, off, p) = {
+            let mut list = self.list();
+            let found = list.iter_mut().find_map(|a| {
+                let off = a.carve(bytes)?;
+                // SAFETY: `off + bytes <= a.len`, inside the home mapping.
+                Some((a.fd.clone(), off, unsafe { a.base.add(off) }))
+            });
+            match found {
+                Some(f) => f,
+                None => {
+                    let mut arena = self.map_arena(bytes.max(self.arena_size))?;
+                    let off = arena.carve(bytes).expect("a new arena has room");
+                    let found = (arena.fd.clone(), off, arena.base);
+                    let at = list.partition_point(|a| a.base < arena.base);
+                    list.insert(at, arena);
+                    found
+                }
+            }
+        };
+        // SAFETY: `p..p + bytes` is the range carved above, in the home mapping of `fd` at
+        // `off`; it is marked used, so nobody else touches it.
+        match unsafe { os::populate(&*fd, off, p, bytes) } {
+            Ok(()) => {
+                let pages = bytes / os::page_size();
+                self.fresh_pages.fetch_add(pages as u64, Ordering::Relaxed);
+                Ok(p)
+            }
+            Err(e) => {
+                self.give_back(p, bytes, false);
+                Err(e)
+            }
+        }
+    }
+
+    fn map_arena(&self, len: usize) -> Result<Arena, OsError> {
+        let fd = os::memfd(&self.name, len)?;
+        let base = os::map_shared(&fd, len)?;
+        Ok(Arena {
+            fd: Arc::new(fd),
+            base,
+            len,
+            free: BTreeMap::from([(0, len)]),
+            used: 0,
+        })
+    }
+
+    /// Gives `bytes` at `p` (memory obtained from [`carve`](Self::carve)) back to the system.
+    pub(crate) fn release(&self, p: NonNull<u8>, bytes: usize) {
+        self.give_back(p, bytes, true);
+        self.released_pages
+            .fetch_add((bytes / os::page_size()) as u64, Ordering::Relaxed);
+    }
+
+    fn give_back(&self, p: NonNull<u8>, bytes: usize, punch: bool) {
+        let mut list = self.list();
+        let Some(i) = list.iter().position(|a| a.contains(p)) else {
+            log::error!("pagepool: released range {p:p} is in no arena");
+            return;
+        };
+        let arena = &mut list[i];
+        let off = p.as_ptr() as usize - arena.base.as_ptr() as usize;
+        if punch && let Err(e) = os::punch_hole(&*arena.fd, off, bytes) {
+            // The pages stay resident; zero them so that the range still reads as a hole.
+            log::warn!("pagepool: {e}; zeroing the range instead");
+            // SAFETY: the range is used memory of this arena that its owner is giving up.
+            unsafe { p.as_ptr().write_bytes(0, bytes) };
+        }
+        arena.uncarve(off, bytes);
+        if arena.used == 0 {
+            let arena = list.remove(i);
+            // SAFETY: nothing in the arena is used, so no block or buffer points into it.
+            if let Err(e) = unsafe { os::unmap(arena.base, arena.len) } {
+                log::error!("pagepool: {e}");
+            }
+        }
+    }
+
+    /// Where each of `blocks` lives (for mapping views of them).
+    pub(crate) fn locate(&self, blocks: impl Iterator<Item = NonNull<u8>>) -> Vec<Location> {
+        let list = self.list();
+        blocks
+            .map(|p| {
+                let a = list
+                    .iter()
+                    .find(|a| a.contains(p))
+                    .expect("a used block lies in an arena");
+                Location {
+                    fd: a.fd.clone(),
+                    offset: p.as_ptr() as usize - a.base.as_ptr() as usize,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Arenas {
+    fn drop(&mut self) {
+        for a in self.list().drain(..) {
+            if a.used != 0 {
+                log::error!("pagepool: arena dropped with {} bytes in use", a.used);
+            }
+            // SAFETY: the set is going away; every heap structure that pointed into it is gone.
+            if let Err(e) = unsafe { os::unmap(a.base, a.len) } {
+                log::error!("pagepool: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The buffer: a zeroed, page-aligned, contiguous view of a list of blocks.
+//!
+//! A [`Buffer`] is what the kernel heap exports as a dma-buf: a scatter-gather list of blocks
+//! ([`Buffer::blocks`]) that a Rust program also sees as one `&mut [u8]`.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
+
+use crate::error::AllocError;
+use crate::heap::HeapInner;
+use crate::os;
+use crate::sync::Arc;
+
+/// One block of a buffer: its home address in its arena and its order.
+#[derive(Clone, Copy)]
+pub(crate) struct Seg {
+    pub(crate) home: NonNull<u8>,
+    pub(crate) order: u8,
+}
+
+/// One entry of a buffer's scatter-gather list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockInfo {
+    /// Where the block starts in the buffer, in bytes.
+    pub offset: usize,
+    /// The block's length in bytes (`page_size() << order`).
+    pub len: usize,
+    /// The block's order.
+    pub order: u8,
+}
+
+/// A zeroed, page-aligned buffer from a [`SystemHeap`](crate::SystemHeap).
+///
+/// It dereferences to one contiguous `[u8]` of [`len`](Self::len) bytes (the requested length
+/// rounded up to whole pages). Dropping it returns its blocks to the heap's pools, zeroed.
+///
+/// # Examples
+/// ```
+/// let heap = pagepool::SystemHeap::new().unwrap();
+/// let mut buf = heap.alloc(70 * 1024).unwrap(); // one 64 KiB block and two 4 KiB blocks
+/// assert_eq!(buf.len(), 72 * 1024);
+/// assert_eq!(buf.as_ptr() as usize % pagepool::page_size(), 0);
+/// let orders: Vec<u8> = buf.blocks().map(|b| b.order).collect();
+/// assert_eq!(orders, [4, 0, 0]);
+/// buf.fill(0xab);
+/// ```
+pub struct Buffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// True when `ptr` is a view mapping of our own (to unmap on drop), false when it is the
+    /// blocks' home mapping.
+    view: bool,
+    segs: Vec<Seg>,
+    heap: Arc<HeapInner>,
+}
+
+// SAFETY: a Buffer owns its memory exclusively (its blocks were taken out of pools or carved
+// fresh); it is like a `Box<[u8]>`, so moving it to or sharing `&Buffer` with another thread is
+// sound. The heap handle it holds is itself Send + Sync.
+unsafe impl Send for Buffer {}
+// SAFETY: as above: `&Buffer` gives only `&[u8]`.
+unsafe impl Sync for Buffer {}
+
+impl Buffer {
+    /// Makes the buffer's blocks one contiguous range: the blocks themselves if they lie end to
+    /// end, else a view mapping. On failure every block goes back where it came from.
+    pub(crate) fn assemble(
+        heap: Arc<HeapInner>,
+        segs: Vec<Seg>,
+        bytes: usize,
+    ) -> Result<Buffer, AllocError> {
+        let page = heap.page;
+        let end_to_end = segs.windows(2).all(|w| {
+            w[0].home.as_ptr() as usize + (page << w[0].order) == w[1].home.as_ptr() as usize
+        });
+        let (ptr, view) = if end_to_end {
+            heap.counters.contiguous.fetch_add(1, Ordering::Relaxed);
+            (segs[0].home, false)
+        } else {
+            match map_view(&heap, &segs, bytes) {
+                Ok(p) => {
+                    heap.counters.remapped.fetch_add(1, Ordering::Relaxed);
+                    (p, true)
+                }
+                Err(e) => {
+                    // Clean blocks (pooled or fresh): back to the pools, untouched.
+                    heap.give_blocks(&segs);
+                    return Err(e);
+                }
+            }
+        };
+        heap.counters.allocs.fetch_add(1, Ordering::Relaxed);
+        heap.counters.live_buffers.fetch_add(1, Ordering::Relaxed);
+        heap.counters
+            .live_pages
+            .fetch_add((bytes / page) as u64, Ordering::Relaxed);
+        Ok(Buffer {
+            ptr,
+            len: bytes,
+            view,
+            segs,
+            heap,
+        })
+    }
+
+    /// The buffer's length in bytes (a multiple of the page size).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: buffers are at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The buffer's scatter-gather list: its blocks in order, largest first.
+    pub fn blocks(&self) -> impl ExactSizeIterator<Item = BlockInfo> + '_ {
+        let page = self.heap.page;
+        let mut offset = 0;
+        self.segs.iter().map(move |s| {
+            let info = BlockInfo {
+                offset,
+                len: page << s.order,
+                order: s.order,
+            };
+            offset += info.len;
+            info
+        })
+    }
+
+    /// True when the buffer needed a view mapping (its blocks were not end to end in memory).
+    pub fn is_remapped(&self) -> bool {
+        self.view
+    }
+}
+
+/// Reserves `bytes` of address space and maps each run of blocks adjacent in one arena file
+/// into it, in order.
+fn map_view(heap: &HeapInner, segs: &[Seg], bytes: usize) -> Result<NonNull<u8>, AllocError> {
+    let base = os::reserve(bytes)?;
+    let locs = heap.arenas.locate(segs.iter().map(|s| s.home));
+    let page = heap.page;
+    let mut at = 0; // offset in the view
+    let mut i = 0;
+    while i < segs.len() {
+        // Extend the run while the next block continues the same file.
+        let mut len = page << segs[i].order;
+        let mut j = i + 1;
+        while j < segs.len()
+            && std::sync::Arc::ptr_eq(&locs[j].fd, &locs[i].fd)
+            && locs[j].offset == locs[i].offset + len
+        {
+            len += page << segs[j].order;
+            j += 1;
+        }
+        // SAFETY: `base + at .. + len` lies inside the reservation made above, which nobody
+        // else knows of yet.
+        let r = unsafe { os::map_fixed(&*locs[i].fd, locs[i].offset, len, base.add(at)) };
+        if let Err(e) = r {
+            // SAFETY: the reservation is ours and unreferenced.
+            let _ = unsafe { os::unmap(base, bytes) };
+            return Err(e.into());
+        }
+        at += len;
+        i = j;
+    }
+    Ok(base)
+}
+
+impl Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr + len` is mapped, readable and owned by this buffer (see `assemble`);
+        // the borrow of `self` keeps it alive.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for Buffer {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AsMut<[u8]> for Buffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl Drop for Buffer {
+    /// Zeroes the buffer and gives its blocks to the pools, or, when the heap no longer pools,
+    /// gives them straight back to the system.
+    fn drop(&mut self) {
+        let h = &self.heap;
+        let pooling = h.pooling();
+        if pooling {
+            // SAFETY: the buffer owns `ptr..ptr + len` and no borrow of it outlives `drop`.
+            unsafe { self.ptr.as_ptr().write_bytes(0, self.len) };
+            h.counters
+                .zeroed_sync
+                .fetch_add(self.segs.len() as u64, Ordering::Relaxed);
+        }
+        if self.view {
+            // SAFETY: the view is this buffer's own mapping; nothing refers to it any more.
+            if let Err(e) = unsafe { os::unmap(self.ptr, self.len) } {
+                log::error!("pagepool: {e}");
+            }
+        }
+        if pooling {
+            h.give_blocks(&self.segs);
+        } else {
+            for s in &self.segs {
+                h.release_block(s.home, s.order);
+            }
+        }
+        h.counters.live_buffers.fetch_sub(1, Ordering::Relaxed);
+        h.counters
+            .live_pages
+            .fetch_sub((self.len / h.page) as u64, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Buffer")
+            .field("ptr", &self.ptr)
+            .field("len", &self.len)
+            .field("blocks", &self.segs.len())
+            .field("remapped", &self.view)
+            .finish()
+    }
+}

@@ -1,0 +1,78 @@
+//! Errors: what can go wrong when configuring a heap or allocating from it.
+
+use std::io;
+
+/// Why an allocation failed. Nothing is leaked when one is returned: every block taken for the
+/// failed buffer has gone back to its pool or to the system.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AllocError {
+    /// A zero-length buffer was asked for (dma-buf heaps refuse these too).
+    #[error("cannot allocate a zero-length buffer")]
+    ZeroLength,
+    /// The length is above the heap's configured maximum buffer size.
+    #[error("buffer of {len} bytes exceeds the heap's maximum of {max} bytes")]
+    TooLarge {
+        /// The length asked for.
+        len: usize,
+        /// The heap's maximum buffer size in bytes.
+        max: usize,
+    },
+    /// The operating system refused a request (address space, memory, or a limit ran out).
+    #[error(transparent)]
+    Os(#[from] OsError),
+}
+
+/// A system call that failed, with the name of the operation pagepool was performing.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} failed: {source}")]
+pub struct OsError {
+    /// What pagepool was doing (for example `"mmap arena"`).
+    pub op: &'static str,
+    /// The error the kernel returned.
+    #[source]
+    pub source: io::Error,
+}
+
+impl OsError {
+    pub(crate) fn new(op: &'static str, source: impl Into<io::Error>) -> Self {
+        OsError {
+            op,
+            source: source.into(),
+        }
+    }
+}
+
+/// Why a heap configuration was refused by [`HeapBuilder::build`](crate::HeapBuilder::build).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The list of block orders is empty.
+    #[error("no block orders configured")]
+    NoOrders,
+    /// An order is larger than [`MAX_ORDER`](crate::MAX_ORDER).
+    #[error("order {order} is above the largest supported order {max}")]
+    OrderTooLarge {
+        /// The order asked for.
+        order: u8,
+        /// The largest order pagepool serves.
+        max: u8,
+    },
+    /// Order 0 is missing, so lengths that are not a multiple of a larger block could not be built.
+    #[error("the orders must include 0 so that every page-rounded length can be built")]
+    MissingOrderZero,
+    /// The same order appears twice.
+    #[error("order {0} is listed twice")]
+    DuplicateOrder(u8),
+    /// The maximum buffer size is zero.
+    #[error("the maximum buffer size must be at least one page")]
+    ZeroMaxBuffer,
+    /// The arena size is smaller than the largest block.
+    #[error("arena size {arena} bytes is smaller than the largest block ({block} bytes)")]
+    ArenaTooSmall {
+        /// The arena size asked for.
+        arena: usize,
+        /// The size of the largest configured block.
+        block: usize,
+    },
+}

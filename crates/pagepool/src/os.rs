@@ -1,0 +1,199 @@
+//! The OS layer: every system call pagepool makes, behind one contract.
+//!
+//! Memory comes from *memfd arenas*: an anonymous in-memory file (`memfd_create`), sized with
+//! `ftruncate` (sparse: no memory is used until pages are touched), and mapped once, shared, at a
+//! fixed *home* address. A block is a page range of an arena. Because the memory belongs to a
+//! file, the same pages can be mapped a second time anywhere else (`mmap(MAP_SHARED | MAP_FIXED)`
+//! at the block's file offset) without copying: that is how blocks scattered over arenas become
+//! one contiguous buffer, and how buffers can later be shared as file descriptors.
+//!
+//! The contract, stated once for all functions here:
+//! - lengths and file offsets are multiples of [`page_size`]; addresses are page-aligned;
+//! - every failure is returned as an [`OsError`] naming the operation; nothing here panics;
+//! - functions that take raw addresses are `unsafe`: the caller owns the address range and
+//!   guarantees no Rust reference into it outlives an unmap or remap.
+
+use std::ffi::c_void;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::{self, NonNull};
+
+use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::mm::{Advice, MapFlags, ProtFlags};
+
+use crate::error::OsError;
+
+/// The size of a base page in bytes (4096 on x86-64). A block of order `k` is `page_size() << k`
+/// bytes.
+///
+/// # Examples
+/// ```
+/// assert!(pagepool::page_size().is_power_of_two());
+/// ```
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// Creates an anonymous in-memory file of `len` bytes (a sparse file: no memory is used yet).
+pub(crate) fn memfd(name: &str, len: usize) -> Result<OwnedFd, OsError> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .map_err(|e| OsError::new("memfd_create", e))?;
+    rustix::fs::ftruncate(&fd, len as u64).map_err(|e| OsError::new("ftruncate memfd", e))?;
+    Ok(fd)
+}
+
+/// Maps `len` bytes of `fd` from offset 0, shared and writable, wherever the kernel chooses.
+pub(crate) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, OsError> {
+    // SAFETY: a null hint without MAP_FIXED lets the kernel choose an unused range, so no
+    // existing mapping (and no Rust reference) is affected.
+    let p = unsafe {
+        rustix::mm::mmap(
+            ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }
+    .map_err(|e| OsError::new("mmap arena", e))?;
+    NonNull::new(p.cast()).ok_or_else(|| OsError::new("mmap arena", rustix::io::Errno::FAULT))
+}
+
+/// Reserves `len` bytes of address space with no access and no memory behind it.
+pub(crate) fn reserve(len: usize) -> Result<NonNull<u8>, OsError> {
+    // SAFETY: as in `map_shared`, the kernel picks a range nobody uses.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            ptr::null_mut(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }
+    .map_err(|e| OsError::new("mmap reserve", e))?;
+    NonNull::new(p.cast()).ok_or_else(|| OsError::new("mmap reserve", rustix::io::Errno::FAULT))
+}
+
+/// Maps `len` bytes of `fd` at file offset `offset` exactly at `at`, replacing what was there,
+/// and faults the pages in.
+///
+/// # Safety
+/// - `at..at + len` must lie inside a range the caller reserved with [`reserve`] and owns;
+/// - no reference into that range may be live.
+pub(crate) unsafe fn map_fixed(
+    fd: impl AsFd,
+    offset: usize,
+    len: usize,
+    at: NonNull<u8>,
+) -> Result<(), OsError> {
+    // SAFETY: the caller owns `at..at + len` (a reservation of its own), so replacing it
+    // with MAP_FIXED cannot clobber anyone else's mapping.
+    unsafe {
+        rustix::mm::mmap(
+            at.as_ptr().cast(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::SHARED | MapFlags::FIXED | MapFlags::POPULATE,
+            fd,
+            offset as u64,
+        )
+    }
+    .map(|_| ())
+    .map_err(|e| OsError::new("mmap view", e))
+}
+
+/// Unmaps `len` bytes at `p`.
+///
+/// # Safety
+/// The caller owns the range and no reference into it outlives this call.
+pub(crate) unsafe fn unmap(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { rustix::mm::munmap(p.as_ptr().cast::<c_void>(), len) }
+        .map_err(|e| OsError::new("munmap", e))
+}
+
+/// Gives the pages of `fd` in `offset..offset + len` back to the system: afterwards they read as
+/// zero and use no memory until touched again. Every mapping of the range sees the change.
+pub(crate) fn punch_hole(fd: impl AsFd, offset: usize, len: usize) -> Result<(), OsError> {
+    rustix::fs::fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset as u64,
+        len as u64,
+    )
+    .map_err(|e| OsError::new("fallocate punch hole", e))
+}
+
+/// Allocates memory for `len` bytes at `p` (a range of an arena's home mapping, `offset` bytes
+/// into `fd`) and maps it: the fresh-pages path, where the kernel zeroes every page.
+/// Uses `MADV_POPULATE_WRITE` (Linux 5.14+); on older kernels falls back to `fallocate`, which
+/// allocates the pages and leaves the mapping to fault on first touch.
+///
+/// # Safety
+/// `p..p + len` must be a mapping of `fd` at `offset` that the caller owns.
+pub(crate) unsafe fn populate(
+    fd: impl AsFd,
+    offset: usize,
+    p: NonNull<u8>,
+    len: usize,
+) -> Result<(), OsError> {
+    // SAFETY: the caller owns the range; populating does not change its contents (holes read
+    // as zero before and after).
+    match unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, Advice::LinuxPopulateWrite) } {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL) => {
+            rustix::fs::fallocate(fd, FallocateFlags::KEEP_SIZE, offset as u64, len as u64)
+                .map_err(|e| OsError::new("fallocate", e))
+        }
+        Err(e) => Err(OsError::new("madvise populate", e)),
+    }
+}
+
+/// The number of mappings of this process (lines of `/proc/self/maps`).
+///
+/// The kernel caps it (`vm.max_map_count`, 65530 by default); pagepool keeps its share bounded,
+/// see [`SystemHeap`](crate::SystemHeap).
+///
+/// # Examples
+/// ```
+/// let n = pagepool::mapping_count().unwrap();
+/// assert!(n > 0);
+/// ```
+pub fn mapping_count() -> std::io::Result<usize> {
+    let maps = std::fs::read("/proc/self/maps")?;
+    Ok(maps.iter().filter(|&&b| b == b'\n').count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arena_view_and_hole() {
+        let ps = page_size();
+        let fd = memfd("pagepool-test", 4 * ps).unwrap();
+        let home = map_shared(&fd, 4 * ps).unwrap();
+        // SAFETY: `home` maps 4 pages we own; the views below are ours too.
+        unsafe {
+            populate(&fd, 0, home, 4 * ps).unwrap();
+            home.as_ptr().add(ps).write(7);
+            let view = reserve(2 * ps).unwrap();
+            map_fixed(&fd, ps, ps, view).unwrap();
+            assert_eq!(view.as_ptr().read(), 7, "the view aliases the home mapping");
+            view.as_ptr().write(9);
+            assert_eq!(home.as_ptr().add(ps).read(), 9);
+            punch_hole(&fd, ps, ps).unwrap();
+            assert_eq!(home.as_ptr().add(ps).read(), 0, "a punched hole reads zero");
+            unmap(view, 2 * ps).unwrap();
+            unmap(home, 4 * ps).unwrap();
+        }
+    }
+
+    #[test]
+    fn errors_are_reported() {
+        let fd = memfd("pagepool-test", page_size()).unwrap();
+        let e = map_shared(&fd, 0).unwrap_err();
+        assert_eq!(e.op, "mmap arena");
+        assert!(mapping_count().unwrap() > 0);
+    }
+}

@@ -1,0 +1,434 @@
+//! The registry of all pools, per-owner limits, one global maximum, and shrinkers.
+//!
+//! In the kernel series every `drm_page_pool` sat on one global list under one global maximum,
+//! with one shrinker. Its reviewers objected that one global maximum makes one user's pool shrink
+//! because of another's. Here each user of the pools is an [`Owner`] with its own limit; the
+//! [`Registry`] keeps the global maximum and the totals, and can report every owner's share.
+//!
+//! Limits are enforced after a give: the block goes into its pool first, then every owner over
+//! its limit shrinks its own pools, and if the registry is over its maximum it shrinks all pools,
+//! round robin (one block from the next pool in turn), as the kernel's shrinker did.
+
+use std::fmt;
+
+use crate::pool::{PagePool, ReleaseFn};
+use crate::stats::{OwnerStats, RegistryStats};
+use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
+
+/// Something that holds reclaimable memory: the kernel's shrinker contract.
+///
+/// `count` says how much could be freed, cheaply and without locking everything; `scan` frees up
+/// to the amount asked, in whatever units the holder frees (whole blocks, whole buffers), and
+/// reports what it actually freed. Pools, owners, the registry and (with deferred freeing) the
+/// freelist are shrinkers; the pressure monitor and [`Registry::shrink_all`] drive them.
+pub trait Shrinker: Send + Sync {
+    /// A short name for reports and logs.
+    fn name(&self) -> &str;
+    /// Pages that a scan could free now.
+    fn count(&self) -> usize;
+    /// Frees about `nr_pages` pages (whole units, so possibly a little more; fewer if there is
+    /// less to free) and returns the pages freed.
+    fn scan(&self, nr_pages: usize) -> usize;
+}
+
+/// Scans `pools` round robin from `cursor`: one block from a pool, then the next pool, until
+/// `nr_pages` are freed or a whole round frees nothing.
+fn scan_round_robin(pools: &[Arc<PagePool>], cursor: &AtomicUsize, nr_pages: usize) -> usize {
+    let n = pools.len();
+    let (mut freed, mut idle) = (0, 0);
+    while freed < nr_pages && idle < n {
+        let i = cursor.fetch_add(1, Ordering::Relaxed) % n;
+        match pools[i].release_one() {
+            0 => idle += 1,
+            f => {
+                freed += f;
+                idle = 0;
+            }
+        }
+    }
+    freed
+}
+
+/// The registry of pool owners: a global maximum of pooled pages, the total, and the list of
+/// shrinkers to run when memory runs short.
+///
+/// # Examples
+/// ```
+/// use pagepool::{Registry, Shrinker};
+///
+/// let registry = Registry::new(1 << 20);
+/// let gpu = registry.register("gpu", 4096);
+/// let heap = registry.register("system", 8192);
+/// assert_eq!(registry.count(), 0);
+/// assert_eq!(registry.stats().owners.len(), 2);
+/// # drop((gpu, heap));
+/// ```
+pub struct Registry {
+    max_pages: AtomicUsize,
+    total: AtomicUsize,
+    owners: Mutex<Vec<Weak<Owner>>>,
+    cursor: AtomicUsize,
+    shrinkers: Mutex<Vec<Weak<dyn Shrinker>>>,
+}
+
+impl Registry {
+    /// Creates a registry whose pools may hold at most `max_pages` pages in total.
+    pub fn new(max_pages: usize) -> Arc<Registry> {
+        Arc::new(Registry {
+            max_pages: AtomicUsize::new(max_pages),
+            total: AtomicUsize::new(0),
+            owners: Mutex::new(Vec::new()),
+            cursor: AtomicUsize::new(0),
+            shrinkers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The process-wide registry that heaps use unless told otherwise. Its maximum is a quarter
+    /// of physical memory (the kernel's TTM pool defaults to half; a user-space cache should be
+    /// more modest).
+    #[cfg(not(loom))]
+    pub fn global() -> &'static Arc<Registry> {
+        static GLOBAL: std::sync::OnceLock<Arc<Registry>> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| {
+            let ram = rustix::system::sysinfo();
+            let bytes = (ram.totalram as u128 * ram.mem_unit.max(1) as u128 / 4) as usize;
+            Registry::new(bytes / crate::os::page_size())
+        })
+    }
+
+    /// Adds an owner with its own limit of `limit_pages` pooled pages.
+    pub fn register(self: &Arc<Self>, name: &str, limit_pages: usize) -> Arc<Owner> {
+        let owner = Arc::new(Owner {
+            name: name.to_owned(),
+            limit: AtomicUsize::new(limit_pages),
+            pages: AtomicUsize::new(0),
+            pools: Mutex::new(Vec::new()),
+            cursor: AtomicUsize::new(0),
+            registry: self.clone(),
+        });
+        let mut owners = lock(&self.owners);
+        owners.retain(|o| o.strong_count() > 0);
+        owners.push(Arc::downgrade(&owner));
+        owner
+    }
+
+    /// The global maximum of pooled pages.
+    pub fn max_pages(&self) -> usize {
+        self.max_pages.load(Ordering::Relaxed)
+    }
+
+    /// Changes the global maximum, shrinking the pools at once if they hold more.
+    pub fn set_max_pages(&self, max_pages: usize) {
+        self.max_pages.store(max_pages, Ordering::Relaxed);
+        self.enforce_max();
+    }
+
+    /// Adds a shrinker that [`shrink_all`](Self::shrink_all) runs before the pools (the deferred
+    /// freelist registers here). The registry holds it weakly: dropping it unregisters it.
+    pub fn add_shrinker(&self, shrinker: Weak<dyn Shrinker>) {
+        let mut list = lock(&self.shrinkers);
+        list.retain(|s| s.strong_count() > 0);
+        list.push(shrinker);
+    }
+
+    /// Pages reclaimable through every registered shrinker and every pool.
+    pub fn count_all(&self) -> usize {
+        self.extra_shrinkers()
+            .iter()
+            .map(|s| s.count())
+            .sum::<usize>()
+            + self.count()
+    }
+
+    /// Frees about `nr_pages` pages, asking the registered shrinkers first (in the order they
+    /// were added), then the pools round robin. Returns the pages freed.
+    pub fn shrink_all(&self, nr_pages: usize) -> usize {
+        let mut freed = 0;
+        for s in self.extra_shrinkers() {
+            if freed >= nr_pages {
+                break;
+            }
+            freed += s.scan(nr_pages - freed);
+        }
+        if freed < nr_pages {
+            freed += self.scan(nr_pages - freed);
+        }
+        freed
+    }
+
+    fn extra_shrinkers(&self) -> Vec<Arc<dyn Shrinker>> {
+        lock(&self.shrinkers)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    fn live_owners(&self) -> Vec<Arc<Owner>> {
+        lock(&self.owners)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Shrinks all pools if the total is over the maximum.
+    pub(crate) fn enforce_max(&self) {
+        let (total, max) = (self.count(), self.max_pages());
+        if total > max {
+            self.scan(total - max);
+        }
+    }
+
+    /// A snapshot of every owner's pools and the totals.
+    pub fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            max_pages: self.max_pages(),
+            total_pages: self.count(),
+            owners: self.live_owners().iter().map(|o| o.stats()).collect(),
+        }
+    }
+}
+
+impl Shrinker for Registry {
+    fn name(&self) -> &str {
+        "page pools"
+    }
+
+    fn count(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Frees pages from all owners' pools, round robin across the pools.
+    fn scan(&self, nr_pages: usize) -> usize {
+        let pools: Vec<Arc<PagePool>> = self
+            .live_owners()
+            .iter()
+            .flat_map(|o| o.live_pools())
+            .collect();
+        scan_round_robin(&pools, &self.cursor, nr_pages)
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("max_pages", &self.max_pages())
+            .field("total_pages", &self.count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One user of the pools (a heap, or any other cache of pages), with its own limit.
+///
+/// An owner's pools count against its limit and against the registry's maximum. When a give
+/// takes the owner over its limit, only the owner's own pools shrink.
+///
+/// # Examples
+/// ```
+/// use pagepool::{Block, Registry, Shrinker};
+///
+/// let registry = Registry::new(1 << 20);
+/// let owner = registry.register("example", 0);
+/// let pool = owner.add_pool(0, Box::new(|_b: Block| { /* memory owned elsewhere */ }));
+/// assert_eq!(owner.count(), 0);
+/// assert_eq!(pool.order(), 0);
+/// ```
+pub struct Owner {
+    name: String,
+    limit: AtomicUsize,
+    pages: AtomicUsize,
+    pools: Mutex<Vec<Weak<PagePool>>>,
+    cursor: AtomicUsize,
+    registry: Arc<Registry>,
+}
+
+impl Owner {
+    /// Creates a pool of `order` that counts against this owner. `release` gives a block back
+    /// to the system. The owner holds the pool weakly: it leaves the owner when dropped.
+    pub fn add_pool(self: &Arc<Self>, order: u8, release: ReleaseFn) -> Arc<PagePool> {
+        let pool = Arc::new(PagePool::with_owner(order, release, Some(self.clone())));
+        let mut pools = lock(&self.pools);
+        pools.retain(|p| p.strong_count() > 0);
+        pools.push(Arc::downgrade(&pool));
+        pool
+    }
+
+    /// The owner's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The registry this owner belongs to.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The most pages this owner's pools may hold.
+    pub fn limit_pages(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit, shrinking this owner's pools at once if they hold more.
+    pub fn set_limit_pages(&self, limit_pages: usize) {
+        self.limit.store(limit_pages, Ordering::Relaxed);
+        self.enforce_limits();
+    }
+
+    pub(crate) fn live_pools(&self) -> Vec<Arc<PagePool>> {
+        lock(&self.pools).iter().filter_map(Weak::upgrade).collect()
+    }
+
+    pub(crate) fn note_added(&self, pages: usize) {
+        self.pages.fetch_add(pages, Ordering::Relaxed);
+        self.registry.total.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn note_removed(&self, pages: usize) {
+        self.pages.fetch_sub(pages, Ordering::Relaxed);
+        self.registry.total.fetch_sub(pages, Ordering::Relaxed);
+    }
+
+    /// Shrinks this owner's pools to its limit, then the registry's to its maximum.
+    pub(crate) fn enforce_limits(&self) {
+        let (pages, limit) = (self.count(), self.limit_pages());
+        if pages > limit {
+            self.scan(pages - limit);
+        }
+        self.registry.enforce_max();
+    }
+
+    /// A snapshot of this owner's pools.
+    pub fn stats(&self) -> OwnerStats {
+        let mut pools: Vec<_> = self.live_pools().iter().map(|p| p.stats()).collect();
+        pools.sort_by_key(|p| p.order);
+        OwnerStats {
+            name: self.name.clone(),
+            limit_pages: self.limit_pages(),
+            pages: self.count(),
+            pools,
+        }
+    }
+}
+
+impl Shrinker for Owner {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn count(&self) -> usize {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    /// Frees pages from this owner's pools only, round robin.
+    fn scan(&self, nr_pages: usize) -> usize {
+        scan_round_robin(&self.live_pools(), &self.cursor, nr_pages)
+    }
+}
+
+impl fmt::Debug for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Owner")
+            .field("name", &self.name)
+            .field("limit_pages", &self.limit_pages())
+            .field("pages", &self.count())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::pool::Block;
+    use std::alloc::{Layout, alloc_zeroed, dealloc};
+    use std::ptr::NonNull;
+
+    fn layout(order: u8) -> Layout {
+        Layout::from_size_align(4096 << order, 4096).unwrap()
+    }
+    fn block(order: u8) -> Block {
+        // SAFETY: a fresh zeroed allocation, freed by `free` with the same layout.
+        unsafe { Block::from_raw(NonNull::new(alloc_zeroed(layout(order))).unwrap(), order) }
+    }
+    fn free() -> ReleaseFn {
+        Box::new(|b: Block| {
+            let o = b.order();
+            // SAFETY: every block here comes from `block`.
+            unsafe { dealloc(b.into_raw().as_ptr(), layout(o)) }
+        })
+    }
+
+    #[test]
+    fn owner_limit_shrinks_only_that_owner() {
+        let reg = Registry::new(1000);
+        let a = reg.register("a", 4);
+        let b = reg.register("b", 100);
+        let pa = a.add_pool(0, free());
+        let pb = b.add_pool(1, free());
+        for _ in 0..10 {
+            pb.give(block(1)).unwrap();
+        }
+        for _ in 0..6 {
+            pa.give(block(0)).unwrap();
+        }
+        assert_eq!(a.count(), 4, "give first, then shrink to the limit");
+        assert_eq!(b.count(), 20, "the other owner is untouched");
+        assert_eq!(reg.count(), 24);
+        assert_eq!(pa.stats().released, 2);
+        let s = reg.stats();
+        assert_eq!(s.total_pages, 24);
+        assert_eq!(s.owners.iter().map(|o| o.pages).sum::<usize>(), 24);
+    }
+
+    #[test]
+    fn global_max_shrinks_round_robin() {
+        let reg = Registry::new(1000);
+        let a = reg.register("a", 1000);
+        let p0 = a.add_pool(0, free());
+        let p2 = a.add_pool(2, free());
+        for _ in 0..8 {
+            p0.give(block(0)).unwrap();
+            p2.give(block(2)).unwrap();
+        }
+        assert_eq!(reg.count(), 40);
+        reg.set_max_pages(30);
+        assert!(reg.count() <= 30);
+        assert!(p0.blocks() < 8 && p2.blocks() < 8, "both pools gave blocks");
+        let f = reg.scan(5);
+        assert!(
+            (5..9).contains(&f),
+            "whole blocks: at most one block over, got {f}"
+        );
+    }
+
+    struct Fixed(AtomicUsize);
+    impl Shrinker for Fixed {
+        fn name(&self) -> &str {
+            "fixed"
+        }
+        fn count(&self) -> usize {
+            self.0.load(Ordering::Relaxed)
+        }
+        fn scan(&self, nr: usize) -> usize {
+            let n = nr.min(self.count());
+            self.0.fetch_sub(n, Ordering::Relaxed);
+            n
+        }
+    }
+
+    #[test]
+    fn shrink_all_asks_extra_shrinkers_first() {
+        let reg = Registry::new(1000);
+        let a = reg.register("a", 1000);
+        let p = a.add_pool(0, free());
+        for _ in 0..5 {
+            p.give(block(0)).unwrap();
+        }
+        let extra: Arc<dyn Shrinker> = Arc::new(Fixed(AtomicUsize::new(3)));
+        reg.add_shrinker(Arc::downgrade(&extra));
+        assert_eq!(reg.count_all(), 8);
+        assert_eq!(reg.shrink_all(4), 4);
+        assert_eq!(extra.count(), 0, "extra shrinker emptied first");
+        assert_eq!(p.pages(), 4);
+        drop(extra);
+        assert_eq!(reg.count_all(), 4, "dropped shrinkers unregister");
+    }
+}

@@ -1,0 +1,199 @@
+//! Statistics: one set of definitions for the text report and the structured (serde) output.
+//!
+//! Pooled pages are memory the process holds: they are reported as *pooled*, separately, never
+//! as free memory (the kernel reviewers' demand, like `/proc/slabinfo` for caches).
+//! [`render_table`] draws the shape of TTM's debugfs `page_pool` file: one row per owner, one
+//! column per order, then `total : N of MAX` and a line for pages held by other owners.
+
+use std::fmt::{self, Write as _};
+
+use serde::{Deserialize, Serialize};
+
+/// One pool's contents and counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// The pool's block order (blocks of 2^order pages).
+    pub order: u8,
+    /// Pages pooled now.
+    pub pages: usize,
+    /// Blocks pooled now.
+    pub blocks: usize,
+    /// Blocks given to the pool since it was created.
+    pub given: u64,
+    /// Blocks taken out of the pool (by users and by shrinking) since it was created.
+    pub taken: u64,
+    /// Blocks the pool gave back to the system (shrinking) since it was created.
+    pub released: u64,
+}
+
+/// One owner's pools.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerStats {
+    /// The owner's name.
+    pub name: String,
+    /// The owner's limit in pages.
+    pub limit_pages: usize,
+    /// Pages pooled by this owner now.
+    pub pages: usize,
+    /// Each pool, by ascending order.
+    pub pools: Vec<PoolStats>,
+}
+
+/// Every owner of a registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryStats {
+    /// The registry's global maximum in pages.
+    pub max_pages: usize,
+    /// Pages pooled by all owners now.
+    pub total_pages: usize,
+    /// Each live owner.
+    pub owners: Vec<OwnerStats>,
+}
+
+/// A heap's statistics: its pools, where its blocks came from, where they went.
+///
+/// Page counts are in pages of [`page_size`](Self::page_size) bytes. The accounting invariant,
+/// tested by the property tests: `fresh_pages == pooled pages + live_pages + released_pages`
+/// (every page obtained from the system is pooled, in a live buffer, or given back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HeapStats {
+    /// The size of a page in bytes.
+    pub page_size: usize,
+    /// This heap's pools (as an owner of the registry).
+    pub owner: OwnerStats,
+    /// The registry's maximum in pages.
+    pub registry_max_pages: usize,
+    /// Pages pooled by every owner of the registry.
+    pub registry_total_pages: usize,
+    /// Pages pooled by the registry's other owners.
+    pub other_owners_pages: usize,
+    /// The most pages this heap's pools have held at once.
+    pub peak_pooled_pages: usize,
+    /// Buffers allocated.
+    pub allocs: u64,
+    /// Blocks taken from a pool (clean, nothing to do).
+    pub hits: u64,
+    /// Blocks that had to come from the system.
+    pub misses: u64,
+    /// Pages obtained from the system (each zeroed by the kernel).
+    pub fresh_pages: u64,
+    /// Pages given back to the system.
+    pub released_pages: u64,
+    /// Buffers alive now.
+    pub live_buffers: u64,
+    /// Pages in buffers alive now.
+    pub live_pages: u64,
+    /// Buffers whose blocks were already contiguous (handed out with no mapping work).
+    pub contiguous: u64,
+    /// Buffers that needed a view mapping to make their blocks contiguous.
+    pub remapped: u64,
+    /// Blocks zeroed synchronously by the thread that released them.
+    pub zeroed_sync: u64,
+    /// Memfd arenas mapped now.
+    pub arenas: usize,
+}
+
+impl HeapStats {
+    /// Pages pooled by this heap now.
+    pub fn pooled_pages(&self) -> usize {
+        self.owner.pages
+    }
+}
+
+/// Renders pools in the shape of TTM's debugfs `page_pool` file: a header with one column per
+/// order, one row per owner with the pages pooled at each order, then `total : N of MAX` and,
+/// when given, `(N in other owners' pools)`.
+///
+/// # Examples
+/// ```
+/// use pagepool::stats::{render_table, OwnerStats, PoolStats};
+/// let pool = PoolStats { order: 0, pages: 3, blocks: 3, given: 3, taken: 0, released: 0 };
+/// let owner = OwnerStats { name: "system".into(), limit_pages: 10, pages: 3, pools: vec![pool] };
+/// let text = render_table(&[owner], 3, 100, Some(5));
+/// assert!(text.contains("total"));
+/// assert!(text.contains("3 of 100"));
+/// assert!(text.contains("(5 in other owners' pools)"));
+/// ```
+pub fn render_table(
+    owners: &[OwnerStats],
+    total: usize,
+    max: usize,
+    others: Option<usize>,
+) -> String {
+    let mut orders: Vec<u8> = owners
+        .iter()
+        .flat_map(|o| o.pools.iter().map(|p| p.order))
+        .collect();
+    orders.sort_unstable();
+    orders.dedup();
+    let name_w = owners
+        .iter()
+        .map(|o| o.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    let mut out = String::new();
+    let _ = write!(out, "{:name_w$}  ", "");
+    for o in &orders {
+        let _ = write!(out, " ---{o:>2}---");
+    }
+    out.push('\n');
+    for owner in owners {
+        let _ = write!(out, "{:name_w$} :", owner.name);
+        for o in &orders {
+            let pages = owner
+                .pools
+                .iter()
+                .find(|p| p.order == *o)
+                .map_or(0, |p| p.pages);
+            let _ = write!(out, " {pages:>8}");
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "{:name_w$} : {total} of {max}", "total");
+    if let Some(n) = others {
+        let _ = writeln!(out, "({n} in other owners' pools)");
+    }
+    out
+}
+
+impl fmt::Display for RegistryStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&render_table(
+            &self.owners,
+            self.total_pages,
+            self.max_pages,
+            None,
+        ))
+    }
+}
+
+impl fmt::Display for HeapStats {
+    /// The pool table, then one line of counters.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&render_table(
+            std::slice::from_ref(&self.owner),
+            self.registry_total_pages,
+            self.registry_max_pages,
+            Some(self.other_owners_pages),
+        ))?;
+        writeln!(
+            f,
+            "allocs {} hits {} misses {} fresh pages {} released pages {} live buffers {} \
+             ({} pages) contiguous {} remapped {} zeroed on release {} peak pooled pages {} arenas {}",
+            self.allocs,
+            self.hits,
+            self.misses,
+            self.fresh_pages,
+            self.released_pages,
+            self.live_buffers,
+            self.live_pages,
+            self.contiguous,
+            self.remapped,
+            self.zeroed_sync,
+            self.peak_pooled_pages,
+            self.arenas,
+        )
+    }
+}

@@ -1,0 +1,21 @@
+//! The synchronisation primitives the rest of the crate uses.
+//!
+//! Every module imports `crate::sync` instead of `std::sync`, so that building with `--cfg loom`
+//! swaps in [loom](https://docs.rs/loom)'s model-checked versions and `tests/loom.rs` can explore
+//! every interleaving of the pool's give/take and the registry's shrink.
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::{Arc, Mutex, MutexGuard, Weak};
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+pub(crate) use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+/// Locks `m`, ignoring poisoning: every structure guarded here is left consistent at each
+/// point where user code (a release callback) could panic, so a poisoned lock is still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
