@@ -140,9 +140,22 @@ impl Arenas {
         }
     }
 
+    /// Maps a new arena of `len` bytes, followed by one inaccessible guard page so that no two
+    /// arenas are ever adjacent: blocks that lie end to end in memory are then always in the
+    /// same arena, at consecutive file offsets.
     fn map_arena(&self, len: usize) -> Result<Arena, OsError> {
         let fd = os::memfd(&self.name, len)?;
-        let base = os::map_shared(&fd, len)?;
+        let guard = os::page_size();
+        let span = len
+            .checked_add(guard)
+            .ok_or_else(|| OsError::new("mmap arena", rustix::io::Errno::NOMEM))?;
+        let base = os::reserve(span)?;
+        // SAFETY: `base..base + len` is inside the reservation just made, known to nobody else.
+        if let Err(e) = unsafe { os::map_fixed(&fd, 0, len, base, false) } {
+            // SAFETY: as above.
+            let _ = unsafe { os::unmap(base, span) };
+            return Err(e);
+        }
         Ok(Arena {
             fd: Arc::new(fd),
             base,
@@ -177,7 +190,7 @@ impl Arenas {
         if arena.used == 0 {
             let arena = list.remove(i);
             // SAFETY: nothing in the arena is used, so no block or buffer points into it.
-            if let Err(e) = unsafe { os::unmap(arena.base, arena.len) } {
+            if let Err(e) = unsafe { os::unmap(arena.base, arena.len + os::page_size()) } {
                 log::error!("pagepool: {e}");
             }
         }
@@ -208,7 +221,7 @@ impl Drop for Arenas {
                 log::error!("pagepool: arena dropped with {} bytes in use", a.used);
             }
             // SAFETY: the set is going away; every heap structure that pointed into it is gone.
-            if let Err(e) = unsafe { os::unmap(a.base, a.len) } {
+            if let Err(e) = unsafe { os::unmap(a.base, a.len + os::page_size()) } {
                 log::error!("pagepool: {e}");
             }
         }

@@ -13,11 +13,19 @@ use crate::heap::HeapInner;
 use crate::os;
 use crate::sync::Arc;
 
-/// One block of a buffer: its home address in its arena and its order.
+/// A run of `count` blocks of one order lying end to end at `home` in one arena.
 #[derive(Clone, Copy)]
 pub(crate) struct Seg {
     pub(crate) home: NonNull<u8>,
     pub(crate) order: u8,
+    pub(crate) count: usize,
+}
+
+impl Seg {
+    /// The address just past the run.
+    pub(crate) fn end(&self, page: usize) -> usize {
+        self.home.as_ptr() as usize + (page << self.order) * self.count
+    }
 }
 
 /// One entry of a buffer's scatter-gather list.
@@ -116,18 +124,21 @@ impl Buffer {
     }
 
     /// The buffer's scatter-gather list: its blocks in order, largest first.
-    pub fn blocks(&self) -> impl ExactSizeIterator<Item = BlockInfo> + '_ {
+    pub fn blocks(&self) -> impl Iterator<Item = BlockInfo> + '_ {
         let page = self.heap.page;
         let mut offset = 0;
-        self.segs.iter().map(move |s| {
-            let info = BlockInfo {
-                offset,
-                len: page << s.order,
-                order: s.order,
-            };
-            offset += info.len;
-            info
-        })
+        self.segs
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s.order, s.count))
+            .map(move |order| {
+                let info = BlockInfo {
+                    offset,
+                    len: page << order,
+                    order,
+                };
+                offset += info.len;
+                info
+            })
     }
 
     /// True when the buffer needed a view mapping (its blocks were not end to end in memory).
@@ -136,35 +147,36 @@ impl Buffer {
     }
 }
 
-/// Reserves `bytes` of address space and maps each run of blocks adjacent in one arena file
-/// into it, in order.
+/// Reserves `bytes` of address space and maps each run of segments that lie end to end (and so,
+/// arenas being separated by guard pages, in one arena file) into it, in order.
 fn map_view(heap: &HeapInner, segs: &[Seg], bytes: usize) -> Result<NonNull<u8>, AllocError> {
-    let base = os::reserve(bytes)?;
-    let locs = heap.arenas.locate(segs.iter().map(|s| s.home));
     let page = heap.page;
-    let mut at = 0; // offset in the view
-    let mut i = 0;
-    while i < segs.len() {
-        // Extend the run while the next block continues the same file.
-        let mut len = page << segs[i].order;
-        let mut j = i + 1;
-        while j < segs.len()
-            && std::sync::Arc::ptr_eq(&locs[j].fd, &locs[i].fd)
-            && locs[j].offset == locs[i].offset + len
-        {
-            len += page << segs[j].order;
-            j += 1;
+    // Runs: (first segment, length in bytes).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        let len = s.end(page) - s.home.as_ptr() as usize;
+        match runs.last_mut() {
+            Some((first, run))
+                if segs[*first].home.as_ptr() as usize + *run == s.home.as_ptr() as usize =>
+            {
+                *run += len
+            }
+            _ => runs.push((i, len)),
         }
+    }
+    let locs = heap.arenas.locate(runs.iter().map(|&(i, _)| segs[i].home));
+    let base = os::reserve(bytes)?;
+    let mut at = 0; // offset in the view
+    for (loc, &(_, len)) in locs.iter().zip(&runs) {
         // SAFETY: `base + at .. + len` lies inside the reservation made above, which nobody
         // else knows of yet.
-        let r = unsafe { os::map_fixed(&*locs[i].fd, locs[i].offset, len, base.add(at)) };
+        let r = unsafe { os::map_fixed(&*loc.fd, loc.offset, len, base.add(at), true) };
         if let Err(e) = r {
             // SAFETY: the reservation is ours and unreferenced.
             let _ = unsafe { os::unmap(base, bytes) };
             return Err(e.into());
         }
         at += len;
-        i = j;
     }
     Ok(base)
 }
@@ -206,9 +218,10 @@ impl Drop for Buffer {
         if pooling {
             // SAFETY: the buffer owns `ptr..ptr + len` and no borrow of it outlives `drop`.
             unsafe { self.ptr.as_ptr().write_bytes(0, self.len) };
-            h.counters
-                .zeroed_sync
-                .fetch_add(self.segs.len() as u64, Ordering::Relaxed);
+            h.counters.zeroed_sync.fetch_add(
+                self.segs.iter().map(|s| s.count as u64).sum(),
+                Ordering::Relaxed,
+            );
         }
         if self.view {
             // SAFETY: the view is this buffer's own mapping; nothing refers to it any more.
@@ -220,7 +233,7 @@ impl Drop for Buffer {
             h.give_blocks(&self.segs);
         } else {
             for s in &self.segs {
-                h.release_block(s.home, s.order);
+                h.release_seg(s);
             }
         }
         h.counters.live_buffers.fetch_sub(1, Ordering::Relaxed);

@@ -240,11 +240,14 @@ impl HeapInner {
     pub(crate) fn give_blocks(&self, segs: &[Seg]) {
         for s in segs.iter().rev() {
             let i = self.pool_index(s.order);
-            // SAFETY: the block is a used arena range of `2^order` pages that the dying buffer
-            // owned exclusively and has zeroed.
-            let block = unsafe { Block::from_raw(s.home, s.order) };
-            if let Err(b) = self.pools[i].give_quiet(block) {
-                self.release_block(b.into_raw(), s.order);
+            let size = self.page << s.order;
+            for k in (0..s.count).rev() {
+                // SAFETY: the block is a used arena range of `2^order` pages, inside the
+                // segment, that the dying buffer owned exclusively and has zeroed.
+                let block = unsafe { Block::from_raw(s.home.add(k * size), s.order) };
+                if let Err(b) = self.pools[i].give_quiet(block) {
+                    self.arenas.release(b.into_raw(), size);
+                }
             }
         }
         self.owner.enforce_limits();
@@ -253,20 +256,10 @@ impl HeapInner {
             .fetch_max(self.owner.count(), Ordering::Relaxed);
     }
 
-    pub(crate) fn release_block(&self, home: NonNull<u8>, order: u8) {
-        self.arenas.release(home, self.page << order);
-    }
-
-    /// The blocks a buffer of `pages` pages is built from, largest first, as
-    /// `(pool index, order)`.
-    fn plan(&self, pages: usize) -> Vec<(usize, u8)> {
-        let mut left = pages;
-        let mut plan = Vec::new();
-        for (i, &order) in self.orders.iter().enumerate() {
-            plan.extend(std::iter::repeat_n((i, order), left >> order));
-            left &= (1 << order) - 1;
-        }
-        plan
+    /// Gives a segment's memory straight back to the system.
+    pub(crate) fn release_seg(&self, s: &Seg) {
+        self.arenas
+            .release(s.home, (self.page << s.order) * s.count);
     }
 
     fn pool_index(&self, order: u8) -> usize {
@@ -274,12 +267,20 @@ impl HeapInner {
     }
 }
 
-/// The blocks of a plan that have a home (all of them once the misses are carved).
-fn segs_of(plan: &[(usize, u8)], homes: Vec<Option<NonNull<u8>>>) -> Vec<Seg> {
-    plan.iter()
-        .zip(homes)
-        .filter_map(|(&(_, order), home)| Some(Seg { home: home?, order }))
-        .collect()
+/// Appends a block to a segment list, extending the last segment when the block continues it.
+fn push_block(segs: &mut Vec<Seg>, home: NonNull<u8>, order: u8, page: usize) {
+    if let Some(last) = segs.last_mut()
+        && last.order == order
+        && last.end(page) == home.as_ptr() as usize
+    {
+        last.count += 1;
+        return;
+    }
+    segs.push(Seg {
+        home,
+        order,
+        count: 1,
+    });
 }
 
 /// A heap of zeroed, page-aligned, contiguous buffers, built from pooled blocks.
@@ -335,44 +336,59 @@ impl SystemHeap {
         }
         let pages = len.div_ceil(h.page);
         let bytes = pages * h.page;
-        let plan = h.plan(pages);
-        // Take what the pools have, largest block first.
-        let mut homes: Vec<Option<NonNull<u8>>> = plan
-            .iter()
-            .map(|&(i, _)| h.pools[i].take().map(Block::into_raw))
-            .collect();
-        let hits = homes.iter().filter(|s| s.is_some()).count();
+        // Largest blocks first: from each order's pool what it has, the rest from the system.
+        // Runs of blocks that lie end to end are kept as one segment, so the bookkeeping grows
+        // with the number of pool hits, not with the buffer's size.
+        let mut segs: Vec<Seg> = Vec::new();
+        let mut missing: Vec<(usize, u8, usize)> = Vec::new(); // (index in segs, order, count)
+        let mut left = pages;
+        for (pool, &order) in h.pools.iter().zip(&h.orders) {
+            let want = left >> order;
+            left &= (1 << order) - 1;
+            let mut got = 0;
+            while got < want {
+                let Some(b) = pool.take() else { break };
+                got += 1;
+                push_block(&mut segs, b.into_raw(), order, h.page);
+            }
+            if got < want {
+                missing.push((segs.len(), order, want - got));
+                segs.push(Seg {
+                    home: NonNull::dangling(),
+                    order,
+                    count: want - got,
+                });
+            }
+        }
+        let hits: usize = segs.iter().map(|s| s.count).sum::<usize>()
+            - missing.iter().map(|m| m.2).sum::<usize>();
         let counters = &h.counters;
         counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
         counters
             .misses
-            .fetch_add((plan.len() - hits) as u64, Ordering::Relaxed);
-        // The misses come from the system as one range, split in plan order.
-        let missing: usize = plan
-            .iter()
-            .zip(&homes)
-            .filter(|(_, home)| home.is_none())
-            .map(|(&(_, order), _)| h.page << order)
-            .sum();
-        if missing > 0 {
-            match h.arenas.carve(missing) {
+            .fetch_add(missing.iter().map(|m| m.2 as u64).sum(), Ordering::Relaxed);
+        // The misses come from the system as one range, split in order.
+        if !missing.is_empty() {
+            let fresh: usize = missing.iter().map(|&(_, o, n)| (h.page << o) * n).sum();
+            match h.arenas.carve(fresh) {
                 Ok(mut p) => {
-                    for (home, &(_, order)) in homes.iter_mut().zip(&plan) {
-                        if home.is_none() {
-                            *home = Some(p);
-                            // SAFETY: still inside the range just carved.
-                            p = unsafe { p.add(h.page << order) };
-                        }
+                    for &(i, order, n) in &missing {
+                        segs[i].home = p;
+                        // SAFETY: still inside (or one past) the range just carved.
+                        p = unsafe { p.add((h.page << order) * n) };
                     }
                 }
                 Err(e) => {
                     // Give the pool blocks back: still clean, untouched.
-                    h.give_blocks(&segs_of(&plan, homes));
+                    for &(i, _, _) in missing.iter().rev() {
+                        segs.remove(i);
+                    }
+                    h.give_blocks(&segs);
                     return Err(e.into());
                 }
             }
         }
-        Buffer::assemble(self.inner.clone(), segs_of(&plan, homes), bytes)
+        Buffer::assemble(self.inner.clone(), segs, bytes)
     }
 
     /// A snapshot of the heap's statistics.

@@ -41,27 +41,10 @@ pub(crate) fn memfd(name: &str, len: usize) -> Result<OwnedFd, OsError> {
     Ok(fd)
 }
 
-/// Maps `len` bytes of `fd` from offset 0, shared and writable, wherever the kernel chooses.
-pub(crate) fn map_shared(fd: impl AsFd, len: usize) -> Result<NonNull<u8>, OsError> {
-    // SAFETY: a null hint without MAP_FIXED lets the kernel choose an unused range, so no
-    // existing mapping (and no Rust reference) is affected.
-    let p = unsafe {
-        rustix::mm::mmap(
-            ptr::null_mut(),
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::SHARED,
-            fd,
-            0,
-        )
-    }
-    .map_err(|e| OsError::new("mmap arena", e))?;
-    NonNull::new(p.cast()).ok_or_else(|| OsError::new("mmap arena", rustix::io::Errno::FAULT))
-}
-
 /// Reserves `len` bytes of address space with no access and no memory behind it.
 pub(crate) fn reserve(len: usize) -> Result<NonNull<u8>, OsError> {
-    // SAFETY: as in `map_shared`, the kernel picks a range nobody uses.
+    // SAFETY: a null hint without MAP_FIXED lets the kernel choose an unused range, so no
+    // existing mapping (and no Rust reference) is affected.
     let p = unsafe {
         rustix::mm::mmap_anonymous(
             ptr::null_mut(),
@@ -74,8 +57,8 @@ pub(crate) fn reserve(len: usize) -> Result<NonNull<u8>, OsError> {
     NonNull::new(p.cast()).ok_or_else(|| OsError::new("mmap reserve", rustix::io::Errno::FAULT))
 }
 
-/// Maps `len` bytes of `fd` at file offset `offset` exactly at `at`, replacing what was there,
-/// and faults the pages in.
+/// Maps `len` bytes of `fd` at file offset `offset` exactly at `at`, replacing what was there;
+/// with `populate`, faults the pages in at once (`MAP_POPULATE`).
 ///
 /// # Safety
 /// - `at..at + len` must lie inside a range the caller reserved with [`reserve`] and owns;
@@ -85,7 +68,12 @@ pub(crate) unsafe fn map_fixed(
     offset: usize,
     len: usize,
     at: NonNull<u8>,
+    populate: bool,
 ) -> Result<(), OsError> {
+    let mut flags = MapFlags::SHARED | MapFlags::FIXED;
+    if populate {
+        flags |= MapFlags::POPULATE;
+    }
     // SAFETY: the caller owns `at..at + len` (a reservation of its own), so replacing it
     // with MAP_FIXED cannot clobber anyone else's mapping.
     unsafe {
@@ -93,7 +81,7 @@ pub(crate) unsafe fn map_fixed(
             at.as_ptr().cast(),
             len,
             ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::SHARED | MapFlags::FIXED | MapFlags::POPULATE,
+            flags,
             fd,
             offset as u64,
         )
@@ -172,13 +160,14 @@ mod tests {
     fn arena_view_and_hole() {
         let ps = page_size();
         let fd = memfd("pagepool-test", 4 * ps).unwrap();
-        let home = map_shared(&fd, 4 * ps).unwrap();
+        let home = reserve(4 * ps).unwrap();
         // SAFETY: `home` maps 4 pages we own; the views below are ours too.
         unsafe {
+            map_fixed(&fd, 0, 4 * ps, home, false).unwrap();
             populate(&fd, 0, home, 4 * ps).unwrap();
             home.as_ptr().add(ps).write(7);
             let view = reserve(2 * ps).unwrap();
-            map_fixed(&fd, ps, ps, view).unwrap();
+            map_fixed(&fd, ps, ps, view, true).unwrap();
             assert_eq!(view.as_ptr().read(), 7, "the view aliases the home mapping");
             view.as_ptr().write(9);
             assert_eq!(home.as_ptr().add(ps).read(), 9);
@@ -192,8 +181,9 @@ mod tests {
     #[test]
     fn errors_are_reported() {
         let fd = memfd("pagepool-test", page_size()).unwrap();
-        let e = map_shared(&fd, 0).unwrap_err();
-        assert_eq!(e.op, "mmap arena");
+        let e = reserve(0).unwrap_err();
+        assert_eq!(e.op, "mmap reserve");
+        let _ = fd;
         assert!(mapping_count().unwrap() > 0);
     }
 }

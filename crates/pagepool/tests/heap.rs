@@ -1,0 +1,315 @@
+//! The system heap end to end: zeroing guarantee, errors, contiguity, limits, teardown.
+
+use pagepool::{AllocError, ConfigError, Registry, Shrinker, SystemHeap, page_size};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+fn private_heap(name: &str) -> SystemHeap {
+    SystemHeap::builder()
+        .name(name)
+        .registry(Registry::new(usize::MAX))
+        .build()
+        .unwrap()
+}
+
+/// The kernel selftest's check: dirty buffers freed, new ones allocated, every byte zero.
+fn dirty_then_check(heap: &SystemHeap, size: usize) {
+    let bufs: Vec<_> = (0..32)
+        .map(|_| {
+            let mut b = heap.alloc(size).unwrap();
+            b.fill(0xff);
+            b
+        })
+        .collect();
+    drop(bufs);
+    let again: Vec<_> = (0..32).map(|_| heap.alloc(size).unwrap()).collect();
+    for b in &again {
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "a reused {size}-byte buffer is not zeroed"
+        );
+    }
+}
+
+#[test]
+fn zeroed_after_dirty_free_4k() {
+    let heap = private_heap("zero4k");
+    dirty_then_check(&heap, 4096);
+    assert!(
+        heap.stats().hits >= 32,
+        "the second round came from the pool"
+    );
+}
+
+#[test]
+fn zeroed_after_dirty_free_1m() {
+    let heap = private_heap("zero1m");
+    dirty_then_check(&heap, 1 << 20);
+    assert!(heap.stats().hits >= 32);
+}
+
+#[test]
+fn zeroed_random_sizes_four_threads() {
+    let heap = private_heap("zero-mt");
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let heap = &heap;
+            s.spawn(move || {
+                let mut rng = StdRng::seed_from_u64(t);
+                let mut live = Vec::new();
+                for i in 0..2600 {
+                    let len = rng.random_range(1..=(if i % 50 == 0 { 3 << 20 } else { 300_000 }));
+                    let mut b = heap.alloc(len).unwrap();
+                    assert!(b.len() >= len && b.len() % page_size() == 0);
+                    assert!(
+                        b.iter().all(|&x| x == 0),
+                        "thread {t} alloc {i}: dirty memory"
+                    );
+                    b.fill(0xa5 ^ t as u8);
+                    live.push(b);
+                    if live.len() > 8 {
+                        live.swap_remove(rng.random_range(0..live.len()));
+                    }
+                }
+            });
+        }
+    });
+    let st = heap.stats();
+    assert_eq!(st.allocs, 4 * 2600);
+    assert_eq!(st.live_buffers, 0);
+    assert_eq!(
+        st.fresh_pages,
+        st.pooled_pages() as u64 + st.released_pages,
+        "every page from the system is pooled or released"
+    );
+}
+
+#[test]
+fn bad_lengths_are_errors() {
+    let heap = SystemHeap::builder()
+        .registry(Registry::new(usize::MAX))
+        .max_buffer(1 << 20)
+        .build()
+        .unwrap();
+    assert!(matches!(heap.alloc(0), Err(AllocError::ZeroLength)));
+    assert!(matches!(
+        heap.alloc((1 << 20) + 1),
+        Err(AllocError::TooLarge { len, max }) if len == (1 << 20) + 1 && max == 1 << 20
+    ));
+    assert!(matches!(
+        heap.alloc(usize::MAX),
+        Err(AllocError::TooLarge { .. })
+    ));
+    let big = SystemHeap::builder()
+        .registry(Registry::new(usize::MAX))
+        .max_buffer(usize::MAX)
+        .build()
+        .unwrap();
+    // Beyond the address space: refused by the OS, reported, nothing leaked.
+    let e = big.alloc(isize::MAX as usize / 2).unwrap_err();
+    assert!(matches!(e, AllocError::Os(_)), "{e}");
+    assert!(!e.to_string().is_empty());
+    let st = big.stats();
+    assert_eq!((st.live_buffers, st.fresh_pages, st.arenas), (0, 0, 0));
+    assert_eq!(heap.stats().allocs, 0);
+}
+
+#[test]
+fn bad_configurations_are_errors() {
+    let b = || SystemHeap::builder().registry(Registry::new(1));
+    assert_eq!(b().orders(&[]).build().unwrap_err(), ConfigError::NoOrders);
+    assert_eq!(
+        b().orders(&[4]).build().unwrap_err(),
+        ConfigError::MissingOrderZero
+    );
+    assert_eq!(
+        b().orders(&[0, 11]).build().unwrap_err(),
+        ConfigError::OrderTooLarge { order: 11, max: 10 }
+    );
+    assert_eq!(
+        b().orders(&[0, 4, 4]).build().unwrap_err(),
+        ConfigError::DuplicateOrder(4)
+    );
+    assert_eq!(
+        b().max_buffer(0).build().unwrap_err(),
+        ConfigError::ZeroMaxBuffer
+    );
+    assert!(matches!(
+        b().arena_size(4096).build().unwrap_err(),
+        ConfigError::ArenaTooSmall { .. }
+    ));
+}
+
+#[test]
+fn buffers_are_built_largest_block_first() {
+    let heap = private_heap("plan");
+    let b = heap.alloc((1 << 20) + (64 << 10) + 3 * 4096 + 1).unwrap();
+    let orders: Vec<u8> = b.blocks().map(|x| x.order).collect();
+    assert_eq!(orders, [8, 4, 0, 0, 0, 0]);
+    let offsets: Vec<usize> = b.blocks().map(|x| x.offset).collect();
+    assert_eq!(offsets[1], 1 << 20);
+    assert_eq!(b.len(), (1 << 20) + (64 << 10) + 4 * 4096);
+    assert_eq!(b.as_ptr() as usize % page_size(), 0);
+    assert!(!b.is_remapped(), "fresh blocks are carved end to end");
+}
+
+#[test]
+fn same_size_reuse_needs_no_mapping() {
+    let heap = private_heap("reuse");
+    let b = heap.alloc(8 << 20).unwrap();
+    let p = b.as_ptr();
+    drop(b);
+    let b = heap.alloc(8 << 20).unwrap();
+    assert_eq!(
+        b.as_ptr(),
+        p,
+        "the same blocks, in the same order, at the same place"
+    );
+    assert!(!b.is_remapped());
+    let st = heap.stats();
+    assert_eq!((st.hits, st.misses, st.remapped), (8, 8, 0));
+}
+
+#[test]
+fn scattered_blocks_are_mapped_contiguously() {
+    let heap = private_heap("scatter");
+    let a = heap.alloc(4096).unwrap();
+    let gap = heap.alloc(4096).unwrap();
+    let c = heap.alloc(4096).unwrap();
+    let (pa, pc) = (a.as_ptr(), c.as_ptr());
+    drop(a);
+    drop(c); // pool (LIFO): c, a, with a hole between them
+    let mut both = heap.alloc(8192).unwrap();
+    assert!(both.is_remapped());
+    assert_ne!(both.as_ptr(), pa);
+    assert_ne!(both.as_ptr(), pc);
+    assert!(both.iter().all(|&x| x == 0));
+    both.fill(7);
+    drop(both);
+    drop(gap);
+    // The blocks went back zeroed through the view. The pool now holds gap, c, a (top first):
+    // gap and c lie end to end, so the next 8 KiB buffer needs no view.
+    let again = heap.alloc(8192).unwrap();
+    assert!(again.iter().all(|&x| x == 0));
+    assert!(!again.is_remapped());
+    assert_eq!(heap.stats().remapped, 1);
+}
+
+#[test]
+fn owner_limits_are_separate() {
+    let registry = Registry::new(usize::MAX);
+    let small = SystemHeap::builder()
+        .name("small")
+        .registry(registry.clone())
+        .pool_limit(2 << 20)
+        .build()
+        .unwrap();
+    let big = SystemHeap::builder()
+        .name("big")
+        .registry(registry.clone())
+        .pool_limit(64 << 20)
+        .build()
+        .unwrap();
+    drop(big.alloc(16 << 20).unwrap());
+    drop(small.alloc(8 << 20).unwrap());
+    let (s, b) = (small.stats(), big.stats());
+    assert!(
+        s.pooled_pages() * page_size() <= 2 << 20,
+        "small shrank to its limit"
+    );
+    assert_eq!(
+        b.pooled_pages() * page_size(),
+        16 << 20,
+        "big was not touched"
+    );
+    assert_eq!(s.other_owners_pages, b.pooled_pages());
+    assert_eq!(registry.count(), s.pooled_pages() + b.pooled_pages());
+    let table = registry.stats().to_string();
+    assert!(table.contains("small") && table.contains("big") && table.contains(" of "));
+}
+
+#[test]
+fn global_maximum_bounds_all_owners() {
+    let registry = Registry::new((4 << 20) / page_size());
+    let heap = SystemHeap::builder()
+        .registry(registry.clone())
+        .build()
+        .unwrap();
+    drop(heap.alloc(16 << 20).unwrap());
+    assert!(registry.count() * page_size() <= 4 << 20);
+    assert!(heap.stats().released_pages > 0);
+}
+
+#[test]
+fn shrink_and_trim() {
+    let heap = private_heap("shrink");
+    drop(heap.alloc(4 << 20).unwrap());
+    assert_eq!(heap.stats().pooled_pages(), 1024);
+    assert_eq!(heap.shrink(1), 256, "one whole 1 MiB block");
+    assert_eq!(heap.trim(), 768);
+    let st = heap.stats();
+    assert_eq!(
+        (st.pooled_pages(), st.released_pages, st.arenas),
+        (0, 1024, 0)
+    );
+}
+
+#[test]
+fn pooling_off_gives_fresh_pages_every_time() {
+    let heap = SystemHeap::builder()
+        .registry(Registry::new(usize::MAX))
+        .pool_limit(0)
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let mut b = heap.alloc(1 << 20).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        b.fill(1);
+    }
+    let st = heap.stats();
+    assert_eq!(
+        (st.hits, st.misses, st.fresh_pages, st.released_pages),
+        (0, 3, 768, 768)
+    );
+    assert_eq!(st.zeroed_sync, 0, "nothing to zero when nothing is pooled");
+}
+
+fn memfd_mappings(name: &str) -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("memfd:pagepool:{name} ")))
+        .count()
+}
+
+#[test]
+fn dropping_the_heap_returns_everything_and_live_buffers_stay_valid() {
+    let heap = private_heap("teardown");
+    drop(heap.alloc(2 << 20).unwrap());
+    let mut live = heap.alloc(1 << 20).unwrap();
+    assert!(memfd_mappings("teardown") > 0);
+    drop(heap);
+    assert!(live.iter().all(|&x| x == 0));
+    live.fill(3);
+    assert_eq!(live[12345], 3);
+    drop(live);
+    assert_eq!(memfd_mappings("teardown"), 0, "every arena unmapped");
+}
+
+#[test]
+fn stats_serialise_and_render() {
+    let heap = private_heap("stats");
+    let b = heap.alloc(3 << 20).unwrap();
+    drop(b);
+    let st = heap.stats();
+    let json = serde_json::to_string(&st).unwrap();
+    let back: pagepool::HeapStats = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, st);
+    let text = st.to_string();
+    assert!(text.contains("---")); // header
+    assert!(text.contains("stats :"));
+    assert!(text.contains("in other owners' pools"));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("stats") && l.contains("768"))
+    );
+}
