@@ -227,3 +227,39 @@ impl Drop for Arenas {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carve_release_coalesce_and_unmap() {
+        let ps = os::page_size();
+        let arenas = Arenas::new("pagepool:arena-test", 16 * ps);
+        let a = arenas.carve(4 * ps).unwrap();
+        let b = arenas.carve(4 * ps).unwrap();
+        // SAFETY: `a` spans 4 pages we carved.
+        assert_eq!(unsafe { a.add(4 * ps) }, b, "first fit, end to end");
+        // SAFETY: fresh pages are ours and read zero.
+        unsafe {
+            assert_eq!(b.as_ptr().read(), 0);
+            b.as_ptr().write(1);
+        }
+        assert_eq!(arenas.count(), 1);
+        arenas.release(b, 4 * ps);
+        let c = arenas.carve(8 * ps).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { a.add(4 * ps) }, c, "released range coalesced with the tail");
+        // SAFETY: `c` is ours again; the punched hole reads zero.
+        assert_eq!(unsafe { c.as_ptr().read() }, 0);
+        let big = arenas.carve(32 * ps).unwrap();
+        assert_eq!(arenas.count(), 2, "a request larger than the arena gets its own");
+        arenas.release(big, 32 * ps);
+        assert_eq!(arenas.count(), 1, "an unused arena is unmapped");
+        arenas.release(a, 4 * ps);
+        arenas.release(c, 8 * ps);
+        assert_eq!(arenas.count(), 0);
+        assert_eq!(arenas.fresh_pages.load(Ordering::Relaxed), 48);
+        assert_eq!(arenas.released_pages.load(Ordering::Relaxed), 48);
+    }
+}

@@ -7,12 +7,16 @@
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
-pub(crate) use loom::sync::{Arc, Mutex, MutexGuard, Weak};
+pub(crate) use loom::sync::{Mutex, MutexGuard};
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::{Arc, Mutex, MutexGuard, Weak};
+pub(crate) use std::sync::{Mutex, MutexGuard};
+
+// Reference counting is structure, not the concurrency under test (and loom has no `Weak`):
+// always std's.
+pub(crate) use std::sync::{Arc, Weak};
 
 /// Locks `m`, ignoring poisoning: every structure guarded here is left consistent at each
 /// point where user code (a release callback) could panic, so a poisoned lock is still usable.

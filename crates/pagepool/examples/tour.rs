@@ -1,0 +1,45 @@
+//! A tour of pagepool: allocate, use and free buffers of the benchmark's sizes, share a registry
+//! between two heaps, shrink, and print the statistics after each step.
+//!
+//! Run with `cargo run --release -p pagepool --example tour`.
+
+use std::time::Instant;
+
+use pagepool::{Registry, SystemHeap};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let registry = Registry::new((512 << 20) / pagepool::page_size());
+    let heap = SystemHeap::builder()
+        .name("system")
+        .registry(registry.clone())
+        .build()?;
+    let other = SystemHeap::builder()
+        .name("camera")
+        .registry(registry.clone())
+        .pool_limit(8 << 20)
+        .build()?;
+
+    for size in [4 << 10, 1 << 20, 8 << 20, 32 << 20] {
+        // First allocation: fresh pages from the system. Second: the same blocks, from the pool.
+        for round in ["fresh", "pooled"] {
+            let t = Instant::now();
+            let mut buf = heap.alloc(size)?;
+            let took = t.elapsed();
+            assert!(buf.iter().all(|&b| b == 0), "buffers are zeroed");
+            buf.fill(0xff);
+            println!(
+                "{size:>9} bytes {round:>6}: alloc {:>9.1} us, {} blocks, remapped: {}",
+                took.as_secs_f64() * 1e6,
+                buf.blocks().count(),
+                buf.is_remapped()
+            );
+        }
+    }
+    drop(other.alloc(16 << 20)?);
+    println!("\n{}", heap.stats());
+    println!("registry:\n{}", registry.stats());
+    println!("shrink(1000) freed {} pages", heap.shrink(1000));
+    println!("trim() freed {} pages", heap.trim());
+    println!("\n{}", heap.stats());
+    Ok(())
+}
