@@ -248,12 +248,17 @@ mod tests {
         assert_eq!(arenas.count(), 1);
         arenas.release(b, 4 * ps);
         let c = arenas.carve(8 * ps).unwrap();
-        // SAFETY: as above.
-        assert_eq!(unsafe { a.add(4 * ps) }, c, "released range coalesced with the tail");
+        // SAFETY: `a` spans 4 pages, so `a + 4 pages` is one past its end.
+        let after_a = unsafe { a.add(4 * ps) };
+        assert_eq!(after_a, c, "released range coalesced with the tail");
         // SAFETY: `c` is ours again; the punched hole reads zero.
         assert_eq!(unsafe { c.as_ptr().read() }, 0);
         let big = arenas.carve(32 * ps).unwrap();
-        assert_eq!(arenas.count(), 2, "a request larger than the arena gets its own");
+        assert_eq!(
+            arenas.count(),
+            2,
+            "a request larger than the arena gets its own"
+        );
         arenas.release(big, 32 * ps);
         assert_eq!(arenas.count(), 1, "an unused arena is unmapped");
         arenas.release(a, 4 * ps);

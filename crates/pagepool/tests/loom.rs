@@ -8,10 +8,10 @@
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::ptr::NonNull;
 
-use std::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
 use pagepool::{Block, PagePool, Registry, Shrinker};
+use std::sync::Arc;
 
 const LAYOUT: Layout = match Layout::from_size_align(64, 64) {
     Ok(l) => l,
@@ -62,7 +62,11 @@ fn give_take_race() {
         let s = pool.stats();
         assert_eq!(s.given - s.taken, 3);
         drop(pool);
-        assert_eq!(released.load(Ordering::SeqCst), 3, "drop released every block once");
+        assert_eq!(
+            released.load(Ordering::SeqCst),
+            3,
+            "drop released every block once"
+        );
     });
 }
 

@@ -36,16 +36,27 @@ fn mapping_count_bounded_after_100k_mixed_allocations() {
                 .filter(|b| b.is_remapped())
                 .map(|b| b.blocks().count())
                 .sum();
-            assert!(maps <= 2 * arenas + views, "{maps} mappings > 2*{arenas} + {views}");
+            assert!(
+                maps <= 2 * arenas + views,
+                "{maps} mappings > 2*{arenas} + {views}"
+            );
             worst = worst.max(maps);
         }
     }
     let st = heap.stats();
-    assert!(st.remapped > 1000, "the pattern exercised views: {}", st.remapped);
+    assert!(
+        st.remapped > 1000,
+        "the pattern exercised views: {}",
+        st.remapped
+    );
     assert!(worst < 500, "mapping count stayed small: worst {worst}");
     drop(live);
     heap.trim();
     assert_eq!(heap.stats().arenas, 0);
-    assert_eq!(mapping_count().unwrap(), baseline, "nothing left mapped after trim");
+    assert_eq!(
+        mapping_count().unwrap(),
+        baseline,
+        "nothing left mapped after trim"
+    );
     println!("worst extra mappings {worst}; {st}");
 }

@@ -41,7 +41,11 @@ struct Model {
 
 impl Model {
     fn pooled(&self) -> usize {
-        self.pools.iter().zip(&self.orders).map(|(n, o)| n << o).sum()
+        self.pools
+            .iter()
+            .zip(&self.orders)
+            .map(|(n, o)| n << o)
+            .sum()
     }
     fn alloc(&mut self, pages: usize) {
         let mut left = pages;
@@ -90,7 +94,13 @@ impl Model {
 
 fn check(heap: &SystemHeap, m: &Model, live: &[Buffer]) -> Result<(), TestCaseError> {
     let st = heap.stats();
-    for (p, (&o, &n)) in st.owner.pools.iter().rev().zip(m.orders.iter().zip(&m.pools)) {
+    for (p, (&o, &n)) in st
+        .owner
+        .pools
+        .iter()
+        .rev()
+        .zip(m.orders.iter().zip(&m.pools))
+    {
         prop_assert_eq!(p.order, o);
         prop_assert_eq!(p.blocks, n, "order {} pool", o);
     }

@@ -7,7 +7,12 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 fn vm_size() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmSize:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 #[test]
@@ -33,10 +38,21 @@ fn address_space_limit_is_an_error_not_a_crash() {
     let small = heap.alloc(4 << 20).map(|b| b.len());
     setrlimit(Resource::As, old).unwrap();
     let err = result.unwrap_err();
-    assert!(matches!(err, AllocError::Os(ref e) if e.source.raw_os_error() == Some(12)), "{err}");
-    assert_eq!(small.unwrap(), 4 << 20, "the pooled blocks were given back and reused");
+    assert!(
+        matches!(err, AllocError::Os(ref e) if e.source.raw_os_error() == Some(12)),
+        "{err}"
+    );
+    assert_eq!(
+        small.unwrap(),
+        4 << 20,
+        "the pooled blocks were given back and reused"
+    );
     let st = heap.stats();
     assert_eq!(st.live_buffers, 0);
-    assert_eq!(st.pooled_pages(), 1024, "the failed allocation returned what it took");
+    assert_eq!(
+        st.pooled_pages(),
+        1024,
+        "the failed allocation returned what it took"
+    );
     assert_eq!(st.fresh_pages, st.pooled_pages() as u64 + st.released_pages);
 }
