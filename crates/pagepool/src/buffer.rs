@@ -8,25 +8,11 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
+use crate::deferred::Run;
 use crate::error::AllocError;
 use crate::heap::HeapInner;
 use crate::os;
 use crate::sync::Arc;
-
-/// A run of `count` blocks of one order lying end to end at `home` in one arena.
-#[derive(Clone, Copy)]
-pub(crate) struct Seg {
-    pub(crate) home: NonNull<u8>,
-    pub(crate) order: u8,
-    pub(crate) count: usize,
-}
-
-impl Seg {
-    /// The address just past the run.
-    pub(crate) fn end(&self, page: usize) -> usize {
-        self.home.as_ptr() as usize + (page << self.order) * self.count
-    }
-}
 
 /// One entry of a buffer's scatter-gather list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +46,8 @@ pub struct Buffer {
     /// True when `ptr` is a view mapping of our own (to unmap on drop), false when it is the
     /// blocks' home mapping.
     view: bool,
-    segs: Vec<Seg>,
+    /// The blocks, as runs lying end to end in their arenas, in buffer order.
+    runs: Vec<Run>,
     heap: Arc<HeapInner>,
 }
 
@@ -76,25 +63,23 @@ impl Buffer {
     /// end, else a view mapping. On failure every block goes back where it came from.
     pub(crate) fn assemble(
         heap: Arc<HeapInner>,
-        segs: Vec<Seg>,
+        runs: Vec<Run>,
         bytes: usize,
     ) -> Result<Buffer, AllocError> {
         let page = heap.page;
-        let end_to_end = segs.windows(2).all(|w| {
-            w[0].home.as_ptr() as usize + (page << w[0].order) == w[1].home.as_ptr() as usize
-        });
+        let end_to_end = runs.windows(2).all(|w| w[0].end(page) == w[1].start);
         let (ptr, view) = if end_to_end {
             heap.counters.contiguous.fetch_add(1, Ordering::Relaxed);
-            (segs[0].home, false)
+            (runs[0].ptr(), false)
         } else {
-            match map_view(&heap, &segs, bytes) {
+            match map_view(&heap, &runs, bytes) {
                 Ok(p) => {
                     heap.counters.remapped.fetch_add(1, Ordering::Relaxed);
                     (p, true)
                 }
                 Err(e) => {
                     // Clean blocks (pooled or fresh): back to the pools, untouched.
-                    heap.give_blocks(&segs);
+                    heap.give_runs(&runs);
                     return Err(e);
                 }
             }
@@ -108,7 +93,7 @@ impl Buffer {
             ptr,
             len: bytes,
             view,
-            segs,
+            runs,
             heap,
         })
     }
@@ -127,7 +112,7 @@ impl Buffer {
     pub fn blocks(&self) -> impl Iterator<Item = BlockInfo> + '_ {
         let page = self.heap.page;
         let mut offset = 0;
-        self.segs
+        self.runs
             .iter()
             .flat_map(|s| std::iter::repeat_n(s.order, s.count))
             .map(move |order| {
@@ -147,27 +132,25 @@ impl Buffer {
     }
 }
 
-/// Reserves `bytes` of address space and maps each run of segments that lie end to end (and so,
-/// arenas being separated by guard pages, in one arena file) into it, in order.
-fn map_view(heap: &HeapInner, segs: &[Seg], bytes: usize) -> Result<NonNull<u8>, AllocError> {
+/// Reserves `bytes` of address space and maps each stretch of runs that lie end to end (and
+/// so, arenas being separated by guard pages, in one arena file) into it, in order.
+fn map_view(heap: &HeapInner, runs: &[Run], bytes: usize) -> Result<NonNull<u8>, AllocError> {
     let page = heap.page;
-    // Runs: (first segment, length in bytes).
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for (i, s) in segs.iter().enumerate() {
-        let len = s.end(page) - s.home.as_ptr() as usize;
-        match runs.last_mut() {
-            Some((first, run))
-                if segs[*first].home.as_ptr() as usize + *run == s.home.as_ptr() as usize =>
-            {
-                *run += len
-            }
-            _ => runs.push((i, len)),
+    // Stretches: (first run, length in bytes).
+    let mut stretches: Vec<(usize, usize)> = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        let len = r.end(page) - r.start;
+        match stretches.last_mut() {
+            Some((first, l)) if runs[*first].start + *l == r.start => *l += len,
+            _ => stretches.push((i, len)),
         }
     }
-    let locs = heap.arenas.locate(runs.iter().map(|&(i, _)| segs[i].home));
+    let locs = heap
+        .arenas
+        .locate(stretches.iter().map(|&(i, _)| runs[i].ptr()));
     let base = os::reserve(bytes)?;
     let mut at = 0; // offset in the view
-    for (loc, &(_, len)) in locs.iter().zip(&runs) {
+    for (loc, &(_, len)) in locs.iter().zip(&stretches) {
         // SAFETY: `base + at .. + len` lies inside the reservation made above, which nobody
         // else knows of yet.
         let r = unsafe { os::map_fixed(&*loc.fd, loc.offset, len, base.add(at), true) };
@@ -210,32 +193,18 @@ impl AsMut<[u8]> for Buffer {
 }
 
 impl Drop for Buffer {
-    /// Zeroes the buffer and gives its blocks to the pools, or, when the heap no longer pools,
-    /// gives them straight back to the system.
+    /// Hands the blocks back to the heap: queued for the worker to zero (the default), or
+    /// zeroed here, or given straight back to the system when the heap no longer pools.
     fn drop(&mut self) {
         let h = &self.heap;
-        let pooling = h.pooling();
-        if pooling {
-            // SAFETY: the buffer owns `ptr..ptr + len` and no borrow of it outlives `drop`.
-            unsafe { self.ptr.as_ptr().write_bytes(0, self.len) };
-            h.counters.zeroed_sync.fetch_add(
-                self.segs.iter().map(|s| s.count as u64).sum(),
-                Ordering::Relaxed,
-            );
-        }
         if self.view {
-            // SAFETY: the view is this buffer's own mapping; nothing refers to it any more.
+            // SAFETY: the view is this buffer's own mapping; nothing refers to it any more. The
+            // blocks stay mapped at their home addresses.
             if let Err(e) = unsafe { os::unmap(self.ptr, self.len) } {
                 log::error!("pagepool: {e}");
             }
         }
-        if pooling {
-            h.give_blocks(&self.segs);
-        } else {
-            for s in &self.segs {
-                h.release_seg(s);
-            }
-        }
+        h.release_buffer(std::mem::take(&mut self.runs));
         h.counters.live_buffers.fetch_sub(1, Ordering::Relaxed);
         h.counters
             .live_pages
@@ -248,7 +217,7 @@ impl fmt::Debug for Buffer {
         f.debug_struct("Buffer")
             .field("ptr", &self.ptr)
             .field("len", &self.len)
-            .field("blocks", &self.segs.len())
+            .field("runs", &self.runs.len())
             .field("remapped", &self.view)
             .finish()
     }

@@ -13,6 +13,15 @@
 //!   the same arena file is mapped there once more (`mmap(MAP_SHARED | MAP_FIXED)`): page-table
 //!   work only, no copying and no zeroing.
 //!
+//! ## Releasing
+//! By default a released buffer is queued on the heap's [`Freelist`] in O(1); a worker thread
+//! (`pagepool-free`, at nice 19 like the kernel's deferred-free kthread) zeroes its blocks and
+//! gives them to the pools. An allocation that misses a pool takes, in this order: queued dirty
+//! blocks, zeroed inline (see [`crate::deferred`]); blocks the worker is zeroing right now (it
+//! waits for them, at most one chunk); fresh pages from the system. Past the queue bound the
+//! releasing thread zeroes the buffer itself. With [`HeapBuilder::deferred`]`(false)` every
+//! release zeroes synchronously (TTM's way).
+//!
 //! ## Mapping count bound
 //! pagepool's share of `/proc/self/maps` is at most `2A + Σ r(b)`: two mappings per arena (the
 //! arena and the guard page after it, `A` arenas), plus, for each live buffer `b` that needed a
@@ -24,11 +33,11 @@
 //! `tests/mappings.rs` checks the bound throughout 100,000 mixed-size allocations.
 
 use std::fmt;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arena::Arenas;
-use crate::buffer::{Buffer, Seg};
+use crate::buffer::Buffer;
+use crate::deferred::{Freelist, Run};
 use crate::error::{AllocError, ConfigError};
 use crate::os;
 use crate::pool::{Block, MAX_ORDER, PagePool};
@@ -42,6 +51,8 @@ pub const DEFAULT_ORDERS: [u8; 3] = [8, 4, 0];
 pub const DEFAULT_POOL_LIMIT: usize = 256 << 20;
 /// The default maximum buffer size: 1 GiB.
 pub const DEFAULT_MAX_BUFFER: usize = 1 << 30;
+/// The default bound on memory queued for the deferred-free worker: 64 MiB.
+pub const DEFAULT_QUEUE_LIMIT: usize = 64 << 20;
 /// The default size of one memfd arena: 64 MiB (address space; memory is used only as blocks
 /// are carved). Larger buffers get an arena of their own size.
 pub const DEFAULT_ARENA_SIZE: usize = 64 << 20;
@@ -67,6 +78,8 @@ pub struct HeapBuilder {
     max_buffer: usize,
     arena_size: usize,
     registry: Option<Arc<Registry>>,
+    deferred: bool,
+    queue_limit: usize,
 }
 
 impl Default for HeapBuilder {
@@ -78,6 +91,8 @@ impl Default for HeapBuilder {
             max_buffer: DEFAULT_MAX_BUFFER,
             arena_size: DEFAULT_ARENA_SIZE,
             registry: None,
+            deferred: true,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
         }
     }
 }
@@ -90,6 +105,8 @@ impl fmt::Debug for HeapBuilder {
             .field("pool_limit", &self.pool_limit)
             .field("max_buffer", &self.max_buffer)
             .field("arena_size", &self.arena_size)
+            .field("deferred", &self.deferred)
+            .field("queue_limit", &self.queue_limit)
             .finish_non_exhaustive()
     }
 }
@@ -132,6 +149,20 @@ impl HeapBuilder {
     /// [`Registry::global`]). Heaps sharing a registry have separate limits.
     pub fn registry(mut self, registry: Arc<Registry>) -> Self {
         self.registry = Some(registry);
+        self
+    }
+
+    /// Whether released buffers are zeroed by a background worker (default `true`) or
+    /// synchronously by the thread that releases them (`false`).
+    pub fn deferred(mut self, on: bool) -> Self {
+        self.deferred = on;
+        self
+    }
+
+    /// The most memory, in bytes, queued for the worker at once (default 64 MiB). A release
+    /// that would pass it is zeroed by the releasing thread instead.
+    pub fn queue_limit(mut self, bytes: usize) -> Self {
+        self.queue_limit = bytes;
         self
     }
 
@@ -188,18 +219,49 @@ impl HeapBuilder {
                 )
             })
             .collect();
-        Ok(SystemHeap {
-            inner: Arc::new(HeapInner {
-                pools,
-                orders,
+        let freelist = self.deferred.then(|| {
+            let arenas = arenas.clone();
+            let list = Arc::new(Freelist::new(
                 page,
-                max_buffer,
-                owner,
-                arenas,
-                closed: AtomicBool::new(false),
-                counters: Counters::default(),
-            }),
-        })
+                self.queue_limit / page,
+                Box::new(move |r: Run| arenas.release(r.ptr(), r.pages() * page)),
+            ));
+            let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&list) as _;
+            registry.add_shrinker(weak);
+            list
+        });
+        let inner = Arc::new(HeapInner {
+            pools,
+            orders,
+            page,
+            max_buffer,
+            owner,
+            arenas,
+            freelist,
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let worker = match &inner.freelist {
+            Some(_) => {
+                let h = inner.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("pagepool-free".into())
+                    .spawn(move || h.work());
+                match spawned {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        // No thread: release synchronously rather than queue for nobody.
+                        log::warn!("pagepool: cannot start the free worker ({e}); zeroing inline");
+                        if let Some(list) = &inner.freelist {
+                            list.stop();
+                        }
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(SystemHeap { inner, worker })
     }
 }
 
@@ -213,6 +275,11 @@ pub(crate) struct Counters {
     pub(crate) contiguous: AtomicU64,
     pub(crate) remapped: AtomicU64,
     pub(crate) zeroed_sync: AtomicU64,
+    pub(crate) zeroed_worker: AtomicU64,
+    pub(crate) zeroed_inline: AtomicU64,
+    pub(crate) worker_bytes: AtomicU64,
+    pub(crate) worker_nanos: AtomicU64,
+    pub(crate) waited: AtomicU64,
     pub(crate) peak_pooled: AtomicUsize,
 }
 
@@ -225,7 +292,9 @@ pub(crate) struct HeapInner {
     pub(crate) page: usize,
     max_buffer: usize,
     pub(crate) owner: Arc<Owner>,
-    pub(crate) arenas: std::sync::Arc<Arenas>,
+    pub(crate) arenas: Arc<Arenas>,
+    /// The deferred-free queue; `None` when releases zero synchronously.
+    pub(crate) freelist: Option<Arc<Freelist>>,
     /// Set when the `SystemHeap` handle is dropped: buffers released later go straight back.
     pub(crate) closed: AtomicBool,
     pub(crate) counters: Counters,
@@ -236,16 +305,16 @@ impl HeapInner {
         !self.closed.load(Ordering::Relaxed) && self.owner.limit_pages() > 0
     }
 
-    /// Gives a buffer's blocks (zeroed) to their pools, last block first so that the pools,
-    /// being LIFO, hand them out again in the same order, end to end.
-    pub(crate) fn give_blocks(&self, segs: &[Seg]) {
-        for s in segs.iter().rev() {
-            let i = self.pool_index(s.order);
-            let size = self.page << s.order;
-            for k in (0..s.count).rev() {
-                // SAFETY: the block is a used arena range of `2^order` pages, inside the
-                // segment, that the dying buffer owned exclusively and has zeroed.
-                let block = unsafe { Block::from_raw(s.home.add(k * size), s.order) };
+    /// Gives runs of zeroed blocks to their pools, last block first so that the pools, being
+    /// LIFO, hand them out again in the same order, end to end; then enforces the limits.
+    pub(crate) fn give_runs(&self, runs: &[Run]) {
+        for r in runs.iter().rev() {
+            let i = self.pool_index(r.order);
+            let size = self.page << r.order;
+            for k in (0..r.count).rev() {
+                // SAFETY: the block is a used arena range of `2^order` pages, inside the run,
+                // owned exclusively by the caller and zeroed.
+                let block = unsafe { Block::from_raw(r.ptr().add(k * size), r.order) };
                 if let Err(b) = self.pools[i].give_quiet(block) {
                     self.arenas.release(b.into_raw(), size);
                 }
@@ -257,10 +326,109 @@ impl HeapInner {
             .fetch_max(self.owner.count(), Ordering::Relaxed);
     }
 
-    /// Gives a segment's memory straight back to the system.
-    pub(crate) fn release_seg(&self, s: &Seg) {
-        self.arenas
-            .release(s.home, (self.page << s.order) * s.count);
+    /// Gives a run's memory straight back to the system.
+    pub(crate) fn release_run(&self, r: &Run) {
+        self.arenas.release(r.ptr(), r.pages() * self.page);
+    }
+
+    /// Zeroes a run through its home mapping.
+    ///
+    /// # Safety
+    /// The caller owns the run's blocks exclusively (no buffer, pool or claim refers to them).
+    pub(crate) unsafe fn zero_run(&self, r: &Run) {
+        // SAFETY: the run is a used arena range, mapped at its home address, owned by the caller.
+        unsafe { r.ptr().as_ptr().write_bytes(0, r.pages() * self.page) };
+    }
+
+    /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,
+    /// else (not pooling) straight back to the system.
+    pub(crate) fn release_buffer(&self, runs: Vec<Run>) {
+        if !self.pooling() {
+            runs.iter().for_each(|r| self.release_run(r));
+            return;
+        }
+        let runs = match &self.freelist {
+            Some(list) => match list.queue(runs) {
+                Ok(()) => return,
+                Err(runs) => runs,
+            },
+            None => runs,
+        };
+        for r in &runs {
+            // SAFETY: the dropped buffer owned these blocks; nothing else refers to them.
+            unsafe { self.zero_run(r) };
+        }
+        let blocks: usize = runs.iter().map(|r| r.count).sum();
+        self.counters
+            .zeroed_sync
+            .fetch_add(blocks as u64, Ordering::Relaxed);
+        self.give_runs(&runs);
+    }
+
+    /// The worker: claims queued runs, zeroes them, gives them to the pools, until stopped.
+    fn work(&self) {
+        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+            log::debug!("pagepool: cannot lower the free worker's priority: {e}");
+        }
+        let Some(list) = &self.freelist else { return };
+        while let Some(run) = list.claim() {
+            let t = std::time::Instant::now();
+            // SAFETY: a claimed run belongs to the worker until it lands.
+            unsafe { self.zero_run(&run) };
+            let nanos = t.elapsed().as_nanos() as u64;
+            let c = &self.counters;
+            c.worker_nanos.fetch_add(nanos, Ordering::Relaxed);
+            c.worker_bytes
+                .fetch_add((run.pages() * self.page) as u64, Ordering::Relaxed);
+            c.zeroed_worker
+                .fetch_add(run.count as u64, Ordering::Relaxed);
+            self.give_runs(std::slice::from_ref(&run));
+            list.landed(&run);
+        }
+    }
+
+    /// Takes up to `want` clean blocks of pool `i` for an allocation, appending them to `runs`:
+    /// from the pool; then queued dirty blocks, zeroed here; then, while the worker is zeroing
+    /// blocks of this order, waiting for them. Returns (from pool, zeroed inline).
+    fn take_clean(&self, i: usize, want: usize, runs: &mut Vec<Run>) -> (usize, usize) {
+        let order = self.orders[i];
+        let pool = &self.pools[i];
+        let take_pooled = |runs: &mut Vec<Run>, n: usize| {
+            let mut got = 0;
+            while got < n {
+                let Some(b) = pool.take() else { break };
+                runs.push(Run::from_block(b));
+                got += 1;
+            }
+            got
+        };
+        let mut pooled = take_pooled(runs, want);
+        let mut inline = 0;
+        if let Some(list) = &self.freelist {
+            while pooled + inline < want {
+                let stolen = list.steal(order, want - pooled - inline);
+                if !stolen.is_empty() {
+                    for r in &stolen {
+                        // SAFETY: stolen runs left the queue; this thread owns them now.
+                        unsafe { self.zero_run(r) };
+                        inline += r.count;
+                    }
+                    runs.extend(stolen);
+                    continue;
+                }
+                // Nothing of this order is queued: what the worker claimed has either landed
+                // in the pool already or is being zeroed now.
+                let in_flight = list.in_flight(order);
+                pooled += take_pooled(runs, want - pooled - inline);
+                if pooled + inline == want || in_flight == 0 {
+                    break;
+                }
+                list.wait_landed(order);
+                self.counters.waited.fetch_add(1, Ordering::Relaxed);
+                pooled += take_pooled(runs, want - pooled - inline);
+            }
+        }
+        (pooled, inline)
     }
 
     fn pool_index(&self, order: u8) -> usize {
@@ -268,28 +436,13 @@ impl HeapInner {
     }
 }
 
-/// Appends a block to a segment list, extending the last segment when the block continues it.
-fn push_block(segs: &mut Vec<Seg>, home: NonNull<u8>, order: u8, page: usize) {
-    if let Some(last) = segs.last_mut()
-        && last.order == order
-        && last.end(page) == home.as_ptr() as usize
-    {
-        last.count += 1;
-        return;
-    }
-    segs.push(Seg {
-        home,
-        order,
-        count: 1,
-    });
-}
-
 /// A heap of zeroed, page-aligned, contiguous buffers, built from pooled blocks.
 ///
-/// Dropping a [`Buffer`] zeroes it and gives its blocks to the pools; the next allocation of a
-/// similar size takes them back with no system call and no zeroing. Dropping the heap gives all
-/// pooled memory back to the system; buffers still alive stay valid, and their memory goes
-/// straight back to the system when they are dropped.
+/// Dropping a [`Buffer`] queues it; the heap's worker zeroes its blocks and gives them to the
+/// pools, and the next allocation of a similar size takes them back with no system call and no
+/// zeroing. Dropping the heap stops the worker and gives all queued and pooled memory back to
+/// the system; buffers still alive stay valid, and their memory goes straight back to the
+/// system when they are dropped.
 ///
 /// # Examples
 /// ```
@@ -299,13 +452,15 @@ fn push_block(segs: &mut Vec<Seg>, home: NonNull<u8>, order: u8, page: usize) {
 /// let mut buf = heap.alloc(1 << 20).unwrap();
 /// assert!(buf.iter().all(|&b| b == 0));
 /// buf[..5].copy_from_slice(b"hello");
-/// drop(buf); // zeroed and pooled
+/// drop(buf); // queued for the worker
+/// heap.flush(); // wait until it is zeroed and pooled
 /// let again = heap.alloc(1 << 20).unwrap();
 /// assert!(again.iter().all(|&b| b == 0));
 /// assert_eq!(heap.stats().hits, 1);
 /// ```
 pub struct SystemHeap {
     inner: Arc<HeapInner>,
+    worker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SystemHeap {
@@ -337,59 +492,72 @@ impl SystemHeap {
         }
         let pages = len.div_ceil(h.page);
         let bytes = pages * h.page;
-        // Largest blocks first: from each order's pool what it has, the rest from the system.
-        // Runs of blocks that lie end to end are kept as one segment, so the bookkeeping grows
-        // with the number of pool hits, not with the buffer's size.
-        let mut segs: Vec<Seg> = Vec::new();
-        let mut missing: Vec<(usize, u8, usize)> = Vec::new(); // (index in segs, order, count)
+        // Largest blocks first. Each order's blocks are sorted by address and runs of blocks
+        // that lie end to end merged, so the bookkeeping grows with the number of separate
+        // pieces, not with the buffer's size, and blocks freed together come back together.
+        let mut runs: Vec<Run> = Vec::new();
+        let mut missing: Vec<usize> = Vec::new(); // indices of placeholder runs
+        let (mut hits, mut inline) = (0, 0);
         let mut left = pages;
-        for (pool, &order) in h.pools.iter().zip(&h.orders) {
+        for i in 0..h.orders.len() {
+            let order = h.orders[i];
             let want = left >> order;
             left &= (1 << order) - 1;
-            let mut got = 0;
-            while got < want {
-                let Some(b) = pool.take() else { break };
-                got += 1;
-                push_block(&mut segs, b.into_raw(), order, h.page);
+            if want == 0 {
+                continue;
             }
-            if got < want {
-                missing.push((segs.len(), order, want - got));
-                segs.push(Seg {
-                    home: NonNull::dangling(),
+            let first = runs.len();
+            let (p, z) = h.take_clean(i, want, &mut runs);
+            (hits, inline) = (hits + p, inline + z);
+            runs[first..].sort_unstable_by_key(|r| r.start);
+            if p + z < want {
+                missing.push(runs.len());
+                runs.push(Run {
+                    start: 0,
                     order,
-                    count: want - got,
+                    count: want - p - z,
                 });
             }
         }
-        let hits: usize = segs.iter().map(|s| s.count).sum::<usize>()
-            - missing.iter().map(|m| m.2).sum::<usize>();
         let counters = &h.counters;
         counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
         counters
-            .misses
-            .fetch_add(missing.iter().map(|m| m.2 as u64).sum(), Ordering::Relaxed);
+            .zeroed_inline
+            .fetch_add(inline as u64, Ordering::Relaxed);
         // The misses come from the system as one range, split in order.
         if !missing.is_empty() {
-            let fresh: usize = missing.iter().map(|&(_, o, n)| (h.page << o) * n).sum();
+            let fresh: usize = missing.iter().map(|&i| runs[i].pages() * h.page).sum();
+            counters.misses.fetch_add(
+                missing.iter().map(|&i| runs[i].count as u64).sum(),
+                Ordering::Relaxed,
+            );
             match h.arenas.carve(fresh) {
-                Ok(mut p) => {
-                    for &(i, order, n) in &missing {
-                        segs[i].home = p;
-                        // SAFETY: still inside (or one past) the range just carved.
-                        p = unsafe { p.add((h.page << order) * n) };
+                Ok(p) => {
+                    let mut at = p.as_ptr() as usize;
+                    for &i in &missing {
+                        runs[i].start = at;
+                        at += runs[i].pages() * h.page;
                     }
                 }
                 Err(e) => {
-                    // Give the pool blocks back: still clean, untouched.
-                    for &(i, _, _) in missing.iter().rev() {
-                        segs.remove(i);
+                    // Give the clean blocks back, untouched.
+                    for &i in missing.iter().rev() {
+                        runs.remove(i);
                     }
-                    h.give_blocks(&segs);
+                    h.give_runs(&runs);
                     return Err(e.into());
                 }
             }
         }
-        Buffer::assemble(self.inner.clone(), segs, bytes)
+        let page = h.page;
+        runs.dedup_by(|next, prev| {
+            let joined = prev.order == next.order && prev.end(page) == next.start;
+            if joined {
+                prev.count += next.count;
+            }
+            joined
+        });
+        Buffer::assemble(self.inner.clone(), runs, bytes)
     }
 
     /// A snapshot of the heap's statistics.
@@ -415,6 +583,15 @@ impl SystemHeap {
             contiguous: c.contiguous.load(Ordering::Relaxed),
             remapped: c.remapped.load(Ordering::Relaxed),
             zeroed_sync: c.zeroed_sync.load(Ordering::Relaxed),
+            zeroed_worker: c.zeroed_worker.load(Ordering::Relaxed),
+            zeroed_inline: c.zeroed_inline.load(Ordering::Relaxed),
+            waited_for_worker: c.waited.load(Ordering::Relaxed),
+            worker_bytes: c.worker_bytes.load(Ordering::Relaxed),
+            worker_nanos: c.worker_nanos.load(Ordering::Relaxed),
+            queued_pages: h.freelist.as_ref().map_or(0, |l| l.pending_pages()),
+            peak_queued_pages: h.freelist.as_ref().map_or(0, |l| l.peak_pages()),
+            queue_limit_pages: h.freelist.as_ref().map_or(0, |l| l.max_pages()),
+            pressure_freed_pages: h.freelist.as_ref().map_or(0, |l| l.pressure_pages()),
             arenas: h.arenas.count(),
             owner,
         }
@@ -426,9 +603,23 @@ impl SystemHeap {
         self.inner.owner.scan(nr_pages)
     }
 
-    /// Gives every pooled page back to the system; returns the pages freed.
+    /// Gives every pooled page back to the system; returns the pages freed. Buffers still
+    /// queued for the worker are not touched: [`flush`](Self::flush) first to include them.
     pub fn trim(&self) -> usize {
         self.shrink(usize::MAX)
+    }
+
+    /// Waits until every released buffer has been zeroed and pooled by the worker (returns at
+    /// once when releases are synchronous).
+    pub fn flush(&self) {
+        if let Some(list) = &self.inner.freelist {
+            list.flush();
+        }
+    }
+
+    /// The deferred-free queue, if releases are deferred (for its counters, or to scan it).
+    pub fn freelist(&self) -> Option<&Arc<Freelist>> {
+        self.inner.freelist.as_ref()
     }
 
     /// This heap's owner entry in its registry (its limit can be changed there).
@@ -443,8 +634,22 @@ impl SystemHeap {
 }
 
 impl Drop for SystemHeap {
+    /// Stops the worker, gives queued and pooled memory back to the system, and waits for the
+    /// worker to finish its last claim. Live buffers stay valid; when dropped later, their
+    /// memory goes straight back to the system.
     fn drop(&mut self) {
-        self.inner.closed.store(true, Ordering::Relaxed);
+        let h = &self.inner;
+        h.closed.store(true, Ordering::Relaxed);
+        if let Some(list) = &h.freelist {
+            for r in list.stop() {
+                h.release_run(&r);
+            }
+        }
+        if let Some(w) = self.worker.take()
+            && w.join().is_err()
+        {
+            log::error!("pagepool: the free worker panicked");
+        }
         self.trim();
     }
 }

@@ -13,6 +13,7 @@
 //! | page allocator, `mmap` | memfd arenas, one system-call layer | [`os`], `arena` |
 //! | `drm_page_pool` | [`PagePool`], [`Block`] | [`pool`] |
 //! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | [`registry`] |
+//! | deferred-free helper | [`deferred::Freelist`] and the heap's worker | [`deferred`] |
 //! | system heap, sg table | [`SystemHeap`], [`Buffer`] | [`heap`], [`buffer`] |
 //! | debugfs `page_pool` | [`stats`] | [`stats`] |
 //!
@@ -21,7 +22,7 @@
 //! let heap = pagepool::SystemHeap::new()?;
 //! let mut frame = heap.alloc(8 << 20)?;          // 8 MiB, zeroed, contiguous
 //! frame[0] = 1;
-//! drop(frame);                                   // zeroed and pooled
+//! drop(frame);                                   // queued; a worker zeroes and pools it
 //! let next = heap.alloc(8 << 20)?;               // same blocks, no system call
 //! assert_eq!(next[0], 0);
 //! println!("{}", heap.stats());
@@ -30,6 +31,7 @@
 
 mod arena;
 pub mod buffer;
+pub mod deferred;
 pub mod error;
 pub mod heap;
 pub mod os;

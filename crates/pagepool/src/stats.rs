@@ -88,8 +88,27 @@ pub struct HeapStats {
     pub contiguous: u64,
     /// Buffers that needed a view mapping to make their blocks contiguous.
     pub remapped: u64,
-    /// Blocks zeroed synchronously by the thread that released them.
+    /// Blocks zeroed synchronously by the thread that released them (deferred freeing off,
+    /// or the queue at its bound).
     pub zeroed_sync: u64,
+    /// Blocks zeroed by the background worker.
+    pub zeroed_worker: u64,
+    /// Queued dirty blocks zeroed inline by an allocation that missed its pool.
+    pub zeroed_inline: u64,
+    /// Times an allocation waited for blocks the worker was zeroing.
+    pub waited_for_worker: u64,
+    /// Bytes the worker zeroed.
+    pub worker_bytes: u64,
+    /// Nanoseconds the worker spent zeroing them.
+    pub worker_nanos: u64,
+    /// Pages queued for the worker or being zeroed by it now.
+    pub queued_pages: usize,
+    /// The most pages queued or being zeroed at once.
+    pub peak_queued_pages: usize,
+    /// The queue's bound in pages (0 when releases are synchronous).
+    pub queue_limit_pages: usize,
+    /// Queued pages given back to the system unzeroed under memory pressure.
+    pub pressure_freed_pages: u64,
     /// Memfd arenas mapped now.
     pub arenas: usize,
 }
@@ -98,6 +117,15 @@ impl HeapStats {
     /// Pages pooled by this heap now.
     pub fn pooled_pages(&self) -> usize {
         self.owner.pages
+    }
+
+    /// The worker's zeroing throughput in bytes per second (0 before it has zeroed anything).
+    pub fn worker_bytes_per_sec(&self) -> f64 {
+        if self.worker_nanos == 0 {
+            0.0
+        } else {
+            self.worker_bytes as f64 * 1e9 / self.worker_nanos as f64
+        }
     }
 }
 
@@ -181,7 +209,7 @@ impl fmt::Display for HeapStats {
         writeln!(
             f,
             "allocs {} hits {} misses {} fresh pages {} released pages {} live buffers {} \
-             ({} pages) contiguous {} remapped {} zeroed on release {} peak pooled pages {} arenas {}",
+             ({} pages) contiguous {} remapped {} arenas {} peak pooled pages {}",
             self.allocs,
             self.hits,
             self.misses,
@@ -191,9 +219,22 @@ impl fmt::Display for HeapStats {
             self.live_pages,
             self.contiguous,
             self.remapped,
-            self.zeroed_sync,
-            self.peak_pooled_pages,
             self.arenas,
+            self.peak_pooled_pages,
+        )?;
+        writeln!(
+            f,
+            "zeroed: by worker {} inline {} on release {}; waited for worker {}; queued pages {} \
+             (peak {} of {}); freed under pressure {} pages; worker {:.2} GB/s",
+            self.zeroed_worker,
+            self.zeroed_inline,
+            self.zeroed_sync,
+            self.waited_for_worker,
+            self.queued_pages,
+            self.peak_queued_pages,
+            self.queue_limit_pages,
+            self.pressure_freed_pages,
+            self.worker_bytes_per_sec() / 1e9,
         )
     }
 }

@@ -21,7 +21,14 @@ fn dirty_then_check(heap: &SystemHeap, size: usize) {
         })
         .collect();
     drop(bufs);
+    let fresh = heap.stats().fresh_pages;
     let again: Vec<_> = (0..32).map(|_| heap.alloc(size).unwrap()).collect();
+    assert_eq!(
+        heap.stats().fresh_pages,
+        fresh,
+        "the second round reused the dirty blocks: {}",
+        heap.stats()
+    );
     for b in &again {
         assert!(
             b.iter().all(|&x| x == 0),
@@ -34,17 +41,12 @@ fn dirty_then_check(heap: &SystemHeap, size: usize) {
 fn zeroed_after_dirty_free_4k() {
     let heap = private_heap("zero4k");
     dirty_then_check(&heap, 4096);
-    assert!(
-        heap.stats().hits >= 32,
-        "the second round came from the pool"
-    );
 }
 
 #[test]
 fn zeroed_after_dirty_free_1m() {
     let heap = private_heap("zero1m");
     dirty_then_check(&heap, 1 << 20);
-    assert!(heap.stats().hits >= 32);
 }
 
 #[test]
@@ -73,6 +75,7 @@ fn zeroed_random_sizes_four_threads() {
             });
         }
     });
+    heap.flush();
     let st = heap.stats();
     assert_eq!(st.allocs, 4 * 2600);
     assert_eq!(st.live_buffers, 0);
@@ -158,6 +161,7 @@ fn same_size_reuse_needs_no_mapping() {
     let b = heap.alloc(8 << 20).unwrap();
     let p = b.as_ptr();
     drop(b);
+    heap.flush();
     let b = heap.alloc(8 << 20).unwrap();
     assert_eq!(
         b.as_ptr(),
@@ -235,6 +239,7 @@ fn global_maximum_bounds_all_owners() {
         .build()
         .unwrap();
     drop(heap.alloc(16 << 20).unwrap());
+    heap.flush();
     assert!(registry.count() * page_size() <= 4 << 20);
     assert!(heap.stats().released_pages > 0);
 }
@@ -243,6 +248,7 @@ fn global_maximum_bounds_all_owners() {
 fn shrink_and_trim() {
     let heap = private_heap("shrink");
     drop(heap.alloc(4 << 20).unwrap());
+    heap.flush();
     assert_eq!(heap.stats().pooled_pages(), 1024);
     assert_eq!(heap.shrink(1), 256, "one whole 1 MiB block");
     assert_eq!(heap.trim(), 768);
@@ -300,6 +306,7 @@ fn stats_serialise_and_render() {
     let heap = private_heap("stats");
     let b = heap.alloc(3 << 20).unwrap();
     drop(b);
+    heap.flush();
     let st = heap.stats();
     let json = serde_json::to_string(&st).unwrap();
     let back: pagepool::HeapStats = serde_json::from_str(&json).unwrap();

@@ -1,5 +1,8 @@
 //! Property test: the heap against a simple reference model of its pools.
 //!
+//! Releases are synchronous here (`deferred(false)`) so that every step is deterministic; the
+//! deferred path is tested in `tests/deferred.rs`.
+//!
 //! The model knows only the documented policy: blocks largest first, each from its pool (LIFO
 //! counts suffice) before the system; a released buffer's blocks go back to their pools, then
 //! the owner shrinks round robin over its pools (largest order first) to its limit. After every
@@ -129,6 +132,7 @@ proptest! {
         let ps = page_size();
         let heap = SystemHeap::builder()
             .orders(&orders)
+            .deferred(false)
             .registry(Registry::new(usize::MAX))
             .pool_limit(limit * ps)
             .build()

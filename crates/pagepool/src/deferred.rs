@@ -1,0 +1,464 @@
+//! Deferred freeing: release queues a buffer; a low-priority worker zeroes it later.
+//!
+//! This is the kernel series' deferred-free helper. Releasing a buffer puts its blocks on a
+//! [`Freelist`] in O(1) and returns. A background worker (see [`crate::heap`]) claims runs of
+//! blocks from the oldest queued buffer, at most [`CHUNK_PAGES`] at a time, zeroes them and gives
+//! them to the pools ([`FreeReason::Normal`]). The freelist is a [`Shrinker`]: under memory
+//! pressure its queued blocks go straight back to the system, unzeroed
+//! ([`FreeReason::UnderPressure`]).
+//!
+//! Beyond the kernel helper:
+//! - **backpressure**: queued and in-flight pages never exceed the freelist's bound;
+//!   [`Freelist::queue`] refuses a buffer that would pass it, and the releasing thread then
+//!   zeroes the buffer itself (so memory stays bounded and nothing is dropped on the floor);
+//! - **inline zeroing**: an allocation that misses its pool can [`steal`](Freelist::steal)
+//!   queued dirty blocks and zero them on its own thread, which is far cheaper than fresh pages
+//!   from the kernel; it takes them from the newest buffer while the worker works from the
+//!   oldest, so the two zero in parallel.
+//!
+//! The freelist deals in [`Run`]s (address ranges); it never touches memory itself, which is
+//! what lets `tests/loom.rs` model it with plain numbers.
+
+use std::collections::VecDeque;
+
+use crate::pool::MAX_ORDER;
+use crate::registry::Shrinker;
+use crate::sync::{AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, wait};
+
+/// The most pages the worker claims at once (1 MiB with 4 KiB pages): small enough that an
+/// allocation waiting for an in-flight claim waits briefly, large enough to amortise the lock.
+pub const CHUNK_PAGES: usize = 256;
+
+/// Why queued blocks are being freed: the kernel helper's `DF_NORMAL` / `DF_UNDER_PRESSURE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreeReason {
+    /// Zero the blocks and give them to the pools.
+    Normal,
+    /// Give the blocks straight back to the system, unzeroed.
+    UnderPressure,
+}
+
+/// `count` blocks of one order lying end to end from address `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The first block's address.
+    pub start: usize,
+    /// The blocks' order.
+    pub order: u8,
+    /// How many blocks.
+    pub count: usize,
+}
+
+impl Run {
+    /// Pages in the run.
+    pub fn pages(&self) -> usize {
+        self.count << self.order
+    }
+
+    /// The address just past the run, with `page`-byte pages.
+    pub fn end(&self, page: usize) -> usize {
+        self.start + (page << self.order) * self.count
+    }
+
+    /// The run's first byte as a pointer (dangling for a null start).
+    pub(crate) fn ptr(&self) -> std::ptr::NonNull<u8> {
+        std::ptr::NonNull::new(std::ptr::with_exposed_provenance_mut(self.start))
+            .unwrap_or(std::ptr::NonNull::dangling())
+    }
+
+    /// A run of one block.
+    pub(crate) fn from_block(b: crate::pool::Block) -> Run {
+        Run {
+            order: b.order(),
+            start: b.into_raw().as_ptr().expose_provenance(),
+            count: 1,
+        }
+    }
+}
+
+struct Queue {
+    /// Released buffers, oldest first; each a list of runs.
+    items: VecDeque<Vec<Run>>,
+    /// Pages queued (not counting in-flight claims).
+    pages: usize,
+    /// Queued blocks per order (lets `steal` skip a scan when there is nothing of its order).
+    blocks: [usize; MAX_ORDER as usize + 1],
+    /// Pages claimed by the worker and not yet landed, per order.
+    in_flight: [usize; MAX_ORDER as usize + 1],
+    peak: usize,
+    /// Claims landed so far (what `wait_landed` watches).
+    landings: u64,
+    stopped: bool,
+}
+
+impl Queue {
+    fn in_flight_pages(&self) -> usize {
+        self.in_flight.iter().sum()
+    }
+    fn take(&mut self, run: &Run) {
+        self.pages -= run.pages();
+        self.blocks[run.order as usize] -= run.count;
+    }
+}
+
+/// A bounded queue of released buffers waiting to be zeroed.
+///
+/// # Examples
+/// ```
+/// use pagepool::deferred::{Freelist, Run};
+/// use pagepool::Shrinker;
+///
+/// let released = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+/// let r = released.clone();
+/// let list = Freelist::new(4096, 1024, Box::new(move |run| r.lock().unwrap().push(run)));
+/// list.queue(vec![Run { start: 0x10000, order: 0, count: 4 }]).unwrap();
+/// assert_eq!(list.pages(), 4);
+/// // The worker's side: claim, zero (not shown), land.
+/// let run = list.claim().unwrap();
+/// list.landed(&run);
+/// assert_eq!(list.pages(), 0);
+/// // Under pressure, queued runs go to the release callback instead.
+/// list.queue(vec![Run { start: 0x20000, order: 0, count: 2 }]).unwrap();
+/// assert_eq!(list.scan(usize::MAX), 2);
+/// assert_eq!(released.lock().unwrap().len(), 1);
+/// ```
+pub struct Freelist {
+    page: usize,
+    max_pages: usize,
+    queue: Mutex<Queue>,
+    /// Signalled when work is queued or the list stops.
+    work: Condvar,
+    /// Signalled when an in-flight claim lands or the queue drains.
+    landed: Condvar,
+    release: Box<dyn Fn(Run) + Send + Sync>,
+    pressure_pages: AtomicU64,
+    refused: AtomicU64,
+    waiting: AtomicUsize,
+}
+
+impl Freelist {
+    /// A freelist for blocks of `page`-byte pages, holding at most `max_pages` queued and
+    /// in-flight pages. `release` gives a run back to the system (pressure scans).
+    pub fn new(page: usize, max_pages: usize, release: Box<dyn Fn(Run) + Send + Sync>) -> Freelist {
+        Freelist {
+            page,
+            max_pages,
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                pages: 0,
+                blocks: [0; MAX_ORDER as usize + 1],
+                in_flight: [0; MAX_ORDER as usize + 1],
+                peak: 0,
+                landings: 0,
+                stopped: false,
+            }),
+            work: Condvar::new(),
+            landed: Condvar::new(),
+            release,
+            pressure_pages: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// The bound on queued plus in-flight pages.
+    pub fn max_pages(&self) -> usize {
+        self.max_pages
+    }
+
+    /// Pages queued now (not counting runs the worker is zeroing).
+    pub fn pages(&self) -> usize {
+        lock(&self.queue).pages
+    }
+
+    /// Pages queued or being zeroed now.
+    pub fn pending_pages(&self) -> usize {
+        let q = lock(&self.queue);
+        q.pages + q.in_flight_pages()
+    }
+
+    /// The most pages ever queued plus in flight at once.
+    pub fn peak_pages(&self) -> usize {
+        lock(&self.queue).peak
+    }
+
+    /// Pages given back to the system unzeroed by pressure scans.
+    pub fn pressure_pages(&self) -> u64 {
+        self.pressure_pages.load(Ordering::Relaxed)
+    }
+
+    /// Buffers refused by [`queue`](Self::queue) because of the bound or a stopped list.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Queues a released buffer's runs in O(1). Refuses (returning the runs) when the bound
+    /// would be passed or the list has stopped: the caller then frees the buffer itself.
+    pub fn queue(&self, runs: Vec<Run>) -> Result<(), Vec<Run>> {
+        let pages: usize = runs.iter().map(Run::pages).sum();
+        {
+            let mut q = lock(&self.queue);
+            let pending = q.pages + q.in_flight_pages();
+            if q.stopped || pending + pages > self.max_pages {
+                drop(q);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(runs);
+            }
+            for r in &runs {
+                q.blocks[r.order as usize] += r.count;
+            }
+            q.pages += pages;
+            q.peak = q.peak.max(pending + pages);
+            q.items.push_back(runs);
+        }
+        self.work.notify_one();
+        Ok(())
+    }
+
+    /// The worker's side: waits for queued work and claims up to [`CHUNK_PAGES`] pages from the
+    /// end of the oldest buffer's last run. Returns `None` once the list is stopped. The claim
+    /// is *in flight* until [`landed`](Self::landed) is called with it.
+    pub fn claim(&self) -> Option<Run> {
+        let mut q = lock(&self.queue);
+        loop {
+            if q.stopped {
+                return None;
+            }
+            if let Some(item) = q.items.front_mut() {
+                let last = item.last_mut().expect("queued items are never empty");
+                let k = last.count.min((CHUNK_PAGES >> last.order).max(1));
+                last.count -= k;
+                let run = Run {
+                    start: last.start + last.count * (self.page << last.order),
+                    order: last.order,
+                    count: k,
+                };
+                if last.count == 0 {
+                    item.pop();
+                    if item.is_empty() {
+                        q.items.pop_front();
+                    }
+                }
+                q.take(&run);
+                q.in_flight[run.order as usize] += run.pages();
+                return Some(run);
+            }
+            q = wait(&self.work, q);
+        }
+    }
+
+    /// The worker's side: a claimed run has been zeroed and given to the pools.
+    pub fn landed(&self, run: &Run) {
+        let mut q = lock(&self.queue);
+        q.in_flight[run.order as usize] -= run.pages();
+        q.landings += 1;
+        drop(q);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.landed.notify_all();
+        }
+    }
+
+    /// The allocator's side: claims up to `n` queued blocks of `order`, newest buffer first,
+    /// from the start of its runs. The caller owns them (dirty) and must zero them.
+    pub fn steal(&self, order: u8, mut n: usize) -> Vec<Run> {
+        let mut out = Vec::new();
+        let mut q = lock(&self.queue);
+        if q.blocks[order as usize] == 0 {
+            return out;
+        }
+        let size = self.page << order;
+        let mut i = q.items.len();
+        while n > 0 && i > 0 {
+            i -= 1;
+            let item = &mut q.items[i];
+            for r in item.iter_mut().filter(|r| r.order == order && r.count > 0) {
+                let k = r.count.min(n);
+                out.push(Run {
+                    start: r.start,
+                    order,
+                    count: k,
+                });
+                r.start += k * size;
+                r.count -= k;
+                n -= k;
+                if n == 0 {
+                    break;
+                }
+            }
+            item.retain(|r| r.count > 0);
+            if item.is_empty() {
+                q.items.remove(i);
+            }
+        }
+        for r in &out {
+            q.take(r);
+        }
+        out
+    }
+
+    /// Pages of `order` the worker is zeroing now: an allocation short of blocks of that order
+    /// does better to [`wait_landed`](Self::wait_landed) than to fault in fresh pages.
+    pub fn in_flight(&self, order: u8) -> usize {
+        lock(&self.queue).in_flight[order as usize]
+    }
+
+    /// Waits until some in-flight claim lands, if one of `order` is in flight (returns at once
+    /// if none is).
+    pub fn wait_landed(&self, order: u8) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        let before = q.landings;
+        while q.in_flight[order as usize] > 0 && q.landings == before && !q.stopped {
+            q = wait(&self.landed, q);
+        }
+        drop(q);
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Waits until nothing is queued or in flight.
+    pub fn flush(&self) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        while (q.pages > 0 || q.in_flight_pages() > 0) && !q.stopped {
+            q = wait(&self.landed, q);
+        }
+        drop(q);
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Stops the list: the worker's next [`claim`](Self::claim) returns `None`, further
+    /// buffers are refused. Returns every queued run, for the caller to release.
+    pub fn stop(&self) -> Vec<Run> {
+        let mut q = lock(&self.queue);
+        q.stopped = true;
+        let runs: Vec<Run> = q.items.drain(..).flatten().collect();
+        q.pages = 0;
+        q.blocks = [0; MAX_ORDER as usize + 1];
+        drop(q);
+        self.work.notify_all();
+        self.landed.notify_all();
+        runs
+    }
+
+    /// Takes queued runs, oldest buffer first, until at least `nr_pages` pages are taken.
+    fn drain(&self, nr_pages: usize) -> Vec<Run> {
+        let mut q = lock(&self.queue);
+        let mut out = Vec::new();
+        let mut taken = 0;
+        while taken < nr_pages {
+            let Some(item) = q.items.pop_front() else {
+                break;
+            };
+            for r in &item {
+                q.take(r);
+                taken += r.pages();
+            }
+            out.extend(item);
+        }
+        if q.pages == 0 && q.in_flight_pages() == 0 {
+            self.landed.notify_all();
+        }
+        out
+    }
+}
+
+impl Shrinker for Freelist {
+    fn name(&self) -> &str {
+        "deferred freelist"
+    }
+
+    fn count(&self) -> usize {
+        self.pages()
+    }
+
+    /// Gives whole queued buffers, oldest first, straight back to the system, unzeroed.
+    fn scan(&self, nr_pages: usize) -> usize {
+        let runs = self.drain(nr_pages);
+        let freed: usize = runs.iter().map(Run::pages).sum();
+        for r in runs {
+            (self.release)(r);
+        }
+        self.pressure_pages
+            .fetch_add(freed as u64, Ordering::Relaxed);
+        freed
+    }
+}
+
+impl std::fmt::Debug for Freelist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Freelist")
+            .field("max_pages", &self.max_pages)
+            .field("pending_pages", &self.pending_pages())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn list(max: usize) -> (Freelist, Arc<std::sync::Mutex<Vec<Run>>>) {
+        let released = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = released.clone();
+        (
+            Freelist::new(4096, max, Box::new(move |run| r.lock().unwrap().push(run))),
+            released,
+        )
+    }
+
+    fn run(start: usize, order: u8, count: usize) -> Run {
+        Run {
+            start,
+            order,
+            count,
+        }
+    }
+
+    #[test]
+    fn claim_takes_chunks_from_the_end_of_the_oldest() {
+        let (l, _) = list(10_000);
+        l.queue(vec![run(0, 8, 3), run(3 << 20, 0, 2)]).unwrap();
+        l.queue(vec![run(1 << 30, 0, 1)]).unwrap();
+        assert_eq!(l.claim(), Some(run(3 << 20, 0, 2)));
+        assert_eq!(l.in_flight(0), 2);
+        assert_eq!(
+            l.claim(),
+            Some(run(2 << 20, 8, 1)),
+            "one 1 MiB block per claim"
+        );
+        assert_eq!(l.pages(), 2 * 256 + 1);
+        l.landed(&run(3 << 20, 0, 2));
+        assert_eq!(l.in_flight(0), 0);
+    }
+
+    #[test]
+    fn steal_takes_from_the_newest_front() {
+        let (l, _) = list(10_000);
+        l.queue(vec![run(0, 4, 4)]).unwrap();
+        l.queue(vec![run(1 << 20, 4, 2), run(2 << 20, 0, 3)])
+            .unwrap();
+        assert!(l.steal(8, 1).is_empty());
+        let got = l.steal(4, 3);
+        assert_eq!(got, [run(1 << 20, 4, 2), run(0, 4, 1)]);
+        assert_eq!(l.pages(), 3 * 16 + 3);
+        assert_eq!(l.claim(), Some(run(65536, 4, 3)), "the oldest buffer first");
+        assert_eq!(l.claim(), Some(run(2 << 20, 0, 3)));
+    }
+
+    #[test]
+    fn bound_refuses_and_scan_releases() {
+        let (l, released) = list(100);
+        l.queue(vec![run(0, 4, 4)]).unwrap();
+        assert!(l.queue(vec![run(1 << 20, 4, 3)]).is_err(), "64 + 48 > 100");
+        l.queue(vec![run(1 << 20, 4, 2)]).unwrap();
+        assert_eq!(l.refused(), 1);
+        assert_eq!(l.peak_pages(), 96);
+        assert_eq!(l.scan(10), 64, "whole buffers, oldest first");
+        assert_eq!(released.lock().unwrap().as_slice(), [run(0, 4, 4)]);
+        assert_eq!(l.pressure_pages(), 64);
+        assert_eq!(l.stop(), [run(1 << 20, 4, 2)]);
+        assert_eq!(l.claim(), None);
+        assert!(l.queue(vec![run(0, 0, 1)]).is_err(), "stopped");
+    }
+}
