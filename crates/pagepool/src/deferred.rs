@@ -88,6 +88,10 @@ struct Queue {
     peak: usize,
     /// Claims landed so far (what `wait_landed` watches).
     landings: u64,
+    /// Workers asleep in `claim` (a wake-up costs a system call: only made when needed).
+    sleeping: usize,
+    /// Threads in `flush` (the worker must run even for a small queue).
+    flushing: usize,
     stopped: bool,
 }
 
@@ -150,6 +154,8 @@ impl Freelist {
                 in_flight: [0; MAX_ORDER as usize + 1],
                 peak: 0,
                 landings: 0,
+                sleeping: 0,
+                flushing: 0,
                 stopped: false,
             }),
             work: Condvar::new(),
@@ -194,9 +200,13 @@ impl Freelist {
 
     /// Queues a released buffer's runs in O(1). Refuses (returning the runs) when the bound
     /// would be passed or the list has stopped: the caller then frees the buffer itself.
+    ///
+    /// A sleeping worker is woken only once [`CHUNK_PAGES`] pages are queued: waking it costs a
+    /// system call, more than zeroing a few small blocks. Smaller releases wait for the next
+    /// wake-up, an allocation that takes them, or [`flush`](Self::flush).
     pub fn queue(&self, runs: Vec<Run>) -> Result<(), Vec<Run>> {
         let pages: usize = runs.iter().map(Run::pages).sum();
-        {
+        let wake = {
             let mut q = lock(&self.queue);
             let pending = q.pages + q.in_flight_pages();
             if q.stopped || pending + pages > self.max_pages {
@@ -210,8 +220,11 @@ impl Freelist {
             q.pages += pages;
             q.peak = q.peak.max(pending + pages);
             q.items.push_back(runs);
+            q.sleeping > 0 && (q.pages >= CHUNK_PAGES || q.flushing > 0)
+        };
+        if wake {
+            self.work.notify_one();
         }
-        self.work.notify_one();
         Ok(())
     }
 
@@ -243,7 +256,9 @@ impl Freelist {
                 q.in_flight[run.order as usize] += run.pages();
                 return Some(run);
             }
+            q.sleeping += 1;
             q = wait(&self.work, q);
+            q.sleeping -= 1;
         }
     }
 
@@ -293,6 +308,11 @@ impl Freelist {
         for r in &out {
             q.take(r);
         }
+        let drained = q.pages == 0 && q.in_flight_pages() == 0;
+        drop(q);
+        if drained && self.waiting.load(Ordering::Relaxed) > 0 {
+            self.landed.notify_all();
+        }
         out
     }
 
@@ -319,9 +339,14 @@ impl Freelist {
     pub fn flush(&self) {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let mut q = lock(&self.queue);
+        q.flushing += 1;
+        if q.sleeping > 0 {
+            self.work.notify_one();
+        }
         while (q.pages > 0 || q.in_flight_pages() > 0) && !q.stopped {
             q = wait(&self.landed, q);
         }
+        q.flushing -= 1;
         drop(q);
         self.waiting.fetch_sub(1, Ordering::Relaxed);
     }

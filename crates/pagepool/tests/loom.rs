@@ -102,3 +102,53 @@ fn registry_shrink_races_give_and_take() {
         }
     });
 }
+
+#[test]
+fn freelist_queue_races_worker_and_pressure_scan() {
+    use pagepool::deferred::{Freelist, Run};
+    loom::model(|| {
+        let released = Arc::new(AtomicUsize::new(0));
+        let r = released.clone();
+        let list = Arc::new(Freelist::new(
+            4096,
+            1 << 20,
+            Box::new(move |run: Run| {
+                r.fetch_add(run.pages(), Ordering::SeqCst);
+            }),
+        ));
+        let zeroed = Arc::new(AtomicUsize::new(0));
+        // The worker: claims and lands until stopped.
+        let worker = {
+            let (list, zeroed) = (list.clone(), zeroed.clone());
+            thread::spawn(move || {
+                while let Some(run) = list.claim() {
+                    zeroed.fetch_add(run.pages(), Ordering::SeqCst);
+                    list.landed(&run);
+                }
+            })
+        };
+        // A releasing thread queues a 2-chunk buffer; a pressure scan runs concurrently.
+        let releaser = {
+            let list = list.clone();
+            thread::spawn(move || {
+                list.queue(vec![Run {
+                    start: 1 << 30,
+                    order: 8,
+                    count: 2,
+                }])
+                .unwrap();
+            })
+        };
+        let scanned = list.scan(usize::MAX);
+        releaser.join().unwrap();
+        let stolen: usize = list.steal(8, 2).iter().map(Run::pages).sum();
+        list.flush();
+        let leftover: usize = list.stop().iter().map(Run::pages).sum();
+        worker.join().unwrap();
+        // Every queued page was zeroed by the worker, released by the scan, or stolen: once.
+        assert_eq!(leftover, 0, "flush drained the queue");
+        assert_eq!(scanned, released.load(Ordering::SeqCst));
+        assert_eq!(zeroed.load(Ordering::SeqCst) + scanned + stolen, 512);
+        assert_eq!(list.pending_pages(), 0);
+    });
+}

@@ -1,0 +1,194 @@
+//! Deferred freeing: the worker zeroes, the releasing thread does not; flush; the queue bound;
+//! inline zeroing; teardown with queued and live buffers.
+
+use pagepool::{Registry, Shrinker, SystemHeap, page_size};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+fn heap(name: &str, queue_limit: usize) -> SystemHeap {
+    SystemHeap::builder()
+        .name(name)
+        .registry(Registry::new(usize::MAX))
+        .queue_limit(queue_limit)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn release_queues_and_the_worker_zeroes() {
+    let heap = heap("deferred-release", 64 << 20);
+    let mut b = heap.alloc(32 << 20).unwrap();
+    b.fill(0xee);
+    drop(b);
+    heap.flush();
+    let st = heap.stats();
+    assert_eq!(st.zeroed_sync, 0, "the releasing thread zeroed nothing");
+    assert_eq!(st.zeroed_worker, 32, "the worker zeroed every 1 MiB block");
+    assert_eq!(
+        (st.queued_pages, st.pooled_pages()),
+        (0, 8192),
+        "flush drained the queue"
+    );
+    assert!(st.worker_bytes_per_sec() > 0.0);
+    assert_eq!(st.worker_bytes, 32 << 20);
+    let again = heap.alloc(32 << 20).unwrap();
+    assert!(again.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn allocation_reuses_queued_blocks_instead_of_fresh_pages() {
+    let heap = heap("deferred-inline", 64 << 20);
+    drop(heap.alloc(4096).unwrap());
+    let fresh = heap.stats().fresh_pages;
+    for i in 0..1000u32 {
+        let mut b = heap.alloc(4096).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "iteration {i}");
+        b.fill(i as u8 | 1);
+    }
+    heap.flush();
+    let st = heap.stats();
+    assert_eq!(
+        st.fresh_pages, fresh,
+        "never fresh pages while dirty ones were queued"
+    );
+    assert_eq!(st.hits + st.zeroed_inline, 1000);
+    assert!(
+        st.zeroed_inline > 0,
+        "small releases do not wake the worker: {st}"
+    );
+}
+
+#[test]
+fn zeroed_with_worker_and_four_threads() {
+    let heap = heap("deferred-mt", 16 << 20);
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let heap = &heap;
+            s.spawn(move || {
+                let mut rng = StdRng::seed_from_u64(100 + t);
+                let mut live = Vec::new();
+                for i in 0..2500 {
+                    let len = rng.random_range(1..=(if i % 40 == 0 { 4 << 20 } else { 200_000 }));
+                    let mut b = heap.alloc(len).unwrap();
+                    assert!(b.iter().all(|&x| x == 0), "thread {t} alloc {i}: dirty");
+                    b.fill(0xc3);
+                    live.push(b);
+                    if live.len() > 6 {
+                        live.swap_remove(rng.random_range(0..live.len()));
+                    }
+                }
+            });
+        }
+    });
+    heap.flush();
+    let st = heap.stats();
+    assert_eq!(st.live_buffers, 0);
+    assert_eq!(st.queued_pages, 0);
+    assert_eq!(
+        st.fresh_pages,
+        st.pooled_pages() as u64 + st.released_pages,
+        "every page is pooled or released"
+    );
+    assert!(st.zeroed_worker > 0 && st.zeroed_inline > 0, "{st}");
+}
+
+#[test]
+fn release_flood_never_passes_the_queue_bound() {
+    let limit = 4 << 20;
+    let heap = heap("deferred-flood", limit);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let heap = &heap;
+            s.spawn(move || {
+                for _ in 0..40 {
+                    let burst: Vec<_> = (0..8).map(|_| heap.alloc(1 << 20).unwrap()).collect();
+                    drop(burst); // 8 MiB released at once, from 4 threads
+                }
+            });
+        }
+    });
+    let list = heap.freelist().unwrap();
+    let bound = limit / page_size();
+    assert_eq!(list.max_pages(), bound);
+    assert!(
+        list.peak_pages() <= bound,
+        "peak {} > bound {bound}",
+        list.peak_pages()
+    );
+    assert!(list.refused() > 0, "the flood reached the bound");
+    heap.flush();
+    let st = heap.stats();
+    assert!(
+        st.zeroed_sync > 0,
+        "past the bound, releasing threads zeroed"
+    );
+    assert_eq!(st.peak_queued_pages, list.peak_pages());
+    assert_eq!(st.fresh_pages, st.pooled_pages() as u64 + st.released_pages);
+}
+
+#[test]
+fn shrinking_everything_returns_queued_and_pooled_memory() {
+    let registry = Registry::new(usize::MAX);
+    let heap = SystemHeap::builder()
+        .registry(registry.clone())
+        .build()
+        .unwrap();
+    for _ in 0..4 {
+        let bufs: Vec<_> = (0..4).map(|_| heap.alloc(2 << 20).unwrap()).collect();
+        drop(bufs);
+    }
+    let freed = registry.shrink_all(usize::MAX);
+    heap.flush();
+    // Whatever the worker had claimed when the scan ran landed in the pools afterwards.
+    let freed = freed + registry.shrink_all(usize::MAX);
+    let st = heap.stats();
+    assert_eq!(st.pooled_pages(), 0);
+    assert_eq!(st.queued_pages, 0);
+    assert_eq!(st.released_pages, st.fresh_pages);
+    assert_eq!(freed as u64, st.fresh_pages);
+    assert_eq!(registry.count_all(), 0);
+}
+
+fn memfd_mappings(name: &str) -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("memfd:pagepool:{name} ")))
+        .count()
+}
+
+#[test]
+fn dropping_the_heap_with_queued_and_live_buffers() {
+    let heap = heap("deferred-teardown", 64 << 20);
+    let mut live = heap.alloc(3 << 20).unwrap();
+    for _ in 0..5 {
+        drop(heap.alloc(8 << 20).unwrap()); // queued, maybe being zeroed
+    }
+    drop(heap); // stops the worker, releases queued and pooled memory
+    assert!(live.iter().all(|&x| x == 0));
+    live.fill(9);
+    assert!(live.iter().all(|&x| x == 9), "a live buffer stays valid");
+    assert!(memfd_mappings("deferred-teardown") > 0);
+    drop(live);
+    assert_eq!(
+        memfd_mappings("deferred-teardown"),
+        0,
+        "nothing left mapped"
+    );
+}
+
+#[test]
+fn synchronous_release_when_deferred_is_off() {
+    let heap = SystemHeap::builder()
+        .registry(Registry::new(usize::MAX))
+        .deferred(false)
+        .build()
+        .unwrap();
+    assert!(heap.freelist().is_none());
+    drop(heap.alloc(2 << 20).unwrap());
+    let st = heap.stats();
+    assert_eq!(
+        (st.zeroed_sync, st.zeroed_worker, st.queue_limit_pages),
+        (2, 0, 0)
+    );
+    assert_eq!(st.pooled_pages(), 512, "pooled before drop returned");
+}
