@@ -1,7 +1,7 @@
 //! Deferred freeing: the worker zeroes, the releasing thread does not; flush; the queue bound;
 //! inline zeroing; teardown with queued and live buffers.
 
-use pagepool::{Registry, Shrinker, SystemHeap, page_size};
+use pagepool::{Registry, SystemHeap, page_size};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn heap(name: &str, queue_limit: usize) -> SystemHeap {
