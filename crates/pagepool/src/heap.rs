@@ -41,6 +41,7 @@ use crate::deferred::{Freelist, Run};
 use crate::error::{AllocError, ConfigError};
 use crate::os;
 use crate::pool::{Block, MAX_ORDER, PagePool};
+use crate::pressure::PressureConfig;
 use crate::registry::{Owner, Registry, Shrinker};
 use crate::stats::HeapStats;
 use crate::sync::Arc;
@@ -80,6 +81,7 @@ pub struct HeapBuilder {
     registry: Option<Arc<Registry>>,
     deferred: bool,
     queue_limit: usize,
+    pressure: Option<PressureConfig>,
 }
 
 impl Default for HeapBuilder {
@@ -93,6 +95,7 @@ impl Default for HeapBuilder {
             registry: None,
             deferred: true,
             queue_limit: DEFAULT_QUEUE_LIMIT,
+            pressure: Some(PressureConfig::default()),
         }
     }
 }
@@ -107,6 +110,7 @@ impl fmt::Debug for HeapBuilder {
             .field("arena_size", &self.arena_size)
             .field("deferred", &self.deferred)
             .field("queue_limit", &self.queue_limit)
+            .field("pressure", &self.pressure)
             .finish_non_exhaustive()
     }
 }
@@ -163,6 +167,14 @@ impl HeapBuilder {
     /// that would pass it is zeroed by the releasing thread instead.
     pub fn queue_limit(mut self, bytes: usize) -> Self {
         self.queue_limit = bytes;
+        self
+    }
+
+    /// The pressure monitor: `Some(config)` (the default, with [`PressureConfig::default`])
+    /// makes sure the heap's registry has one running, where this machine offers a source;
+    /// `None` starts none (one started by another heap on the same registry keeps running).
+    pub fn pressure(mut self, config: Option<PressureConfig>) -> Self {
+        self.pressure = config;
         self
     }
 
@@ -230,6 +242,9 @@ impl HeapBuilder {
             registry.add_shrinker(weak);
             list
         });
+        if let Some(cfg) = self.pressure {
+            registry.start_monitor(cfg);
+        }
         let inner = Arc::new(HeapInner {
             pools,
             orders,
@@ -592,6 +607,7 @@ impl SystemHeap {
             peak_queued_pages: h.freelist.as_ref().map_or(0, |l| l.peak_pages()),
             queue_limit_pages: h.freelist.as_ref().map_or(0, |l| l.max_pages()),
             pressure_freed_pages: h.freelist.as_ref().map_or(0, |l| l.pressure_pages()),
+            pressure: registry.pressure_stats(),
             arenas: h.arenas.count(),
             owner,
         }

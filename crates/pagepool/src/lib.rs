@@ -14,6 +14,7 @@
 //! | `drm_page_pool` | [`PagePool`], [`Block`] | [`pool`] |
 //! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | [`registry`] |
 //! | deferred-free helper | [`deferred::Freelist`] and the heap's worker | [`deferred`] |
+//! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | [`pressure`] |
 //! | system heap, sg table | [`SystemHeap`], [`Buffer`] | [`heap`], [`buffer`] |
 //! | debugfs `page_pool` | [`stats`] | [`stats`] |
 //!
@@ -36,6 +37,7 @@ pub mod error;
 pub mod heap;
 pub mod os;
 pub mod pool;
+pub mod pressure;
 pub mod registry;
 pub mod stats;
 mod sync;
@@ -45,5 +47,6 @@ pub use error::{AllocError, ConfigError, OsError};
 pub use heap::{HeapBuilder, SystemHeap};
 pub use os::{mapping_count, page_size};
 pub use pool::{Block, MAX_ORDER, PagePool, ReleaseFn};
+pub use pressure::{PressureConfig, PressureMonitor, PressureStats};
 pub use registry::{Owner, Registry, Shrinker};
 pub use stats::{HeapStats, OwnerStats, PoolStats, RegistryStats};

@@ -12,6 +12,7 @@
 use std::fmt;
 
 use crate::pool::{PagePool, ReleaseFn};
+use crate::pressure::{PressureConfig, PressureMonitor, PressureStats};
 use crate::stats::{OwnerStats, RegistryStats};
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
 
@@ -69,6 +70,7 @@ pub struct Registry {
     owners: Mutex<Vec<Weak<Owner>>>,
     cursor: AtomicUsize,
     shrinkers: Mutex<Vec<Weak<dyn Shrinker>>>,
+    monitor: std::sync::Mutex<Option<PressureMonitor>>,
 }
 
 impl Registry {
@@ -80,7 +82,36 @@ impl Registry {
             owners: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
             shrinkers: Mutex::new(Vec::new()),
+            monitor: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Starts a pressure monitor for this registry unless one runs already; returns whether
+    /// one runs now. See [`PressureMonitor::start`].
+    pub fn start_monitor(self: &Arc<Self>, config: PressureConfig) -> bool {
+        let mut m = self.monitor.lock().unwrap_or_else(|e| e.into_inner());
+        if m.is_none() {
+            *m = PressureMonitor::start(self, config);
+        }
+        m.is_some()
+    }
+
+    /// Runs `monitor` for this registry, replacing (and stopping) any other.
+    pub fn set_monitor(&self, monitor: Option<PressureMonitor>) {
+        let old = std::mem::replace(
+            &mut *self.monitor.lock().unwrap_or_else(|e| e.into_inner()),
+            monitor,
+        );
+        drop(old);
+    }
+
+    /// The pressure monitor's state and recent events, if one runs.
+    pub fn pressure_stats(&self) -> Option<PressureStats> {
+        self.monitor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(PressureMonitor::stats)
     }
 
     /// The process-wide registry that heaps use unless told otherwise. Its maximum is a quarter

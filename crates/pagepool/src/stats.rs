@@ -109,6 +109,8 @@ pub struct HeapStats {
     pub queue_limit_pages: usize,
     /// Queued pages given back to the system unzeroed under memory pressure.
     pub pressure_freed_pages: u64,
+    /// The registry's pressure monitor (source, events), if one runs.
+    pub pressure: Option<crate::pressure::PressureStats>,
     /// Memfd arenas mapped now.
     pub arenas: usize,
 }
@@ -235,6 +237,24 @@ impl fmt::Display for HeapStats {
             self.queue_limit_pages,
             self.pressure_freed_pages,
             self.worker_bytes_per_sec() / 1e9,
-        )
+        )?;
+        if let Some(p) = &self.pressure {
+            writeln!(
+                f,
+                "pressure monitor: {} {}; {} events released {} pages{}",
+                p.source.as_deref().unwrap_or("no PSI"),
+                p.watermark
+                    .as_deref()
+                    .map_or(String::new(), |w| format!("+ watermark {w}")),
+                p.events,
+                p.pages_released,
+                if p.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("; errors: {}", p.errors.join("; "))
+                },
+            )?;
+        }
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@ fn address_space_limit_is_an_error_not_a_crash() {
         .unwrap();
     // Warm the pool with 4 MiB so the failing allocation also takes pooled blocks first.
     drop(heap.alloc(4 << 20).unwrap());
+    heap.flush();
     let old = getrlimit(Resource::As);
     let limit = vm_size() + (32 << 20);
     setrlimit(
@@ -37,6 +38,7 @@ fn address_space_limit_is_an_error_not_a_crash() {
     let result = heap.alloc(256 << 20);
     let small = heap.alloc(4 << 20).map(|b| b.len());
     setrlimit(Resource::As, old).unwrap();
+    heap.flush();
     let err = result.unwrap_err();
     assert!(
         matches!(err, AllocError::Os(ref e) if e.source.raw_os_error() == Some(12)),
