@@ -3,9 +3,9 @@
 //! This is the kernel series' deferred-free helper. Releasing a buffer puts its blocks on a
 //! [`Freelist`] in O(1) and returns. A background worker (see [`crate::heap`]) claims runs of
 //! blocks from the oldest queued buffer, at most [`CHUNK_PAGES`] at a time, zeroes them and gives
-//! them to the pools ([`FreeReason::Normal`]). The freelist is a [`Shrinker`]: under memory
-//! pressure its queued blocks go straight back to the system, unzeroed
-//! ([`FreeReason::UnderPressure`]).
+//! them to the pools (the kernel's `DF_NORMAL`). The freelist is a [`Shrinker`]: under memory
+//! pressure its queued blocks go straight back to the system, unzeroed, through the release
+//! callback (`DF_UNDER_PRESSURE`).
 //!
 //! Beyond the kernel helper:
 //! - **backpressure**: queued and in-flight pages never exceed the freelist's bound;
@@ -28,15 +28,6 @@ use crate::sync::{AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, wait};
 /// The most pages the worker claims at once (1 MiB with 4 KiB pages): small enough that an
 /// allocation waiting for an in-flight claim waits briefly, large enough to amortise the lock.
 pub const CHUNK_PAGES: usize = 256;
-
-/// Why queued blocks are being freed: the kernel helper's `DF_NORMAL` / `DF_UNDER_PRESSURE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FreeReason {
-    /// Zero the blocks and give them to the pools.
-    Normal,
-    /// Give the blocks straight back to the system, unzeroed.
-    UnderPressure,
-}
 
 /// `count` blocks of one order lying end to end from address `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

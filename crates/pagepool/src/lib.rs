@@ -16,6 +16,7 @@
 //! | deferred-free helper | [`deferred::Freelist`] and the heap's worker | [`deferred`] |
 //! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | [`pressure`] |
 //! | system heap, sg table | [`SystemHeap`], [`Buffer`] | [`heap`], [`buffer`] |
+//! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | [`dmabuf`] |
 //! | debugfs `page_pool` | [`stats`] | [`stats`] |
 //!
 //! # Examples
@@ -33,6 +34,7 @@
 mod arena;
 pub mod buffer;
 pub mod deferred;
+pub mod dmabuf;
 pub mod error;
 pub mod heap;
 pub mod os;
