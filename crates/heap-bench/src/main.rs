@@ -1,0 +1,327 @@
+//! `heap-bench`: the seed's `dmabuf_heap_bench` (allocate + free, many times, at 4 KiB, 1 MiB,
+//! 8 MiB and 32 MiB), run against pagepool and the allocators a user would pick instead, side by
+//! side in one run. See `BENCH.md` in the project's shared notes and the README for the protocol:
+//! two modes (`tight`: calls back to back; `paced`: busy work between calls), every system in
+//! interleaved order with a warm-up, the median of several repetitions, peak resident memory of
+//! the pagepool rows, and the heap's own statistics at the end.
+
+// A binary: `pub` marks each module's interface to the others.
+#![allow(unreachable_pub)]
+
+mod measure;
+mod report;
+mod systems;
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+use crate::measure::Bandwidth;
+use crate::report::{ModeReport, Report, Row, WorkerFigure};
+use crate::systems::{CallOpts, System};
+
+/// Benchmarks pagepool against calloc, mimalloc, jemalloc, mmap, memfd and the kernel's dma-buf
+/// heap: allocate, write one byte per page, free; ns per call.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Modes to run: tight, paced or both.
+    #[arg(long, default_value = "both", value_parser = ["tight", "paced", "both"])]
+    mode: String,
+    /// Buffer sizes (bytes; K, M, G suffixes allowed), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "4K,1M,8M,32M", value_parser = parse_size)]
+    sizes: Vec<usize>,
+    /// Systems to run, comma separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
+    /// Calls per repetition for every row (default: up to 5000, fewer for slow rows so that
+    /// the whole run takes about two minutes).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Repetitions per row; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Time budget per row in milliseconds (all repetitions), used to choose the call count.
+    #[arg(long, default_value_t = 900)]
+    budget_ms: u64,
+    /// Paced mode: microseconds of work between calls (default: twice the time to memset the
+    /// size once on one core).
+    #[arg(long)]
+    work_us: Option<f64>,
+    /// Allocate and release only, as the seed does (no write per page).
+    #[arg(long)]
+    no_touch: bool,
+    /// Check that every buffer reads all-zero before it is written (slow: a correctness run).
+    #[arg(long)]
+    verify: bool,
+    /// Write every figure to this JSON file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Draw the summary as an SVG chart to this file.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: usize = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
+    match n.checked_mul(mul) {
+        Some(0) | None => Err(format!(
+            "bad size {s:?}: must be between 1 byte and the address space"
+        )),
+        Some(v) => Ok(v),
+    }
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Runs `n` calls; returns the time spent in the calls (excluding paced work), in ns.
+fn run_calls(
+    sys: &System,
+    size: usize,
+    n: usize,
+    opts: CallOpts,
+    work: Duration,
+) -> Result<u64, String> {
+    if work.is_zero() {
+        let t = Instant::now();
+        for _ in 0..n {
+            sys.call(size, opts)?;
+        }
+        Ok(t.elapsed().as_nanos() as u64)
+    } else {
+        let mut total = 0u64;
+        for _ in 0..n {
+            let t = Instant::now();
+            sys.call(size, opts)?;
+            total += t.elapsed().as_nanos() as u64;
+            measure::spin(work);
+        }
+        Ok(total)
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("heap-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if args.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    if args.iters == Some(0) {
+        return Err("--iters must be at least 1".into());
+    }
+    let names: Vec<&'static str> = if args.systems.is_empty() {
+        systems::ALL.to_vec()
+    } else {
+        args.systems
+            .iter()
+            .map(|s| {
+                systems::ALL
+                    .iter()
+                    .find(|n| **n == s.as_str())
+                    .copied()
+                    .ok_or_else(|| {
+                        format!("unknown system {s:?}; known: {}", systems::ALL.join(", "))
+                    })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let systems: Vec<System> = names
+        .iter()
+        .map(|n| System::new(n))
+        .collect::<Result<_, _>>()?;
+    let opts = CallOpts {
+        touch: !args.no_touch,
+        verify: args.verify,
+    };
+    let modes: Vec<&str> = match args.mode.as_str() {
+        "both" => vec!["tight", "paced"],
+        m => vec![m],
+    };
+    let started = Instant::now();
+    println!(
+        "heap-bench: {} cores, sizes {:?}, {} repetitions, touch {}, verify {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        args.sizes,
+        args.reps,
+        opts.touch,
+        opts.verify
+    );
+    // The machine's zeroing bandwidth, on resident memory.
+    let bw: Vec<(usize, Bandwidth)> = args
+        .sizes
+        .iter()
+        .map(|&s| (s, measure::bandwidth(s, Duration::from_millis(150))))
+        .collect();
+    for (s, b) in &bw {
+        println!(
+            "memset {s} bytes: {:.1} GB/s one thread, {:.1} GB/s all threads; zeroing limit {:.0} ns/call",
+            b.single / 1e9,
+            b.all / 1e9,
+            b.limit_ns(*s)
+        );
+    }
+    let present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
+    let rows_total = (modes.len() * args.sizes.len() * present.len() * (args.reps + 1)) as u64;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(rows_total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut report = Report::new(&args.sizes, &bw, opts);
+    for mode in &modes {
+        println!("== mode: {mode} ==");
+        let mut mr = ModeReport::new(mode);
+        for (si, &size) in args.sizes.iter().enumerate() {
+            let b = bw[si].1;
+            let work = if *mode == "paced" {
+                let us = args.work_us.unwrap_or(2.0 * size as f64 / b.single * 1e6);
+                Duration::from_nanos((us * 1000.0) as u64)
+            } else {
+                Duration::ZERO
+            };
+            if *mode == "paced" {
+                println!(
+                    "work between calls at {size} bytes: {:.1} us",
+                    work.as_secs_f64() * 1e6
+                );
+            }
+            mr.work_ns.push((size, work.as_nanos() as u64));
+            // Pools were trimmed after the previous size: this is the size's baseline.
+            let rss_start = measure::rss().1;
+            let before = systems[0]
+                .heap()
+                .filter(|_| systems[0].name == "pagepool")
+                .map(|h| h.stats());
+            // Warm up and calibrate each system: a few calls, timed.
+            let mut est = Vec::new();
+            for sys in &present {
+                bar.set_message(format!("{mode} {size} {} warm-up", sys.name));
+                let k = 3;
+                let t = Instant::now();
+                run_calls(sys, size, k, opts, work)
+                    .map_err(|e| format!("{} at {size}: {e}", sys.name))?;
+                est.push(t.elapsed().as_nanos() as f64 / k as f64);
+                bar.inc(1);
+            }
+            let counts: Vec<usize> = est
+                .iter()
+                .map(|e| {
+                    args.iters.unwrap_or_else(|| {
+                        let per_rep = args.budget_ms as f64 * 1e6 / args.reps as f64;
+                        ((per_rep / e) as usize).clamp(10, 5000)
+                    })
+                })
+                .collect();
+            let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+            let mut peaks: Vec<Option<(u64, u64)>> = vec![None; present.len()];
+            for rep in 0..args.reps {
+                for k in 0..present.len() {
+                    let i = (k + rep) % present.len(); // interleaved, rotated each repetition
+                    let sys = present[i];
+                    bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
+                    let tracked = sys.heap().is_some() && measure::reset_peak_rss();
+                    let ns = run_calls(sys, size, counts[i], opts, work)
+                        .map_err(|e| format!("{} at {size}: {e}", sys.name))?;
+                    if tracked {
+                        let (hwm, _) = measure::rss();
+                        let p = peaks[i].get_or_insert((rss_start, 0));
+                        p.1 = p.1.max(hwm);
+                    }
+                    totals[i].push(ns);
+                    bar.inc(1);
+                }
+            }
+            for (i, sys) in present.iter().enumerate() {
+                let n = counts[i];
+                let total = median(&mut totals[i].clone());
+                let row = Row {
+                    mode: mode.to_string(),
+                    system: sys.name.to_string(),
+                    size,
+                    iters: n,
+                    reps_ns: totals[i].clone(),
+                    total_ns: total,
+                    ns_per_call: total as f64 / n as f64,
+                    absent: None,
+                    rss_before: peaks[i].map(|p| p.0),
+                    peak_rss: peaks[i].map(|p| p.1),
+                };
+                bar.suspend(|| println!("{}", row.seed_line()));
+                mr.rows.push(row);
+            }
+            for sys in systems.iter().filter(|s| s.absent.is_some()) {
+                let row = Row::absent(mode, sys.name, size, sys.absent.clone().unwrap_or_default());
+                bar.suspend(|| println!("{}", row.seed_line()));
+                mr.rows.push(row);
+            }
+            // The worker's zeroing throughput during this size, beside one-thread memset.
+            if let (Some(before), Some(h)) = (
+                before,
+                systems[0].heap().filter(|_| systems[0].name == "pagepool"),
+            ) {
+                h.flush();
+                let after = h.stats();
+                let bytes = after.worker_bytes - before.worker_bytes;
+                let nanos = after.worker_nanos - before.worker_nanos;
+                if nanos > 0 {
+                    mr.worker.push(WorkerFigure {
+                        size,
+                        bytes,
+                        bytes_per_sec: bytes as f64 * 1e9 / nanos as f64,
+                        memset_single: b.single,
+                    });
+                }
+            }
+            // Start every size from empty pools, so that memory figures are per size.
+            for h in systems.iter().filter_map(System::heap) {
+                h.flush();
+                h.trim();
+            }
+        }
+        bar.suspend(|| print!("{}", mr.summary(&bw, &names)));
+        report.modes.push(mr);
+    }
+    bar.finish_and_clear();
+    for sys in &systems {
+        if let Some(h) = sys.heap() {
+            let st = h.stats();
+            println!("== {} heap statistics ==\n{st}", sys.name);
+            report.heap_stats.push((sys.name.to_string(), st));
+        }
+    }
+    let pool_limit = systems
+        .iter()
+        .find(|s| s.name == "pagepool")
+        .and_then(System::heap)
+        .map(|h| h.owner().limit_pages() * pagepool::page_size());
+    print!("{}", report.memory_summary(pool_limit));
+    println!(
+        "heap-bench: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, report.svg(&names)).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
