@@ -69,7 +69,7 @@ impl Run {
 
 struct Queue {
     /// Released buffers, oldest first; each a list of runs.
-    items: VecDeque<Vec<Run>>,
+    items: VecDeque<(Vec<Run>, usize)>,
     /// Pages queued (not counting in-flight claims).
     pages: usize,
     /// Queued blocks per order (lets `steal` skip a scan when there is nothing of its order).
@@ -89,10 +89,6 @@ struct Queue {
 impl Queue {
     fn in_flight_pages(&self) -> usize {
         self.in_flight.iter().sum()
-    }
-    fn take(&mut self, run: &Run) {
-        self.pages -= run.pages();
-        self.blocks[run.order as usize] -= run.count;
     }
 }
 
@@ -129,9 +125,25 @@ pub struct Freelist {
     pressure_pages: AtomicU64,
     refused: AtomicU64,
     waiting: AtomicUsize,
+    /// Lock-free mirrors for spinning: pages queued, landings so far, stopped.
+    queued_hint: AtomicUsize,
+    landings_hint: AtomicU64,
+    /// How long an idle worker polls before sleeping, in ns (0: sleep at once).
+    spin_ns: AtomicU64,
 }
 
+/// How long an allocation spins for an in-flight claim before sleeping: a claim is at most
+/// [`CHUNK_PAGES`] pages, zeroed in tens of microseconds.
+const LAND_SPIN: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl Freelist {
+    /// Removes `run`'s pages from the queue's counts (the caller has taken the run out).
+    fn take(&self, q: &mut Queue, run: &Run) {
+        q.pages -= run.pages();
+        q.blocks[run.order as usize] -= run.count;
+        self.queued_hint.store(q.pages, Ordering::Relaxed);
+    }
+
     /// A freelist for blocks of `page`-byte pages, holding at most `max_pages` queued and
     /// in-flight pages. `release` gives a run back to the system (pressure scans).
     pub fn new(page: usize, max_pages: usize, release: Box<dyn Fn(Run) + Send + Sync>) -> Freelist {
@@ -155,6 +167,38 @@ impl Freelist {
             pressure_pages: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
+            queued_hint: AtomicUsize::new(0),
+            landings_hint: AtomicU64::new(0),
+            spin_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// How long an idle worker keeps polling for work before it sleeps (default 0). Waking a
+    /// sleeping thread costs the releasing thread a system call and the worker a scheduling
+    /// delay (tens of microseconds in a VM); a short poll keeps a busy heap's worker awake
+    /// between releases. The poll runs at the worker's low priority.
+    pub fn set_worker_spin(&self, d: std::time::Duration) {
+        self.spin_ns
+            .store(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// Polls for queued work for up to the worker spin time; true if some arrived.
+    fn spin_for_work(&self) -> bool {
+        let ns = self.spin_ns.load(Ordering::Relaxed);
+        if ns == 0 {
+            return false;
+        }
+        let end = std::time::Instant::now() + std::time::Duration::from_nanos(ns);
+        loop {
+            for _ in 0..64 {
+                if self.queued_hint.load(Ordering::Relaxed) > 0 {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
         }
     }
 
@@ -210,7 +254,8 @@ impl Freelist {
             }
             q.pages += pages;
             q.peak = q.peak.max(pending + pages);
-            q.items.push_back(runs);
+            q.items.push_back((runs, pages));
+            self.queued_hint.store(q.pages, Ordering::Relaxed);
             q.sleeping > 0 && (q.pages >= CHUNK_PAGES || q.flushing > 0)
         };
         if wake {
@@ -223,12 +268,19 @@ impl Freelist {
     /// end of the oldest buffer's last run. Returns `None` once the list is stopped. The claim
     /// is *in flight* until [`landed`](Self::landed) is called with it.
     pub fn claim(&self) -> Option<Run> {
+        self.claim_sized().map(|(run, _)| run)
+    }
+
+    /// [`claim`](Self::claim), also returning the size in pages of the buffer the run came from
+    /// (the worker zeroes runs of large buffers with streaming stores).
+    pub fn claim_sized(&self) -> Option<(Run, usize)> {
         let mut q = lock(&self.queue);
         loop {
             if q.stopped {
                 return None;
             }
-            if let Some(item) = q.items.front_mut() {
+            if let Some((item, buffer_pages)) = q.items.front_mut() {
+                let buffer_pages = *buffer_pages;
                 let last = item.last_mut().expect("queued items are never empty");
                 let k = last.count.min((CHUNK_PAGES >> last.order).max(1));
                 last.count -= k;
@@ -243,13 +295,18 @@ impl Freelist {
                         q.items.pop_front();
                     }
                 }
-                q.take(&run);
+                self.take(&mut q, &run);
                 q.in_flight[run.order as usize] += run.pages();
-                return Some(run);
+                return Some((run, buffer_pages));
             }
-            q.sleeping += 1;
-            q = wait(&self.work, q);
-            q.sleeping -= 1;
+            drop(q);
+            let found = self.spin_for_work();
+            q = lock(&self.queue);
+            if !found && q.items.is_empty() && !q.stopped {
+                q.sleeping += 1;
+                q = wait(&self.work, q);
+                q.sleeping -= 1;
+            }
         }
     }
 
@@ -258,6 +315,7 @@ impl Freelist {
         let mut q = lock(&self.queue);
         q.in_flight[run.order as usize] -= run.pages();
         q.landings += 1;
+        self.landings_hint.store(q.landings, Ordering::Release);
         drop(q);
         if self.waiting.load(Ordering::Relaxed) > 0 {
             self.landed.notify_all();
@@ -276,7 +334,7 @@ impl Freelist {
         let mut i = q.items.len();
         while n > 0 && i > 0 {
             i -= 1;
-            let item = &mut q.items[i];
+            let item = &mut q.items[i].0;
             for r in item.iter_mut().filter(|r| r.order == order && r.count > 0) {
                 let k = r.count.min(n);
                 out.push(Run {
@@ -297,7 +355,7 @@ impl Freelist {
             }
         }
         for r in &out {
-            q.take(r);
+            self.take(&mut q, r);
         }
         let drained = q.pages == 0 && q.in_flight_pages() == 0;
         drop(q);
@@ -316,9 +374,25 @@ impl Freelist {
     /// Waits until some in-flight claim lands, if one of `order` is in flight (returns at once
     /// if none is).
     pub fn wait_landed(&self, order: u8) {
+        let before = {
+            let q = lock(&self.queue);
+            if q.in_flight[order as usize] == 0 {
+                return;
+            }
+            q.landings
+        };
+        // Spin first: a claim lands within tens of microseconds, and sleeping would add a
+        // wake-up of that order.
+        let end = std::time::Instant::now() + LAND_SPIN;
+        while self.landings_hint.load(Ordering::Acquire) == before
+            && std::time::Instant::now() < end
+        {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+        }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let mut q = lock(&self.queue);
-        let before = q.landings;
         while q.in_flight[order as usize] > 0 && q.landings == before && !q.stopped {
             q = wait(&self.landed, q);
         }
@@ -347,9 +421,10 @@ impl Freelist {
     pub fn stop(&self) -> Vec<Run> {
         let mut q = lock(&self.queue);
         q.stopped = true;
-        let runs: Vec<Run> = q.items.drain(..).flatten().collect();
+        let runs: Vec<Run> = q.items.drain(..).flat_map(|(runs, _)| runs).collect();
         q.pages = 0;
         q.blocks = [0; MAX_ORDER as usize + 1];
+        self.queued_hint.store(0, Ordering::Relaxed);
         drop(q);
         self.work.notify_all();
         self.landed.notify_all();
@@ -362,11 +437,11 @@ impl Freelist {
         let mut out = Vec::new();
         let mut taken = 0;
         while taken < nr_pages {
-            let Some(item) = q.items.pop_front() else {
+            let Some((item, _)) = q.items.pop_front() else {
                 break;
             };
             for r in &item {
-                q.take(r);
+                self.take(&mut q, r);
                 taken += r.pages();
             }
             out.extend(item);

@@ -54,6 +54,9 @@ pub const DEFAULT_POOL_LIMIT: usize = 256 << 20;
 pub const DEFAULT_MAX_BUFFER: usize = 1 << 30;
 /// The default bound on memory queued for the deferred-free worker: 64 MiB.
 pub const DEFAULT_QUEUE_LIMIT: usize = 64 << 20;
+/// The default time an idle worker polls for work before sleeping: 200 us (see
+/// [`Freelist::set_worker_spin`]).
+pub const DEFAULT_WORKER_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 /// The default size of one memfd arena: 64 MiB (address space; memory is used only as blocks
 /// are carved). Larger buffers get an arena of their own size.
 pub const DEFAULT_ARENA_SIZE: usize = 64 << 20;
@@ -81,6 +84,7 @@ pub struct HeapBuilder {
     registry: Option<Arc<Registry>>,
     deferred: bool,
     queue_limit: usize,
+    worker_spin: std::time::Duration,
     pressure: Option<PressureConfig>,
 }
 
@@ -95,6 +99,7 @@ impl Default for HeapBuilder {
             registry: None,
             deferred: true,
             queue_limit: DEFAULT_QUEUE_LIMIT,
+            worker_spin: DEFAULT_WORKER_SPIN,
             pressure: Some(PressureConfig::default()),
         }
     }
@@ -110,6 +115,7 @@ impl fmt::Debug for HeapBuilder {
             .field("arena_size", &self.arena_size)
             .field("deferred", &self.deferred)
             .field("queue_limit", &self.queue_limit)
+            .field("worker_spin", &self.worker_spin)
             .field("pressure", &self.pressure)
             .finish_non_exhaustive()
     }
@@ -178,6 +184,14 @@ impl HeapBuilder {
         self
     }
 
+    /// How long the idle worker polls for work before it sleeps (default 200 us; zero sleeps at
+    /// once). Polling avoids a wake-up per release when releases come often; it costs up to
+    /// this much CPU time, at nice 19, after each burst of work.
+    pub fn worker_spin(mut self, d: std::time::Duration) -> Self {
+        self.worker_spin = d;
+        self
+    }
+
     /// Checks the configuration and creates the heap. No memory is taken from the system yet.
     pub fn build(self) -> Result<SystemHeap, ConfigError> {
         let page = os::page_size();
@@ -238,6 +252,7 @@ impl HeapBuilder {
                 self.queue_limit / page,
                 Box::new(move |r: Run| arenas.release(r.ptr(), r.pages() * page)),
             ));
+            list.set_worker_spin(self.worker_spin);
             let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&list) as _;
             registry.add_shrinker(weak);
             list
@@ -346,13 +361,15 @@ impl HeapInner {
         self.arenas.release(r.ptr(), r.pages() * self.page);
     }
 
-    /// Zeroes a run through its home mapping.
+    /// Zeroes a run through its home mapping, with streaming stores when the buffer it belongs
+    /// to (`buffer_pages`) is too large for the cache.
     ///
     /// # Safety
     /// The caller owns the run's blocks exclusively (no buffer, pool or claim refers to them).
-    pub(crate) unsafe fn zero_run(&self, r: &Run) {
+    pub(crate) unsafe fn zero_run(&self, r: &Run, buffer_pages: usize) {
+        let streaming = buffer_pages * self.page > crate::zero::streaming_threshold();
         // SAFETY: the run is a used arena range, mapped at its home address, owned by the caller.
-        unsafe { r.ptr().as_ptr().write_bytes(0, r.pages() * self.page) };
+        unsafe { crate::zero::zero(r.ptr(), r.pages() * self.page, streaming) };
     }
 
     /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,
@@ -369,9 +386,10 @@ impl HeapInner {
             },
             None => runs,
         };
+        let pages = runs.iter().map(Run::pages).sum();
         for r in &runs {
             // SAFETY: the dropped buffer owned these blocks; nothing else refers to them.
-            unsafe { self.zero_run(r) };
+            unsafe { self.zero_run(r, pages) };
         }
         let blocks: usize = runs.iter().map(|r| r.count).sum();
         self.counters
@@ -386,10 +404,10 @@ impl HeapInner {
             log::debug!("pagepool: cannot lower the free worker's priority: {e}");
         }
         let Some(list) = &self.freelist else { return };
-        while let Some(run) = list.claim() {
+        while let Some((run, buffer_pages)) = list.claim_sized() {
             let t = std::time::Instant::now();
             // SAFETY: a claimed run belongs to the worker until it lands.
-            unsafe { self.zero_run(&run) };
+            unsafe { self.zero_run(&run, buffer_pages) };
             let nanos = t.elapsed().as_nanos() as u64;
             let c = &self.counters;
             c.worker_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -405,7 +423,13 @@ impl HeapInner {
     /// Takes up to `want` clean blocks of pool `i` for an allocation, appending them to `runs`:
     /// from the pool; then queued dirty blocks, zeroed here; then, while the worker is zeroing
     /// blocks of this order, waiting for them. Returns (from pool, zeroed inline).
-    fn take_clean(&self, i: usize, want: usize, runs: &mut Vec<Run>) -> (usize, usize) {
+    fn take_clean(
+        &self,
+        i: usize,
+        want: usize,
+        buffer_pages: usize,
+        runs: &mut Vec<Run>,
+    ) -> (usize, usize) {
         let order = self.orders[i];
         let pool = &self.pools[i];
         let take_pooled = |runs: &mut Vec<Run>, n: usize| {
@@ -425,7 +449,7 @@ impl HeapInner {
                 if !stolen.is_empty() {
                     for r in &stolen {
                         // SAFETY: stolen runs left the queue; this thread owns them now.
-                        unsafe { self.zero_run(r) };
+                        unsafe { self.zero_run(r, buffer_pages) };
                         inline += r.count;
                     }
                     runs.extend(stolen);
@@ -522,7 +546,7 @@ impl SystemHeap {
                 continue;
             }
             let first = runs.len();
-            let (p, z) = h.take_clean(i, want, &mut runs);
+            let (p, z) = h.take_clean(i, want, pages, &mut runs);
             (hits, inline) = (hits + p, inline + z);
             runs[first..].sort_unstable_by_key(|r| r.start);
             if p + z < want {

@@ -43,6 +43,7 @@ pub mod pressure;
 pub mod registry;
 pub mod stats;
 mod sync;
+mod zero;
 
 pub use buffer::{BlockInfo, Buffer};
 pub use error::{AllocError, ConfigError, OsError};
