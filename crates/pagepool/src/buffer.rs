@@ -8,7 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
-use crate::deferred::Run;
+use crate::deferred::{Run, Runs};
 use crate::error::AllocError;
 use crate::heap::HeapInner;
 use crate::os;
@@ -47,7 +47,7 @@ pub struct Buffer {
     /// blocks' home mapping.
     view: bool,
     /// The blocks, as runs lying end to end in their arenas, in buffer order.
-    runs: Vec<Run>,
+    runs: Runs,
     heap: Arc<HeapInner>,
 }
 
@@ -63,13 +63,12 @@ impl Buffer {
     /// end, else a view mapping. On failure every block goes back where it came from.
     pub(crate) fn assemble(
         heap: Arc<HeapInner>,
-        runs: Vec<Run>,
+        runs: Runs,
         bytes: usize,
     ) -> Result<Buffer, AllocError> {
         let page = heap.page;
         let end_to_end = runs.windows(2).all(|w| w[0].end(page) == w[1].start);
         let (ptr, view) = if end_to_end {
-            heap.counters.contiguous.fetch_add(1, Ordering::Relaxed);
             (runs[0].ptr(), false)
         } else {
             match map_view(&heap, &runs, bytes) {
@@ -85,7 +84,6 @@ impl Buffer {
             }
         };
         heap.counters.allocs.fetch_add(1, Ordering::Relaxed);
-        heap.counters.live_buffers.fetch_add(1, Ordering::Relaxed);
         heap.counters
             .live_pages
             .fetch_add((bytes / page) as u64, Ordering::Relaxed);
@@ -205,7 +203,7 @@ impl Drop for Buffer {
             }
         }
         h.release_buffer(std::mem::take(&mut self.runs));
-        h.counters.live_buffers.fetch_sub(1, Ordering::Relaxed);
+        h.counters.frees.fetch_add(1, Ordering::Relaxed);
         h.counters
             .live_pages
             .fetch_sub((self.len / h.page) as u64, Ordering::Relaxed);

@@ -23,11 +23,79 @@ use std::collections::VecDeque;
 
 use crate::pool::MAX_ORDER;
 use crate::registry::Shrinker;
-use crate::sync::{AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, wait};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, wait};
 
 /// The most pages the worker claims at once (1 MiB with 4 KiB pages): small enough that an
 /// allocation waiting for an in-flight claim waits briefly, large enough to amortise the lock.
 pub const CHUNK_PAGES: usize = 256;
+
+/// A claimed run being zeroed, split into stripes that several threads can take: the worker
+/// publishes its current claim as a job, and an allocation that would otherwise wait for it
+/// helps instead, so that two cores zero one block.
+#[derive(Debug)]
+pub struct Job {
+    run: Run,
+    buffer_pages: usize,
+    stripe: usize,
+    stripes: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+}
+
+/// The stripe size of a [`Job`] in bytes: small enough to share a 1 MiB block between two
+/// threads, large enough that the bookkeeping is noise next to zeroing it.
+pub const STRIPE_BYTES: usize = 64 << 10;
+
+impl Job {
+    /// A job for `run` (blocks of `page`-byte pages) from a buffer of `buffer_pages` pages.
+    pub fn new(run: Run, buffer_pages: usize, page: usize) -> Job {
+        let bytes = run.pages() * page;
+        let stripe = STRIPE_BYTES.min(bytes).max(1);
+        Job {
+            run,
+            buffer_pages,
+            stripe,
+            stripes: bytes.div_ceil(stripe),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+        }
+    }
+
+    /// The run being zeroed.
+    pub fn run(&self) -> Run {
+        self.run
+    }
+
+    /// The size in pages of the buffer the run came from.
+    pub fn buffer_pages(&self) -> usize {
+        self.buffer_pages
+    }
+
+    /// Takes the next stripe to zero, as `(offset, len)` in bytes from the run's start, or
+    /// `None` when every stripe is taken. Call [`finish`](Self::finish) after zeroing it.
+    pub fn next_stripe(&self, page: usize) -> Option<(usize, usize)> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        if i >= self.stripes {
+            return None;
+        }
+        let bytes = self.run.pages() * page;
+        let off = i * self.stripe;
+        Some((off, self.stripe.min(bytes - off)))
+    }
+
+    /// Records a zeroed stripe.
+    pub fn finish(&self) {
+        self.done.fetch_add(1, Ordering::Release);
+    }
+
+    /// True once every stripe is zeroed.
+    pub fn complete(&self) -> bool {
+        self.done.load(Ordering::Acquire) >= self.stripes
+    }
+}
+
+/// A buffer's runs: up to two inline (most buffers), more on the heap.
+pub type Runs = smallvec::SmallVec<[Run; 2]>;
 
 /// `count` blocks of one order lying end to end from address `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +137,7 @@ impl Run {
 
 struct Queue {
     /// Released buffers, oldest first; each a list of runs.
-    items: VecDeque<(Vec<Run>, usize)>,
+    items: VecDeque<(Runs, usize)>,
     /// Pages queued (not counting in-flight claims).
     pages: usize,
     /// Queued blocks per order (lets `steal` skip a scan when there is nothing of its order).
@@ -102,14 +170,14 @@ impl Queue {
 /// let released = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
 /// let r = released.clone();
 /// let list = Freelist::new(4096, 1024, Box::new(move |run| r.lock().unwrap().push(run)));
-/// list.queue(vec![Run { start: 0x10000, order: 0, count: 4 }]).unwrap();
+/// list.queue([Run { start: 0x10000, order: 0, count: 4 }].into_iter().collect()).unwrap();
 /// assert_eq!(list.pages(), 4);
 /// // The worker's side: claim, zero (not shown), land.
 /// let run = list.claim().unwrap();
 /// list.landed(&run);
 /// assert_eq!(list.pages(), 0);
 /// // Under pressure, queued runs go to the release callback instead.
-/// list.queue(vec![Run { start: 0x20000, order: 0, count: 2 }]).unwrap();
+/// list.queue([Run { start: 0x20000, order: 0, count: 2 }].into_iter().collect()).unwrap();
 /// assert_eq!(list.scan(usize::MAX), 2);
 /// assert_eq!(released.lock().unwrap().len(), 1);
 /// ```
@@ -130,6 +198,20 @@ pub struct Freelist {
     landings_hint: AtomicU64,
     /// How long an idle worker polls before sleeping, in ns (0: sleep at once).
     spin_ns: AtomicU64,
+    /// The worker's current claim, open to helpers.
+    job: Mutex<Option<std::sync::Arc<Job>>>,
+    /// A run an allocation is zeroing inline, open to the idle worker.
+    shared: Mutex<Option<std::sync::Arc<Job>>>,
+    shared_hint: AtomicBool,
+}
+
+/// What the worker should do next (see [`Freelist::next_work`]).
+#[derive(Debug)]
+pub enum Work {
+    /// Zero this claimed run (from a buffer of the given size in pages) and land it.
+    Claim(Run, usize),
+    /// An allocation shared a run it is zeroing: take stripes of it ([`Freelist::assist`]).
+    Assist,
 }
 
 /// How long an allocation spins for an in-flight claim before sleeping: a claim is at most
@@ -170,7 +252,58 @@ impl Freelist {
             queued_hint: AtomicUsize::new(0),
             landings_hint: AtomicU64::new(0),
             spin_ns: AtomicU64::new(0),
+            job: Mutex::new(None),
+            shared: Mutex::new(None),
+            shared_hint: AtomicBool::new(false),
         }
+    }
+
+    /// The allocator's side: offers a run it is about to zero inline to the idle worker, so
+    /// that two cores zero it. Returns false (and shares nothing) if another run is shared
+    /// already. Call with `None` once the job is complete.
+    pub fn share(&self, job: Option<std::sync::Arc<Job>>) -> bool {
+        let mut slot = lock(&self.shared);
+        if job.is_some() && slot.is_some() {
+            return false;
+        }
+        self.shared_hint.store(job.is_some(), Ordering::Release);
+        *slot = job;
+        true
+    }
+
+    /// The worker's side: takes stripes of the shared run, if any, and zeroes them with
+    /// `zero(job, offset, len)`.
+    pub fn assist(&self, mut zero: impl FnMut(&Job, usize, usize)) {
+        let Some(job) = lock(&self.shared).clone() else {
+            return;
+        };
+        while let Some((off, len)) = job.next_stripe(self.page) {
+            zero(&job, off, len);
+            job.finish();
+        }
+    }
+
+    /// The worker's side: makes `job` (its current claim) open to helpers, or closes it
+    /// (`None`) once every stripe is done.
+    pub fn publish(&self, job: Option<std::sync::Arc<Job>>) {
+        *lock(&self.job) = job;
+    }
+
+    /// The allocator's side: if the worker is zeroing a claim of `order`, takes stripes of it
+    /// and zeroes them with `zero(offset, len)` (offsets from the run's start) until none is
+    /// left. Returns true if there was such a claim. The run still lands through the worker.
+    pub fn help(&self, order: u8, mut zero: impl FnMut(&Job, usize, usize)) -> bool {
+        let Some(job) = lock(&self.job).clone() else {
+            return false;
+        };
+        if job.run.order != order {
+            return false;
+        }
+        while let Some((off, len)) = job.next_stripe(self.page) {
+            zero(&job, off, len);
+            job.finish();
+        }
+        true
     }
 
     /// How long an idle worker keeps polling for work before it sleeps (default 0). Waking a
@@ -182,7 +315,8 @@ impl Freelist {
             .store(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
-    /// Polls for queued work for up to the worker spin time; true if some arrived.
+    /// Polls for queued work or a shared run for up to the worker spin time; true if some
+    /// arrived.
     fn spin_for_work(&self) -> bool {
         let ns = self.spin_ns.load(Ordering::Relaxed);
         if ns == 0 {
@@ -191,7 +325,9 @@ impl Freelist {
         let end = std::time::Instant::now() + std::time::Duration::from_nanos(ns);
         loop {
             for _ in 0..64 {
-                if self.queued_hint.load(Ordering::Relaxed) > 0 {
+                if self.queued_hint.load(Ordering::Relaxed) > 0
+                    || self.shared_hint.load(Ordering::Relaxed)
+                {
                     return true;
                 }
                 std::hint::spin_loop();
@@ -239,7 +375,7 @@ impl Freelist {
     /// A sleeping worker is woken only once [`CHUNK_PAGES`] pages are queued: waking it costs a
     /// system call, more than zeroing a few small blocks. Smaller releases wait for the next
     /// wake-up, an allocation that takes them, or [`flush`](Self::flush).
-    pub fn queue(&self, runs: Vec<Run>) -> Result<(), Vec<Run>> {
+    pub fn queue(&self, runs: Runs) -> Result<(), Runs> {
         let pages: usize = runs.iter().map(Run::pages).sum();
         let wake = {
             let mut q = lock(&self.queue);
@@ -268,16 +404,26 @@ impl Freelist {
     /// end of the oldest buffer's last run. Returns `None` once the list is stopped. The claim
     /// is *in flight* until [`landed`](Self::landed) is called with it.
     pub fn claim(&self) -> Option<Run> {
-        self.claim_sized().map(|(run, _)| run)
+        loop {
+            match self.next_work()? {
+                Work::Claim(run, _) => return Some(run),
+                Work::Assist => continue,
+            }
+        }
     }
 
-    /// [`claim`](Self::claim), also returning the size in pages of the buffer the run came from
-    /// (the worker zeroes runs of large buffers with streaming stores).
-    pub fn claim_sized(&self) -> Option<(Run, usize)> {
+    /// The worker's loop step: like [`claim`](Self::claim), but also returns
+    /// [`Work::Assist`] when an allocation shared a run while the worker was idle, and gives
+    /// the size in pages of the buffer a claimed run came from (the worker zeroes runs of large
+    /// buffers with streaming stores).
+    pub fn next_work(&self) -> Option<Work> {
         let mut q = lock(&self.queue);
         loop {
             if q.stopped {
                 return None;
+            }
+            if q.items.is_empty() && self.shared_hint.load(Ordering::Acquire) {
+                return Some(Work::Assist);
             }
             if let Some((item, buffer_pages)) = q.items.front_mut() {
                 let buffer_pages = *buffer_pages;
@@ -297,12 +443,16 @@ impl Freelist {
                 }
                 self.take(&mut q, &run);
                 q.in_flight[run.order as usize] += run.pages();
-                return Some((run, buffer_pages));
+                return Some(Work::Claim(run, buffer_pages));
             }
             drop(q);
             let found = self.spin_for_work();
             q = lock(&self.queue);
-            if !found && q.items.is_empty() && !q.stopped {
+            if !found
+                && q.items.is_empty()
+                && !q.stopped
+                && !self.shared_hint.load(Ordering::Acquire)
+            {
                 q.sleeping += 1;
                 q = wait(&self.work, q);
                 q.sleeping -= 1;
@@ -324,8 +474,8 @@ impl Freelist {
 
     /// The allocator's side: claims up to `n` queued blocks of `order`, newest buffer first,
     /// from the start of its runs. The caller owns them (dirty) and must zero them.
-    pub fn steal(&self, order: u8, mut n: usize) -> Vec<Run> {
-        let mut out = Vec::new();
+    pub fn steal(&self, order: u8, mut n: usize) -> Runs {
+        let mut out = Runs::new();
         let mut q = lock(&self.queue);
         if q.blocks[order as usize] == 0 {
             return out;
@@ -509,8 +659,9 @@ mod tests {
     #[test]
     fn claim_takes_chunks_from_the_end_of_the_oldest() {
         let (l, _) = list(10_000);
-        l.queue(vec![run(0, 8, 3), run(3 << 20, 0, 2)]).unwrap();
-        l.queue(vec![run(1 << 30, 0, 1)]).unwrap();
+        l.queue(smallvec::smallvec![run(0, 8, 3), run(3 << 20, 0, 2)])
+            .unwrap();
+        l.queue(smallvec::smallvec![run(1 << 30, 0, 1)]).unwrap();
         assert_eq!(l.claim(), Some(run(3 << 20, 0, 2)));
         assert_eq!(l.in_flight(0), 2);
         assert_eq!(
@@ -526,12 +677,12 @@ mod tests {
     #[test]
     fn steal_takes_from_the_newest_front() {
         let (l, _) = list(10_000);
-        l.queue(vec![run(0, 4, 4)]).unwrap();
-        l.queue(vec![run(1 << 20, 4, 2), run(2 << 20, 0, 3)])
+        l.queue(smallvec::smallvec![run(0, 4, 4)]).unwrap();
+        l.queue(smallvec::smallvec![run(1 << 20, 4, 2), run(2 << 20, 0, 3)])
             .unwrap();
         assert!(l.steal(8, 1).is_empty());
         let got = l.steal(4, 3);
-        assert_eq!(got, [run(1 << 20, 4, 2), run(0, 4, 1)]);
+        assert_eq!(got.as_slice(), [run(1 << 20, 4, 2), run(0, 4, 1)]);
         assert_eq!(l.pages(), 3 * 16 + 3);
         assert_eq!(l.claim(), Some(run(65536, 4, 3)), "the oldest buffer first");
         assert_eq!(l.claim(), Some(run(2 << 20, 0, 3)));
@@ -540,9 +691,12 @@ mod tests {
     #[test]
     fn bound_refuses_and_scan_releases() {
         let (l, released) = list(100);
-        l.queue(vec![run(0, 4, 4)]).unwrap();
-        assert!(l.queue(vec![run(1 << 20, 4, 3)]).is_err(), "64 + 48 > 100");
-        l.queue(vec![run(1 << 20, 4, 2)]).unwrap();
+        l.queue(smallvec::smallvec![run(0, 4, 4)]).unwrap();
+        assert!(
+            l.queue(smallvec::smallvec![run(1 << 20, 4, 3)]).is_err(),
+            "64 + 48 > 100"
+        );
+        l.queue(smallvec::smallvec![run(1 << 20, 4, 2)]).unwrap();
         assert_eq!(l.refused(), 1);
         assert_eq!(l.peak_pages(), 96);
         assert_eq!(l.scan(10), 64, "whole buffers, oldest first");
@@ -550,6 +704,9 @@ mod tests {
         assert_eq!(l.pressure_pages(), 64);
         assert_eq!(l.stop(), [run(1 << 20, 4, 2)]);
         assert_eq!(l.claim(), None);
-        assert!(l.queue(vec![run(0, 0, 1)]).is_err(), "stopped");
+        assert!(
+            l.queue(smallvec::smallvec![run(0, 0, 1)]).is_err(),
+            "stopped"
+        );
     }
 }

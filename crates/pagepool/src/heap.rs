@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arena::Arenas;
 use crate::buffer::Buffer;
-use crate::deferred::{Freelist, Run};
+use crate::deferred::{Freelist, Job, Run, Runs, Work};
 use crate::error::{AllocError, ConfigError};
 use crate::os;
 use crate::pool::{Block, MAX_ORDER, PagePool};
@@ -300,9 +300,8 @@ pub(crate) struct Counters {
     pub(crate) allocs: AtomicU64,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
-    pub(crate) live_buffers: AtomicU64,
+    pub(crate) frees: AtomicU64,
     pub(crate) live_pages: AtomicU64,
-    pub(crate) contiguous: AtomicU64,
     pub(crate) remapped: AtomicU64,
     pub(crate) zeroed_sync: AtomicU64,
     pub(crate) zeroed_worker: AtomicU64,
@@ -310,6 +309,7 @@ pub(crate) struct Counters {
     pub(crate) worker_bytes: AtomicU64,
     pub(crate) worker_nanos: AtomicU64,
     pub(crate) waited: AtomicU64,
+    pub(crate) helped: AtomicU64,
     pub(crate) peak_pooled: AtomicUsize,
 }
 
@@ -351,9 +351,12 @@ impl HeapInner {
             }
         }
         self.owner.enforce_limits();
-        self.counters
-            .peak_pooled
-            .fetch_max(self.owner.count(), Ordering::Relaxed);
+        let pooled = self.owner.count();
+        if pooled > self.counters.peak_pooled.load(Ordering::Relaxed) {
+            self.counters
+                .peak_pooled
+                .fetch_max(pooled, Ordering::Relaxed);
+        }
     }
 
     /// Gives a run's memory straight back to the system.
@@ -372,9 +375,46 @@ impl HeapInner {
         unsafe { crate::zero::zero(r.ptr(), r.pages() * self.page, streaming) };
     }
 
+    /// Zeroes `len` bytes at `off` into a job's run.
+    ///
+    /// # Safety
+    /// The caller has taken that stripe of the job (see [`Job::next_stripe`]).
+    unsafe fn zero_part(&self, job: &Job, off: usize, len: usize) {
+        let streaming = job.buffer_pages() * self.page > crate::zero::streaming_threshold();
+        // SAFETY: the stripe is inside the job's run, a used arena range owned by the caller
+        // for the stripe's duration.
+        unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
+    }
+
+    /// Zeroes a run an allocation took from the queue; a large one is shared with the idle
+    /// worker, stripe by stripe, so that two cores zero it.
+    ///
+    /// # Safety
+    /// The caller owns the run (it left the queue).
+    unsafe fn zero_stolen(&self, list: &Freelist, r: &Run, buffer_pages: usize) {
+        if r.pages() * self.page < 2 * crate::deferred::STRIPE_BYTES {
+            // SAFETY: forwarded.
+            unsafe { self.zero_run(r, buffer_pages) };
+            return;
+        }
+        let job = Arc::new(Job::new(*r, buffer_pages, self.page));
+        let shared = list.share(Some(job.clone()));
+        while let Some((off, len)) = job.next_stripe(self.page) {
+            // SAFETY: the stripe is in the run, owned by this thread.
+            unsafe { self.zero_part(&job, off, len) };
+            job.finish();
+        }
+        while !job.complete() {
+            std::hint::spin_loop(); // the worker is finishing a stripe
+        }
+        if shared {
+            list.share(None);
+        }
+    }
+
     /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,
     /// else (not pooling) straight back to the system.
-    pub(crate) fn release_buffer(&self, runs: Vec<Run>) {
+    pub(crate) fn release_buffer(&self, runs: Runs) {
         if !self.pooling() {
             runs.iter().for_each(|r| self.release_run(r));
             return;
@@ -404,10 +444,31 @@ impl HeapInner {
             log::debug!("pagepool: cannot lower the free worker's priority: {e}");
         }
         let Some(list) = &self.freelist else { return };
-        while let Some((run, buffer_pages)) = list.claim_sized() {
+        while let Some(work) = list.next_work() {
+            let (run, buffer_pages) = match work {
+                Work::Claim(run, pages) => (run, pages),
+                Work::Assist => {
+                    list.assist(|job, off, len| {
+                        // SAFETY: `assist` handed the worker this stripe of the shared run.
+                        unsafe { self.zero_part(job, off, len) }
+                    });
+                    continue;
+                }
+            };
             let t = std::time::Instant::now();
-            // SAFETY: a claimed run belongs to the worker until it lands.
-            unsafe { self.zero_run(&run, buffer_pages) };
+            // Zero the claim stripe by stripe; an allocation waiting for it may take stripes too.
+            let job = Arc::new(Job::new(run, buffer_pages, self.page));
+            list.publish(Some(job.clone()));
+            while let Some((off, len)) = job.next_stripe(self.page) {
+                // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
+                // helpers, one stripe each) until it lands.
+                unsafe { self.zero_part(&job, off, len) };
+                job.finish();
+            }
+            while !job.complete() {
+                std::hint::spin_loop(); // a helper is finishing its last stripe
+            }
+            list.publish(None);
             let nanos = t.elapsed().as_nanos() as u64;
             let c = &self.counters;
             c.worker_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -428,11 +489,11 @@ impl HeapInner {
         i: usize,
         want: usize,
         buffer_pages: usize,
-        runs: &mut Vec<Run>,
+        runs: &mut Runs,
     ) -> (usize, usize) {
         let order = self.orders[i];
         let pool = &self.pools[i];
-        let take_pooled = |runs: &mut Vec<Run>, n: usize| {
+        let take_pooled = |runs: &mut Runs, n: usize| {
             let mut got = 0;
             while got < n {
                 let Some(b) = pool.take() else { break };
@@ -445,11 +506,13 @@ impl HeapInner {
         let mut inline = 0;
         if let Some(list) = &self.freelist {
             while pooled + inline < want {
-                let stolen = list.steal(order, want - pooled - inline);
+                // A chunk at a time, so that the worker keeps claiming from the other end.
+                let chunk = (crate::deferred::CHUNK_PAGES >> order).max(1);
+                let stolen = list.steal(order, (want - pooled - inline).min(chunk));
                 if !stolen.is_empty() {
                     for r in &stolen {
                         // SAFETY: stolen runs left the queue; this thread owns them now.
-                        unsafe { self.zero_run(r, buffer_pages) };
+                        unsafe { self.zero_stolen(list, r, buffer_pages) };
                         inline += r.count;
                     }
                     runs.extend(stolen);
@@ -461,6 +524,14 @@ impl HeapInner {
                 pooled += take_pooled(runs, want - pooled - inline);
                 if pooled + inline == want || in_flight == 0 {
                     break;
+                }
+                // Help the worker zero what it claimed, then wait for it to land.
+                let helped = list.help(order, |job, off, len| {
+                    // SAFETY: `help` handed this thread the stripe.
+                    unsafe { self.zero_part(job, off, len) }
+                });
+                if helped {
+                    self.counters.helped.fetch_add(1, Ordering::Relaxed);
                 }
                 list.wait_landed(order);
                 self.counters.waited.fetch_add(1, Ordering::Relaxed);
@@ -534,7 +605,7 @@ impl SystemHeap {
         // Largest blocks first. Each order's blocks are sorted by address and runs of blocks
         // that lie end to end merged, so the bookkeeping grows with the number of separate
         // pieces, not with the buffer's size, and blocks freed together come back together.
-        let mut runs: Vec<Run> = Vec::new();
+        let mut runs = Runs::new();
         let mut missing: Vec<usize> = Vec::new(); // indices of placeholder runs
         let (mut hits, mut inline) = (0, 0);
         let mut left = pages;
@@ -559,10 +630,14 @@ impl SystemHeap {
             }
         }
         let counters = &h.counters;
-        counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
-        counters
-            .zeroed_inline
-            .fetch_add(inline as u64, Ordering::Relaxed);
+        if hits > 0 {
+            counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
+        }
+        if inline > 0 {
+            counters
+                .zeroed_inline
+                .fetch_add(inline as u64, Ordering::Relaxed);
+        }
         // The misses come from the system as one range, split in order.
         if !missing.is_empty() {
             let fresh: usize = missing.iter().map(|&i| runs[i].pages() * h.page).sum();
@@ -603,6 +678,10 @@ impl SystemHeap {
     pub fn stats(&self) -> HeapStats {
         let h = &self.inner;
         let c = &h.counters;
+        // Racing allocations may make these a little off; never negative.
+        let frees = c.frees.load(Ordering::Relaxed);
+        let remapped = c.remapped.load(Ordering::Relaxed);
+        let allocs = c.allocs.load(Ordering::Relaxed);
         let owner = h.owner.stats();
         let registry = h.owner.registry();
         let total = registry.count();
@@ -612,19 +691,20 @@ impl SystemHeap {
             registry_total_pages: total,
             other_owners_pages: total.saturating_sub(owner.pages),
             peak_pooled_pages: c.peak_pooled.load(Ordering::Relaxed),
-            allocs: c.allocs.load(Ordering::Relaxed),
+            allocs,
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             fresh_pages: h.arenas.fresh_pages.load(Ordering::Relaxed),
             released_pages: h.arenas.released_pages.load(Ordering::Relaxed),
-            live_buffers: c.live_buffers.load(Ordering::Relaxed),
+            live_buffers: allocs.saturating_sub(frees),
             live_pages: c.live_pages.load(Ordering::Relaxed),
-            contiguous: c.contiguous.load(Ordering::Relaxed),
-            remapped: c.remapped.load(Ordering::Relaxed),
+            contiguous: allocs.saturating_sub(remapped),
+            remapped,
             zeroed_sync: c.zeroed_sync.load(Ordering::Relaxed),
             zeroed_worker: c.zeroed_worker.load(Ordering::Relaxed),
             zeroed_inline: c.zeroed_inline.load(Ordering::Relaxed),
             waited_for_worker: c.waited.load(Ordering::Relaxed),
+            helped_worker: c.helped.load(Ordering::Relaxed),
             worker_bytes: c.worker_bytes.load(Ordering::Relaxed),
             worker_nanos: c.worker_nanos.load(Ordering::Relaxed),
             queued_pages: h.freelist.as_ref().map_or(0, |l| l.pending_pages()),

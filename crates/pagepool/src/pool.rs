@@ -81,10 +81,13 @@ impl fmt::Debug for Block {
 /// The callback a pool calls to give a block back to the system when it shrinks.
 pub type ReleaseFn = Box<dyn Fn(Block) + Send + Sync>;
 
-/// The free list: head of the intrusive list and its length.
+/// The free list: head of the intrusive list, its length, and the give/take counts (plain
+/// fields: the lock already orders every update).
 struct FreeList {
     head: Option<NonNull<u8>>,
     blocks: usize,
+    given: u64,
+    taken: u64,
 }
 
 // SAFETY: the list only holds addresses of blocks the pool owns (see `Block::from_raw`); the
@@ -120,8 +123,6 @@ pub struct PagePool {
     list: Mutex<FreeList>,
     /// Pages pooled, readable without the lock (the shrinker's `count`).
     pages: AtomicUsize,
-    given: AtomicU64,
-    taken: AtomicU64,
     released: AtomicU64,
     release: ReleaseFn,
     owner: Option<Arc<Owner>>,
@@ -141,10 +142,10 @@ impl PagePool {
             list: Mutex::new(FreeList {
                 head: None,
                 blocks: 0,
+                given: 0,
+                taken: 0,
             }),
             pages: AtomicUsize::new(0),
-            given: AtomicU64::new(0),
-            taken: AtomicU64::new(0),
             released: AtomicU64::new(0),
             release,
             owner,
@@ -193,9 +194,11 @@ impl PagePool {
             unsafe { ptr.as_ptr().cast::<usize>().write(next) };
             list.head = Some(ptr);
             list.blocks += 1;
-            self.pages.fetch_add(1 << self.order, Ordering::Relaxed);
+            list.given += 1;
+            // A plain store: only lock holders write it.
+            self.pages
+                .store(list.blocks << self.order, Ordering::Relaxed);
         }
-        self.given.fetch_add(1, Ordering::Relaxed);
         if let Some(owner) = &self.owner {
             owner.note_added(1 << self.order);
         }
@@ -212,13 +215,14 @@ impl PagePool {
             let next = unsafe { ptr.as_ptr().cast::<usize>().read() };
             list.head = NonNull::new(next as *mut u8);
             list.blocks -= 1;
-            self.pages.fetch_sub(1 << self.order, Ordering::Relaxed);
+            list.taken += 1;
+            self.pages
+                .store(list.blocks << self.order, Ordering::Relaxed);
             ptr
         };
         // SAFETY: the block left the list above, so this thread owns it; clearing the link
         // restores the all-zero contents it had when given.
         unsafe { ptr.as_ptr().cast::<usize>().write(0) };
-        self.taken.fetch_add(1, Ordering::Relaxed);
         if let Some(owner) = &self.owner {
             owner.note_removed(1 << self.order);
         }
@@ -255,12 +259,16 @@ impl PagePool {
 
     /// A snapshot of this pool's counters.
     pub fn stats(&self) -> crate::stats::PoolStats {
+        let (blocks, given, taken) = {
+            let list = lock(&self.list);
+            (list.blocks, list.given, list.taken)
+        };
         crate::stats::PoolStats {
             order: self.order,
-            pages: self.pages(),
-            blocks: self.blocks(),
-            given: self.given.load(Ordering::Relaxed),
-            taken: self.taken.load(Ordering::Relaxed),
+            pages: blocks << self.order,
+            blocks,
+            given,
+            taken,
             released: self.released.load(Ordering::Relaxed),
         }
     }

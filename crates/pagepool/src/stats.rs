@@ -97,6 +97,8 @@ pub struct HeapStats {
     pub zeroed_inline: u64,
     /// Times an allocation waited for blocks the worker was zeroing.
     pub waited_for_worker: u64,
+    /// Times such an allocation took stripes of the worker's claim and zeroed them too.
+    pub helped_worker: u64,
     /// Bytes the worker zeroed.
     pub worker_bytes: u64,
     /// Nanoseconds the worker spent zeroing them.
@@ -226,12 +228,13 @@ impl fmt::Display for HeapStats {
         )?;
         writeln!(
             f,
-            "zeroed: by worker {} inline {} on release {}; waited for worker {}; queued pages {} \
-             (peak {} of {}); freed under pressure {} pages; worker {:.2} GB/s",
+            "zeroed: by worker {} inline {} on release {}; waited for worker {} (helped {}); \
+             queued pages {} (peak {} of {}); freed under pressure {} pages; worker {:.2} GB/s",
             self.zeroed_worker,
             self.zeroed_inline,
             self.zeroed_sync,
             self.waited_for_worker,
+            self.helped_worker,
             self.queued_pages,
             self.peak_queued_pages,
             self.queue_limit_pages,

@@ -9,6 +9,7 @@ fn heap(name: &str, queue_limit: usize) -> SystemHeap {
         .name(name)
         .registry(Registry::new(usize::MAX))
         .queue_limit(queue_limit)
+        .worker_spin(std::time::Duration::ZERO) // an idle worker sleeps at once
         .build()
         .unwrap()
 }

@@ -131,11 +131,15 @@ fn freelist_queue_races_worker_and_pressure_scan() {
         let releaser = {
             let list = list.clone();
             thread::spawn(move || {
-                list.queue(vec![Run {
-                    start: 1 << 30,
-                    order: 8,
-                    count: 2,
-                }])
+                list.queue(
+                    [Run {
+                        start: 1 << 30,
+                        order: 8,
+                        count: 2,
+                    }]
+                    .into_iter()
+                    .collect(),
+                )
                 .unwrap();
             })
         };

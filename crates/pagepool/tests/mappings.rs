@@ -9,6 +9,7 @@ fn mapping_count_bounded_after_100k_mixed_allocations() {
     let heap = SystemHeap::builder()
         .registry(Registry::new(usize::MAX))
         .pool_limit(64 << 20)
+        .pressure(None) // no monitor thread whose first malloc could map an arena mid-test
         .build()
         .unwrap();
     // Taken after the heap exists: its worker thread's stack is a mapping of its own. One

@@ -65,6 +65,7 @@ fn filled_heap(registry: &std::sync::Arc<Registry>) -> SystemHeap {
     let heap = SystemHeap::builder()
         .registry(registry.clone())
         .pressure(None)
+        .worker_spin(Duration::ZERO) // an idle worker sleeps at once
         .build()
         .unwrap();
     let bufs: Vec<_> = (0..8).map(|_| heap.alloc(1 << 20).unwrap()).collect();

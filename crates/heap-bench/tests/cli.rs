@@ -1,0 +1,96 @@
+//! The main job runs: a tiny configuration of `heap-bench` must print every row of both modes
+//! in the seed's format, and write JSON and an SVG chart that parse.
+
+use std::process::Command;
+
+const SYSTEMS: [&str; 9] = [
+    "pagepool",
+    "pagepool-nopool",
+    "pagepool-syncfree",
+    "calloc",
+    "mimalloc",
+    "jemalloc",
+    "mmap",
+    "memfd",
+    "dmabuf",
+];
+
+#[test]
+fn tiny_run_prints_every_row_of_both_modes() {
+    let dir = std::env::temp_dir().join(format!("heap-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("run.json"), dir.join("run.svg"));
+    let out = Command::new(env!("CARGO_BIN_EXE_heap-bench"))
+        .args([
+            "--iters", "3", "--reps", "2", "--sizes", "4K,64K", "--verify", "--json",
+        ])
+        .arg(&json)
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for mode in ["tight", "paced"] {
+        let section = stdout
+            .split(&format!("== mode: {mode} =="))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {mode} section:\n{stdout}"));
+        let section = section.split("== summary").next().unwrap();
+        for sys in SYSTEMS {
+            for size in [4096, 65536] {
+                let prefix = format!("{sys} heap: ");
+                let found = section.lines().any(|l| {
+                    l.strip_prefix(&prefix).is_some_and(|rest| {
+                        rest.starts_with("absent (")
+                            || (rest.starts_with(&format!("alloc {size} bytes 3 times in "))
+                                && rest.trim_end().ends_with("ns/call"))
+                    })
+                });
+                assert!(found, "{mode}: no line for {sys} at {size}:\n{section}");
+            }
+        }
+    }
+    assert!(stdout.contains("zeroing limit"));
+    assert!(stdout.contains("== pagepool heap statistics =="));
+    assert!(stdout.contains("== memory: peak RSS of the pagepool rows =="));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let modes = report["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2);
+    for m in modes {
+        assert_eq!(m["rows"].as_array().unwrap().len(), SYSTEMS.len() * 2);
+        for r in m["rows"].as_array().unwrap() {
+            if r["absent"].is_null() {
+                assert_eq!(r["iters"], 3);
+                assert_eq!(r["reps_ns"].as_array().unwrap().len(), 2);
+                assert!(r["ns_per_call"].as_f64().unwrap() > 0.0);
+            }
+        }
+    }
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
+    assert!(chart.contains("buffer size (log scale)") && chart.contains("tight mode"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_heap-bench"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(run(&["--sizes", "0"]).contains("bad size"));
+    assert!(run(&["--sizes", "12Q"]).contains("bad size"));
+    assert!(run(&["--systems", "nope", "--iters", "1"]).contains("unknown system"));
+    assert!(run(&["--reps", "0"]).contains("--reps"));
+    assert!(run(&["--mode", "fast"]).contains("invalid value"));
+}
