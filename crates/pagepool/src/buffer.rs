@@ -9,6 +9,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
 use crate::deferred::{Run, Runs};
+use crate::dmabuf::{DmaBuf, DmaBufError};
 use crate::error::AllocError;
 use crate::heap::HeapInner;
 use crate::os;
@@ -48,6 +49,8 @@ pub struct Buffer {
     view: bool,
     /// The blocks, as runs lying end to end in their arenas, in buffer order.
     runs: Runs,
+    /// Our own descriptors of the dma-bufs this buffer was exported as.
+    exports: Vec<DmaBuf>,
     heap: Arc<HeapInner>,
 }
 
@@ -92,6 +95,7 @@ impl Buffer {
             len: bytes,
             view,
             runs,
+            exports: Vec::new(),
             heap,
         })
     }
@@ -128,21 +132,60 @@ impl Buffer {
     pub fn is_remapped(&self) -> bool {
         self.view
     }
+
+    /// Exports the buffer as a real dma-buf through `/dev/udmabuf`: one `UDMABUF_CREATE_LIST`
+    /// item per stretch of blocks lying end to end in one memfd arena. The dma-buf shares the
+    /// buffer's memory (writes through either are seen by both) and can be handed to devices and
+    /// other processes.
+    ///
+    /// While the dma-buf lives, the buffer's pages are never reused: if it is still held (by a
+    /// descriptor, a mapping or another process) when the buffer is dropped, the buffer's blocks
+    /// go back to the system instead of the pools, and the pages stay the dma-buf's until it is
+    /// closed.
+    ///
+    /// Fails with [`DmaBufError::NoHeap`] where `/dev/udmabuf` does not exist.
+    pub fn export_dmabuf(&mut self) -> Result<DmaBuf, DmaBufError> {
+        let page = self.heap.page;
+        let stretches = stretches(&self.runs, page);
+        let locs = self
+            .heap
+            .arenas
+            .locate(stretches.iter().map(|&(i, _)| self.runs[i].ptr()));
+        let ranges: Vec<_> = locs
+            .iter()
+            .zip(&stretches)
+            .map(|(loc, &(_, len))| {
+                (
+                    std::os::fd::AsFd::as_fd(&*loc.fd),
+                    loc.offset as u64,
+                    len as u64,
+                )
+            })
+            .collect();
+        let buf = crate::dmabuf::udmabuf_create(&ranges)?;
+        self.exports.push(buf.try_clone()?);
+        self.heap.counters.exported.fetch_add(1, Ordering::Relaxed);
+        Ok(buf)
+    }
 }
 
-/// Reserves `bytes` of address space and maps each stretch of runs that lie end to end (and
-/// so, arenas being separated by guard pages, in one arena file) into it, in order.
-fn map_view(heap: &HeapInner, runs: &[Run], bytes: usize) -> Result<NonNull<u8>, AllocError> {
-    let page = heap.page;
-    // Stretches: (first run, length in bytes).
-    let mut stretches: Vec<(usize, usize)> = Vec::new();
+/// The stretches of `runs` that lie end to end in memory (and so, arenas being separated by
+/// guard pages, in one arena file), as (first run, length in bytes).
+fn stretches(runs: &[Run], page: usize) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         let len = r.end(page) - r.start;
-        match stretches.last_mut() {
+        match out.last_mut() {
             Some((first, l)) if runs[*first].start + *l == r.start => *l += len,
-            _ => stretches.push((i, len)),
+            _ => out.push((i, len)),
         }
     }
+    out
+}
+
+/// Reserves `bytes` of address space and maps each stretch of runs into it, in order.
+fn map_view(heap: &HeapInner, runs: &[Run], bytes: usize) -> Result<NonNull<u8>, AllocError> {
+    let stretches = stretches(runs, heap.page);
     let locs = heap
         .arenas
         .locate(stretches.iter().map(|&(i, _)| runs[i].ptr()));
@@ -202,7 +245,19 @@ impl Drop for Buffer {
                 log::error!("pagepool: {e}");
             }
         }
-        h.release_buffer(std::mem::take(&mut self.runs));
+        // An exported buffer whose dma-buf someone still holds must not be reused: its pages
+        // go back to the system (the dma-buf keeps them); otherwise it is released as usual.
+        let held = self.exports.iter().any(|e| {
+            crate::dmabuf::file_count(std::os::fd::AsFd::as_fd(e)).map_or(true, |n| n > 1)
+        });
+        self.exports.clear();
+        let runs = std::mem::take(&mut self.runs);
+        if held {
+            h.counters.exports_held.fetch_add(1, Ordering::Relaxed);
+            runs.iter().for_each(|r| h.release_run(r));
+        } else {
+            h.release_buffer(runs);
+        }
         h.counters.frees.fetch_add(1, Ordering::Relaxed);
         h.counters
             .live_pages

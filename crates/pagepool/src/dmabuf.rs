@@ -77,6 +77,103 @@ const SYNC_READ: u64 = 1;
 const SYNC_WRITE: u64 = 2;
 const SYNC_END: u64 = 4;
 
+/// `struct udmabuf_create_item` from `<linux/udmabuf.h>`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UdmabufItem {
+    memfd: u32,
+    pad: u32,
+    offset: u64,
+    size: u64,
+}
+
+/// `struct udmabuf_create_list` (its header; the items follow it in memory).
+#[repr(C)]
+struct UdmabufListHeader {
+    flags: u32,
+    count: u32,
+}
+
+const UDMABUF_CREATE_LIST: rustix::ioctl::Opcode = opcode::write::<UdmabufListHeader>(b'u', 0x43);
+const UDMABUF_FLAGS_CLOEXEC: u32 = 1;
+
+/// The udmabuf device, which turns memfd ranges into dma-bufs.
+pub const UDMABUF_PATH: &str = "/dev/udmabuf";
+
+/// The `UDMABUF_CREATE_LIST` call: a header and its items, laid out as the kernel reads them.
+struct CreateList {
+    words: Vec<u64>,
+}
+
+// SAFETY: the opcode is UDMABUF_CREATE_LIST, whose argument is a `udmabuf_create_list` header
+// followed by `count` items; `words` holds exactly that (u64-aligned, `#[repr(C)]` layouts). The
+// kernel only reads it, and returns the new dma-buf's file descriptor as the ioctl's result.
+unsafe impl rustix::ioctl::Ioctl for CreateList {
+    type Output = OwnedFd;
+    const IS_MUTATING: bool = false;
+    fn opcode(&self) -> rustix::ioctl::Opcode {
+        UDMABUF_CREATE_LIST
+    }
+    fn as_ptr(&mut self) -> *mut std::ffi::c_void {
+        self.words.as_mut_ptr().cast()
+    }
+    unsafe fn output_from_ptr(
+        out: rustix::ioctl::IoctlOutput,
+        _: *mut std::ffi::c_void,
+    ) -> rustix::io::Result<OwnedFd> {
+        // SAFETY: on success UDMABUF_CREATE_LIST returns a new file descriptor we now own.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(out) })
+    }
+}
+
+/// Makes one dma-buf of the memfd ranges `(memfd, offset, size)`, in order, through
+/// `/dev/udmabuf`. Offsets and sizes must be page-aligned, and each memfd sealed against
+/// shrinking (`F_SEAL_SHRINK`) and not against writing. The dma-buf holds the pages: they stay
+/// its memory even if the ranges are later punched out of the memfds.
+pub fn udmabuf_create(ranges: &[(BorrowedFd<'_>, u64, u64)]) -> Result<DmaBuf, DmaBufError> {
+    if ranges.is_empty() || ranges.iter().any(|r| r.2 == 0) {
+        return Err(DmaBufError::ZeroLength);
+    }
+    let dev = rustix::fs::open(UDMABUF_PATH, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| DmaBufError::NoHeap {
+            path: UDMABUF_PATH.into(),
+            source: e.into(),
+        })?;
+    let header = UdmabufListHeader {
+        flags: UDMABUF_FLAGS_CLOEXEC,
+        count: ranges.len() as u32,
+    };
+    let mut words = vec![u64::from(header.flags) | (u64::from(header.count) << 32)];
+    for (fd, offset, size) in ranges {
+        let item = UdmabufItem {
+            memfd: std::os::fd::AsRawFd::as_raw_fd(fd) as u32,
+            pad: 0,
+            offset: *offset,
+            size: *size,
+        };
+        words.push(u64::from(item.memfd) | (u64::from(item.pad) << 32));
+        words.push(item.offset);
+        words.push(item.size);
+    }
+    // SAFETY: see the `Ioctl` implementation of `CreateList`; the memfds stay open (borrowed)
+    // for the duration of the call.
+    let fd = unsafe { rustix::ioctl::ioctl(&dev, CreateList { words }) }
+        .map_err(os("UDMABUF_CREATE_LIST"))?;
+    DmaBuf::from_fd(fd)
+}
+
+/// How many references the open file behind `fd` has (the `count:` line of
+/// `/proc/self/fdinfo/<fd>`, which dma-bufs show): this descriptor, its duplicates, mappings,
+/// and descriptors other processes received. Above 1, someone besides `fd` holds the file.
+pub fn file_count(fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::Unsupported, "no count: in fdinfo"))
+}
+
 /// The directory where the kernel exposes its dma-buf heaps.
 pub const HEAP_DIR: &str = "/dev/dma_heap";
 
@@ -227,6 +324,12 @@ impl DmaBuf {
         self.fd
     }
 
+    /// A second descriptor for the same dma-buf (both refer to one open file).
+    pub fn try_clone(&self) -> Result<DmaBuf, DmaBufError> {
+        let fd = rustix::io::fcntl_dupfd_cloexec(&self.fd, 0).map_err(os("dup dma-buf"))?;
+        Ok(DmaBuf { fd, len: self.len })
+    }
+
     /// Maps the whole buffer, shared, readable and writable.
     pub fn map(&self) -> Result<DmaBufMap<'_>, DmaBufError> {
         // SAFETY: a null hint without MAP_FIXED: the kernel picks an unused range.
@@ -350,10 +453,30 @@ mod tests {
     }
 
     #[test]
+    fn udmabuf_errors_are_clear() {
+        assert!(matches!(udmabuf_create(&[]), Err(DmaBufError::ZeroLength)));
+        let fd = crate::os::memfd("pagepool-test", 4096).unwrap();
+        match udmabuf_create(&[(fd.as_fd(), 0, 4096)]) {
+            Err(DmaBufError::NoHeap { path, .. }) => assert_eq!(path, PathBuf::from(UDMABUF_PATH)),
+            Ok(buf) => assert_eq!(buf.len(), 4096), // a machine with /dev/udmabuf
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn file_count_reads_fdinfo() {
+        let fd = crate::os::memfd("pagepool-test", 4096).unwrap();
+        // Regular files show no count: line.
+        assert!(file_count(fd.as_fd()).is_err());
+    }
+
+    #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         // _IOWR('H', 0, 24 bytes) and _IOW('b', 0, 8 bytes), from <linux/dma-heap.h> and
         // <linux/dma-buf.h>.
         assert_eq!(DMA_HEAP_IOCTL_ALLOC as u64, 0xc018_4800);
         assert_eq!(DMA_BUF_IOCTL_SYNC as u64, 0x4008_6200);
+        // _IOW('u', 0x43, 8 bytes) from <linux/udmabuf.h>.
+        assert_eq!(UDMABUF_CREATE_LIST as u64, 0x4008_7543);
     }
 }

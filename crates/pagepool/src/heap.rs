@@ -310,6 +310,8 @@ pub(crate) struct Counters {
     pub(crate) worker_nanos: AtomicU64,
     pub(crate) waited: AtomicU64,
     pub(crate) helped: AtomicU64,
+    pub(crate) exported: AtomicU64,
+    pub(crate) exports_held: AtomicU64,
     pub(crate) peak_pooled: AtomicUsize,
 }
 
@@ -705,6 +707,8 @@ impl SystemHeap {
             zeroed_inline: c.zeroed_inline.load(Ordering::Relaxed),
             waited_for_worker: c.waited.load(Ordering::Relaxed),
             helped_worker: c.helped.load(Ordering::Relaxed),
+            exported: c.exported.load(Ordering::Relaxed),
+            exports_held_at_release: c.exports_held.load(Ordering::Relaxed),
             worker_bytes: c.worker_bytes.load(Ordering::Relaxed),
             worker_nanos: c.worker_nanos.load(Ordering::Relaxed),
             queued_pages: h.freelist.as_ref().map_or(0, |l| l.pending_pages()),

@@ -17,6 +17,7 @@
 //! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | [`pressure`] |
 //! | system heap, sg table | [`SystemHeap`], [`Buffer`] | [`heap`], [`buffer`] |
 //! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | [`dmabuf`] |
+//! | a pool of real dma-bufs | [`dmapool::DmaBufPool`] | [`dmapool`] |
 //! | debugfs `page_pool` | [`stats`] | [`stats`] |
 //!
 //! # Examples
@@ -35,6 +36,7 @@ mod arena;
 pub mod buffer;
 pub mod deferred;
 pub mod dmabuf;
+pub mod dmapool;
 pub mod error;
 pub mod heap;
 pub mod os;

@@ -33,11 +33,14 @@ pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
-/// Creates an anonymous in-memory file of `len` bytes (a sparse file: no memory is used yet).
+/// Creates an anonymous in-memory file of `len` bytes (a sparse file: no memory is used yet),
+/// sealed against shrinking: `/dev/udmabuf` exports ranges only of memfds that cannot shrink.
 pub(crate) fn memfd(name: &str, len: usize) -> Result<OwnedFd, OsError> {
     let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
         .map_err(|e| OsError::new("memfd_create", e))?;
     rustix::fs::ftruncate(&fd, len as u64).map_err(|e| OsError::new("ftruncate memfd", e))?;
+    rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK)
+        .map_err(|e| OsError::new("seal memfd", e))?;
     Ok(fd)
 }
 

@@ -99,6 +99,11 @@ pub struct HeapStats {
     pub waited_for_worker: u64,
     /// Times such an allocation took stripes of the worker's claim and zeroed them too.
     pub helped_worker: u64,
+    /// Buffers exported as dma-bufs (`Buffer::export_dmabuf`).
+    pub exported: u64,
+    /// Exported buffers whose dma-buf was still held when the buffer was dropped: their memory
+    /// went back to the system instead of the pools.
+    pub exports_held_at_release: u64,
     /// Bytes the worker zeroed.
     pub worker_bytes: u64,
     /// Nanoseconds the worker spent zeroing them.

@@ -320,3 +320,17 @@ fn stats_serialise_and_render() {
             .any(|l| l.starts_with("stats") && l.contains("768"))
     );
 }
+
+#[test]
+fn export_without_udmabuf_is_a_clear_error() {
+    let heap = private_heap("export");
+    let mut b = heap.alloc(1 << 20).unwrap();
+    if std::path::Path::new(pagepool::dmabuf::UDMABUF_PATH).exists() {
+        let d = b.export_dmabuf().unwrap();
+        assert_eq!(d.len(), 1 << 20);
+    } else {
+        let e = b.export_dmabuf().unwrap_err();
+        assert!(e.to_string().contains("/dev/udmabuf"), "{e}");
+        assert_eq!(heap.stats().exported, 0);
+    }
+}

@@ -1,0 +1,496 @@
+//! `vm-tests`: pagepool's tests that need a real kernel with the dma-buf system heap, udmabuf and
+//! real memory pressure. `vm/run` boots Debian's kernel under QEMU with this program as the
+//! workload. It runs on any machine, but on one without `/dev/dma_heap/system` and
+//! `/dev/udmabuf` every case fails: that is the point.
+//!
+//! Output: `ok <case> ...` or `FAIL <case>: <why>` per case, then `N passed, M failed`; the exit
+//! status is non-zero if any case failed. `vm-tests hog <MiB>` and `vm-tests hold <fd> <len>
+//! <byte>` are the helper processes some cases start.
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pagepool::dmabuf::{Access, DmaBuf, DmaBufError, DmaHeap, file_count};
+use pagepool::dmapool::DmaBufPool;
+use pagepool::{PressureConfig, Registry, SystemHeap};
+
+type Result<T = String> = std::result::Result<T, String>;
+
+fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if cond { Ok(()) } else { Err(what()) }
+}
+
+fn e(x: impl std::fmt::Display) -> String {
+    x.to_string()
+}
+
+/// The kernel selftest's first case: allocate and map 1 MiB.
+fn dmabuf_alloc_and_map_1m() -> Result {
+    let heap = DmaHeap::open("system").map_err(e)?;
+    let buf = heap.alloc(1 << 20).map_err(e)?;
+    check(buf.len() == 1 << 20, || format!("len {}", buf.len()))?;
+    let mut map = buf.map().map_err(e)?;
+    let mut cpu = map.access(Access::ReadWrite).map_err(e)?;
+    cpu.fill(0x42);
+    check(cpu.iter().all(|&b| b == 0x42), || "write/read back".into())?;
+    Ok(format!("heaps {:?}", DmaHeap::list()))
+}
+
+/// The kernel selftest's zeroing case: dirty buffers freed, new ones all-zero.
+fn dmabuf_zeroed_after_dirty_free(size: usize) -> Result {
+    let heap = DmaHeap::open("system").map_err(e)?;
+    let dirty: Vec<DmaBuf> = (0..32)
+        .map(|_| heap.alloc(size))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(e)?;
+    for b in &dirty {
+        b.map()
+            .map_err(e)?
+            .access(Access::Write)
+            .map_err(e)?
+            .fill(0xff);
+    }
+    drop(dirty);
+    for i in 0..32 {
+        let b = heap.alloc(size).map_err(e)?;
+        let mut map = b.map().map_err(e)?;
+        let cpu = map.access(Access::Read).map_err(e)?;
+        check(cpu.iter().all(|&x| x == 0), || {
+            format!("buffer {i} not zeroed")
+        })?;
+    }
+    Ok(String::new())
+}
+
+/// The kernel selftest's error cases, through the project's API.
+fn dmabuf_invalid_flags_and_lengths() -> Result {
+    let heap = DmaHeap::open("system").map_err(e)?;
+    let rw = (rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC).bits();
+    check(heap.alloc_with_flags(4096, rw | 0x4, 0).is_err(), || {
+        "bad fd flags accepted".into()
+    })?;
+    check(heap.alloc_with_flags(4096, rw, 1).is_err(), || {
+        "bad heap flags accepted".into()
+    })?;
+    check(
+        matches!(heap.alloc(0), Err(DmaBufError::ZeroLength)),
+        || "zero length".into(),
+    )?;
+    check(
+        matches!(
+            DmaHeap::open("no-such-heap"),
+            Err(DmaBufError::NoHeap { .. })
+        ),
+        || "missing heap".into(),
+    )?;
+    check(
+        matches!(DmaHeap::open("../system"), Err(DmaBufError::InvalidName(_))),
+        || "bad name".into(),
+    )?;
+    Ok(String::new())
+}
+
+fn fill_dmabuf(b: &DmaBuf, byte: u8) -> Result<()> {
+    b.map()
+        .map_err(e)?
+        .access(Access::Write)
+        .map_err(e)?
+        .fill(byte);
+    Ok(())
+}
+
+fn all_bytes(b: &DmaBuf, byte: u8) -> Result<bool> {
+    let mut map = b.map().map_err(e)?;
+    let cpu = map.access(Access::Read).map_err(e)?;
+    Ok(cpu.iter().all(|&x| x == byte))
+}
+
+/// A pooled dma-buf comes back zeroed, from the pool.
+fn dmapool_recycles_zeroed() -> Result {
+    let pool = DmaBufPool::new(
+        DmaHeap::open("system").map_err(e)?,
+        &Registry::new(usize::MAX),
+        64 << 20,
+    )
+    .map_err(e)?;
+    let b = pool.alloc(1 << 20).map_err(e)?;
+    fill_dmabuf(&b, 0xab)?;
+    drop(b);
+    pool.flush();
+    let again = pool.alloc(1 << 20).map_err(e)?;
+    check(all_bytes(&again, 0)?, || {
+        "recycled buffer not zeroed".into()
+    })?;
+    let st = pool.stats();
+    check(st.hits == 1 && st.misses == 1 && st.zeroed == 1, || {
+        format!("{st:?}")
+    })?;
+    Ok(format!("{st:?}"))
+}
+
+/// A dma-buf another process holds is never recycled while it holds it.
+fn dmapool_never_recycles_a_held_buffer() -> Result {
+    let pool = DmaBufPool::new(
+        DmaHeap::open("system").map_err(e)?,
+        &Registry::new(usize::MAX),
+        64 << 20,
+    )
+    .map_err(e)?;
+    let b = pool.alloc(1 << 20).map_err(e)?;
+    fill_dmabuf(&b, 0x5a)?;
+    // Hand a descriptor to a second process (inherited: no close-on-exec).
+    let inherit: OwnedFd = rustix::io::dup(b.as_fd()).map_err(e)?;
+    let mut child = Command::new(std::env::current_exe().map_err(e)?)
+        .args([
+            "hold",
+            &inherit.as_raw_fd().to_string(),
+            &(1usize << 20).to_string(),
+            "90",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(e)?;
+    drop(inherit);
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(e)?;
+    check(line.trim() == "ready", || format!("child said {line:?}"))?;
+    check(file_count(b.as_fd()).map_err(e)? >= 2, || {
+        "child holds no reference".into()
+    })?;
+    drop(b); // the child still holds it
+    pool.flush();
+    let st = pool.stats();
+    check(st.held == 1 && st.zeroed == 0, || {
+        format!("not parked: {st:?}")
+    })?;
+    let other = pool.alloc(1 << 20).map_err(e)?;
+    check(pool.stats().misses == 2, || {
+        "the held buffer was handed out".into()
+    })?;
+    fill_dmabuf(&other, 0x11)?;
+    // The child checks its buffer is untouched (0x5a = 90), then exits.
+    writeln!(child.stdin.as_mut().unwrap(), "check").map_err(e)?;
+    let status = child.wait().map_err(e)?;
+    check(status.success(), || {
+        format!("child saw its buffer change: {status}")
+    })?;
+    // Now the pool's descriptor is the last reference: it is recycled.
+    let t = Instant::now();
+    while pool.stats().zeroed == 0 {
+        check(t.elapsed() < Duration::from_secs(5), || {
+            "never recycled after release".into()
+        })?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = pool.stats();
+    check(st.held == 0 && st.pooled == 1, || format!("{st:?}"))?;
+    Ok(format!(
+        "recycled {:?} after the holder exited",
+        t.elapsed()
+    ))
+}
+
+/// The `hold` helper: maps the dma-buf it inherited, says "ready", waits for a line, and
+/// exits 0 if every byte is still `byte`.
+fn hold(fd: i32, len: usize, byte: u8) -> i32 {
+    // SAFETY: the parent passed us this descriptor number, open in our table.
+    let buf = DmaBuf::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+    let Ok(buf) = buf else { return 3 };
+    if buf.len() != len {
+        return 4;
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    match all_bytes(&buf, byte) {
+        Ok(true) => 0,
+        _ => 1,
+    }
+}
+
+fn heap(name: &str) -> Result<SystemHeap> {
+    SystemHeap::builder()
+        .name(name)
+        .registry(Registry::new(usize::MAX))
+        .pressure(None)
+        .build()
+        .map_err(e)
+}
+
+/// System-heap buffers exported as real dma-bufs through /dev/udmabuf share their memory, and
+/// are not reused while the dma-buf lives.
+fn udmabuf_export_shares_and_pins() -> Result {
+    let heap = heap("export")?;
+    let len = (1 << 20) + (64 << 10) + 3 * 4096;
+    let mut b = heap.alloc(len).map_err(e)?;
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i % 251) as u8;
+    }
+    let d = b.export_dmabuf().map_err(e)?;
+    check(d.len() == b.len(), || {
+        format!("dma-buf len {} vs {}", d.len(), b.len())
+    })?;
+    {
+        let mut map = d.map().map_err(e)?;
+        let mut cpu = map.access(Access::ReadWrite).map_err(e)?;
+        check(
+            cpu.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8),
+            || "contents differ".into(),
+        )?;
+        cpu[10] = 0xee;
+    }
+    check(b[10] == 0xee, || {
+        "write through the dma-buf not seen".into()
+    })?;
+    // Drop the buffer while the dma-buf lives: its pages must not be reused.
+    drop(b);
+    heap.flush();
+    let st = heap.stats();
+    check(st.exports_held_at_release == 1, || format!("{st}"))?;
+    let reused = heap.alloc(len).map_err(e)?;
+    check(reused.iter().all(|&x| x == 0), || {
+        "new buffer not zeroed".into()
+    })?;
+    let mut map = d.map().map_err(e)?;
+    let cpu = map.access(Access::Read).map_err(e)?;
+    check(cpu[10] == 0xee && cpu[11] == 11, || {
+        "the dma-buf's memory changed after release".into()
+    })?;
+    Ok(String::new())
+}
+
+/// A remapped (non-contiguous) buffer exports too; once its dma-buf is closed, the buffer is
+/// recycled normally.
+fn udmabuf_export_of_a_remapped_buffer() -> Result {
+    let heap = heap("export2")?;
+    let a = heap.alloc(4096).map_err(e)?;
+    let gap = heap.alloc(4096).map_err(e)?;
+    let c = heap.alloc(4096).map_err(e)?;
+    drop(a);
+    drop(c);
+    heap.flush();
+    let mut both = heap.alloc(8192).map_err(e)?;
+    check(both.is_remapped(), || "expected a remapped buffer".into())?;
+    both[0] = 1;
+    both[4096] = 2;
+    let d = both.export_dmabuf().map_err(e)?;
+    {
+        let mut map = d.map().map_err(e)?;
+        let cpu = map.access(Access::Read).map_err(e)?;
+        check(cpu[0] == 1 && cpu[4096] == 2, || {
+            "order of blocks in the dma-buf".into()
+        })?;
+    }
+    drop(d); // closed first: the buffer may be recycled
+    drop(both);
+    drop(gap);
+    heap.flush();
+    let st = heap.stats();
+    check(st.exported == 1 && st.exports_held_at_release == 0, || {
+        format!("{st}")
+    })?;
+    check(st.pooled_pages() == 3, || format!("{st}"))?;
+    Ok(String::new())
+}
+
+fn write_file(path: &str, s: &str) -> Result<()> {
+    std::fs::write(path, s).map_err(|err| format!("{path}: {err}"))
+}
+
+/// Real memory pressure: a cgroup with a memory limit, pools full, a memory hog growing in a
+/// second process. The pressure monitor must give pooled memory back before the OOM killer
+/// acts.
+fn pressure_releases_before_oom() -> Result {
+    const CG: &str = "/sys/fs/cgroup/pagepool";
+    let limit: u64 = 384 << 20;
+    let _ = std::fs::create_dir(CG);
+    write_file("/sys/fs/cgroup/cgroup.subtree_control", "+memory")?;
+    write_file(&format!("{CG}/memory.max"), &limit.to_string())?;
+    write_file(
+        &format!("{CG}/cgroup.procs"),
+        &std::process::id().to_string(),
+    )?;
+    let registry = Registry::new(usize::MAX);
+    let heap = SystemHeap::builder()
+        .name("pressure")
+        .registry(registry.clone())
+        .pool_limit(256 << 20)
+        .pressure(Some(PressureConfig {
+            psi: true,
+            stall_us: 50_000,
+            window_us: 1_000_000,
+            watermark: Some(0.75),
+            interval: Duration::from_millis(100),
+            share: 0.5,
+        }))
+        .build()
+        .map_err(e)?;
+    let ps = registry.pressure_stats().ok_or("no pressure monitor")?;
+    // Fill the pools with 160 MiB.
+    let bufs: Vec<_> = (0..40)
+        .map(|_| heap.alloc(4 << 20))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(e)?;
+    drop(bufs);
+    heap.flush();
+    let pooled_before = heap.stats().pooled_pages();
+    check(pooled_before * 4096 >= 150 << 20, || {
+        format!("pools hold only {pooled_before} pages")
+    })?;
+    // The hog wants 280 MiB: with the pools full the cgroup would need ~440 MiB.
+    let hog_mib = 280;
+    let t = Instant::now();
+    let status = Command::new(std::env::current_exe().map_err(e)?)
+        .args(["hog", &hog_mib.to_string()])
+        .status()
+        .map_err(e)?;
+    let took = t.elapsed();
+    let events = std::fs::read_to_string(format!("{CG}/memory.events")).unwrap_or_default();
+    let oom_kills: u64 = events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let p = registry.pressure_stats().unwrap_or_default();
+    let st = heap.stats();
+    let mut report = format!(
+        "source {:?} + watermark {:?}; hog {hog_mib} MiB done in {took:.2?}, exit {status}; oom_kill {oom_kills}; \
+         pooled {} -> {} pages; {} events:",
+        ps.source,
+        ps.watermark,
+        pooled_before,
+        st.pooled_pages(),
+        p.events
+    );
+    let start_ms = p.recent.first().map_or(0, |ev| ev.unix_ms);
+    for ev in &p.recent {
+        report.push_str(&format!(
+            " [+{} ms {} released {} pages in {} us]",
+            ev.unix_ms - start_ms,
+            ev.source,
+            ev.pages_released,
+            ev.micros
+        ));
+    }
+    check(status.success(), || {
+        format!("the hog did not finish: {report}")
+    })?;
+    check(oom_kills == 0, || format!("the OOM killer acted: {report}"))?;
+    check(p.events > 0 && p.pages_released > 0, || {
+        format!("no pressure response: {report}")
+    })?;
+    Ok(report)
+}
+
+/// The `hog` helper: grows to `mib` MiB in 8 MiB steps, touching every page, then exits 0.
+fn hog(mib: usize) -> i32 {
+    let mut chunks = Vec::new();
+    for _ in 0..mib / 8 {
+        chunks.push(vec![1u8; 8 << 20]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::hint::black_box(&chunks);
+    0
+}
+
+/// The heap's zeroing guarantee, in the VM's kernel too.
+fn heap_zeroed_after_dirty_free() -> Result {
+    let heap = heap("zero")?;
+    for size in [4096, 1 << 20] {
+        let bufs: Vec<_> = (0..32)
+            .map(|_| heap.alloc(size))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(e)?;
+        let mut bufs = bufs;
+        for b in &mut bufs {
+            b.fill(0xff);
+        }
+        drop(bufs);
+        for i in 0..32 {
+            let b = heap.alloc(size).map_err(e)?;
+            check(b.iter().all(|&x| x == 0), || {
+                format!("{size}: buffer {i} dirty")
+            })?;
+        }
+    }
+    Ok(String::new())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("hog") => {
+            std::process::exit(hog(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64)))
+        }
+        Some("hold") => {
+            let n = |i: usize| {
+                args.get(i)
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .unwrap_or(0)
+            };
+            std::process::exit(hold(n(2) as i32, n(3), n(4) as u8));
+        }
+        _ => {}
+    }
+    type Case = (&'static str, fn() -> Result);
+    let cases: [Case; 9] = [
+        ("dmabuf_alloc_and_map_1m", dmabuf_alloc_and_map_1m),
+        ("dmabuf_zeroed_after_dirty_free_4k", || {
+            dmabuf_zeroed_after_dirty_free(4096)
+        }),
+        ("dmabuf_zeroed_after_dirty_free_1m", || {
+            dmabuf_zeroed_after_dirty_free(1 << 20)
+        }),
+        (
+            "dmabuf_invalid_flags_and_lengths",
+            dmabuf_invalid_flags_and_lengths,
+        ),
+        ("dmapool_recycles_zeroed", dmapool_recycles_zeroed),
+        (
+            "dmapool_never_recycles_a_held_buffer",
+            dmapool_never_recycles_a_held_buffer,
+        ),
+        (
+            "udmabuf_export_shares_and_pins",
+            udmabuf_export_shares_and_pins,
+        ),
+        (
+            "udmabuf_export_of_a_remapped_buffer",
+            udmabuf_export_of_a_remapped_buffer,
+        ),
+        ("heap_zeroed_after_dirty_free", heap_zeroed_after_dirty_free),
+    ];
+    let only: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    let (mut passed, mut failed) = (0, 0);
+    let mut run = |name: &str, f: &dyn Fn() -> Result| {
+        if !only.is_empty() && !only.contains(&name) {
+            return;
+        }
+        let t = Instant::now();
+        match f() {
+            Ok(note) => {
+                passed += 1;
+                println!("ok {name} ({:.2?}) {note}", t.elapsed());
+            }
+            Err(why) => {
+                failed += 1;
+                println!("FAIL {name}: {why}");
+            }
+        }
+    };
+    for (name, f) in cases {
+        run(name, &f);
+    }
+    // Last: it moves this process into a memory-limited cgroup.
+    run(
+        "pressure_releases_before_oom",
+        &pressure_releases_before_oom,
+    );
+    println!("{passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
