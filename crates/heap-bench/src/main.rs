@@ -61,6 +61,9 @@ struct Args {
     /// Draw the summary as an SVG chart to this file.
     #[arg(long)]
     plot: Option<std::path::PathBuf>,
+    /// No progress bar, even on a terminal.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -179,7 +182,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
     let rows_total = (modes.len() * args.sizes.len() * present.len() * (args.reps + 1)) as u64;
-    let bar = if std::io::stderr().is_terminal() {
+    let bar = if std::io::stderr().is_terminal() && !args.no_progress {
         indicatif::ProgressBar::new(rows_total)
     } else {
         indicatif::ProgressBar::hidden()
