@@ -182,6 +182,7 @@ fn scattered_blocks_are_mapped_contiguously() {
     let (pa, pc) = (a.as_ptr(), c.as_ptr());
     drop(a);
     drop(c); // pool (LIFO): c, a, with a hole between them
+    heap.flush();
     let mut both = heap.alloc(8192).unwrap();
     assert!(both.is_remapped());
     assert_ne!(both.as_ptr(), pa);
@@ -190,8 +191,9 @@ fn scattered_blocks_are_mapped_contiguously() {
     both.fill(7);
     drop(both);
     drop(gap);
-    // The blocks went back zeroed through the view. The pool now holds gap, c, a (top first):
-    // gap and c lie end to end, so the next 8 KiB buffer needs no view.
+    heap.flush();
+    // The blocks went back zeroed. The pool's top is gap (released last), then a or c: either
+    // lies end to end with gap once sorted by address, so the next 8 KiB buffer needs no view.
     let again = heap.alloc(8192).unwrap();
     assert!(again.iter().all(|&x| x == 0));
     assert!(!again.is_remapped());
@@ -215,6 +217,8 @@ fn owner_limits_are_separate() {
         .unwrap();
     drop(big.alloc(16 << 20).unwrap());
     drop(small.alloc(8 << 20).unwrap());
+    big.flush();
+    small.flush();
     let (s, b) = (small.stats(), big.stats());
     assert!(
         s.pooled_pages() * page_size() <= 2 << 20,
