@@ -193,16 +193,29 @@ pub struct Freelist {
     pressure_pages: AtomicU64,
     refused: AtomicU64,
     waiting: AtomicUsize,
-    /// Lock-free mirrors for spinning: pages queued, landings so far, stopped.
-    queued_hint: AtomicUsize,
-    landings_hint: AtomicU64,
+    /// Lock-free mirrors for spinning (pages queued, landings so far), each on a cache line of
+    /// its own: the idle worker polls them.
+    queued_hint: Line<AtomicUsize>,
+    landings_hint: Line<AtomicU64>,
     /// How long an idle worker polls before sleeping, in ns (0: sleep at once).
     spin_ns: AtomicU64,
     /// The worker's current claim, open to helpers.
     job: Mutex<Option<std::sync::Arc<Job>>>,
     /// A run an allocation is zeroing inline, open to the idle worker.
     shared: Mutex<Option<std::sync::Arc<Job>>>,
-    shared_hint: AtomicBool,
+    shared_hint: Line<AtomicBool>,
+}
+
+/// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// What the worker should do next (see [`Freelist::next_work`]).
@@ -249,12 +262,12 @@ impl Freelist {
             pressure_pages: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
-            queued_hint: AtomicUsize::new(0),
-            landings_hint: AtomicU64::new(0),
+            queued_hint: Line(AtomicUsize::new(0)),
+            landings_hint: Line(AtomicU64::new(0)),
             spin_ns: AtomicU64::new(0),
             job: Mutex::new(None),
             shared: Mutex::new(None),
-            shared_hint: AtomicBool::new(false),
+            shared_hint: Line(AtomicBool::new(false)),
         }
     }
 
@@ -315,8 +328,9 @@ impl Freelist {
             .store(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
-    /// Polls for queued work or a shared run for up to the worker spin time; true if some
-    /// arrived.
+    /// Polls for queued work (a chunk's worth: smaller releases are left to the allocations
+    /// that will want them, as they do not wake a sleeping worker either) or a shared run, for
+    /// up to the worker spin time; true if some arrived.
     fn spin_for_work(&self) -> bool {
         let ns = self.spin_ns.load(Ordering::Relaxed);
         if ns == 0 {
@@ -325,7 +339,7 @@ impl Freelist {
         let end = std::time::Instant::now() + std::time::Duration::from_nanos(ns);
         loop {
             for _ in 0..64 {
-                if self.queued_hint.load(Ordering::Relaxed) > 0
+                if self.queued_hint.load(Ordering::Relaxed) >= CHUNK_PAGES
                     || self.shared_hint.load(Ordering::Relaxed)
                 {
                     return true;

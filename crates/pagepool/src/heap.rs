@@ -295,6 +295,8 @@ impl HeapBuilder {
     }
 }
 
+/// The heap's counters. The allocating threads' counters and the worker's sit on separate cache
+/// lines, so that counting does not bounce a line between cores.
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) allocs: AtomicU64,
@@ -304,15 +306,22 @@ pub(crate) struct Counters {
     pub(crate) live_pages: AtomicU64,
     pub(crate) remapped: AtomicU64,
     pub(crate) zeroed_sync: AtomicU64,
-    pub(crate) zeroed_worker: AtomicU64,
     pub(crate) zeroed_inline: AtomicU64,
-    pub(crate) worker_bytes: AtomicU64,
-    pub(crate) worker_nanos: AtomicU64,
     pub(crate) waited: AtomicU64,
     pub(crate) helped: AtomicU64,
     pub(crate) exported: AtomicU64,
     pub(crate) exports_held: AtomicU64,
     pub(crate) peak_pooled: AtomicUsize,
+    pub(crate) worker: WorkerCounters,
+}
+
+/// The worker's counters, on a cache line of their own.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct WorkerCounters {
+    pub(crate) zeroed: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    pub(crate) nanos: AtomicU64,
 }
 
 /// What buffers share with their heap. Field order matters: the pools drop (releasing their
@@ -473,10 +482,12 @@ impl HeapInner {
             list.publish(None);
             let nanos = t.elapsed().as_nanos() as u64;
             let c = &self.counters;
-            c.worker_nanos.fetch_add(nanos, Ordering::Relaxed);
-            c.worker_bytes
+            c.worker.nanos.fetch_add(nanos, Ordering::Relaxed);
+            c.worker
+                .bytes
                 .fetch_add((run.pages() * self.page) as u64, Ordering::Relaxed);
-            c.zeroed_worker
+            c.worker
+                .zeroed
                 .fetch_add(run.count as u64, Ordering::Relaxed);
             self.give_runs(std::slice::from_ref(&run));
             list.landed(&run);
@@ -703,14 +714,14 @@ impl SystemHeap {
             contiguous: allocs.saturating_sub(remapped),
             remapped,
             zeroed_sync: c.zeroed_sync.load(Ordering::Relaxed),
-            zeroed_worker: c.zeroed_worker.load(Ordering::Relaxed),
+            zeroed_worker: c.worker.zeroed.load(Ordering::Relaxed),
             zeroed_inline: c.zeroed_inline.load(Ordering::Relaxed),
             waited_for_worker: c.waited.load(Ordering::Relaxed),
             helped_worker: c.helped.load(Ordering::Relaxed),
             exported: c.exported.load(Ordering::Relaxed),
             exports_held_at_release: c.exports_held.load(Ordering::Relaxed),
-            worker_bytes: c.worker_bytes.load(Ordering::Relaxed),
-            worker_nanos: c.worker_nanos.load(Ordering::Relaxed),
+            worker_bytes: c.worker.bytes.load(Ordering::Relaxed),
+            worker_nanos: c.worker.nanos.load(Ordering::Relaxed),
             queued_pages: h.freelist.as_ref().map_or(0, |l| l.pending_pages()),
             peak_queued_pages: h.freelist.as_ref().map_or(0, |l| l.peak_pages()),
             queue_limit_pages: h.freelist.as_ref().map_or(0, |l| l.max_pages()),
