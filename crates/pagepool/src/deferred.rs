@@ -515,7 +515,11 @@ impl Freelist {
             }
             item.retain(|r| r.count > 0);
             if item.is_empty() {
-                q.items.remove(i);
+                if i + 1 == q.items.len() {
+                    q.items.pop_back(); // the common case: the newest buffer
+                } else {
+                    q.items.remove(i);
+                }
             }
         }
         for r in &out {

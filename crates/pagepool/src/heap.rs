@@ -528,7 +528,9 @@ impl HeapInner {
                         unsafe { self.zero_stolen(list, r, buffer_pages) };
                         inline += r.count;
                     }
-                    runs.extend(stolen);
+                    for r in stolen {
+                        runs.push(r);
+                    }
                     continue;
                 }
                 // Nothing of this order is queued: what the worker claimed has either landed
