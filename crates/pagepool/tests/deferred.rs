@@ -1,6 +1,8 @@
 //! Deferred freeing: the worker zeroes, the releasing thread does not; flush; the queue bound;
 //! inline zeroing; teardown with queued and live buffers.
 
+mod common;
+use common::memfd_mappings;
 use pagepool::{Registry, SystemHeap, page_size};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
@@ -147,14 +149,6 @@ fn shrinking_everything_returns_queued_and_pooled_memory() {
     assert_eq!(st.released_pages, st.fresh_pages);
     assert_eq!(freed as u64, st.fresh_pages);
     assert_eq!(registry.count_all(), 0);
-}
-
-fn memfd_mappings(name: &str) -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&format!("memfd:pagepool:{name} ")))
-        .count()
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The system heap end to end: zeroing guarantee, errors, contiguity, limits, teardown.
 
+mod common;
+use common::memfd_mappings;
 use pagepool::{AllocError, ConfigError, Registry, Shrinker, SystemHeap, page_size};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
@@ -281,14 +283,6 @@ fn pooling_off_gives_fresh_pages_every_time() {
         (0, 3, 768, 768)
     );
     assert_eq!(st.zeroed_sync, 0, "nothing to zero when nothing is pooled");
-}
-
-fn memfd_mappings(name: &str) -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(&format!("memfd:pagepool:{name} ")))
-        .count()
 }
 
 #[test]

@@ -107,14 +107,15 @@ fn all_bytes(b: &DmaBuf, byte: u8) -> Result<bool> {
     Ok(cpu.iter().all(|&x| x == byte))
 }
 
+/// A pool of the system heap's dma-bufs, on a registry of its own.
+fn system_pool() -> Result<DmaBufPool> {
+    let heap = DmaHeap::open("system").map_err(e)?;
+    DmaBufPool::new(heap, &Registry::new(usize::MAX), 64 << 20).map_err(e)
+}
+
 /// A pooled dma-buf comes back zeroed, from the pool.
 fn dmapool_recycles_zeroed() -> Result {
-    let pool = DmaBufPool::new(
-        DmaHeap::open("system").map_err(e)?,
-        &Registry::new(usize::MAX),
-        64 << 20,
-    )
-    .map_err(e)?;
+    let pool = system_pool()?;
     let b = pool.alloc(1 << 20).map_err(e)?;
     fill_dmabuf(&b, 0xab)?;
     drop(b);
@@ -132,12 +133,7 @@ fn dmapool_recycles_zeroed() -> Result {
 
 /// A dma-buf another process holds is never recycled while it holds it.
 fn dmapool_never_recycles_a_held_buffer() -> Result {
-    let pool = DmaBufPool::new(
-        DmaHeap::open("system").map_err(e)?,
-        &Registry::new(usize::MAX),
-        64 << 20,
-    )
-    .map_err(e)?;
+    let pool = system_pool()?;
     let b = pool.alloc(1 << 20).map_err(e)?;
     fill_dmabuf(&b, 0x5a)?;
     // Hand a descriptor to a second process (inherited: no close-on-exec).
