@@ -283,7 +283,8 @@ fn run(args: Args) -> Result<(), String> {
                 let after = h.stats();
                 let bytes = after.worker_bytes - before.worker_bytes;
                 let nanos = after.worker_nanos - before.worker_nanos;
-                if nanos > 0 {
+                // Below a few MiB the figure is timer noise (small releases are zeroed inline).
+                if nanos > 0 && bytes >= 16 << 20 {
                     mr.worker.push(WorkerFigure {
                         size,
                         bytes,
