@@ -707,6 +707,26 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_run_is_offered_to_the_idle_worker() {
+        let (l, _) = list(10_000);
+        let job = std::sync::Arc::new(Job::new(run(0, 4, 4), 64, 4096));
+        assert!(l.share(Some(job.clone())));
+        assert!(!l.share(Some(job.clone())), "one shared run at a time");
+        assert!(matches!(l.next_work(), Some(Work::Assist)));
+        let mut stripes = Vec::new();
+        l.assist(|_, off, len| stripes.push((off, len)));
+        assert_eq!(
+            stripes,
+            [(0, 65536), (65536, 65536), (131072, 65536), (196608, 65536)]
+        );
+        assert!(job.complete());
+        l.share(None);
+        // Queued work comes before assisting.
+        l.queue(smallvec::smallvec![run(1 << 20, 0, 1)]).unwrap();
+        assert!(matches!(l.next_work(), Some(Work::Claim(r, 1)) if r == run(1 << 20, 0, 1)));
+    }
+
+    #[test]
     fn bound_refuses_and_scan_releases() {
         let (l, released) = list(100);
         l.queue(smallvec::smallvec![run(0, 4, 4)]).unwrap();

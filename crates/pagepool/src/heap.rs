@@ -14,14 +14,23 @@
 //!   work only, no copying and no zeroing.
 //!
 //! ## Releasing
-//! By default a released buffer is queued on the heap's [`Freelist`] in O(1); a worker thread
-//! (`pagepool-free`, at nice 19 like the kernel's deferred-free kthread) zeroes its blocks and
-//! gives them to the pools. An allocation that misses a pool takes, in this order: queued dirty
-//! blocks, zeroed inline (see [`crate::deferred`]); blocks the worker is zeroing right now (it
-//! waits for them, at most one chunk); fresh pages from the system. Past the queue bound the
-//! releasing thread zeroes the buffer itself. With [`HeapBuilder::deferred`]`(false)` every
-//! release zeroes synchronously (TTM's way).
+//! By default a released buffer is queued on the heap's [`Freelist`] in O(1) (a buffer that
+//! needed a view also unmaps it); a worker thread (`pagepool-free`, at nice 19 like the kernel's
+//! deferred-free kthread) claims its blocks a chunk (1 MiB) at a time, zeroes them and gives them
+//! to the pools. An allocation that misses a pool takes, in this order:
+//! 1. queued dirty blocks, newest buffer first, a chunk at a time, zeroed on its own thread; a
+//!    run of two stripes (128 KiB) or more is shared with the worker if it is idle, so that two
+//!    cores zero it (see [`crate::deferred::Freelist::share`]);
+//! 2. blocks the worker is zeroing right now: it takes stripes of the worker's claim too, then
+//!    waits for it to land (spinning: at most one chunk);
+//! 3. fresh pages from the system.
 //!
+//! Buffers larger than half the last-level cache are zeroed with streaming stores. Past the
+//! queue bound the releasing thread zeroes the buffer itself. Releases under one chunk do not
+//! wake a sleeping worker (a wake-up costs more than zeroing them); an idle worker polls for
+//! [`HeapBuilder::worker_spin`] before it sleeps. With [`HeapBuilder::deferred`]`(false)` every
+//! release zeroes synchronously (TTM's way).
+
 //! ## Mapping count bound
 //! pagepool's share of `/proc/self/maps` is at most `2A + Σ r(b)`: two mappings per arena (the
 //! arena and the guard page after it, `A` arenas), plus, for each live buffer `b` that needed a

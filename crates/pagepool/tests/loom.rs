@@ -156,3 +156,47 @@ fn freelist_queue_races_worker_and_pressure_scan() {
         assert_eq!(list.pending_pages(), 0);
     });
 }
+
+#[test]
+fn job_stripes_are_zeroed_once_by_worker_and_helper() {
+    use pagepool::deferred::{Freelist, Job, Run, STRIPE_BYTES};
+    loom::model(|| {
+        let list = Arc::new(Freelist::new(4096, 1 << 20, Box::new(|_| {})));
+        // A run of three stripes.
+        let pages = 3 * STRIPE_BYTES / 4096;
+        let run = Run {
+            start: 1 << 30,
+            order: 0,
+            count: pages,
+        };
+        let job = Arc::new(Job::new(run, pages, 4096));
+        let taken = Arc::new(AtomicUsize::new(0)); // one bit per stripe
+        let helper = {
+            let (list, taken) = (list.clone(), taken.clone());
+            thread::spawn(move || {
+                list.assist(|_, off, _| {
+                    let bit = 1 << (off / STRIPE_BYTES);
+                    assert_eq!(
+                        taken.fetch_or(bit, Ordering::SeqCst) & bit,
+                        0,
+                        "stripe twice"
+                    );
+                });
+            })
+        };
+        assert!(list.share(Some(job.clone())));
+        while let Some((off, _)) = job.next_stripe(4096) {
+            let bit = 1 << (off / STRIPE_BYTES);
+            assert_eq!(
+                taken.fetch_or(bit, Ordering::SeqCst) & bit,
+                0,
+                "stripe twice"
+            );
+            job.finish();
+        }
+        helper.join().unwrap();
+        assert!(job.complete(), "every stripe finished");
+        assert_eq!(taken.load(Ordering::SeqCst), 0b111);
+        list.share(None);
+    });
+}
