@@ -269,6 +269,8 @@ impl HeapBuilder {
         if let Some(cfg) = self.pressure {
             registry.start_monitor(cfg);
         }
+        // Read the cache size now (sysfs), not on the first release.
+        crate::zero::streaming_threshold();
         let inner = Arc::new(HeapInner {
             pools,
             orders,
