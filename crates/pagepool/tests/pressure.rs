@@ -94,9 +94,13 @@ fn injected_signal_releases_a_share() {
     tx.send(Ok(())).unwrap();
     wait_for("two events", || monitor.stats().events == 2);
     assert_eq!(monitor.stats().pages_released, 1536);
+    // The registry can own a monitor built elsewhere, and report it.
+    registry.set_monitor(Some(monitor));
+    assert_eq!(registry.pressure_stats().unwrap().events, 2);
     let t = Instant::now();
-    monitor.stop();
+    registry.set_monitor(None); // stops it
     assert!(t.elapsed() < Duration::from_secs(2), "stop is prompt");
+    assert!(registry.pressure_stats().is_none());
 }
 
 #[test]
