@@ -44,7 +44,7 @@ fn last_level_cache() -> Option<usize> {
 /// `p..p + len` is writable memory the caller owns exclusively.
 pub(crate) unsafe fn zero(p: NonNull<u8>, len: usize, streaming: bool) {
     #[cfg(target_arch = "x86_64")]
-    if streaming && (p.as_ptr() as usize) % 64 == 0 && len % 64 == 0 {
+    if streaming && (p.as_ptr() as usize).is_multiple_of(64) && len.is_multiple_of(64) {
         // SAFETY: forwarded from the caller; alignment and length checked just above.
         unsafe { zero_streaming(p.as_ptr(), len) };
         return;
