@@ -132,8 +132,11 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn every_streaming_width_zeroes_exactly_its_range() {
-        let variants: [unsafe fn(*mut u8, usize); 3] =
-            [zero_streaming_sse2, zero_streaming_avx, zero_streaming_avx512];
+        let variants: [unsafe fn(*mut u8, usize); 3] = [
+            zero_streaming_sse2,
+            zero_streaming_avx,
+            zero_streaming_avx512,
+        ];
         let needs = [None, Some("avx"), Some("avx512f")];
         for (f, need) in variants.into_iter().zip(needs) {
             let have = match need {
@@ -149,7 +152,10 @@ mod tests {
             // SAFETY: the range is inside `v`, aligned; the CPU has the feature (checked).
             unsafe { f(v.as_mut_ptr().add(off), 2 * 4096) };
             assert!(v[off..off + 2 * 4096].iter().all(|&b| b == 0), "{need:?}");
-            assert!(v[off + 2 * 4096..].iter().all(|&b| b == 0xff), "{need:?} wrote past the end");
+            assert!(
+                v[off + 2 * 4096..].iter().all(|&b| b == 0xff),
+                "{need:?} wrote past the end"
+            );
         }
     }
 

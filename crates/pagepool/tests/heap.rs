@@ -63,7 +63,7 @@ fn zeroed_random_sizes_four_threads() {
                 for i in 0..2600 {
                     let len = rng.random_range(1..=(if i % 50 == 0 { 3 << 20 } else { 300_000 }));
                     let mut b = heap.alloc(len).unwrap();
-                    assert!(b.len() >= len && b.len() % page_size() == 0);
+                    assert!(b.len() >= len && b.len().is_multiple_of(page_size()));
                     assert!(
                         b.iter().all(|&x| x == 0),
                         "thread {t} alloc {i}: dirty memory"
