@@ -55,3 +55,8 @@ pub use pool::{Block, MAX_ORDER, PagePool, ReleaseFn};
 pub use pressure::{PressureConfig, PressureMonitor, PressureStats};
 pub use registry::{Owner, Registry, Shrinker};
 pub use stats::{HeapStats, OwnerStats, PoolStats, RegistryStats};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
