@@ -9,46 +9,45 @@ use std::ptr::NonNull;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use pagepool::{Block, PagePool, Registry, SystemHeap};
 
-fn pool_give_take(c: &mut Criterion) {
-    let layout = Layout::from_size_align(4096, 4096).unwrap();
-    let pool = PagePool::new(
-        0,
-        Box::new(move |b: Block| {
-            // SAFETY: every block given to this pool comes from `alloc_zeroed(layout)` below.
-            unsafe { dealloc(b.into_raw().as_ptr(), layout) }
-        }),
-    );
+const PAGE: Layout = match Layout::from_size_align(4096, 4096) {
+    Ok(l) => l,
+    Err(_) => panic!("a page layout"),
+};
+
+/// A release callback for blocks allocated with `alloc_zeroed(PAGE)`.
+fn dealloc_page() -> pagepool::ReleaseFn {
+    Box::new(|b: Block| {
+        // SAFETY: every block given to these pools comes from `alloc_zeroed(PAGE)` in `fill`.
+        unsafe { dealloc(b.into_raw().as_ptr(), PAGE) }
+    })
+}
+
+/// Gives `pool` 64 fresh zeroed pages.
+fn fill(pool: &PagePool) {
     for _ in 0..64 {
         // SAFETY: a fresh zeroed page-sized allocation, owned by the pool from now on.
-        let b = unsafe { Block::from_raw(NonNull::new(alloc_zeroed(layout)).unwrap(), 0) };
+        let b = unsafe { Block::from_raw(NonNull::new(alloc_zeroed(PAGE)).unwrap(), 0) };
         pool.give(b).unwrap();
     }
-    c.bench_function("pool take+give (order 0)", |b| {
+}
+
+fn bench_take_give(c: &mut Criterion, name: &str, pool: &PagePool) {
+    fill(pool);
+    c.bench_function(name, |b| {
         b.iter(|| {
             let block = pool.take().unwrap();
             pool.give(black_box(block)).unwrap();
         })
     });
+}
+
+fn pool_give_take(c: &mut Criterion) {
+    let pool = PagePool::new(0, dealloc_page());
+    bench_take_give(c, "pool take+give (order 0)", &pool);
     let registry = Registry::new(usize::MAX);
     let owner = registry.register("bench", usize::MAX);
-    let owned = owner.add_pool(
-        0,
-        Box::new(move |b: Block| {
-            // SAFETY: as above.
-            unsafe { dealloc(b.into_raw().as_ptr(), layout) }
-        }),
-    );
-    for _ in 0..64 {
-        // SAFETY: as above.
-        let b = unsafe { Block::from_raw(NonNull::new(alloc_zeroed(layout)).unwrap(), 0) };
-        owned.give(b).unwrap();
-    }
-    c.bench_function("owned pool take+give (order 0, limits enforced)", |b| {
-        b.iter(|| {
-            let block = owned.take().unwrap();
-            owned.give(black_box(block)).unwrap();
-        })
-    });
+    let owned = owner.add_pool(0, dealloc_page());
+    bench_take_give(c, "owned pool take+give (order 0, limits enforced)", &owned);
 }
 
 /// The floor for the heap's hit path: zeroing the buffer once, on a resident, cache-hot page.
