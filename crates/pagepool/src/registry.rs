@@ -410,6 +410,20 @@ mod tests {
     }
 
     #[test]
+    fn lowering_a_limit_shrinks_at_once() {
+        let reg = Registry::new(1000);
+        let a = reg.register("a", 100);
+        let p = a.add_pool(1, free());
+        for _ in 0..10 {
+            p.give(block(1)).unwrap();
+        }
+        assert_eq!(a.count(), 20);
+        a.set_limit_pages(6);
+        assert_eq!((a.limit_pages(), a.count()), (6, 6));
+        assert_eq!(reg.count(), 6);
+    }
+
+    #[test]
     fn global_max_shrinks_round_robin() {
         let reg = Registry::new(1000);
         let a = reg.register("a", 1000);
