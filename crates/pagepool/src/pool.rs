@@ -7,12 +7,18 @@
 //!
 //! ## Bookkeeping without a per-block object
 //! The kernel reviewers refused a private heap object per pooled page. A pool here allocates
-//! nothing per block either: free blocks form an intrusive singly linked list whose link (the
-//! address of the next free block) is stored in the first 8 bytes of each free block itself, the
-//! way the kernel threads `page->lru` through free pages. The pool's own state is one lock, a
-//! head pointer and a few counters: a fixed ~128 bytes per pool whatever it holds, so the
-//! metadata cost per pooled byte is zero. `take` clears the link word before handing the block
-//! out, so a block leaves the pool all-zero.
+//! nothing per block either. The most recently given blocks (up to [`HOT_BLOCKS`]) sit in a
+//! fixed ring of addresses inside the pool, like the kernel's per-CPU page lists; older ones
+//! form an intrusive singly linked list whose link (the address of the next free block) is
+//! stored in the first 8 bytes of each free block itself, the way the kernel threads
+//! `page->lru` through free pages. Together they are one LIFO stack: the ring is its top, and
+//! when the ring is full its oldest entry moves to the head of the list. The pool's state is a
+//! fixed ~600 bytes whatever it holds, so the metadata cost per pooled byte is zero.
+//!
+//! The ring is there for speed: taking the blocks of a 32 MiB buffer from a linked list means
+//! 32 dependent reads, each a cache miss on memory that was just zeroed with streaming stores
+//! (~300 ns each measured here); from the ring they are 32 reads of one hot array. `take`
+//! clears a list block's link word before handing it out, so a block leaves the pool all-zero.
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -81,13 +87,81 @@ impl fmt::Debug for Block {
 /// The callback a pool calls to give a block back to the system when it shrinks.
 pub type ReleaseFn = Box<dyn Fn(Block) + Send + Sync>;
 
-/// The free list: head of the intrusive list, its length, and the give/take counts (plain
-/// fields: the lock already orders every update).
+/// How many of a pool's most recently given blocks it keeps in its ring of addresses (the top of
+/// its LIFO stack; older blocks are linked through their own first word).
+pub const HOT_BLOCKS: usize = 64;
+
+/// The free blocks: the ring (top of the stack), the intrusive list below it, the count and the
+/// give/take counts (plain fields: the lock already orders every update).
 struct FreeList {
+    /// `hot[(bottom + i) % HOT_BLOCKS]` for `i < hot_len` are the newest blocks, the last one on
+    /// top.
+    hot: [usize; HOT_BLOCKS],
+    bottom: usize,
+    hot_len: usize,
+    /// Head of the intrusive list of older blocks.
     head: Option<NonNull<u8>>,
     blocks: usize,
     given: u64,
     taken: u64,
+}
+
+impl FreeList {
+    fn new() -> FreeList {
+        FreeList {
+            hot: [0; HOT_BLOCKS],
+            bottom: 0,
+            hot_len: 0,
+            head: None,
+            blocks: 0,
+            given: 0,
+            taken: 0,
+        }
+    }
+
+    /// Pushes a block owned by the pool on top of the stack.
+    ///
+    /// # Safety
+    /// `ptr` is a block of at least 8 bytes, 8-aligned, now owned by the pool.
+    unsafe fn push(&mut self, ptr: NonNull<u8>) {
+        if self.hot_len == HOT_BLOCKS {
+            // The ring is full: its oldest block goes to the head of the list.
+            let old = self.hot[self.bottom];
+            let next = self.head.map_or(0, |p| p.as_ptr() as usize);
+            // SAFETY: `old` is a pooled block (it was pushed under this contract); its link word
+            // is ours to write while the pool holds it.
+            unsafe { (old as *mut usize).write(next) };
+            self.head = NonNull::new(old as *mut u8);
+            self.bottom = (self.bottom + 1) % HOT_BLOCKS;
+            self.hot_len -= 1;
+        }
+        self.hot[(self.bottom + self.hot_len) % HOT_BLOCKS] = ptr.as_ptr() as usize;
+        self.hot_len += 1;
+        self.blocks += 1;
+    }
+
+    /// Pops the top block. A block from the list has its link word cleared, so what comes out
+    /// is as clean as what went in.
+    fn pop(&mut self) -> Option<NonNull<u8>> {
+        let ptr = if self.hot_len > 0 {
+            self.hot_len -= 1;
+            let p = self.hot[(self.bottom + self.hot_len) % HOT_BLOCKS];
+            // SAFETY: only non-null block addresses are pushed.
+            unsafe { NonNull::new_unchecked(p as *mut u8) }
+        } else {
+            let ptr = self.head?;
+            // SAFETY: `ptr` is a pooled block whose first word holds the link written by `push`;
+            // the pool's lock makes this the only access.
+            let next = unsafe { ptr.as_ptr().cast::<usize>().read() };
+            self.head = NonNull::new(next as *mut u8);
+            // SAFETY: the block is leaving the pool; restoring its first word to zero makes it
+            // all-zero again.
+            unsafe { ptr.as_ptr().cast::<usize>().write(0) };
+            ptr
+        };
+        self.blocks -= 1;
+        Some(ptr)
+    }
 }
 
 // SAFETY: the list only holds addresses of blocks the pool owns (see `Block::from_raw`); the
@@ -139,12 +213,7 @@ impl PagePool {
     pub(crate) fn with_owner(order: u8, release: ReleaseFn, owner: Option<Arc<Owner>>) -> PagePool {
         PagePool {
             order,
-            list: Mutex::new(FreeList {
-                head: None,
-                blocks: 0,
-                given: 0,
-                taken: 0,
-            }),
+            list: Mutex::new(FreeList::new()),
             pages: AtomicUsize::new(0),
             released: AtomicU64::new(0),
             release,
@@ -188,12 +257,9 @@ impl PagePool {
         let ptr = block.into_raw();
         {
             let mut list = lock(&self.list);
-            let next = list.head.map_or(0, |p| p.as_ptr() as usize);
-            // SAFETY: the block is at least 8 bytes, 8-aligned and now owned by the pool
-            // (`Block::from_raw`'s contract); writing its link word races with nobody.
-            unsafe { ptr.as_ptr().cast::<usize>().write(next) };
-            list.head = Some(ptr);
-            list.blocks += 1;
+            // SAFETY: the block is at least 8 bytes, 8-aligned (`Block::from_raw`'s contract)
+            // and its ownership passes to the pool here.
+            unsafe { list.push(ptr) };
             list.given += 1;
             // A plain store: only lock holders write it.
             self.pages
@@ -209,25 +275,47 @@ impl PagePool {
     pub fn take(&self) -> Option<Block> {
         let ptr = {
             let mut list = lock(&self.list);
-            let ptr = list.head?;
-            // SAFETY: `ptr` is a pooled block whose first word holds the link written by
-            // `give_quiet`; the lock makes this the only access.
-            let next = unsafe { ptr.as_ptr().cast::<usize>().read() };
-            list.head = NonNull::new(next as *mut u8);
-            list.blocks -= 1;
+            let ptr = list.pop()?;
             list.taken += 1;
             self.pages
                 .store(list.blocks << self.order, Ordering::Relaxed);
             ptr
         };
-        // SAFETY: the block left the list above, so this thread owns it; clearing the link
-        // restores the all-zero contents it had when given.
-        unsafe { ptr.as_ptr().cast::<usize>().write(0) };
         if let Some(owner) = &self.owner {
             owner.note_removed(1 << self.order);
         }
         // SAFETY: ownership of the block passes from the pool to the caller.
         Some(unsafe { Block::from_raw(ptr, self.order) })
+    }
+
+    /// Takes up to `n` clean blocks at once, handing each to `f` in the order [`take`] would
+    /// have returned them; returns how many. One lock and one update of the owner's counts for
+    /// the whole batch, where `n` calls of [`take`] would pay both `n` times.
+    ///
+    /// [`take`]: Self::take
+    pub fn take_many(&self, n: usize, mut f: impl FnMut(Block)) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        let mut got = 0;
+        {
+            let mut list = lock(&self.list);
+            while got < n {
+                let Some(ptr) = list.pop() else { break };
+                // SAFETY: the block left the pool above; ownership passes to the caller.
+                f(unsafe { Block::from_raw(ptr, self.order) });
+                got += 1;
+            }
+            list.taken += got as u64;
+            self.pages
+                .store(list.blocks << self.order, Ordering::Relaxed);
+        }
+        if got > 0
+            && let Some(owner) = &self.owner
+        {
+            owner.note_removed(got << self.order);
+        }
+        got
     }
 
     /// Gives up to one block back to the system through the release callback; returns the pages
@@ -345,6 +433,37 @@ mod tests {
         // The block taken second was never given back: free it here.
         // SAFETY: allocated by `block(2)`.
         unsafe { dealloc(pa.as_ptr(), layout(2)) };
+    }
+
+    #[test]
+    fn past_the_ring_blocks_stay_lifo_and_clean() {
+        let released = Arc::new(StdAtomic::new(0));
+        let p = pool(0, released.clone());
+        let n = 3 * HOT_BLOCKS + 5;
+        let blocks: Vec<Block> = (0..n).map(|_| block(0)).collect();
+        let addrs: Vec<_> = blocks.iter().map(Block::as_ptr).collect();
+        for b in blocks {
+            p.give(b).unwrap();
+        }
+        assert_eq!(p.blocks(), n);
+        // Take half, give them back (ring and list both in use), then take everything.
+        let half: Vec<Block> = (0..n / 2).map(|_| p.take().unwrap()).collect();
+        for b in half.into_iter().rev() {
+            p.give(b).unwrap();
+        }
+        for want in addrs.iter().rev() {
+            let b = p.take().unwrap();
+            assert_eq!(b.as_ptr(), *want, "LIFO across the ring and the list");
+            // SAFETY: `b` is ours and spans one page.
+            let bytes = unsafe { std::slice::from_raw_parts(b.as_ptr().as_ptr(), SZ) };
+            assert!(bytes.iter().all(|&x| x == 0), "link word cleared on take");
+            p.give(b).unwrap();
+            assert_eq!(p.take().unwrap().as_ptr(), *want);
+            // SAFETY: allocated by `block(0)`, out of the pool for good.
+            unsafe { dealloc(want.as_ptr(), layout(0)) };
+        }
+        assert!(p.take().is_none());
+        assert_eq!(p.pages(), 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@ fn heap(name: &str, queue_limit: usize) -> SystemHeap {
         .registry(Registry::new(usize::MAX))
         .queue_limit(queue_limit)
         .worker_spin(std::time::Duration::ZERO) // an idle worker sleeps at once
+        .worker_naps(std::time::Duration::ZERO)
         .build()
         .unwrap()
 }
@@ -186,4 +187,45 @@ fn synchronous_release_when_deferred_is_off() {
         (2, 0, 0)
     );
     assert_eq!(st.pooled_pages(), 512, "pooled before drop returned");
+}
+
+/// Waits up to 10 s for `done`.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(10) {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    false
+}
+
+#[test]
+fn a_napping_worker_finds_small_releases_without_a_wake_up() {
+    // A 4 KiB release is below a chunk: it never wakes a sleeping worker.
+    let sleeper = heap("deferred-sleeper", 64 << 20);
+    drop(sleeper.alloc(page_size()).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let st = sleeper.stats();
+    assert_eq!(
+        (st.zeroed_worker, st.queued_pages),
+        (0, 1),
+        "a sleeping worker was not woken for one page"
+    );
+    // A worker that naps looks at the queue by itself.
+    let napper = SystemHeap::builder()
+        .name("deferred-napper")
+        .registry(Registry::new(usize::MAX))
+        .worker_spin(std::time::Duration::ZERO)
+        .worker_naps(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20)); // the worker is napping now
+    drop(napper.alloc(page_size()).unwrap());
+    assert!(
+        eventually(|| napper.stats().zeroed_worker == 1),
+        "the napping worker zeroed the page without flush or a wake-up"
+    );
+    assert_eq!(napper.stats().pooled_pages(), 1);
 }

@@ -66,6 +66,7 @@ fn filled_heap(registry: &std::sync::Arc<Registry>) -> SystemHeap {
         .registry(registry.clone())
         .pressure(None)
         .worker_spin(Duration::ZERO) // an idle worker sleeps at once
+        .worker_naps(Duration::ZERO)
         .build()
         .unwrap();
     let bufs: Vec<_> = (0..8).map(|_| heap.alloc(1 << 20).unwrap()).collect();
