@@ -69,7 +69,9 @@ impl System {
                 SystemHeap::builder()
                     .name("syncfree")
                     .registry(Registry::new(usize::MAX))
-                    .deferred(false),
+                    .deferred(false)
+                    // Zero on release, as TTM and the v9 pool do, for every size.
+                    .thread_cache(0),
             )?),
             "calloc" => Kind::Calloc,
             "mimalloc" => Kind::Mimalloc,

@@ -4,6 +4,7 @@
 //! ([`Buffer::blocks`]) that a Rust program also sees as one `&mut [u8]`.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
@@ -49,9 +50,12 @@ pub struct Buffer {
     view: bool,
     /// The blocks, as runs lying end to end in their arenas, in buffer order.
     runs: Runs,
-    /// Our own descriptors of the dma-bufs this buffer was exported as.
-    exports: Vec<DmaBuf>,
-    heap: Arc<HeapInner>,
+    /// Our own descriptors of the dma-bufs this buffer was exported as (boxed: most buffers
+    /// are never exported, and a smaller `Buffer` is cheaper to move).
+    #[allow(clippy::box_collection)] // one pointer here, not three: see above
+    exports: Option<Box<Vec<DmaBuf>>>,
+    /// Dropped in `drop`, or handed to this thread's cache of small buffers.
+    heap: ManuallyDrop<Arc<HeapInner>>,
 }
 
 // SAFETY: a Buffer owns its memory exclusively (its blocks were taken out of pools or carved
@@ -95,9 +99,27 @@ impl Buffer {
             len: bytes,
             view,
             runs,
-            exports: Vec::new(),
-            heap,
+            exports: None,
+            heap: ManuallyDrop::new(heap),
         })
+    }
+
+    /// A buffer from this thread's cache: one run of blocks end to end, already zeroed and
+    /// counted by the cache.
+    #[inline]
+    pub(crate) fn from_cache(heap: Arc<HeapInner>, run: Run, bytes: usize) -> Buffer {
+        Buffer {
+            ptr: run.ptr(),
+            len: bytes,
+            view: false,
+            runs: {
+                let mut runs = Runs::new();
+                runs.push(run);
+                runs
+            },
+            exports: None,
+            heap: ManuallyDrop::new(heap),
+        }
     }
 
     /// The buffer's length in bytes (a multiple of the page size).
@@ -163,7 +185,9 @@ impl Buffer {
             })
             .collect();
         let buf = crate::dmabuf::udmabuf_create(&ranges)?;
-        self.exports.push(buf.try_clone()?);
+        self.exports
+            .get_or_insert_with(Default::default)
+            .push(buf.try_clone()?);
         self.heap.counters.exported.fetch_add(1, Ordering::Relaxed);
         Ok(buf)
     }
@@ -237,6 +261,27 @@ impl Drop for Buffer {
     /// Hands the blocks back to the heap: queued for the worker to zero (the default), or
     /// zeroed here, or given straight back to the system when the heap no longer pools.
     fn drop(&mut self) {
+        if !self.view
+            && self.exports.is_none()
+            && let [run] = self.runs[..]
+            && run.pages() <= self.heap.cache.max_buffer_pages
+        {
+            // SAFETY: `self.heap` is not used again on this path unless it is put back below.
+            let heap = unsafe { ManuallyDrop::take(&mut self.heap) };
+            match crate::cache::give(heap, run) {
+                Ok(()) => return,
+                Err((heap, _)) => self.heap = ManuallyDrop::new(heap),
+            }
+        }
+        self.release();
+        // SAFETY: the last use of the heap reference; `drop` runs once.
+        unsafe { ManuallyDrop::drop(&mut self.heap) };
+    }
+}
+
+impl Buffer {
+    /// The usual release: unmap the view, then hand the blocks to the heap.
+    fn release(&mut self) {
         let h = &self.heap;
         if self.view {
             // SAFETY: the view is this buffer's own mapping; nothing refers to it any more. The
@@ -247,10 +292,11 @@ impl Drop for Buffer {
         }
         // An exported buffer whose dma-buf someone still holds must not be reused: its pages
         // go back to the system (the dma-buf keeps them); otherwise it is released as usual.
-        let held = self.exports.iter().any(|e| {
-            crate::dmabuf::file_count(std::os::fd::AsFd::as_fd(e)).map_or(true, |n| n > 1)
+        let held = self.exports.take().is_some_and(|exports| {
+            exports.iter().any(|e| {
+                crate::dmabuf::file_count(std::os::fd::AsFd::as_fd(e)).map_or(true, |n| n > 1)
+            })
         });
-        self.exports.clear();
         let runs = std::mem::take(&mut self.runs);
         if held {
             h.counters.exports_held.fetch_add(1, Ordering::Relaxed);

@@ -16,6 +16,7 @@
 //! | deferred-free helper | [`deferred::Freelist`] and the heap's worker | [`deferred`] |
 //! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | [`pressure`] |
 //! | system heap, sg table | [`SystemHeap`], [`Buffer`] | [`heap`], [`buffer`] |
+//! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache` |
 //! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | [`dmabuf`] |
 //! | a pool of real dma-bufs | [`dmapool::DmaBufPool`] | [`dmapool`] |
 //! | debugfs `page_pool` | [`stats`] | [`stats`] |
@@ -34,6 +35,7 @@
 
 mod arena;
 pub mod buffer;
+mod cache;
 pub mod deferred;
 pub mod dmabuf;
 pub mod dmapool;

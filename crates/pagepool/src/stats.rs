@@ -84,6 +84,11 @@ pub struct HeapStats {
     pub live_buffers: u64,
     /// Pages in buffers alive now.
     pub live_pages: u64,
+    /// Allocations served from a thread's cache of small buffers (not counted in `hits`).
+    pub cache_hits: u64,
+    /// Pages held in threads' caches of small buffers now (released, dirty; see
+    /// [`HeapBuilder::thread_cache`](crate::HeapBuilder::thread_cache)).
+    pub thread_cached_pages: usize,
     /// Buffers whose blocks were already contiguous (handed out with no mapping work).
     pub contiguous: u64,
     /// Buffers that needed a view mapping to make their blocks contiguous.
@@ -93,7 +98,8 @@ pub struct HeapStats {
     pub zeroed_sync: u64,
     /// Blocks zeroed by the background worker.
     pub zeroed_worker: u64,
-    /// Queued dirty blocks zeroed inline by an allocation that missed its pool.
+    /// Dirty blocks zeroed inline by an allocation: queued blocks taken by an allocation that
+    /// missed its pool, and blocks taken from a thread cache.
     pub zeroed_inline: u64,
     /// Times an allocation waited for blocks the worker was zeroing.
     pub waited_for_worker: u64,
@@ -217,11 +223,14 @@ impl fmt::Display for HeapStats {
         ))?;
         writeln!(
             f,
-            "allocs {} hits {} misses {} fresh pages {} released pages {} live buffers {} \
-             ({} pages) contiguous {} remapped {} arenas {} peak pooled pages {}",
+            "allocs {} hits {} misses {} thread-cache hits {} (holding {} pages) fresh pages {} \
+             released pages {} live buffers {} ({} pages) contiguous {} remapped {} arenas {} \
+             peak pooled pages {}",
             self.allocs,
             self.hits,
             self.misses,
+            self.cache_hits,
+            self.thread_cached_pages,
             self.fresh_pages,
             self.released_pages,
             self.live_buffers,

@@ -5,9 +5,12 @@
 //!
 //! The model knows only the documented policy: blocks largest first, each from its pool (LIFO
 //! counts suffice) before the system; a released buffer's blocks go back to their pools, then
-//! the owner shrinks round robin over its pools (largest order first) to its limit. After every
-//! step the heap's statistics must equal the model's, and the accounting invariant must hold:
-//! pages from the system = pages pooled + pages in live buffers + pages released.
+//! the owner shrinks round robin over its pools (largest order first) to its limit. The thread
+//! cache is set to 16 KiB, so it keeps up to four released one-page buffers (a quarter of it is
+//! one page), newest taken first, the oldest sent to the pools when a fifth comes, all of them
+//! when the heap is shrunk. After every step the heap's statistics must equal the model's, and
+//! the accounting invariant must hold: pages from the system = pages pooled + pages in live
+//! buffers + pages released + pages in the thread cache.
 
 use pagepool::{Buffer, Registry, SystemHeap, page_size};
 use proptest::prelude::*;
@@ -22,11 +25,13 @@ enum Op {
 fn ops() -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(
         prop_oneof![
+            // Small buffers often, so that the thread cache fills, overflows and empties.
+            3 => (1usize..3).prop_map(Op::Alloc),
             4 => (1usize..700).prop_map(Op::Alloc),
             3 => any::<usize>().prop_map(Op::Free),
             1 => (0usize..400).prop_map(Op::Shrink),
         ],
-        1..60,
+        1..100,
     )
 }
 
@@ -40,7 +45,12 @@ struct Model {
     hits: u64,
     misses: u64,
     live: Vec<Vec<u8>>, // each live buffer's block orders
+    cache: usize,       // one-page buffers in this thread's cache
+    cache_hits: u64,
 }
+
+/// One-page buffers a 16 KiB thread cache holds.
+const CACHE_PAGES: usize = 4;
 
 impl Model {
     fn pooled(&self) -> usize {
@@ -51,6 +61,12 @@ impl Model {
             .sum()
     }
     fn alloc(&mut self, pages: usize) {
+        if pages == 1 && self.cache > 0 {
+            self.cache -= 1;
+            self.cache_hits += 1;
+            self.live.push(vec![0]);
+            return;
+        }
         let mut left = pages;
         let mut blocks = Vec::new();
         for (i, &o) in self.orders.iter().enumerate() {
@@ -67,6 +83,23 @@ impl Model {
     }
     fn free(&mut self, idx: usize) {
         let blocks = self.live.swap_remove(idx);
+        if blocks == [0] && self.limit > 0 {
+            if self.cache == CACHE_PAGES {
+                self.cache -= 1;
+                self.release(vec![0]);
+            }
+            self.cache += 1;
+            return;
+        }
+        self.release(blocks);
+    }
+    fn empty_cache(&mut self) {
+        while self.cache > 0 {
+            self.cache -= 1;
+            self.release(vec![0]);
+        }
+    }
+    fn release(&mut self, blocks: Vec<u8>) {
         for o in blocks {
             let i = self.orders.iter().position(|&x| x == o).unwrap();
             self.pools[i] += 1;
@@ -113,8 +146,12 @@ fn check(heap: &SystemHeap, m: &Model, live: &[Buffer]) -> Result<(), TestCaseEr
     let live_pages: usize = live.iter().map(|b| b.len() / page_size()).sum();
     prop_assert_eq!(st.live_pages, live_pages as u64);
     prop_assert_eq!(
+        (st.thread_cached_pages, st.cache_hits),
+        (m.cache, m.cache_hits)
+    );
+    prop_assert_eq!(
         st.fresh_pages,
-        (st.pooled_pages() + live_pages) as u64 + st.released_pages,
+        (st.pooled_pages() + live_pages + st.thread_cached_pages) as u64 + st.released_pages,
         "accounting invariant"
     );
     Ok(())
@@ -135,6 +172,7 @@ proptest! {
             .deferred(false)
             .registry(Registry::new(usize::MAX))
             .pool_limit(limit * ps)
+            .thread_cache(4 * ps)
             .build()
             .unwrap();
         let mut m = Model {
@@ -147,6 +185,8 @@ proptest! {
             hits: 0,
             misses: 0,
             live: Vec::new(),
+            cache: 0,
+            cache_hits: 0,
         };
         let mut live: Vec<Buffer> = Vec::new();
         for op in ops {
@@ -171,6 +211,7 @@ proptest! {
                 Op::Free(_) => {}
                 Op::Shrink(n) => {
                     let freed = heap.shrink(n);
+                    m.empty_cache();
                     prop_assert_eq!(freed, m.scan(n));
                 }
             }

@@ -1,0 +1,388 @@
+//! Per-thread caches of small released buffers: the 4 KiB fast path.
+//!
+//! For a small buffer, every shared step costs more than the zeroing itself: zeroing 4 KiB
+//! takes ~36 ns here, while a trip through the pool, the worker's queue and the shared counters
+//! took ~85 ns (three locks and eight atomic read-modify-writes), and handing the block to the
+//! worker on the other core would add cache-line transfers on top. So a thread keeps the last
+//! few small buffers it released, still dirty, in a cache of its own (per heap), and zeroes one
+//! inline when it allocates that size again: no lock, no atomic read-modify-write, and the
+//! zeroed lines are hot in the allocating core's cache when the program writes them. The same
+//! idea as the network stack's page_pool allocation cache and glibc's tcache.
+//!
+//! What it costs, and the bounds:
+//! - each thread holds at most [`HeapBuilder::thread_cache`](crate::HeapBuilder::thread_cache)
+//!   bytes per heap (default 64 KiB); a release past that sends the cache's oldest buffer down
+//!   the usual path (the worker's queue);
+//! - a cache is emptied by its own thread: at the thread's next use of the heap after a
+//!   `shrink`, `trim`, `flush` or heap drop (each bumps the heap's cache epoch), and when the
+//!   thread exits. Those calls empty the calling thread's cache at once; another thread's cache,
+//!   at most the bound above, waits for that thread. Pressure scans do not reach thread caches
+//!   (they are that small);
+//! - a cache holds the heap's internals (not its handle) alive, so that the memory it holds
+//!   stays mapped; a dropped heap's internals go away when the last cache lets go.
+//!
+//! The counters a cached allocation or release changes live in a per-thread [`Slot`] that only
+//! its thread writes (plain loads and stores, no read-modify-write); [`stats`](crate::SystemHeap::stats)
+//! adds them up.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+use crate::deferred::{Run, Runs};
+use crate::heap::HeapInner;
+use crate::sync::{Arc, Mutex, Weak, lock};
+
+/// The cache settings and shared state of one heap.
+pub(crate) struct CacheShared {
+    /// Pages a thread may hold (0: no caches).
+    pub(crate) max_pages: usize,
+    /// The largest buffer cached, in pages.
+    pub(crate) max_buffer_pages: usize,
+    /// Bumped to ask every thread to empty its cache at its next use of the heap.
+    epoch: AtomicU64,
+    /// Every live thread's counters, and what exited threads' counted, for `stats`.
+    slots: Mutex<Slots>,
+}
+
+struct Slots {
+    live: Vec<Weak<Slot>>,
+    retired: SlotTotals,
+}
+
+/// One thread's counters for one heap; written only by that thread.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Slot {
+    allocs: AtomicU64,
+    frees: AtomicU64,
+    /// Signed: a buffer allocated on one thread may be released on another.
+    live_pages: AtomicI64,
+    cached_pages: AtomicUsize,
+    zeroed_pages: AtomicU64,
+}
+
+/// Totals of the thread caches' counters.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotTotals {
+    /// Allocations served from a thread cache.
+    pub(crate) allocs: u64,
+    /// Releases into a thread cache.
+    pub(crate) frees: u64,
+    /// Net pages of live buffers counted by the caches.
+    pub(crate) live_pages: i64,
+    /// Pages held in thread caches now.
+    pub(crate) cached_pages: usize,
+    /// Pages zeroed on their way out of a thread cache.
+    pub(crate) zeroed_pages: u64,
+}
+
+impl SlotTotals {
+    fn add(&mut self, o: SlotTotals) {
+        self.allocs = self.allocs.wrapping_add(o.allocs);
+        self.frees = self.frees.wrapping_add(o.frees);
+        self.live_pages = self.live_pages.wrapping_add(o.live_pages);
+        self.cached_pages += o.cached_pages;
+        self.zeroed_pages = self.zeroed_pages.wrapping_add(o.zeroed_pages);
+    }
+}
+
+/// Adds to a counter only one thread writes: a load and a store, no locked instruction.
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+impl Slot {
+    fn totals(&self) -> SlotTotals {
+        SlotTotals {
+            allocs: self.allocs.load(Ordering::Relaxed),
+            frees: self.frees.load(Ordering::Relaxed),
+            live_pages: self.live_pages.load(Ordering::Relaxed),
+            cached_pages: self.cached_pages.load(Ordering::Relaxed),
+            zeroed_pages: self.zeroed_pages.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add_live(&self, pages: i64) {
+        let v = &self.live_pages;
+        v.store(
+            v.load(Ordering::Relaxed).wrapping_add(pages),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl CacheShared {
+    /// Caches of `max_bytes` per thread, for buffers up to a quarter of that.
+    pub(crate) fn new(max_bytes: usize, page: usize) -> CacheShared {
+        let max_pages = max_bytes / page;
+        CacheShared {
+            max_pages,
+            max_buffer_pages: max_pages / 4,
+            epoch: AtomicU64::new(0),
+            slots: Mutex::new(Slots {
+                live: Vec::new(),
+                retired: SlotTotals::default(),
+            }),
+        }
+    }
+
+    /// Asks every thread to empty its cache of this heap at its next use.
+    pub(crate) fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters of every thread's cache, added up (exited threads' included).
+    pub(crate) fn totals(&self) -> SlotTotals {
+        let slots = lock(&self.slots);
+        let mut t = slots.retired;
+        for s in slots.live.iter().filter_map(Weak::upgrade) {
+            t.add(s.totals());
+        }
+        t
+    }
+}
+
+/// One thread's cache of one heap.
+struct ThreadCache {
+    /// The heap's internals, from `Arc::into_raw`: the entry always holds one strong reference
+    /// (so the address cannot be reused by another heap while the entry exists), plus `refs`
+    /// more taken over from released buffers.
+    heap: *const HeapInner,
+    refs: usize,
+    epoch: u64,
+    /// Released buffers as (address, pages): order-0 blocks end to end, oldest first. Dirty.
+    runs: smallvec::SmallVec<[(usize, usize); 8]>,
+    pages: usize,
+    slot: Arc<Slot>,
+}
+
+impl ThreadCache {
+    fn heap(&self) -> &HeapInner {
+        // SAFETY: the entry holds a strong reference to the heap internals (see `heap`), so
+        // they are alive for as long as `self` is.
+        unsafe { &*self.heap }
+    }
+
+    fn set_pages(&mut self, pages: usize) {
+        self.pages = pages;
+        self.slot.cached_pages.store(pages, Ordering::Relaxed);
+    }
+
+    /// One strong reference for a new buffer: one a released buffer left here if there is
+    /// one (no atomic operation), else a new one.
+    fn take_ref(&mut self) -> Arc<HeapInner> {
+        if self.refs > 0 {
+            self.refs -= 1;
+        } else {
+            // SAFETY: the entry's base reference keeps the pointer valid; this adds one.
+            unsafe { Arc::increment_strong_count(self.heap) };
+        }
+        // SAFETY: a strong reference this entry owned (counted in `refs`, from `Arc::into_raw`
+        // of this pointer in `stash_ref`) or just added, handed over.
+        unsafe { Arc::from_raw(self.heap) }
+    }
+
+    /// Keeps a released buffer's strong reference without an atomic operation (up to one per
+    /// cached run; extra ones are dropped).
+    fn stash_ref(&mut self, heap: Arc<HeapInner>) {
+        debug_assert!(std::ptr::eq(Arc::as_ptr(&heap), self.heap));
+        if self.refs <= self.runs.len() {
+            let _ = Arc::into_raw(heap);
+            self.refs += 1;
+        }
+    }
+
+    /// Sends every cached run down the usual release path and drops the spare references.
+    fn empty(&mut self) {
+        let runs = std::mem::take(&mut self.runs);
+        self.set_pages(0);
+        for (start, pages) in runs {
+            self.heap().release_buffer(one_run(start, pages));
+        }
+        for _ in 0..std::mem::take(&mut self.refs) {
+            // SAFETY: each counted reference is one this entry owns (see `take_ref`).
+            unsafe { Arc::decrement_strong_count(self.heap) };
+        }
+    }
+
+    /// Empties the cache if its heap asked since the last look.
+    fn check_epoch(&mut self) {
+        let now = self.heap().cache.epoch.load(Ordering::Relaxed);
+        if now != self.epoch {
+            self.epoch = now;
+            self.empty();
+        }
+    }
+}
+
+impl Drop for ThreadCache {
+    /// The thread is exiting (or the heap closing): give everything back, fold the counters
+    /// into the heap's, and let go of the heap.
+    fn drop(&mut self) {
+        self.empty();
+        {
+            let mut slots = lock(&self.heap().cache.slots);
+            let t = self.slot.totals();
+            slots.retired.add(SlotTotals {
+                cached_pages: 0,
+                ..t
+            });
+            let me: *const Slot = &*self.slot;
+            slots
+                .live
+                .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), me));
+        }
+        // SAFETY: the entry's base reference (see `heap`), released last.
+        unsafe { Arc::decrement_strong_count(self.heap) };
+    }
+}
+
+/// A released buffer of `pages` order-0 blocks at `start`, as the heap's release path takes it.
+fn one_run(start: usize, pages: usize) -> Runs {
+    let mut runs = Runs::new();
+    runs.push(Run {
+        start,
+        order: 0,
+        count: pages,
+    });
+    runs
+}
+
+thread_local! {
+    static CACHES: RefCell<Vec<ThreadCache>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's cache of the heap at `heap`, creating the cache if `create`
+/// (after emptying it if the heap asked). `None` when there is none and `create` is false, or
+/// during thread teardown.
+///
+/// # Safety
+/// `heap` comes from `Arc::as_ptr` of a heap the caller holds a strong reference to.
+#[inline]
+unsafe fn with_cache<R>(
+    heap: *const HeapInner,
+    create: bool,
+    f: impl FnOnce(&mut ThreadCache) -> R,
+) -> Option<R> {
+    CACHES
+        .try_with(|c| {
+            let mut caches = c.try_borrow_mut().ok()?;
+            let i = match caches.iter().position(|c| std::ptr::eq(c.heap, heap)) {
+                Some(i) => i,
+                None if create => {
+                    // SAFETY: the caller holds a strong reference, so `heap` is alive; the
+                    // entry takes a reference of its own.
+                    let shared = unsafe {
+                        Arc::increment_strong_count(heap);
+                        &(*heap).cache
+                    };
+                    let slot = Arc::new(Slot::default());
+                    lock(&shared.slots).live.push(Arc::downgrade(&slot));
+                    caches.push(ThreadCache {
+                        heap,
+                        refs: 0,
+                        epoch: shared.epoch.load(Ordering::Relaxed),
+                        runs: smallvec::SmallVec::new(),
+                        pages: 0,
+                        slot,
+                    });
+                    caches.len() - 1
+                }
+                None => return None,
+            };
+            let cache = &mut caches[i];
+            cache.check_epoch();
+            Some(f(cache))
+        })
+        .ok()
+        .flatten()
+}
+
+/// A cached buffer of `pages` pages for `heap`, zeroed, with a reference to the heap for the
+/// buffer; `None` if this thread has none of that size.
+#[inline]
+pub(crate) fn take(heap: &Arc<HeapInner>, pages: usize) -> Option<(Run, Arc<HeapInner>)> {
+    let take = |c: &mut ThreadCache| {
+        let (start, _) = match c.runs.last() {
+            // The newest buffer is the size wanted (the usual case): no search.
+            Some(&(_, p)) if p == pages => c.runs.pop()?,
+            _ => {
+                let i = c.runs.iter().rposition(|r| r.1 == pages)?;
+                c.runs.remove(i)
+            }
+        };
+        let run = Run {
+            start,
+            order: 0,
+            count: pages,
+        };
+        c.set_pages(c.pages - pages);
+        // SAFETY: the run left the cache, so this thread owns it; it is a used arena range
+        // mapped at its home address.
+        unsafe { c.heap().zero_run(&run, pages) };
+        bump(&c.slot.allocs, 1);
+        bump(&c.slot.zeroed_pages, pages as u64);
+        c.slot.add_live(pages as i64);
+        Some((run, c.take_ref()))
+    };
+    // SAFETY: `heap` is a strong reference the caller holds.
+    unsafe { with_cache(Arc::as_ptr(heap), false, take) }.flatten()
+}
+
+/// Offers a released buffer (one run of order-0 blocks, small enough) to this thread's cache,
+/// with the buffer's heap reference. On refusal both come back.
+#[inline]
+pub(crate) fn give(heap: Arc<HeapInner>, run: Run) -> Result<(), (Arc<HeapInner>, Run)> {
+    let pages = run.pages();
+    if pages > heap.cache.max_buffer_pages || run.order != 0 || !heap.pooling() {
+        return Err((heap, run));
+    }
+    let ptr = Arc::as_ptr(&heap);
+    let mut held = Some(heap);
+    let keep = |c: &mut ThreadCache| {
+        while c.pages + pages > c.heap().cache.max_pages {
+            // Full: the oldest buffer takes the usual path.
+            let (start, old) = c.runs.remove(0);
+            c.set_pages(c.pages - old);
+            c.heap().release_buffer(one_run(start, old));
+        }
+        c.runs.push((run.start, pages));
+        c.set_pages(c.pages + pages);
+        bump(&c.slot.frees, 1);
+        c.slot.add_live(-(pages as i64));
+        if let Some(h) = held.take() {
+            c.stash_ref(h);
+        }
+    };
+    // SAFETY: `held` is a strong reference to `ptr`, alive until the closure moves it into the
+    // cache (which then holds it).
+    let done = unsafe { with_cache(ptr, true, keep) };
+    // The closure ran (and took `held`) exactly when `done` is `Some`.
+    match held {
+        Some(h) if done.is_none() => Err((h, run)),
+        _ => Ok(()),
+    }
+}
+
+/// Asks every thread to empty its cache of `heap`, and empties this thread's at once.
+pub(crate) fn empty_all(heap: &Arc<HeapInner>) {
+    heap.cache.bump();
+    // SAFETY: `heap` is a strong reference the caller holds.
+    unsafe { with_cache(Arc::as_ptr(heap), false, |_| ()) }; // it looked at the epoch
+}
+
+/// Removes this thread's cache of `heap` (the heap is closing) and asks the other threads to
+/// empty theirs.
+pub(crate) fn forget_mine(heap: &Arc<HeapInner>) {
+    heap.cache.bump();
+    let ptr = Arc::as_ptr(heap);
+    let mine = CACHES
+        .try_with(|c| {
+            let mut caches = c.try_borrow_mut().ok()?;
+            let i = caches.iter().position(|c| std::ptr::eq(c.heap, ptr))?;
+            Some(caches.swap_remove(i))
+        })
+        .ok()
+        .flatten();
+    drop(mine); // outside the borrow: dropping releases into the heap
+}
