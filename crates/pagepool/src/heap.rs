@@ -468,7 +468,7 @@ impl HeapInner {
         while let Some((off, len)) = job.next_stripe(self.page) {
             // SAFETY: the stripe is in the run, owned by this thread.
             unsafe { self.zero_part(&job, off, len) };
-            job.finish();
+            job.finish(len);
         }
         while !job.complete() {
             std::hint::spin_loop(); // the worker is finishing a stripe
@@ -529,7 +529,7 @@ impl HeapInner {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
                 // helpers, one stripe each) until it lands.
                 unsafe { self.zero_part(&job, off, len) };
-                job.finish();
+                job.finish(len);
             }
             while !job.complete() {
                 std::hint::spin_loop(); // a helper is finishing its last stripe

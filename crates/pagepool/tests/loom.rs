@@ -159,11 +159,18 @@ fn freelist_queue_races_worker_and_pressure_scan() {
 
 #[test]
 fn job_stripes_are_zeroed_once_by_worker_and_helper() {
+    /// The stripes a piece `(off, len)` covers, as bits.
+    fn stripe_bits(off: usize, len: usize) -> usize {
+        use pagepool::deferred::STRIPE_BYTES;
+        let (first, n) = (off / STRIPE_BYTES, len.div_ceil(STRIPE_BYTES));
+        ((1 << n) - 1) << first
+    }
     use pagepool::deferred::{Freelist, Job, Run, STRIPE_BYTES};
     loom::model(|| {
         let list = Arc::new(Freelist::new(4096, 1 << 20, Box::new(|_| {})));
         // A run of three stripes.
-        let pages = 3 * STRIPE_BYTES / 4096;
+        // Five stripes: the first claim takes two (half of what is left), then one at a time.
+        let pages = 5 * STRIPE_BYTES / 4096;
         let run = Run {
             start: 1 << 30,
             order: 0,
@@ -174,10 +181,10 @@ fn job_stripes_are_zeroed_once_by_worker_and_helper() {
         let helper = {
             let (list, taken) = (list.clone(), taken.clone());
             thread::spawn(move || {
-                list.assist(|_, off, _| {
-                    let bit = 1 << (off / STRIPE_BYTES);
+                list.assist(|_, off, len| {
+                    let bits = stripe_bits(off, len);
                     assert_eq!(
-                        taken.fetch_or(bit, Ordering::SeqCst) & bit,
+                        taken.fetch_or(bits, Ordering::SeqCst) & bits,
                         0,
                         "stripe twice"
                     );
@@ -185,18 +192,18 @@ fn job_stripes_are_zeroed_once_by_worker_and_helper() {
             })
         };
         assert!(list.share(Some(job.clone())));
-        while let Some((off, _)) = job.next_stripe(4096) {
-            let bit = 1 << (off / STRIPE_BYTES);
+        while let Some((off, len)) = job.next_stripe(4096) {
+            let bits = stripe_bits(off, len);
             assert_eq!(
-                taken.fetch_or(bit, Ordering::SeqCst) & bit,
+                taken.fetch_or(bits, Ordering::SeqCst) & bits,
                 0,
                 "stripe twice"
             );
-            job.finish();
+            job.finish(len);
         }
         helper.join().unwrap();
         assert!(job.complete(), "every stripe finished");
-        assert_eq!(taken.load(Ordering::SeqCst), 0b111);
+        assert_eq!(taken.load(Ordering::SeqCst), 0b11111);
         list.share(None);
     });
 }
