@@ -837,7 +837,8 @@ mod tests {
         l.assist(|_, off, len| stripes.push((off, len)));
         assert_eq!(
             stripes,
-            [(0, 65536), (65536, 65536), (131072, 65536), (196608, 65536)]
+            [(0, 131072), (131072, 65536), (196608, 65536)],
+            "half of what is left per claim, whole stripes, at least one"
         );
         assert!(job.complete());
         l.share(None);
