@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use crate::measure::Bandwidth;
+use crate::measure::{Bandwidth, TouchFloor};
 use crate::report::{ModeReport, Report, Row, WorkerFigure};
 use crate::systems::{CallOpts, System};
 
@@ -180,6 +180,22 @@ fn run(args: Args) -> Result<(), String> {
             b.limit_ns(*s)
         );
     }
+    // What the touch alone costs, where memory is already zeroed (on this core or the other).
+    let floors: Vec<(usize, TouchFloor)> = if opts.touch {
+        args.sizes
+            .iter()
+            .map(|&s| (s, measure::touch_floor(s, Duration::from_millis(100))))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (s, f) in &floors {
+        println!(
+            "touch {s} bytes (one byte per page) of zeroed memory: {:.0} ns after this thread zeroed it, \
+             {:.0} ns after another thread did, {:.0} ns after another thread did with streaming stores",
+            f.own_ns, f.other_ns, f.other_streaming_ns
+        );
+    }
     let present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
     let rows_total = (modes.len() * args.sizes.len() * present.len() * (args.reps + 1)) as u64;
     let bar = if std::io::stderr().is_terminal() && !args.no_progress {
@@ -187,7 +203,7 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut report = Report::new(&args.sizes, &bw, opts);
+    let mut report = Report::new(&args.sizes, &bw, &floors, opts);
     for mode in &modes {
         println!("== mode: {mode} ==");
         let mut mr = ModeReport::new(mode);
@@ -299,7 +315,7 @@ fn run(args: Args) -> Result<(), String> {
                 h.trim();
             }
         }
-        bar.suspend(|| print!("{}", mr.summary(&bw, &names)));
+        bar.suspend(|| print!("{}", mr.summary(&bw, &floors, &names)));
         report.modes.push(mr);
     }
     bar.finish_and_clear();

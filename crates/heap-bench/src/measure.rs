@@ -21,13 +21,18 @@ impl Bandwidth {
 }
 
 fn zero_for(buf: &mut [u8], d: Duration) -> (usize, Duration) {
+    // Read the clock once per 1 MiB zeroed, not once per buffer: at 4 KiB a clock read costs
+    // about as much as the memset it would be timing.
+    let batch = ((1 << 20) / buf.len().max(1)).max(1);
     let t = Instant::now();
     let mut bytes = 0;
     while t.elapsed() < d {
-        // SAFETY: writes within `buf`.
-        unsafe { std::ptr::write_bytes(buf.as_mut_ptr(), 0, buf.len()) };
-        std::hint::black_box(&mut *buf);
-        bytes += buf.len();
+        for _ in 0..batch {
+            // SAFETY: writes within `buf`.
+            unsafe { std::ptr::write_bytes(buf.as_mut_ptr(), 0, buf.len()) };
+            std::hint::black_box(&mut *buf);
+        }
+        bytes += batch * buf.len();
     }
     (bytes, t.elapsed())
 }
@@ -88,4 +93,139 @@ pub fn rss() -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// What the touch in every call costs when the memory is already zeroed: writing one byte per
+/// 4 KiB page of `size` resident, zeroed bytes, in ns per call, depending on who zeroed it and
+/// how.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct TouchFloor {
+    /// Zeroed by this thread just before (`memset`: its lines in this core's caches, as far as
+    /// they fit).
+    pub own_ns: f64,
+    /// Zeroed by another thread just before, with `memset` (the lines in the other core's
+    /// caches), as a worker zeroes buffers that fit in the cache.
+    pub other_ns: f64,
+    /// Zeroed by another thread with streaming stores (the lines in memory, in no cache), as
+    /// a worker zeroes buffers too large for the cache.
+    pub other_streaming_ns: f64,
+}
+
+impl TouchFloor {
+    /// The least of the three: no row can deliver a touched buffer faster than this.
+    pub fn min_ns(&self) -> f64 {
+        self.own_ns.min(self.other_ns).min(self.other_streaming_ns)
+    }
+}
+
+/// A pointer handed to the helper thread of [`touch_floor`].
+struct Shared(*mut u8);
+// SAFETY: the two threads take turns on the memory (see `touch_floor`); never both at once.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+fn touch_pages(p: *mut u8, size: usize) -> f64 {
+    let t = Instant::now();
+    for off in (0..size).step_by(4096) {
+        // SAFETY: `off < size` and `p` spans `size` bytes (the callers' buffer).
+        unsafe { p.add(off).write_volatile(1) };
+    }
+    t.elapsed().as_nanos() as f64
+}
+
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Zeroes `size` bytes at `p` with streaming (non-temporal) stores where the CPU has them.
+///
+/// # Safety
+/// `p` spans `size` writable bytes nobody else uses meanwhile.
+unsafe fn zero_streaming(p: *mut u8, size: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_setzero_si128, _mm_sfence, _mm_stream_si128};
+        let head = p.align_offset(16).min(size);
+        // SAFETY: the unaligned head lies inside the buffer.
+        unsafe { p.write_bytes(0, head) };
+        let body = (size - head) / 16;
+        // SAFETY: SSE2 is part of x86-64; every 16-byte store lies inside the buffer, aligned.
+        unsafe {
+            let z = _mm_setzero_si128();
+            let base = p.add(head).cast::<__m128i>();
+            for i in 0..body {
+                _mm_stream_si128(base.add(i), z);
+            }
+            _mm_sfence();
+            p.add(head + body * 16)
+                .write_bytes(0, size - head - body * 16);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: the caller's contract.
+    unsafe {
+        p.write_bytes(0, size)
+    };
+}
+
+/// Measures [`TouchFloor`] at `size` for about `d` per variant (median of the samples).
+pub fn touch_floor(size: usize, d: Duration) -> TouchFloor {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let mut buf = vec![1u8; size];
+    let p = buf.as_mut_ptr();
+    let mut own = Vec::new();
+    let t = Instant::now();
+    while own.len() < 5 || t.elapsed() < d {
+        // SAFETY: `p` spans `size` bytes of `buf`, used by this thread only here.
+        unsafe { p.write_bytes(0, size) };
+        own.push(touch_pages(p, size));
+    }
+    // A helper zeroes, then this thread touches; they take turns.
+    const ZERO: u32 = 0;
+    const ZERO_STREAMING: u32 = 1;
+    const TOUCH: u32 = 2;
+    const STOP: u32 = 3;
+    let turn = AtomicU32::new(TOUCH);
+    let shared = Shared(p);
+    let (mut other, mut streaming) = (Vec::new(), Vec::new());
+    std::thread::scope(|s| {
+        let (turn, shared) = (&turn, &shared);
+        s.spawn(move || {
+            loop {
+                match turn.load(Ordering::Acquire) {
+                    ZERO => {
+                        // SAFETY: it is this thread's turn: the other one waits for TOUCH.
+                        unsafe { shared.0.write_bytes(0, size) };
+                        turn.store(TOUCH, Ordering::Release);
+                    }
+                    ZERO_STREAMING => {
+                        // SAFETY: as above.
+                        unsafe { zero_streaming(shared.0, size) };
+                        turn.store(TOUCH, Ordering::Release);
+                    }
+                    STOP => return,
+                    _ => std::hint::spin_loop(),
+                }
+            }
+        });
+        for (how, out) in [(ZERO, &mut other), (ZERO_STREAMING, &mut streaming)] {
+            let t = Instant::now();
+            while out.len() < 5 || t.elapsed() < d {
+                turn.store(how, Ordering::Release);
+                while turn.load(Ordering::Acquire) != TOUCH {
+                    std::hint::spin_loop();
+                }
+                out.push(touch_pages(shared.0, size));
+            }
+        }
+        turn.store(STOP, Ordering::Release);
+    });
+    drop(buf);
+    TouchFloor {
+        own_ns: median_f64(own),
+        other_ns: median_f64(other),
+        other_streaming_ns: median_f64(streaming),
+    }
 }

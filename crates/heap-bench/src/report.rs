@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::measure::Bandwidth;
+use crate::measure::{Bandwidth, TouchFloor};
 use crate::systems::CallOpts;
 
 /// One system at one size in one mode.
@@ -107,6 +107,15 @@ impl ModeReport {
         }
     }
 
+    /// The fastest of the general-purpose allocators at `size`.
+    fn fastest_peer(&self, size: usize) -> Option<&Row> {
+        ["calloc", "mimalloc", "jemalloc"]
+            .iter()
+            .filter_map(|s| self.find(s, size))
+            .filter(|r| r.absent.is_none())
+            .min_by(|a, b| a.ns_per_call.total_cmp(&b.ns_per_call))
+    }
+
     fn find(&self, system: &str, size: usize) -> Option<&Row> {
         self.rows
             .iter()
@@ -114,8 +123,15 @@ impl ModeReport {
     }
 
     /// The summary table: one row per size, one column per system (ns/call and the ratio to
-    /// pagepool), then the zeroing limit (tight) and the worker's throughput.
-    pub fn summary(&self, bw: &[(usize, Bandwidth)], systems: &[&str]) -> String {
+    /// pagepool), then the zeroing limit (tight) or the touch floor (paced), and the worker's
+    /// throughput.
+    pub fn summary(
+        &self,
+        bw: &[(usize, Bandwidth)],
+        floors: &[(usize, TouchFloor)],
+        systems: &[&str],
+    ) -> String {
+        let floor = |size: usize| floors.iter().find(|f| f.0 == size).map(|f| f.1);
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -128,6 +144,8 @@ impl ModeReport {
         }
         if self.mode == "tight" {
             let _ = write!(out, " {:>12} {:>14}", "limit", "pagepool/limit");
+        } else if !floors.is_empty() {
+            let _ = write!(out, " {:>12} {:>14}", "touch floor", "pagepool/floor");
         }
         out.push('\n');
         for &(size, b) in bw {
@@ -150,8 +168,34 @@ impl ModeReport {
                 let limit = b.limit_ns(size);
                 let ratio = base.map_or(String::from("-"), |p| format!("{:.2}x", p / limit));
                 let _ = write!(out, " {limit:>12.0} {ratio:>14}");
+            } else if let Some(f) = floor(size) {
+                let ratio = base.map_or(String::from("-"), |p| format!("{:.2}x", p / f.min_ns()));
+                let _ = write!(out, " {:>12.0} {ratio:>14}", f.min_ns());
             }
             out.push('\n');
+        }
+        if self.mode == "paced" && !floors.is_empty() {
+            let _ = writeln!(
+                out,
+                "touch floor: the least time to write one byte per page of memory already zeroed \
+                 (by this thread, or by another with memset or streaming stores; every row \
+                 touches its buffer); the most any row could be faster than the fastest \
+                 allocator:"
+            );
+            for &(size, _) in bw {
+                let (Some(f), Some(best)) = (floor(size), self.fastest_peer(size)) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    out,
+                    "  {}: {} {:.0} ns / floor {:.0} ns = {:.1}x",
+                    human(size),
+                    best.system,
+                    best.ns_per_call,
+                    f.min_ns(),
+                    best.ns_per_call / f.min_ns()
+                );
+            }
         }
         for w in &self.worker {
             let _ = writeln!(
@@ -183,6 +227,8 @@ pub struct Report {
     pub verify: bool,
     /// memset bandwidth per size.
     pub bandwidth: Vec<(usize, Bandwidth)>,
+    /// The touch floor per size (empty with `--no-touch`).
+    pub touch_floor: Vec<(usize, TouchFloor)>,
     /// Each mode's results.
     pub modes: Vec<ModeReport>,
     /// Each pagepool heap's statistics at the end.
@@ -191,7 +237,12 @@ pub struct Report {
 
 impl Report {
     /// An empty report.
-    pub fn new(_sizes: &[usize], bw: &[(usize, Bandwidth)], opts: CallOpts) -> Report {
+    pub fn new(
+        _sizes: &[usize],
+        bw: &[(usize, Bandwidth)],
+        floors: &[(usize, TouchFloor)],
+        opts: CallOpts,
+    ) -> Report {
         Report {
             unix_time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -204,6 +255,7 @@ impl Report {
             touch: opts.touch,
             verify: opts.verify,
             bandwidth: bw.to_vec(),
+            touch_floor: floors.to_vec(),
             modes: Vec::new(),
             heap_stats: Vec::new(),
         }

@@ -56,10 +56,18 @@ fn tiny_run_prints_every_row_of_both_modes() {
         }
     }
     assert!(stdout.contains("zeroing limit"));
+    assert!(stdout.contains("pagepool/floor") && stdout.contains("touch floor: "));
     assert!(stdout.contains("== pagepool heap statistics =="));
     assert!(stdout.contains("== memory: peak RSS of the pagepool rows =="));
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let floors = report["touch_floor"].as_array().unwrap();
+    assert_eq!(floors.len(), 2, "one touch floor per size");
+    for f in floors {
+        for k in ["own_ns", "other_ns", "other_streaming_ns"] {
+            assert!(f[1][k].as_f64().unwrap() > 0.0, "{k}: {f}");
+        }
+    }
     let modes = report["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2);
     for m in modes {
