@@ -43,11 +43,12 @@ pub struct BlockInfo {
 /// buf.fill(0xab);
 /// ```
 pub struct Buffer {
+    /// The buffer's first byte: the first block's home address, or else a view mapping of our
+    /// own (to unmap on drop; see [`Buffer::is_remapped`]). No separate flag: a one-byte field
+    /// would be the `Result<Buffer, _>` niche, and its byte-sized store, read back as part of a
+    /// wider load when the result is moved, stalled store forwarding on every allocation.
     ptr: NonNull<u8>,
     len: usize,
-    /// True when `ptr` is a view mapping of our own (to unmap on drop), false when it is the
-    /// blocks' home mapping.
-    view: bool,
     /// The blocks, as runs lying end to end in their arenas, in buffer order.
     runs: Runs,
     /// Our own descriptors of the dma-bufs this buffer was exported as (boxed: most buffers
@@ -75,13 +76,13 @@ impl Buffer {
     ) -> Result<Buffer, AllocError> {
         let page = heap.page;
         let end_to_end = runs.windows(2).all(|w| w[0].end(page) == w[1].start);
-        let (ptr, view) = if end_to_end {
-            (runs[0].ptr(), false)
+        let ptr = if end_to_end {
+            runs[0].ptr()
         } else {
             match map_view(&heap, &runs, bytes) {
                 Ok(p) => {
                     heap.counters.remapped.fetch_add(1, Ordering::Relaxed);
-                    (p, true)
+                    p
                 }
                 Err(e) => {
                     // Clean blocks (pooled or fresh): back to the pools, untouched.
@@ -97,7 +98,6 @@ impl Buffer {
         Ok(Buffer {
             ptr,
             len: bytes,
-            view,
             runs,
             exports: None,
             heap: ManuallyDrop::new(heap),
@@ -111,7 +111,6 @@ impl Buffer {
         Buffer {
             ptr: run.ptr(),
             len: bytes,
-            view: false,
             runs: {
                 let mut runs = Runs::new();
                 runs.push(run);
@@ -152,7 +151,7 @@ impl Buffer {
 
     /// True when the buffer needed a view mapping (its blocks were not end to end in memory).
     pub fn is_remapped(&self) -> bool {
-        self.view
+        self.ptr != self.runs[0].ptr()
     }
 
     /// Exports the buffer as a real dma-buf through `/dev/udmabuf`: one `UDMABUF_CREATE_LIST`
@@ -260,8 +259,9 @@ impl AsMut<[u8]> for Buffer {
 impl Drop for Buffer {
     /// Hands the blocks back to the heap: queued for the worker to zero (the default), or
     /// zeroed here, or given straight back to the system when the heap no longer pools.
+    #[inline]
     fn drop(&mut self) {
-        if !self.view
+        if !self.is_remapped()
             && self.exports.is_none()
             && let [run] = self.runs[..]
             && run.pages() <= self.heap.cache.max_buffer_pages
@@ -280,10 +280,12 @@ impl Drop for Buffer {
 }
 
 impl Buffer {
-    /// The usual release: unmap the view, then hand the blocks to the heap.
+    /// The usual release: unmap the view, then hand the blocks to the heap. Kept out of line
+    /// so that the cached path stays small.
+    #[inline(never)]
     fn release(&mut self) {
         let h = &self.heap;
-        if self.view {
+        if self.is_remapped() {
             // SAFETY: the view is this buffer's own mapping; nothing refers to it any more. The
             // blocks stay mapped at their home addresses.
             if let Err(e) = unsafe { os::unmap(self.ptr, self.len) } {
@@ -317,7 +319,7 @@ impl fmt::Debug for Buffer {
             .field("ptr", &self.ptr)
             .field("len", &self.len)
             .field("runs", &self.runs.len())
-            .field("remapped", &self.view)
+            .field("remapped", &self.is_remapped())
             .finish()
     }
 }

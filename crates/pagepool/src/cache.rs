@@ -87,6 +87,7 @@ impl SlotTotals {
 }
 
 /// Adds to a counter only one thread writes: a load and a store, no locked instruction.
+#[inline]
 fn bump(c: &AtomicU64, n: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
@@ -102,6 +103,7 @@ impl Slot {
         }
     }
 
+    #[inline]
     fn add_live(&self, pages: i64) {
         let v = &self.live_pages;
         v.store(
@@ -157,12 +159,14 @@ struct ThreadCache {
 }
 
 impl ThreadCache {
+    #[inline]
     fn heap(&self) -> &HeapInner {
         // SAFETY: the entry holds a strong reference to the heap internals (see `heap`), so
         // they are alive for as long as `self` is.
         unsafe { &*self.heap }
     }
 
+    #[inline]
     fn set_pages(&mut self, pages: usize) {
         self.pages = pages;
         self.slot.cached_pages.store(pages, Ordering::Relaxed);
@@ -170,6 +174,7 @@ impl ThreadCache {
 
     /// One strong reference for a new buffer: one a released buffer left here if there is
     /// one (no atomic operation), else a new one.
+    #[inline]
     fn take_ref(&mut self) -> Arc<HeapInner> {
         if self.refs > 0 {
             self.refs -= 1;
@@ -184,6 +189,7 @@ impl ThreadCache {
 
     /// Keeps a released buffer's strong reference without an atomic operation (up to one per
     /// cached run; extra ones are dropped).
+    #[inline]
     fn stash_ref(&mut self, heap: Arc<HeapInner>) {
         debug_assert!(std::ptr::eq(Arc::as_ptr(&heap), self.heap));
         if self.refs <= self.runs.len() {
@@ -193,6 +199,8 @@ impl ThreadCache {
     }
 
     /// Sends every cached run down the usual release path and drops the spare references.
+    #[cold]
+    #[inline(never)]
     fn empty(&mut self) {
         let runs = std::mem::take(&mut self.runs);
         self.set_pages(0);
@@ -206,6 +214,7 @@ impl ThreadCache {
     }
 
     /// Empties the cache if its heap asked since the last look.
+    #[inline]
     fn check_epoch(&mut self) {
         let now = self.heap().cache.epoch.load(Ordering::Relaxed);
         if now != self.epoch {

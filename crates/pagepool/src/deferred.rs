@@ -136,6 +136,7 @@ pub struct Run {
 
 impl Run {
     /// Pages in the run.
+    #[inline]
     pub fn pages(&self) -> usize {
         self.count << self.order
     }
@@ -146,6 +147,7 @@ impl Run {
     }
 
     /// The run's first byte as a pointer (dangling for a null start).
+    #[inline]
     pub(crate) fn ptr(&self) -> std::ptr::NonNull<u8> {
         std::ptr::NonNull::new(std::ptr::with_exposed_provenance_mut(self.start))
             .unwrap_or(std::ptr::NonNull::dangling())

@@ -397,6 +397,7 @@ pub(crate) struct HeapInner {
 }
 
 impl HeapInner {
+    #[inline]
     pub(crate) fn pooling(&self) -> bool {
         !self.closed.load(Ordering::Relaxed) && self.owner.limit_pages() > 0
     }
@@ -435,6 +436,7 @@ impl HeapInner {
     ///
     /// # Safety
     /// The caller owns the run's blocks exclusively (no buffer, pool or claim refers to them).
+    #[inline]
     pub(crate) unsafe fn zero_run(&self, r: &Run, buffer_pages: usize) {
         let streaming = buffer_pages * self.page > crate::zero::streaming_threshold();
         // SAFETY: the run is a used arena range, mapped at its home address, owned by the caller.
@@ -652,16 +654,11 @@ impl SystemHeap {
     /// Blocks of the configured orders are used largest first, each from its pool if the pool
     /// has one, else from the system. Fails with a clear error, and leaks nothing, on a zero
     /// length, a length over the maximum, or when the system refuses memory or mappings.
+    #[inline]
     pub fn alloc(&self, len: usize) -> Result<Buffer, AllocError> {
         let h = &self.inner;
-        if len == 0 {
-            return Err(AllocError::ZeroLength);
-        }
-        if len > h.max_buffer {
-            return Err(AllocError::TooLarge {
-                len,
-                max: h.max_buffer,
-            });
+        if len == 0 || len > h.max_buffer {
+            return Err(self.refuse(len));
         }
         // Pages are a power of two: shifts, not divisions, on the hot path.
         let pages = (len + h.page - 1) >> h.page_shift;
@@ -671,6 +668,27 @@ impl SystemHeap {
         {
             return Ok(Buffer::from_cache(heap, run, bytes));
         }
+        self.alloc_blocks(pages, bytes)
+    }
+
+    /// Why `len` is refused.
+    #[cold]
+    fn refuse(&self, len: usize) -> AllocError {
+        if len == 0 {
+            AllocError::ZeroLength
+        } else {
+            AllocError::TooLarge {
+                len,
+                max: self.inner.max_buffer,
+            }
+        }
+    }
+
+    /// The allocation a thread cache could not serve: blocks from the pools, the queue or the
+    /// system. Kept out of line so that the cached path does not pay for its stack frame.
+    #[inline(never)]
+    fn alloc_blocks(&self, pages: usize, bytes: usize) -> Result<Buffer, AllocError> {
+        let h = &self.inner;
         // Largest blocks first. Each order's blocks are sorted by address and runs of blocks
         // that lie end to end merged, so the bookkeeping grows with the number of separate
         // pieces, not with the buffer's size, and blocks freed together come back together.

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 /// Buffers larger than this are zeroed with streaming stores: half the last-level cache (read
 /// from sysfs; 8 MiB where it cannot be read).
+#[inline]
 pub(crate) fn streaming_threshold() -> usize {
     static T: OnceLock<usize> = OnceLock::new();
     *T.get_or_init(|| last_level_cache().map_or(8 << 20, |c| c / 2))
@@ -42,6 +43,7 @@ fn last_level_cache() -> Option<usize> {
 ///
 /// # Safety
 /// `p..p + len` is writable memory the caller owns exclusively.
+#[inline]
 pub(crate) unsafe fn zero(p: NonNull<u8>, len: usize, streaming: bool) {
     #[cfg(target_arch = "x86_64")]
     if streaming && (p.as_ptr() as usize).is_multiple_of(64) && len.is_multiple_of(64) {
