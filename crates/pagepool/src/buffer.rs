@@ -122,11 +122,13 @@ impl Buffer {
     }
 
     /// The buffer's length in bytes (a multiple of the page size).
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Always false: buffers are at least one page.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -150,6 +152,7 @@ impl Buffer {
     }
 
     /// True when the buffer needed a view mapping (its blocks were not end to end in memory).
+    #[inline]
     pub fn is_remapped(&self) -> bool {
         self.ptr != self.runs[0].ptr()
     }
@@ -230,6 +233,7 @@ fn map_view(heap: &HeapInner, runs: &[Run], bytes: usize) -> Result<NonNull<u8>,
 
 impl Deref for Buffer {
     type Target = [u8];
+    #[inline]
     fn deref(&self) -> &[u8] {
         // SAFETY: `ptr..ptr + len` is mapped, readable and owned by this buffer (see `assemble`);
         // the borrow of `self` keeps it alive.
@@ -238,6 +242,7 @@ impl Deref for Buffer {
 }
 
 impl DerefMut for Buffer {
+    #[inline]
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
@@ -245,12 +250,14 @@ impl DerefMut for Buffer {
 }
 
 impl AsRef<[u8]> for Buffer {
+    #[inline]
     fn as_ref(&self) -> &[u8] {
         self
     }
 }
 
 impl AsMut<[u8]> for Buffer {
+    #[inline]
     fn as_mut(&mut self) -> &mut [u8] {
         self
     }

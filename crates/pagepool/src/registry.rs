@@ -294,6 +294,7 @@ impl Owner {
     }
 
     /// The most pages this owner's pools may hold.
+    #[inline]
     pub fn limit_pages(&self) -> usize {
         self.limit.load(Ordering::Relaxed)
     }
