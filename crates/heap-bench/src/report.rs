@@ -70,7 +70,8 @@ pub struct WorkerFigure {
     pub bytes: u64,
     /// Its throughput, bytes per second of zeroing.
     pub bytes_per_sec: f64,
-    /// One-thread memset of resident memory at this size, bytes per second.
+    /// One-thread memset of resident memory at this size, bytes per second: the best of the
+    /// run's first measurement and one made right after the size's rows.
     pub memset_single: f64,
 }
 
@@ -200,7 +201,7 @@ impl ModeReport {
         for w in &self.worker {
             let _ = writeln!(
                 out,
-                "worker zeroing at {}: {:.1} GB/s over {} MiB; one-thread memset {:.1} GB/s ({:.0}%)",
+                "worker zeroing at {}: {:.1} GB/s over {} MiB; one-thread memset {:.1} GB/s (best of two in this run): {:.0}%",
                 human(w.size),
                 w.bytes_per_sec / 1e9,
                 w.bytes >> 20,

@@ -516,10 +516,14 @@ impl HeapInner {
             let (run, buffer_pages) = match work {
                 Work::Claim(run, pages) => (run, pages),
                 Work::Assist => {
+                    let t = std::time::Instant::now();
+                    let mut mine = 0;
                     list.assist(|job, off, len| {
                         // SAFETY: `assist` handed the worker this stripe of the shared run.
-                        unsafe { self.zero_part(job, off, len) }
+                        unsafe { self.zero_part(job, off, len) };
+                        mine += len;
                     });
+                    self.count_worker(mine, t.elapsed());
                     continue;
                 }
             };
@@ -527,28 +531,34 @@ impl HeapInner {
             // Zero the claim stripe by stripe; an allocation waiting for it may take stripes too.
             let job = Arc::new(Job::new(run, buffer_pages, self.page));
             list.publish(Some(job.clone()));
+            let mut mine = 0;
             while let Some((off, len)) = job.next_stripe(self.page) {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
                 // helpers, one stripe each) until it lands.
                 unsafe { self.zero_part(&job, off, len) };
                 job.finish(len);
+                mine += len;
             }
+            // The worker's own zeroing ends here; what follows is waiting for helpers.
+            self.count_worker(mine, t.elapsed());
             while !job.complete() {
                 std::hint::spin_loop(); // a helper is finishing its last stripe
             }
             list.publish(None);
-            let nanos = t.elapsed().as_nanos() as u64;
-            let c = &self.counters;
-            c.worker.nanos.fetch_add(nanos, Ordering::Relaxed);
-            c.worker
-                .bytes
-                .fetch_add((run.pages() * self.page) as u64, Ordering::Relaxed);
-            c.worker
+            self.counters
+                .worker
                 .zeroed
                 .fetch_add(run.count as u64, Ordering::Relaxed);
             self.give_runs(std::slice::from_ref(&run));
             list.landed(&run);
         }
+    }
+
+    /// Adds `bytes` zeroed by the worker itself in `took` to its throughput counters.
+    fn count_worker(&self, bytes: usize, took: std::time::Duration) {
+        let w = &self.counters.worker;
+        w.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        w.nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Takes up to `want` clean blocks of pool `i` for an allocation, appending them to `runs`:

@@ -110,9 +110,10 @@ pub struct HeapStats {
     /// Exported buffers whose dma-buf was still held when the buffer was dropped: their memory
     /// went back to the system instead of the pools.
     pub exports_held_at_release: u64,
-    /// Bytes the worker zeroed.
+    /// Bytes the worker zeroed itself: its share of the runs it claimed (allocations may help
+    /// with them) and of runs allocations shared with it.
     pub worker_bytes: u64,
-    /// Nanoseconds the worker spent zeroing them.
+    /// Nanoseconds the worker spent zeroing them (not waiting for helpers).
     pub worker_nanos: u64,
     /// Pages queued for the worker or being zeroed by it now.
     pub queued_pages: usize,
