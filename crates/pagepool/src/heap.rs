@@ -13,6 +13,14 @@
 //!   the same arena file is mapped there once more (`mmap(MAP_SHARED | MAP_FIXED)`): page-table
 //!   work only, no copying and no zeroing.
 //!
+//! ## Small buffers: per-thread caches
+//! A released buffer of up to 16 KiB (a quarter of [`HeapBuilder::thread_cache`]) stays, still
+//! dirty, in the releasing thread's own cache of this heap (64 KiB by default), and the
+//! thread's next allocation of that size takes it back and zeroes it inline: no lock, no atomic
+//! read-modify-write, no hand-off to another core, which at that size all cost more than the
+//! zeroing (measured: 4 KiB allocate + release ~60 ns this way against ~120 ns through the
+//! pools and the queue). See the `cache` module for the bounds and how caches are emptied.
+//!
 //! ## Releasing
 //! By default a released buffer is queued on the heap's [`Freelist`] in O(1) (a buffer that
 //! needed a view also unmaps it); a worker thread (`pagepool-free`, at nice 19 like the kernel's
@@ -25,11 +33,14 @@
 //!    waits for it to land (spinning: at most one chunk);
 //! 3. fresh pages from the system.
 //!
-//! Buffers larger than half the last-level cache are zeroed with streaming stores. Past the
-//! queue bound the releasing thread zeroes the buffer itself. Releases under one chunk do not
-//! wake a sleeping worker (a wake-up costs more than zeroing them); an idle worker polls for
+//! Two threads zeroing one run split it in pieces, each a share of what is left (see
+//! [`Job::next_stripe`]), so that they meet at the end after a handful of claims. Buffers
+//! larger than half the last-level cache are zeroed with streaming stores. Past the queue bound
+//! the releasing thread zeroes the buffer itself. Releases under one chunk do not wake a
+//! sleeping worker (a wake-up costs more than zeroing them); an idle worker polls for
 //! [`HeapBuilder::worker_spin`], then naps and looks for work by itself for
-//! [`HeapBuilder::worker_naps`], before it sleeps until a release wakes it. With [`HeapBuilder::deferred`]`(false)` every
+//! [`HeapBuilder::worker_naps`], before it sleeps until a release wakes it: a release never
+//! pays for a wake-up while the heap is in use. With [`HeapBuilder::deferred`]`(false)` every
 //! release zeroes synchronously (TTM's way).
 
 //! ## Mapping count bound
