@@ -67,12 +67,19 @@ fn memset_reference(c: &mut Criterion) {
 }
 
 fn heap_hit_path(c: &mut Criterion) {
-    let mut g = c.benchmark_group("heap alloc+drop, pool hit");
-    for (name, deferred) in [("syncfree", false), ("deferred", true)] {
+    let mut g = c.benchmark_group("heap alloc+drop, hit");
+    // The default heap (small buffers from the thread's cache), then the pools alone, with
+    // deferred and with synchronous zeroing.
+    for (name, deferred, thread_cache) in [
+        ("default", true, pagepool::heap::DEFAULT_THREAD_CACHE),
+        ("pools-deferred", true, 0),
+        ("pools-syncfree", false, 0),
+    ] {
         let heap = SystemHeap::builder()
             .name(name)
             .registry(Registry::new(usize::MAX))
             .deferred(deferred)
+            .thread_cache(thread_cache)
             .pressure(None)
             .build()
             .unwrap();
