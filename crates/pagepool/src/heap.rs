@@ -237,8 +237,9 @@ impl HeapBuilder {
     }
 
     /// How many bytes of released small buffers each thread keeps for its own next
-    /// allocations (default 64 KiB; 0 turns thread caches off). Buffers of up to a quarter of
-    /// this (16 KiB by default) made of 4 KiB blocks are cached still dirty, and zeroed by the
+    /// allocations (default 64 KiB; 0, or less than four pages, turns thread caches off).
+    /// Buffers of up to a quarter of this (16 KiB by default) made of 4 KiB blocks are cached
+    /// still dirty, and zeroed by the
     /// allocating thread when taken again: for them, zeroing costs less than any trip through
     /// the shared pools or the worker. A thread's cache is emptied into the heap when the
     /// thread exits, and at its next use of the heap after [`SystemHeap::shrink`],
