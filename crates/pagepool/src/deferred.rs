@@ -358,9 +358,16 @@ impl Freelist {
     }
 
     /// The worker's side: makes `job` (its current claim) open to helpers, or closes it
-    /// (`None`) once every stripe is done.
+    /// (`None`) once every stripe is done. [`next_work`](Self::next_work) publishes the job of
+    /// each claim itself, while the claim is made.
     pub fn publish(&self, job: Option<std::sync::Arc<Job>>) {
         *lock(&self.job) = job;
+    }
+
+    /// The job of the worker's current claim, if it is still open: the worker zeroes it from the
+    /// front, helpers from the back.
+    pub fn current_job(&self) -> Option<std::sync::Arc<Job>> {
+        lock(&self.job).clone()
     }
 
     /// The allocator's side: if the worker is zeroing a claim of `order`, takes stripes of it
@@ -535,6 +542,10 @@ impl Freelist {
                 }
                 self.take(&mut q, &run);
                 q.in_flight[run.order as usize] += run.pages();
+                // Open to helpers before the queue's lock is released: whoever sees the claim
+                // in flight finds its job (see `current_job`).
+                *lock(&self.job) =
+                    Some(std::sync::Arc::new(Job::new(run, buffer_pages, self.page)));
                 return Some(Work::Claim(run, buffer_pages));
             }
             let found = match idle_since {
@@ -576,6 +587,12 @@ impl Freelist {
 
     /// The worker's side: a claimed run has been zeroed and given to the pools.
     pub fn landed(&self, run: &Run) {
+        {
+            let mut job = lock(&self.job);
+            if job.as_ref().is_some_and(|j| j.run() == *run) {
+                *job = None;
+            }
+        }
         let mut q = lock(&self.queue);
         q.in_flight[run.order as usize] -= run.pages();
         q.landings += 1;
@@ -826,6 +843,24 @@ mod tests {
         assert_eq!(l.pages(), 3 * 16 + 3);
         assert_eq!(l.claim(), Some(run(65536, 4, 3)), "the oldest buffer first");
         assert_eq!(l.claim(), Some(run(2 << 20, 0, 3)));
+    }
+
+    #[test]
+    fn a_claim_is_open_to_helpers_from_the_moment_it_is_made() {
+        let (l, _) = list(10_000);
+        l.queue(smallvec::smallvec![run(0, 8, 1)]).unwrap();
+        let r = l.claim().unwrap();
+        assert_eq!(l.in_flight(8), 256);
+        let job = l.current_job().expect("published with the claim");
+        assert_eq!(job.run(), r);
+        // With the worker not started, a helper takes every piece, half of what is left each.
+        let mut helped = Vec::new();
+        assert!(l.help(8, |_, off, len| helped.push((off, len))));
+        assert_eq!(helped.first(), Some(&(0, 1 << 19)), "half first");
+        assert!(job.complete(), "the helper took every piece left");
+        l.landed(&r);
+        assert!(l.current_job().is_none(), "closed when the claim lands");
+        assert_eq!(l.in_flight(8), 0);
     }
 
     #[test]

@@ -540,9 +540,12 @@ impl HeapInner {
                 }
             };
             let t = std::time::Instant::now();
-            // Zero the claim stripe by stripe; an allocation waiting for it may take stripes too.
-            let job = Arc::new(Job::new(run, buffer_pages, self.page));
-            list.publish(Some(job.clone()));
+            // Zero the claim stripe by stripe; an allocation waiting for it may take stripes too
+            // (`next_work` published its job already).
+            let job = list
+                .current_job()
+                .filter(|j| j.run() == run)
+                .unwrap_or_else(|| Arc::new(Job::new(run, buffer_pages, self.page)));
             let mut mine = 0;
             while let Some((off, len)) = job.next_stripe(self.page) {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
