@@ -261,6 +261,15 @@ pub enum Work {
     Assist,
 }
 
+/// How long a spinning worker leaves newly queued work alone before claiming it. A program that
+/// allocates right after it releases (the same buffer size, back to back) takes the dirty
+/// blocks itself and shares their zeroing with the idle worker; had the worker claimed them
+/// first, the allocation would help with the claim, then wait for it to land in a pool and take
+/// it from there. Measured at 1 MiB: 11-13 us for such an allocation, 8-9 us when it takes the
+/// blocks. A program that works between releases loses nothing: the worker still zeroes long
+/// before its next allocation.
+pub const CLAIM_DELAY: std::time::Duration = std::time::Duration::from_micros(2);
+
 /// An idle worker's first naps (see [`Freelist::set_worker_naps`]); with the kernel's default
 /// timer slack of 50 us a nap lasts about 150 us.
 pub const NAP_FIRST: std::time::Duration = std::time::Duration::from_micros(100);
@@ -420,16 +429,25 @@ impl Freelist {
             return false;
         }
         let end = std::time::Instant::now() + std::time::Duration::from_nanos(ns);
+        // When queued work was first seen: it is claimed once it has waited CLAIM_DELAY.
+        let mut seen: Option<std::time::Instant> = None;
         loop {
             for _ in 0..64 {
-                if self.queued_hint.load(Ordering::Relaxed) >= CHUNK_PAGES
-                    || self.shared_hint.load(Ordering::Relaxed)
-                {
+                if self.shared_hint.load(Ordering::Relaxed) {
                     return true;
+                }
+                if self.queued_hint.load(Ordering::Relaxed) >= CHUNK_PAGES {
+                    match seen {
+                        Some(t) if t.elapsed() >= CLAIM_DELAY => return true,
+                        Some(_) => {}
+                        None => seen = Some(std::time::Instant::now()),
+                    }
+                } else {
+                    seen = None; // an allocation took it
                 }
                 std::hint::spin_loop();
             }
-            if std::time::Instant::now() >= end {
+            if seen.is_none() && std::time::Instant::now() >= end {
                 return false;
             }
         }
