@@ -34,7 +34,10 @@
 //! 3. fresh pages from the system.
 //!
 //! Two threads zeroing one run split it in pieces, each a share of what is left (see
-//! [`Job::next_stripe`]), so that they meet at the end after a handful of claims. Buffers
+//! [`Job::next_stripe`]), so that they meet at the end after a handful of claims. A spinning
+//! worker leaves a newly queued buffer alone for [`crate::deferred::CLAIM_DELAY`] (2 us), so
+//! that an allocation coming right after the release takes it (step 1) rather than waiting for
+//! the worker's claim to land (step 2). Buffers
 //! larger than half the last-level cache are zeroed with streaming stores. Past the queue bound
 //! the releasing thread zeroes the buffer itself. Releases under one chunk do not wake a
 //! sleeping worker (a wake-up costs more than zeroing them); an idle worker polls for
