@@ -180,11 +180,21 @@ fn run(args: Args) -> Result<(), String> {
             b.limit_ns(*s)
         );
     }
-    // What the touch alone costs, where memory is already zeroed (on this core or the other).
+    // What the touch alone costs, where memory is already zeroed (on this core or the other),
+    // after the paced mode's work between calls.
+    let paced_work = |size: usize, b: &Bandwidth| {
+        let us = args.work_us.unwrap_or(2.0 * size as f64 / b.single * 1e6);
+        Duration::from_nanos((us * 1000.0) as u64)
+    };
     let floors: Vec<(usize, TouchFloor)> = if opts.touch {
-        args.sizes
-            .iter()
-            .map(|&s| (s, measure::touch_floor(s, Duration::from_millis(100))))
+        bw.iter()
+            .map(|(s, b)| {
+                let settle = paced_work(*s, b);
+                (
+                    *s,
+                    measure::touch_floor(*s, Duration::from_millis(100), settle),
+                )
+            })
             .collect()
     } else {
         Vec::new()
@@ -210,8 +220,7 @@ fn run(args: Args) -> Result<(), String> {
         for (si, &size) in args.sizes.iter().enumerate() {
             let b = bw[si].1;
             let work = if *mode == "paced" {
-                let us = args.work_us.unwrap_or(2.0 * size as f64 / b.single * 1e6);
-                Duration::from_nanos((us * 1000.0) as u64)
+                paced_work(size, &b)
             } else {
                 Duration::ZERO
             };

@@ -97,7 +97,8 @@ pub fn rss() -> (u64, u64) {
 
 /// What the touch in every call costs when the memory is already zeroed: writing one byte per
 /// 4 KiB page of `size` resident, zeroed bytes, in ns per call, depending on who zeroed it and
-/// how.
+/// how. An estimate of the least a paced call can cost, not a bound: how the caches hold the
+/// lines depends on what ran in between.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct TouchFloor {
     /// Zeroed by this thread just before (`memset`: its lines in this core's caches, as far as
@@ -112,7 +113,7 @@ pub struct TouchFloor {
 }
 
 impl TouchFloor {
-    /// The least of the three: no row can deliver a touched buffer faster than this.
+    /// The least of the three.
     pub fn min_ns(&self) -> f64 {
         self.own_ns.min(self.other_ns).min(self.other_streaming_ns)
     }
@@ -170,8 +171,10 @@ unsafe fn zero_streaming(p: *mut u8, size: usize) {
     };
 }
 
-/// Measures [`TouchFloor`] at `size` for about `d` per variant (median of the samples).
-pub fn touch_floor(size: usize, d: Duration) -> TouchFloor {
+/// Measures [`TouchFloor`] at `size` for about `d` per variant (median of the samples). Between
+/// the zeroing and the touch the measuring thread computes for `settle` (the paced mode's work
+/// between calls), as a program does between releasing a buffer and using the next one.
+pub fn touch_floor(size: usize, d: Duration, settle: Duration) -> TouchFloor {
     use std::sync::atomic::{AtomicU32, Ordering};
     let mut buf = vec![1u8; size];
     let p = buf.as_mut_ptr();
@@ -180,6 +183,7 @@ pub fn touch_floor(size: usize, d: Duration) -> TouchFloor {
     while own.len() < 5 || t.elapsed() < d {
         // SAFETY: `p` spans `size` bytes of `buf`, used by this thread only here.
         unsafe { p.write_bytes(0, size) };
+        spin(settle);
         own.push(touch_pages(p, size));
     }
     // A helper zeroes, then this thread touches; they take turns.
@@ -217,6 +221,7 @@ pub fn touch_floor(size: usize, d: Duration) -> TouchFloor {
                 while turn.load(Ordering::Acquire) != TOUCH {
                     std::hint::spin_loop();
                 }
+                spin(settle);
                 out.push(touch_pages(shared.0, size));
             }
         }

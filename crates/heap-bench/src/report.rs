@@ -178,10 +178,11 @@ impl ModeReport {
         if self.mode == "paced" && !floors.is_empty() {
             let _ = writeln!(
                 out,
-                "touch floor: the least time to write one byte per page of memory already zeroed \
-                 (by this thread, or by another with memset or streaming stores; every row \
-                 touches its buffer); the most any row could be faster than the fastest \
-                 allocator:"
+                "touch floor: the time to write one byte per page of memory already zeroed (by \
+                 this thread, or by another with memset or streaming stores, whichever is least, \
+                 after the same work between calls; every row makes that write): an estimate of \
+                 the least a paced call can cost. The fastest allocator against it, the ratio a \
+                 row at the floor would show:"
             );
             for &(size, _) in bw {
                 let (Some(f), Some(best)) = (floor(size), self.fastest_peer(size)) else {
