@@ -242,12 +242,22 @@ impl HeapBuilder {
     /// How many bytes of released small buffers each thread keeps for its own next
     /// allocations (default 64 KiB; 0, or less than four pages, turns thread caches off).
     /// Buffers of up to a quarter of this (16 KiB by default) made of 4 KiB blocks are cached
-    /// still dirty, and zeroed by the
-    /// allocating thread when taken again: for them, zeroing costs less than any trip through
-    /// the shared pools or the worker. A thread's cache is emptied into the heap when the
-    /// thread exits, and at its next use of the heap after [`SystemHeap::shrink`],
-    /// [`SystemHeap::trim`], [`SystemHeap::flush`] or the heap's drop, which empty the calling
-    /// thread's cache at once.
+    /// still dirty, and zeroed by the allocating thread when taken again: for them, zeroing
+    /// costs less than any trip through the shared pools or the worker. A thread's cache is
+    /// emptied into the heap when the thread exits (by its thread-local destructors: after
+    /// `JoinHandle::join` returns, but possibly after a `std::thread::scope` ends), and at its
+    /// next use of the heap after [`SystemHeap::shrink`], [`SystemHeap::trim`],
+    /// [`SystemHeap::flush`] or the heap's drop, which empty the calling thread's cache at once.
+    ///
+    /// # Examples
+    /// ```
+    /// let heap = pagepool::SystemHeap::builder().thread_cache(0).build().unwrap();
+    /// drop(heap.alloc(4096).unwrap());
+    /// assert_eq!(heap.stats().thread_cached_pages, 0, "no cache: queued for the worker");
+    /// let cached = pagepool::SystemHeap::new().unwrap();
+    /// drop(cached.alloc(4096).unwrap());
+    /// assert_eq!(cached.stats().thread_cached_pages, 1);
+    /// ```
     pub fn thread_cache(mut self, bytes: usize) -> Self {
         self.thread_cache = bytes;
         self

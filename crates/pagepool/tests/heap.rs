@@ -53,11 +53,13 @@ fn zeroed_after_dirty_free_1m() {
 
 #[test]
 fn zeroed_random_sizes_four_threads() {
-    let heap = private_heap("zero-mt");
-    std::thread::scope(|s| {
-        for t in 0..4u64 {
-            let heap = &heap;
-            s.spawn(move || {
+    let heap = std::sync::Arc::new(private_heap("zero-mt"));
+    // Joined threads, not scoped ones: a scope can end before the threads' thread-local
+    // destructors (which give their small-buffer caches back) have run.
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let heap = heap.clone();
+            std::thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(t);
                 let mut live = Vec::new();
                 for i in 0..2600 {
@@ -74,13 +76,21 @@ fn zeroed_random_sizes_four_threads() {
                         live.swap_remove(rng.random_range(0..live.len()));
                     }
                 }
-            });
-        }
-    });
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
     heap.flush();
     let st = heap.stats();
     assert_eq!(st.allocs, 4 * 2600);
     assert_eq!(st.live_buffers, 0);
+    assert!(st.cache_hits > 0, "small buffers came from thread caches");
+    assert_eq!(
+        st.thread_cached_pages, 0,
+        "exited threads gave their caches back"
+    );
     assert_eq!(
         st.fresh_pages,
         st.pooled_pages() as u64 + st.released_pages,
