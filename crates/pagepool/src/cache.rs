@@ -19,7 +19,9 @@
 //!   at most the bound above, waits for that thread. Pressure scans do not reach thread caches
 //!   (they are that small);
 //! - a cache holds the heap's internals (not its handle) alive, so that the memory it holds
-//!   stays mapped; a dropped heap's internals go away when the last cache lets go.
+//!   stays mapped; a dropped heap's internals go away when the last cache lets go: when its
+//!   thread exits, or starts using another heap (a thread's caches of dropped heaps are
+//!   removed whenever it makes a new one).
 //!
 //! The counters a cached allocation or release changes live in a per-thread [`Slot`] that only
 //! its thread writes (plain loads and stores, no read-modify-write); [`stats`](crate::SystemHeap::stats)
@@ -279,6 +281,9 @@ unsafe fn with_cache<R>(
             let i = match caches.iter().position(|c| std::ptr::eq(c.heap, heap)) {
                 Some(i) => i,
                 None if create => {
+                    // Entries of heaps dropped since (whose handle is gone) go first: nothing
+                    // else would empty them before this thread exits.
+                    caches.retain(|c| !c.heap().closed.load(Ordering::Relaxed));
                     // SAFETY: the caller holds a strong reference, so `heap` is alive; the
                     // entry takes a reference of its own.
                     let shared = unsafe {

@@ -221,3 +221,34 @@ fn no_cache_when_turned_off_or_not_pooling() {
         );
     }
 }
+
+#[test]
+fn a_thread_lets_go_of_a_dropped_heap_when_it_uses_another() {
+    let name = "tc-dead";
+    let dead = heap(name);
+    let other = std::sync::Arc::new(heap("tc-alive"));
+    let buf = dead.alloc(page_size()).unwrap();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (step, stepped) = std::sync::mpsc::channel::<()>();
+    let o = other.clone();
+    let t = std::thread::spawn(move || {
+        drop(buf); // cached by this thread
+        step.send(()).unwrap();
+        wait.recv().unwrap();
+        // The heap above is gone now; using another one lets go of its cache.
+        drop(o.alloc(page_size()).unwrap());
+        step.send(()).unwrap();
+        wait.recv().unwrap();
+    });
+    stepped.recv().unwrap();
+    drop(dead);
+    assert!(
+        memfd_mappings(name) > 0,
+        "the thread's cache still holds a page"
+    );
+    go.send(()).unwrap();
+    stepped.recv().unwrap();
+    assert_eq!(memfd_mappings(name), 0, "let go without the thread exiting");
+    go.send(()).unwrap();
+    t.join().unwrap();
+}
