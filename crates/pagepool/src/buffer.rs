@@ -111,11 +111,7 @@ impl Buffer {
         Buffer {
             ptr: run.ptr(),
             len: bytes,
-            runs: {
-                let mut runs = Runs::new();
-                runs.push(run);
-                runs
-            },
+            runs: smallvec::smallvec![run],
             exports: None,
             heap: ManuallyDrop::new(heap),
         }

@@ -250,13 +250,11 @@ impl Drop for ThreadCache {
 
 /// A released buffer of `pages` order-0 blocks at `start`, as the heap's release path takes it.
 fn one_run(start: usize, pages: usize) -> Runs {
-    let mut runs = Runs::new();
-    runs.push(Run {
+    smallvec::smallvec![Run {
         start,
         order: 0,
         count: pages,
-    });
-    runs
+    }]
 }
 
 thread_local! {
@@ -343,12 +341,13 @@ pub(crate) fn take(heap: &Arc<HeapInner>, pages: usize) -> Option<(Run, Arc<Heap
     unsafe { with_cache(Arc::as_ptr(heap), false, take) }.flatten()
 }
 
-/// Offers a released buffer (one run of order-0 blocks, small enough) to this thread's cache,
-/// with the buffer's heap reference. On refusal both come back.
+/// Offers a released buffer (one run of order-0 blocks, of at most `max_buffer_pages` pages:
+/// the caller checks, as `SystemHeap::alloc` does before [`take`]) to this thread's cache, with
+/// the buffer's heap reference. On refusal both come back.
 #[inline]
 pub(crate) fn give(heap: Arc<HeapInner>, run: Run) -> Result<(), (Arc<HeapInner>, Run)> {
     let pages = run.pages();
-    if pages > heap.cache.max_buffer_pages || run.order != 0 || !heap.pooling() {
+    if run.order != 0 || !heap.pooling() {
         return Err((heap, run));
     }
     let ptr = Arc::as_ptr(&heap);

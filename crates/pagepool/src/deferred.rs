@@ -255,8 +255,9 @@ impl<T> std::ops::Deref for Line<T> {
 /// What the worker should do next (see [`Freelist::next_work`]).
 #[derive(Debug)]
 pub enum Work {
-    /// Zero this claimed run (from a buffer of the given size in pages) and land it.
-    Claim(Run, usize),
+    /// Zero this claimed run ([`Job::run`], from a buffer of [`Job::buffer_pages`] pages) and
+    /// land it. The job is open to helpers from the moment of the claim.
+    Claim(std::sync::Arc<Job>),
     /// An allocation shared a run it is zeroing: take stripes of it ([`Freelist::assist`]).
     Assist,
 }
@@ -373,8 +374,8 @@ impl Freelist {
         *lock(&self.job) = job;
     }
 
-    /// The job of the worker's current claim, if it is still open: the worker zeroes it from the
-    /// front, helpers from the back.
+    /// The job of the worker's current claim, while it is open to helpers (see
+    /// [`help`](Self::help)).
     pub fn current_job(&self) -> Option<std::sync::Arc<Job>> {
         lock(&self.job).clone()
     }
@@ -521,7 +522,7 @@ impl Freelist {
     pub fn claim(&self) -> Option<Run> {
         loop {
             match self.next_work()? {
-                Work::Claim(run, _) => return Some(run),
+                Work::Claim(job) => return Some(job.run()),
                 Work::Assist => continue,
             }
         }
@@ -562,9 +563,9 @@ impl Freelist {
                 q.in_flight[run.order as usize] += run.pages();
                 // Open to helpers before the queue's lock is released: whoever sees the claim
                 // in flight finds its job (see `current_job`).
-                *lock(&self.job) =
-                    Some(std::sync::Arc::new(Job::new(run, buffer_pages, self.page)));
-                return Some(Work::Claim(run, buffer_pages));
+                let job = std::sync::Arc::new(Job::new(run, buffer_pages, self.page));
+                *lock(&self.job) = Some(job.clone());
+                return Some(Work::Claim(job));
             }
             let found = match idle_since {
                 // Just out of work: spin first.
@@ -899,7 +900,10 @@ mod tests {
         l.share(None);
         // Queued work comes before assisting.
         l.queue(smallvec::smallvec![run(1 << 20, 0, 1)]).unwrap();
-        assert!(matches!(l.next_work(), Some(Work::Claim(r, 1)) if r == run(1 << 20, 0, 1)));
+        assert!(matches!(
+            l.next_work(),
+            Some(Work::Claim(job)) if job.run() == run(1 << 20, 0, 1) && job.buffer_pages() == 1
+        ));
     }
 
     #[test]

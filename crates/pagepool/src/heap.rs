@@ -37,10 +37,10 @@
 //! [`Job::next_stripe`]), so that they meet at the end after a handful of claims. A spinning
 //! worker leaves a newly queued buffer alone for [`crate::deferred::CLAIM_DELAY`] (2 us), so
 //! that an allocation coming right after the release takes it (step 1) rather than waiting for
-//! the worker's claim to land (step 2). Buffers
-//! larger than half the last-level cache are zeroed with streaming stores. Past the queue bound
-//! the releasing thread zeroes the buffer itself. Releases under one chunk do not wake a
-//! sleeping worker (a wake-up costs more than zeroing them); an idle worker polls for
+//! the worker's claim to land (step 2). Buffers larger than half the last-level cache are
+//! zeroed with streaming stores. Past the queue bound the releasing thread zeroes the buffer
+//! itself. Releases under one chunk do not wake a sleeping worker (a wake-up costs more than
+//! zeroing them); an idle worker polls for
 //! [`HeapBuilder::worker_spin`], then naps and looks for work by itself for
 //! [`HeapBuilder::worker_naps`], before it sleeps until a release wakes it: a release never
 //! pays for a wake-up while the heap is in use. With [`HeapBuilder::deferred`]`(false)` every
@@ -538,8 +538,8 @@ impl HeapInner {
         }
         let Some(list) = &self.freelist else { return };
         while let Some(work) = list.next_work() {
-            let (run, buffer_pages) = match work {
-                Work::Claim(run, pages) => (run, pages),
+            let job = match work {
+                Work::Claim(job) => job,
                 Work::Assist => {
                     let t = std::time::Instant::now();
                     let mut mine = 0;
@@ -553,12 +553,9 @@ impl HeapInner {
                 }
             };
             let t = std::time::Instant::now();
-            // Zero the claim stripe by stripe; an allocation waiting for it may take stripes too
-            // (`next_work` published its job already).
-            let job = list
-                .current_job()
-                .filter(|j| j.run() == run)
-                .unwrap_or_else(|| Arc::new(Job::new(run, buffer_pages, self.page)));
+            // Zero the claim piece by piece; an allocation waiting for it may take pieces too
+            // (`next_work` published the job with the claim).
+            let run = job.run();
             let mut mine = 0;
             while let Some((off, len)) = job.next_stripe(self.page) {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to

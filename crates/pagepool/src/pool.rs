@@ -273,19 +273,9 @@ impl PagePool {
 
     /// Takes a clean block out of the pool, or `None` if the pool is empty.
     pub fn take(&self) -> Option<Block> {
-        let ptr = {
-            let mut list = lock(&self.list);
-            let ptr = list.pop()?;
-            list.taken += 1;
-            self.pages
-                .store(list.blocks << self.order, Ordering::Relaxed);
-            ptr
-        };
-        if let Some(owner) = &self.owner {
-            owner.note_removed(1 << self.order);
-        }
-        // SAFETY: ownership of the block passes from the pool to the caller.
-        Some(unsafe { Block::from_raw(ptr, self.order) })
+        let mut out = None;
+        self.take_many(1, |b| out = Some(b));
+        out
     }
 
     /// Takes up to `n` clean blocks at once, handing each to `f` in the order [`take`] would
