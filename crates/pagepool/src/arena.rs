@@ -11,16 +11,38 @@
 //! release; this is metadata for memory the process does *not* hold, never for pooled blocks.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::OsError;
-use crate::os;
+use crate::{fork, os};
+
+/// An arena's memfd: recorded so that a forked child closes its copy (see [`crate::fork`]).
+pub(crate) struct ArenaFd(OwnedFd);
+
+impl ArenaFd {
+    fn new(fd: OwnedFd) -> ArenaFd {
+        fork::record_fd(fd.as_fd());
+        ArenaFd(fd)
+    }
+}
+
+impl AsFd for ArenaFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl Drop for ArenaFd {
+    fn drop(&mut self) {
+        fork::forget_fd(self.0.as_fd());
+    }
+}
 
 struct Arena {
-    fd: Arc<OwnedFd>,
+    fd: Arc<ArenaFd>,
     base: NonNull<u8>,
     len: usize,
     /// Unused ranges: offset -> length in bytes.
@@ -64,7 +86,7 @@ impl Arena {
 
 /// Where a block lives: the arena's file and the block's offset in it.
 pub(crate) struct Location {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) fd: Arc<ArenaFd>,
     pub(crate) offset: usize,
 }
 
@@ -156,8 +178,10 @@ impl Arenas {
             let _ = unsafe { os::unmap(base, span) };
             return Err(e);
         }
+        // SAFETY: the span is the mapping made above, ours alone.
+        unsafe { fork::keep_mapping(base, span) };
         Ok(Arena {
-            fd: Arc::new(fd),
+            fd: Arc::new(ArenaFd::new(fd)),
             base,
             len,
             free: BTreeMap::from([(0, len)]),
@@ -189,8 +213,10 @@ impl Arenas {
         arena.uncarve(off, bytes);
         if arena.used == 0 {
             let arena = list.remove(i);
+            let span = arena.len + os::page_size();
+            fork::forget_mapping(arena.base, span);
             // SAFETY: nothing in the arena is used, so no block or buffer points into it.
-            if let Err(e) = unsafe { os::unmap(arena.base, arena.len + os::page_size()) } {
+            if let Err(e) = unsafe { os::unmap(arena.base, span) } {
                 log::error!("pagepool: {e}");
             }
         }
@@ -220,8 +246,10 @@ impl Drop for Arenas {
             if a.used != 0 {
                 log::error!("pagepool: arena dropped with {} bytes in use", a.used);
             }
+            let span = a.len + os::page_size();
+            fork::forget_mapping(a.base, span);
             // SAFETY: the set is going away; every heap structure that pointed into it is gone.
-            if let Err(e) = unsafe { os::unmap(a.base, a.len + os::page_size()) } {
+            if let Err(e) = unsafe { os::unmap(a.base, span) } {
                 log::error!("pagepool: {e}");
             }
         }

@@ -224,6 +224,8 @@ fn map_view(heap: &HeapInner, runs: &[Run], bytes: usize) -> Result<NonNull<u8>,
         }
         at += len;
     }
+    // SAFETY: the view is the mapping made above, ours alone.
+    unsafe { crate::fork::keep_mapping(base, bytes) };
     Ok(base)
 }
 
@@ -264,6 +266,9 @@ impl Drop for Buffer {
     /// zeroed here, or given straight back to the system when the heap no longer pools.
     #[inline]
     fn drop(&mut self) {
+        if self.heap.generation != crate::fork::generation() {
+            return self.forget();
+        }
         if !self.is_remapped()
             && self.exports.is_none()
             && let [run] = self.runs[..]
@@ -283,12 +288,21 @@ impl Drop for Buffer {
 }
 
 impl Buffer {
+    /// Drops a buffer inherited from the parent process: its memory is the parent's (not
+    /// mapped here, see [`crate::fork`]), so nothing is unmapped, zeroed or given anywhere, and
+    /// the reference to the inherited heap state is leaked: were it the last one, dropping it
+    /// would free the parent's memory through descriptors this process no longer has.
+    #[cold]
+    #[inline(never)]
+    fn forget(&mut self) {}
+
     /// The usual release: unmap the view, then hand the blocks to the heap. Kept out of line
     /// so that the cached path stays small.
     #[inline(never)]
     fn release(&mut self) {
         let h = &self.heap;
         if self.is_remapped() {
+            crate::fork::forget_mapping(self.ptr, self.len);
             // SAFETY: the view is this buffer's own mapping; nothing refers to it any more. The
             // blocks stay mapped at their home addresses.
             if let Err(e) = unsafe { os::unmap(self.ptr, self.len) } {

@@ -154,6 +154,9 @@ struct ThreadCache {
     heap: *const HeapInner,
     refs: usize,
     epoch: u64,
+    /// The fork generation of the heap state (see [`crate::fork`]): an entry inherited by a
+    /// forked child is leaked, never emptied.
+    generation: u64,
     /// Released buffers as (address, pages): order-0 blocks end to end, oldest first. Dirty.
     runs: smallvec::SmallVec<[(usize, usize); 8]>,
     pages: usize,
@@ -230,6 +233,9 @@ impl Drop for ThreadCache {
     /// The thread is exiting (or the heap closing): give everything back, fold the counters
     /// into the heap's, and let go of the heap.
     fn drop(&mut self) {
+        if self.generation != crate::fork::generation() {
+            return; // inherited: its heap, memory and locks are the parent's
+        }
         self.empty();
         {
             let mut slots = lock(&self.heap().cache.slots);
@@ -281,6 +287,12 @@ unsafe fn with_cache<R>(
                 None if create => {
                     // Entries of heaps dropped since (whose handle is gone) go first: nothing
                     // else would empty them before this thread exits.
+                    // Entries inherited from a parent process are leaked: their heaps are not
+                    // this process's (see `crate::fork`).
+                    let now = crate::fork::generation();
+                    caches
+                        .extract_if(.., |c| c.generation != now)
+                        .for_each(std::mem::forget);
                     caches.retain(|c| !c.heap().closed.load(Ordering::Relaxed));
                     // SAFETY: the caller holds a strong reference, so `heap` is alive; the
                     // entry takes a reference of its own.
@@ -294,6 +306,8 @@ unsafe fn with_cache<R>(
                         heap,
                         refs: 0,
                         epoch: shared.epoch.load(Ordering::Relaxed),
+                        // SAFETY: as above.
+                        generation: unsafe { (*heap).generation },
                         runs: smallvec::SmallVec::new(),
                         pages: 0,
                         slot,

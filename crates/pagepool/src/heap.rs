@@ -64,6 +64,7 @@ use crate::buffer::Buffer;
 use crate::cache::{self, CacheShared};
 use crate::deferred::{Freelist, Job, Run, Runs, Work};
 use crate::error::{AllocError, ConfigError};
+use crate::fork::ForkCell;
 use crate::os;
 use crate::pool::{Block, MAX_ORDER, PagePool};
 use crate::pressure::PressureConfig;
@@ -303,10 +304,67 @@ impl HeapBuilder {
             #[cfg(loom)]
             None => Registry::new(usize::MAX),
         };
-        let owner = registry.register(&self.name, self.pool_limit / page);
-        let arenas =
-            std::sync::Arc::new(Arenas::new(&format!("pagepool:{}", self.name), arena_size));
-        let pools = orders
+        // Read the cache size now (sysfs), not on the first release.
+        crate::zero::streaming_threshold();
+        let config = Config {
+            name: self.name,
+            orders,
+            page,
+            max_buffer,
+            arena_size,
+            registry,
+            deferred: self.deferred,
+            queue_limit: self.queue_limit,
+            worker_spin: self.worker_spin,
+            worker_naps: self.worker_naps,
+            thread_cache: self.thread_cache,
+            pressure: self.pressure,
+        };
+        let core = Core::start(&config, self.pool_limit / page);
+        Ok(SystemHeap {
+            config,
+            core: ForkCell::new(core),
+        })
+    }
+}
+
+/// A checked configuration: what a heap is built from, and rebuilt from in a forked child.
+struct Config {
+    name: String,
+    /// Descending.
+    orders: Vec<u8>,
+    page: usize,
+    max_buffer: usize,
+    arena_size: usize,
+    registry: Arc<Registry>,
+    deferred: bool,
+    queue_limit: usize,
+    worker_spin: std::time::Duration,
+    worker_naps: std::time::Duration,
+    thread_cache: usize,
+    pressure: Option<PressureConfig>,
+}
+
+/// A heap's state in one process: its internals and its worker. A forked child builds a new
+/// one on its first use of the heap (see [`crate::fork`]).
+struct Core {
+    inner: Arc<HeapInner>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Core {
+    /// Registers an owner with a limit of `limit_pages`, makes the pools, the queue and the
+    /// worker. No memory is taken from the system yet.
+    fn start(cfg: &Config, limit_pages: usize) -> Core {
+        let page = cfg.page;
+        let registry = &cfg.registry;
+        let owner = registry.register(&cfg.name, limit_pages);
+        let arenas = std::sync::Arc::new(Arenas::new(
+            &format!("pagepool:{}", cfg.name),
+            cfg.arena_size,
+        ));
+        let pools = cfg
+            .orders
             .iter()
             .map(|&order| {
                 let arenas = arenas.clone();
@@ -316,36 +374,35 @@ impl HeapBuilder {
                 )
             })
             .collect();
-        let freelist = self.deferred.then(|| {
+        let freelist = cfg.deferred.then(|| {
             let arenas = arenas.clone();
             let list = Arc::new(Freelist::new(
                 page,
-                self.queue_limit / page,
+                cfg.queue_limit / page,
                 Box::new(move |r: Run| arenas.release(r.ptr(), r.pages() * page)),
             ));
-            list.set_worker_spin(self.worker_spin);
-            list.set_worker_naps(self.worker_naps);
+            list.set_worker_spin(cfg.worker_spin);
+            list.set_worker_naps(cfg.worker_naps);
             let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&list) as _;
             registry.add_shrinker(weak);
             list
         });
-        if let Some(cfg) = self.pressure {
-            registry.start_monitor(cfg);
+        if let Some(pc) = &cfg.pressure {
+            registry.start_monitor(pc.clone());
         }
-        // Read the cache size now (sysfs), not on the first release.
-        crate::zero::streaming_threshold();
         let inner = Arc::new(HeapInner {
             pools,
-            orders,
+            orders: cfg.orders.clone(),
             page,
             page_shift: page.trailing_zeros(),
-            max_buffer,
+            max_buffer: cfg.max_buffer,
+            generation: crate::fork::generation(),
             owner,
             arenas,
             freelist,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
-            cache: CacheShared::new(self.thread_cache, page),
+            cache: CacheShared::new(cfg.thread_cache, page),
         });
         let worker = match &inner.freelist {
             Some(_) => {
@@ -367,7 +424,30 @@ impl HeapBuilder {
             }
             None => None,
         };
-        Ok(SystemHeap { inner, worker })
+        Core { inner, worker }
+    }
+}
+
+impl Drop for Core {
+    /// Stops the worker, gives queued and pooled memory back to the system, and waits for the
+    /// worker to finish its last claim. Live buffers stay valid; when dropped later, their
+    /// memory goes straight back to the system.
+    fn drop(&mut self) {
+        let h = &self.inner;
+        h.closed.store(true, Ordering::Relaxed);
+        cache::forget_mine(h);
+        if let Some(list) = &h.freelist {
+            for r in list.stop() {
+                h.release_run(&r);
+            }
+        }
+        if let Some(w) = self.worker.take()
+            && w.join().is_err()
+        {
+            log::error!("pagepool: the free worker panicked");
+        }
+        cache::empty_all(h);
+        h.owner.scan(usize::MAX);
     }
 }
 
@@ -410,6 +490,8 @@ pub(crate) struct HeapInner {
     /// log2 of `page`.
     page_shift: u32,
     max_buffer: usize,
+    /// The fork generation this heap state belongs to (see [`crate::fork`]).
+    pub(crate) generation: u64,
     pub(crate) owner: Arc<Owner>,
     pub(crate) arenas: Arc<Arenas>,
     /// The deferred-free queue; `None` when releases zero synchronously.
@@ -669,8 +751,8 @@ impl HeapInner {
 /// assert_eq!(heap.stats().hits, 1);
 /// ```
 pub struct SystemHeap {
-    inner: Arc<HeapInner>,
-    worker: Option<std::thread::JoinHandle<()>>,
+    config: Config,
+    core: ForkCell<Core>,
 }
 
 impl SystemHeap {
@@ -691,7 +773,7 @@ impl SystemHeap {
     /// length, a length over the maximum, or when the system refuses memory or mappings.
     #[inline]
     pub fn alloc(&self, len: usize) -> Result<Buffer, AllocError> {
-        let h = &self.inner;
+        let h = self.inner();
         if len == 0 || len > h.max_buffer {
             return Err(self.refuse(len));
         }
@@ -699,11 +781,23 @@ impl SystemHeap {
         let pages = (len + h.page - 1) >> h.page_shift;
         let bytes = pages << h.page_shift;
         if pages <= h.cache.max_buffer_pages
-            && let Some((run, heap)) = cache::take(&self.inner, pages)
+            && let Some((run, heap)) = cache::take(h, pages)
         {
             return Ok(Buffer::from_cache(heap, run, bytes));
         }
         self.alloc_blocks(pages, bytes)
+    }
+
+    /// This process's state of the heap: built afresh on the first use in a forked child.
+    #[inline]
+    fn core(&self) -> &Core {
+        self.core
+            .get(|old| Core::start(&self.config, old.inner.owner.limit_pages()))
+    }
+
+    #[inline]
+    fn inner(&self) -> &Arc<HeapInner> {
+        &self.core().inner
     }
 
     /// Why `len` is refused.
@@ -714,7 +808,7 @@ impl SystemHeap {
         } else {
             AllocError::TooLarge {
                 len,
-                max: self.inner.max_buffer,
+                max: self.config.max_buffer,
             }
         }
     }
@@ -723,7 +817,7 @@ impl SystemHeap {
     /// system. Kept out of line so that the cached path does not pay for its stack frame.
     #[inline(never)]
     fn alloc_blocks(&self, pages: usize, bytes: usize) -> Result<Buffer, AllocError> {
-        let h = &self.inner;
+        let h = self.inner();
         // Largest blocks first. Each order's blocks are sorted by address and runs of blocks
         // that lie end to end merged, so the bookkeeping grows with the number of separate
         // pieces, not with the buffer's size, and blocks freed together come back together.
@@ -793,12 +887,12 @@ impl SystemHeap {
             }
             joined
         });
-        Buffer::assemble(self.inner.clone(), runs, bytes)
+        Buffer::assemble(h.clone(), runs, bytes)
     }
 
     /// A snapshot of the heap's statistics.
     pub fn stats(&self) -> HeapStats {
-        let h = &self.inner;
+        let h = self.inner();
         let c = &h.counters;
         // Racing allocations may make these a little off; never negative.
         let cached = h.cache.totals();
@@ -854,8 +948,9 @@ impl SystemHeap {
     /// this heap's pools); returns the pages freed. The calling thread's cache of small buffers
     /// is emptied into the heap first, and other threads are asked to empty theirs.
     pub fn shrink(&self, nr_pages: usize) -> usize {
-        cache::empty_all(&self.inner);
-        self.inner.owner.scan(nr_pages)
+        let h = self.inner();
+        cache::empty_all(h);
+        h.owner.scan(nr_pages)
     }
 
     /// Gives every pooled page back to the system; returns the pages freed. Buffers still
@@ -868,56 +963,31 @@ impl SystemHeap {
     /// once when releases are synchronous). The calling thread's cache of small buffers is
     /// emptied into the heap first, and other threads are asked to empty theirs.
     pub fn flush(&self) {
-        cache::empty_all(&self.inner);
-        if let Some(list) = &self.inner.freelist {
+        let h = self.inner();
+        cache::empty_all(h);
+        if let Some(list) = &h.freelist {
             list.flush();
         }
     }
 
-    /// The deferred-free queue, if releases are deferred (for its counters, or to scan it).
-    pub fn freelist(&self) -> Option<&Arc<Freelist>> {
-        self.inner.freelist.as_ref()
-    }
-
     /// This heap's owner entry in its registry (its limit can be changed there).
     pub fn owner(&self) -> &Arc<Owner> {
-        &self.inner.owner
+        &self.inner().owner
     }
 
     /// The block orders, largest first.
     pub fn orders(&self) -> &[u8] {
-        &self.inner.orders
-    }
-}
-
-impl Drop for SystemHeap {
-    /// Stops the worker, gives queued and pooled memory back to the system, and waits for the
-    /// worker to finish its last claim. Live buffers stay valid; when dropped later, their
-    /// memory goes straight back to the system.
-    fn drop(&mut self) {
-        let h = &self.inner;
-        h.closed.store(true, Ordering::Relaxed);
-        cache::forget_mine(h);
-        if let Some(list) = &h.freelist {
-            for r in list.stop() {
-                h.release_run(&r);
-            }
-        }
-        if let Some(w) = self.worker.take()
-            && w.join().is_err()
-        {
-            log::error!("pagepool: the free worker panicked");
-        }
-        self.trim();
+        &self.config.orders
     }
 }
 
 impl fmt::Debug for SystemHeap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = self.inner();
         f.debug_struct("SystemHeap")
-            .field("name", &self.inner.owner.name())
-            .field("orders", &self.inner.orders)
-            .field("pooled_pages", &self.inner.owner.count())
+            .field("name", &h.owner.name())
+            .field("orders", &h.orders)
+            .field("pooled_pages", &h.owner.count())
             .finish_non_exhaustive()
     }
 }

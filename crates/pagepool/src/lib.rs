@@ -40,6 +40,7 @@ pub mod deferred;
 pub mod dmabuf;
 pub mod dmapool;
 pub mod error;
+mod fork;
 pub mod heap;
 pub mod os;
 pub mod pool;

@@ -317,6 +317,8 @@ pub struct PressureMonitor {
     stats: Arc<Mutex<PressureStats>>,
     wake: Option<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The fork generation that started the thread (see [`crate::fork`]).
+    generation: u64,
 }
 
 impl PressureMonitor {
@@ -390,6 +392,7 @@ impl PressureMonitor {
             stats,
             wake: Some(wake_tx),
             thread: Some(thread),
+            generation: crate::fork::generation(),
         })
     }
 
@@ -405,6 +408,11 @@ impl PressureMonitor {
 
     fn shutdown(&mut self) {
         drop(self.wake.take()); // the read end sees end-of-file: the thread stops
+        if self.generation != crate::fork::generation() {
+            // Inherited from the parent: the thread is not in this process.
+            std::mem::forget(self.thread.take());
+            return;
+        }
         if let Some(t) = self.thread.take()
             && t.thread().id() != std::thread::current().id()
         {

@@ -11,6 +11,7 @@
 
 use std::fmt;
 
+use crate::fork::ForkCell;
 use crate::pool::{PagePool, ReleaseFn};
 use crate::pressure::{PressureConfig, PressureMonitor, PressureStats};
 use crate::stats::{OwnerStats, RegistryStats};
@@ -66,11 +67,29 @@ fn scan_round_robin(pools: &[Arc<PagePool>], cursor: &AtomicUsize, nr_pages: usi
 /// ```
 pub struct Registry {
     max_pages: AtomicUsize,
+    cursor: AtomicUsize,
+    /// The owners, totals, shrinkers and monitor of this process: a forked child starts with
+    /// none (its heaps register anew; see [`crate::fork`]).
+    books: ForkCell<Arc<Books>>,
+}
+
+/// What a registry knows of one process's owners.
+struct Books {
     total: AtomicUsize,
     owners: Mutex<Vec<Weak<Owner>>>,
-    cursor: AtomicUsize,
     shrinkers: Mutex<Vec<Weak<dyn Shrinker>>>,
     monitor: std::sync::Mutex<Option<PressureMonitor>>,
+}
+
+impl Books {
+    fn new() -> Arc<Books> {
+        Arc::new(Books {
+            total: AtomicUsize::new(0),
+            owners: Mutex::new(Vec::new()),
+            shrinkers: Mutex::new(Vec::new()),
+            monitor: std::sync::Mutex::new(None),
+        })
+    }
 }
 
 impl Registry {
@@ -78,18 +97,21 @@ impl Registry {
     pub fn new(max_pages: usize) -> Arc<Registry> {
         Arc::new(Registry {
             max_pages: AtomicUsize::new(max_pages),
-            total: AtomicUsize::new(0),
-            owners: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
-            shrinkers: Mutex::new(Vec::new()),
-            monitor: std::sync::Mutex::new(None),
+            books: ForkCell::new(Books::new()),
         })
+    }
+
+    /// This process's books (fresh ones in a forked child).
+    #[inline]
+    fn books(&self) -> &Arc<Books> {
+        self.books.get(|_| Books::new())
     }
 
     /// Starts a pressure monitor for this registry unless one runs already; returns whether
     /// one runs now. See [`PressureMonitor::start`].
     pub fn start_monitor(self: &Arc<Self>, config: PressureConfig) -> bool {
-        let mut m = self.monitor.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.books().monitor.lock().unwrap_or_else(|e| e.into_inner());
         if m.is_none() {
             *m = PressureMonitor::start(self, config);
         }
@@ -99,7 +121,7 @@ impl Registry {
     /// Runs `monitor` for this registry, replacing (and stopping) any other.
     pub fn set_monitor(&self, monitor: Option<PressureMonitor>) {
         let old = std::mem::replace(
-            &mut *self.monitor.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut *self.books().monitor.lock().unwrap_or_else(|e| e.into_inner()),
             monitor,
         );
         drop(old);
@@ -107,7 +129,8 @@ impl Registry {
 
     /// The pressure monitor's state and recent events, if one runs.
     pub fn pressure_stats(&self) -> Option<PressureStats> {
-        self.monitor
+        self.books()
+            .monitor
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
@@ -136,8 +159,9 @@ impl Registry {
             pools: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
             registry: self.clone(),
+            books: self.books().clone(),
         });
-        let mut owners = lock(&self.owners);
+        let mut owners = lock(&self.books().owners);
         owners.retain(|o| o.strong_count() > 0);
         owners.push(Arc::downgrade(&owner));
         owner
@@ -157,7 +181,7 @@ impl Registry {
     /// Adds a shrinker that [`shrink_all`](Self::shrink_all) runs before the pools (the deferred
     /// freelist registers here). The registry holds it weakly: dropping it unregisters it.
     pub fn add_shrinker(&self, shrinker: Weak<dyn Shrinker>) {
-        let mut list = lock(&self.shrinkers);
+        let mut list = lock(&self.books().shrinkers);
         list.retain(|s| s.strong_count() > 0);
         list.push(shrinker);
     }
@@ -188,14 +212,14 @@ impl Registry {
     }
 
     fn extra_shrinkers(&self) -> Vec<Arc<dyn Shrinker>> {
-        lock(&self.shrinkers)
+        lock(&self.books().shrinkers)
             .iter()
             .filter_map(Weak::upgrade)
             .collect()
     }
 
     fn live_owners(&self) -> Vec<Arc<Owner>> {
-        lock(&self.owners)
+        lock(&self.books().owners)
             .iter()
             .filter_map(Weak::upgrade)
             .collect()
@@ -225,7 +249,7 @@ impl Shrinker for Registry {
     }
 
     fn count(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
+        self.books().total.load(Ordering::Relaxed)
     }
 
     /// Frees pages from all owners' pools, round robin across the pools.
@@ -270,6 +294,8 @@ pub struct Owner {
     pools: Mutex<Vec<Weak<PagePool>>>,
     cursor: AtomicUsize,
     registry: Arc<Registry>,
+    /// The registry's books this owner counts in (those of the process that registered it).
+    books: Arc<Books>,
 }
 
 impl Owner {
@@ -311,12 +337,12 @@ impl Owner {
 
     pub(crate) fn note_added(&self, pages: usize) {
         self.pages.fetch_add(pages, Ordering::Relaxed);
-        self.registry.total.fetch_add(pages, Ordering::Relaxed);
+        self.books.total.fetch_add(pages, Ordering::Relaxed);
     }
 
     pub(crate) fn note_removed(&self, pages: usize) {
         self.pages.fetch_sub(pages, Ordering::Relaxed);
-        self.registry.total.fetch_sub(pages, Ordering::Relaxed);
+        self.books.total.fetch_sub(pages, Ordering::Relaxed);
     }
 
     /// Shrinks this owner's pools to its limit, then the registry's to its maximum.
