@@ -196,6 +196,14 @@ impl Arenas {
             .fetch_add((bytes / os::page_size()) as u64, Ordering::Relaxed);
     }
 
+    /// Gives back fresh memory that was never used (a failed allocation's), undoing its count
+    /// in [`fresh_pages`](Self::fresh_pages) instead of counting it as released.
+    pub(crate) fn unfresh(&self, p: NonNull<u8>, bytes: usize) {
+        self.give_back(p, bytes, true);
+        self.fresh_pages
+            .fetch_sub((bytes / os::page_size()) as u64, Ordering::Relaxed);
+    }
+
     fn give_back(&self, p: NonNull<u8>, bytes: usize, punch: bool) {
         let mut list = self.list();
         let Some(i) = list.iter().position(|a| a.contains(p)) else {

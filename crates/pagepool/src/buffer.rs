@@ -69,11 +69,12 @@ unsafe impl Sync for Buffer {}
 impl Buffer {
     /// Makes the buffer's blocks one contiguous range: the blocks themselves if they lie end to
     /// end, else a view mapping. On failure every block goes back where it came from.
+    /// On failure the runs come back with the error, for the caller to undo.
     pub(crate) fn assemble(
         heap: Arc<HeapInner>,
         runs: Runs,
         bytes: usize,
-    ) -> Result<Buffer, AllocError> {
+    ) -> Result<Buffer, (AllocError, Runs)> {
         let page = heap.page;
         let end_to_end = runs.windows(2).all(|w| w[0].end(page) == w[1].start);
         let ptr = if end_to_end {
@@ -84,11 +85,7 @@ impl Buffer {
                     heap.counters.remapped.fetch_add(1, Ordering::Relaxed);
                     p
                 }
-                Err(e) => {
-                    // Clean blocks (pooled or fresh): back to the pools, untouched.
-                    heap.give_runs(&runs);
-                    return Err(e);
-                }
+                Err(e) => return Err((e, runs)),
             }
         };
         heap.counters.allocs.fetch_add(1, Ordering::Relaxed);

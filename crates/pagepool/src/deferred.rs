@@ -24,18 +24,19 @@ use std::collections::VecDeque;
 use crate::pool::MAX_ORDER;
 use crate::registry::Shrinker;
 use crate::sync::{
-    AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, wait, wait_timeout,
+    AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, lock_within, wait,
+    wait_timeout,
 };
 
 /// The most pages the worker claims at once (1 MiB with 4 KiB pages): small enough that an
 /// allocation waiting for an in-flight claim waits briefly, large enough to amortise the lock.
-pub const CHUNK_PAGES: usize = 256;
+pub(crate) const CHUNK_PAGES: usize = 256;
 
 /// A claimed run being zeroed, split into stripes that several threads can take: the worker
 /// publishes its current claim as a job, and an allocation that would otherwise wait for it
 /// helps instead, so that two cores zero one block.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     run: Run,
     buffer_pages: usize,
     stripe: usize,
@@ -48,7 +49,7 @@ pub struct Job {
 }
 
 /// The stripe size of a [`Job`] in bytes: the smallest piece two threads split a run into.
-pub const STRIPE_BYTES: usize = 64 << 10;
+pub(crate) const STRIPE_BYTES: usize = 64 << 10;
 
 /// A claim takes 1/`CLAIM_SHARE` of the stripes left (at least one): large pieces first, small
 /// ones at the end, so that a 1 MiB run is split between two threads in about five claims (each
@@ -59,7 +60,7 @@ const CLAIM_SHARE: usize = 2;
 
 impl Job {
     /// A job for `run` (blocks of `page`-byte pages) from a buffer of `buffer_pages` pages.
-    pub fn new(run: Run, buffer_pages: usize, page: usize) -> Job {
+    pub(crate) fn new(run: Run, buffer_pages: usize, page: usize) -> Job {
         let bytes = run.pages() * page;
         let stripe = STRIPE_BYTES.min(bytes).max(1);
         Job {
@@ -73,25 +74,38 @@ impl Job {
     }
 
     /// The run being zeroed.
-    pub fn run(&self) -> Run {
+    pub(crate) fn run(&self) -> Run {
         self.run
     }
 
     /// The size in pages of the buffer the run came from.
-    pub fn buffer_pages(&self) -> usize {
+    pub(crate) fn buffer_pages(&self) -> usize {
         self.buffer_pages
     }
 
     /// Takes the next piece to zero (one or more stripes: a share of what is left), as
     /// `(offset, len)` in bytes from the run's start, or `None` when every stripe is taken.
-    /// Call [`finish`](Self::finish) with `len` after zeroing it.
-    pub fn next_stripe(&self, page: usize) -> Option<(usize, usize)> {
+    /// Call [`finish`](Self::finish) with `len` after zeroing it. For the thread that waits
+    /// for the whole run: large pieces first, so that it and a helper meet after a few claims.
+    pub(crate) fn next_stripe(&self, page: usize) -> Option<(usize, usize)> {
+        self.next_piece(page, |left| (left / CLAIM_SHARE).max(1))
+    }
+
+    /// Takes one stripe, as [`next_stripe`](Self::next_stripe) does. For a helper at low
+    /// priority (the worker assisting an allocation): what it holds when the scheduler leaves it
+    /// waiting is at most one stripe, which the owner of the run never waits for longer than
+    /// [`HANDOFF_WAIT`].
+    pub(crate) fn next_one_stripe(&self, page: usize) -> Option<(usize, usize)> {
+        self.next_piece(page, |_| 1)
+    }
+
+    fn next_piece(&self, page: usize, share: impl Fn(usize) -> usize) -> Option<(usize, usize)> {
         let mut cur = self.next.load(Ordering::Relaxed);
         loop {
             if cur >= self.stripes {
                 return None;
             }
-            let k = ((self.stripes - cur) / CLAIM_SHARE).max(1);
+            let k = share(self.stripes - cur);
             match self.next.compare_exchange_weak(
                 cur,
                 cur + k,
@@ -109,40 +123,98 @@ impl Job {
     }
 
     /// Records a zeroed piece of `len` bytes (as [`next_stripe`](Self::next_stripe) gave it).
-    pub fn finish(&self, len: usize) {
-        self.done
-            .fetch_add(len.div_ceil(self.stripe), Ordering::Release);
+    /// Returns true when the run was [`abandon`](Self::abandon)ed by the thread that waited for
+    /// it and this piece completed it: the caller then owns the run and must land it.
+    #[must_use = "a completed, abandoned run must be landed by the caller"]
+    pub(crate) fn finish(&self, len: usize) -> bool {
+        let k = len.div_ceil(self.stripe);
+        let before = self.done.fetch_add(k, Ordering::AcqRel);
+        before & ABANDONED != 0 && (before & !ABANDONED) + k == self.stripes
     }
 
     /// True once every stripe is zeroed.
-    pub fn complete(&self) -> bool {
-        self.done.load(Ordering::Acquire) >= self.stripes
+    pub(crate) fn complete(&self) -> bool {
+        self.done.load(Ordering::Acquire) & !ABANDONED >= self.stripes
+    }
+
+    /// Waits up to [`HANDOFF_WAIT`] for the stripes other threads are zeroing; true once the
+    /// run is complete. Spinning only: the pieces in other hands are small.
+    pub(crate) fn wait_complete(&self) -> bool {
+        spin_until(HANDOFF_WAIT, || self.complete())
+    }
+
+    /// Gives up waiting for the run: whoever finishes its last stripe owns it and lands it
+    /// ([`finish`](Self::finish) returns true for them). Returns false if the run completed
+    /// first: the caller still owns it. Call only once every stripe is taken.
+    pub(crate) fn abandon(&self) -> bool {
+        let before = self.done.fetch_or(ABANDONED, Ordering::AcqRel);
+        before & !ABANDONED < self.stripes
+    }
+}
+
+/// The bit of [`Job::done`] that says the run's waiter gave up on it.
+const ABANDONED: usize = 1 << (usize::BITS - 1);
+
+/// The longest a thread waits for work in another thread's hands (a stripe being zeroed by the
+/// worker, a claim landing, a lock the worker holds): about ten times one stripe's zeroing
+/// here. Past it, an allocation does without: it takes other queued blocks or fresh pages, and
+/// whoever holds the work finishes it on their own time. The worker runs at nice 19; on a busy
+/// machine the scheduler can leave it waiting for hundreds of milliseconds, even in the middle
+/// of a stripe or while it holds a lock, and no allocation must wait that long with it.
+pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Spins until `done()` or `bound` has passed; returns `done()`'s last answer.
+#[inline]
+pub(crate) fn spin_until(bound: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    if done() {
+        return true;
+    }
+    #[cfg(loom)]
+    {
+        let _ = bound;
+        loom::thread::yield_now();
+        done()
+    }
+    #[cfg(not(loom))]
+    {
+        let end = std::time::Instant::now() + bound;
+        loop {
+            for _ in 0..32 {
+                std::hint::spin_loop();
+                if done() {
+                    return true;
+                }
+            }
+            if std::time::Instant::now() >= end {
+                return done();
+            }
+        }
     }
 }
 
 /// A buffer's runs: up to two inline (most buffers), more on the heap.
-pub type Runs = smallvec::SmallVec<[Run; 2]>;
+pub(crate) type Runs = smallvec::SmallVec<[Run; 2]>;
 
 /// `count` blocks of one order lying end to end from address `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
+pub(crate) struct Run {
     /// The first block's address.
-    pub start: usize,
+    pub(crate) start: usize,
     /// The blocks' order.
-    pub order: u8,
+    pub(crate) order: u8,
     /// How many blocks.
-    pub count: usize,
+    pub(crate) count: usize,
 }
 
 impl Run {
     /// Pages in the run.
     #[inline]
-    pub fn pages(&self) -> usize {
+    pub(crate) fn pages(&self) -> usize {
         self.count << self.order
     }
 
     /// The address just past the run, with `page`-byte pages.
-    pub fn end(&self, page: usize) -> usize {
+    pub(crate) fn end(&self, page: usize) -> usize {
         self.start + (page << self.order) * self.count
     }
 
@@ -193,27 +265,7 @@ impl Queue {
 }
 
 /// A bounded queue of released buffers waiting to be zeroed.
-///
-/// # Examples
-/// ```
-/// use pagepool::deferred::{Freelist, Run};
-/// use pagepool::Shrinker;
-///
-/// let released = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-/// let r = released.clone();
-/// let list = Freelist::new(4096, 1024, Box::new(move |run| r.lock().unwrap().push(run)));
-/// list.queue([Run { start: 0x10000, order: 0, count: 4 }].into_iter().collect()).unwrap();
-/// assert_eq!(list.pages(), 4);
-/// // The worker's side: claim, zero (not shown), land.
-/// let run = list.claim().unwrap();
-/// list.landed(&run);
-/// assert_eq!(list.pages(), 0);
-/// // Under pressure, queued runs go to the release callback instead.
-/// list.queue([Run { start: 0x20000, order: 0, count: 2 }].into_iter().collect()).unwrap();
-/// assert_eq!(list.scan(usize::MAX), 2);
-/// assert_eq!(released.lock().unwrap().len(), 1);
-/// ```
-pub struct Freelist {
+pub(crate) struct Freelist {
     page: usize,
     max_pages: usize,
     queue: Mutex<Queue>,
@@ -238,6 +290,10 @@ pub struct Freelist {
     /// A run an allocation is zeroing inline, open to the idle worker.
     shared: Mutex<Option<std::sync::Arc<Job>>>,
     shared_hint: Line<AtomicBool>,
+    /// Threads in `flush`, and whether the list stopped: a spinning worker stops spinning at
+    /// once for either.
+    flushing_hint: AtomicUsize,
+    stopped_hint: AtomicBool,
 }
 
 /// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
@@ -254,7 +310,7 @@ impl<T> std::ops::Deref for Line<T> {
 
 /// What the worker should do next (see [`Freelist::next_work`]).
 #[derive(Debug)]
-pub enum Work {
+pub(crate) enum Work {
     /// Zero this claimed run ([`Job::run`], from a buffer of [`Job::buffer_pages`] pages) and
     /// land it. The job is open to helpers from the moment of the claim.
     Claim(std::sync::Arc<Job>),
@@ -269,15 +325,15 @@ pub enum Work {
 /// it from there. Measured at 1 MiB: 11-13 us for such an allocation, 8-9 us when it takes the
 /// blocks. A program that works between releases loses nothing: the worker still zeroes long
 /// before its next allocation.
-pub const CLAIM_DELAY: std::time::Duration = std::time::Duration::from_micros(2);
+pub(crate) const CLAIM_DELAY: std::time::Duration = std::time::Duration::from_micros(2);
 
 /// An idle worker's first naps (see [`Freelist::set_worker_naps`]); with the kernel's default
 /// timer slack of 50 us a nap lasts about 150 us.
-pub const NAP_FIRST: std::time::Duration = std::time::Duration::from_micros(100);
+pub(crate) const NAP_FIRST: std::time::Duration = std::time::Duration::from_micros(100);
 /// How long an idle worker keeps taking its first, shortest naps.
-pub const NAP_STEADY_FOR: std::time::Duration = std::time::Duration::from_millis(2);
+pub(crate) const NAP_STEADY_FOR: std::time::Duration = std::time::Duration::from_millis(2);
 /// The longest nap.
-pub const NAP_LONGEST: std::time::Duration = std::time::Duration::from_micros(6400);
+pub(crate) const NAP_LONGEST: std::time::Duration = std::time::Duration::from_micros(6400);
 
 /// The nap an idle worker takes after `idle` without work, or `None` once it has napped for
 /// `naps_ns` and should sleep until woken.
@@ -296,10 +352,6 @@ fn nap_length(idle: std::time::Duration, naps_ns: u64) -> Option<std::time::Dura
     Some(nap.min(naps - idle))
 }
 
-/// How long an allocation spins for an in-flight claim before sleeping: a claim is at most
-/// [`CHUNK_PAGES`] pages, zeroed in tens of microseconds.
-const LAND_SPIN: std::time::Duration = std::time::Duration::from_millis(1);
-
 impl Freelist {
     /// Removes `run`'s pages from the queue's counts (the caller has taken the run out).
     fn take(&self, q: &mut Queue, run: &Run) {
@@ -310,7 +362,11 @@ impl Freelist {
 
     /// A freelist for blocks of `page`-byte pages, holding at most `max_pages` queued and
     /// in-flight pages. `release` gives a run back to the system (pressure scans).
-    pub fn new(page: usize, max_pages: usize, release: Box<dyn Fn(Run) + Send + Sync>) -> Freelist {
+    pub(crate) fn new(
+        page: usize,
+        max_pages: usize,
+        release: Box<dyn Fn(Run) + Send + Sync>,
+    ) -> Freelist {
         Freelist {
             page,
             max_pages,
@@ -339,14 +395,23 @@ impl Freelist {
             job: Mutex::new(None),
             shared: Mutex::new(None),
             shared_hint: Line(AtomicBool::new(false)),
+            flushing_hint: AtomicUsize::new(0),
+            stopped_hint: AtomicBool::new(false),
         }
     }
 
     /// The allocator's side: offers a run it is about to zero inline to the idle worker, so
     /// that two cores zero it. Returns false (and shares nothing) if another run is shared
     /// already. Call with `None` once the job is complete.
-    pub fn share(&self, job: Option<std::sync::Arc<Job>>) -> bool {
-        let mut slot = lock(&self.shared);
+    pub(crate) fn share(&self, job: Option<std::sync::Arc<Job>>) -> bool {
+        let mut slot = match &job {
+            // Offering: only if the slot is free now (the worker may hold its lock).
+            Some(_) => match lock_within(&self.shared, HANDOFF_WAIT) {
+                Some(slot) => slot,
+                None => return false,
+            },
+            None => lock(&self.shared),
+        };
         if job.is_some() && slot.is_some() {
             return false;
         }
@@ -355,36 +420,54 @@ impl Freelist {
         true
     }
 
-    /// The worker's side: takes stripes of the shared run, if any, and zeroes them with
-    /// `zero(job, offset, len)`.
-    pub fn assist(&self, mut zero: impl FnMut(&Job, usize, usize)) {
+    /// The worker's side: takes stripes of the shared run, if any, one at a time, and zeroes
+    /// them with `zero(job, offset, len)`. If the allocation that shared the run gave up
+    /// waiting for the worker's last stripe, the run is the worker's: `land(job)` lands it.
+    pub(crate) fn assist(&self, mut zero: impl FnMut(&Job, usize, usize), land: impl FnOnce(&Job)) {
         let Some(job) = lock(&self.shared).clone() else {
             return;
         };
-        while let Some((off, len)) = job.next_stripe(self.page) {
+        while let Some((off, len)) = job.next_one_stripe(self.page) {
             zero(&job, off, len);
-            job.finish(len);
+            if job.finish(len) {
+                land(&job);
+                return;
+            }
         }
     }
 
-    /// The worker's side: makes `job` (its current claim) open to helpers, or closes it
-    /// (`None`) once every stripe is done. [`next_work`](Self::next_work) publishes the job of
-    /// each claim itself, while the claim is made.
-    pub fn publish(&self, job: Option<std::sync::Arc<Job>>) {
-        *lock(&self.job) = job;
+    /// The allocator's side: it gave up waiting for `run` (abandoned to the thread zeroing its
+    /// last stripe, which lands it): count it as in flight until then, so that `flush` waits
+    /// for it.
+    pub(crate) fn adopt(&self, run: &Run) {
+        lock(&self.queue).in_flight[run.order as usize] += run.pages();
+    }
+
+    /// Undoes [`adopt`](Self::adopt) when the run completed before it was abandoned.
+    pub(crate) fn disown(&self, run: &Run) {
+        lock(&self.queue).in_flight[run.order as usize] -= run.pages();
     }
 
     /// The job of the worker's current claim, while it is open to helpers (see
     /// [`help`](Self::help)).
-    pub fn current_job(&self) -> Option<std::sync::Arc<Job>> {
+    #[cfg(test)]
+    pub(crate) fn current_job(&self) -> Option<std::sync::Arc<Job>> {
         lock(&self.job).clone()
     }
 
     /// The allocator's side: if the worker is zeroing a claim of `order`, takes stripes of it
     /// and zeroes them with `zero(offset, len)` (offsets from the run's start) until none is
     /// left. Returns true if there was such a claim. The run still lands through the worker.
-    pub fn help(&self, order: u8, mut zero: impl FnMut(&Job, usize, usize)) -> bool {
-        let Some(job) = lock(&self.job).clone() else {
+    ///
+    /// If the worker gave up waiting for this helper's last piece, the run is the helper's once
+    /// it finishes it: `land(job)` lands it (and the claim counts as landed).
+    pub(crate) fn help(
+        &self,
+        order: u8,
+        mut zero: impl FnMut(&Job, usize, usize),
+        land: impl FnOnce(&Job),
+    ) -> bool {
+        let Some(job) = lock_within(&self.job, HANDOFF_WAIT).and_then(|j| j.clone()) else {
             return false;
         };
         if job.run.order != order {
@@ -392,7 +475,10 @@ impl Freelist {
         }
         while let Some((off, len)) = job.next_stripe(self.page) {
             zero(&job, off, len);
-            job.finish(len);
+            if job.finish(len) {
+                land(&job);
+                break;
+            }
         }
         true
     }
@@ -401,7 +487,7 @@ impl Freelist {
     /// sleeping thread costs the releasing thread a system call and the worker a scheduling
     /// delay (tens of microseconds in a VM); a short poll keeps a busy heap's worker awake
     /// between releases. The poll runs at the worker's low priority.
-    pub fn set_worker_spin(&self, d: std::time::Duration) {
+    pub(crate) fn set_worker_spin(&self, d: std::time::Duration) {
         self.spin_ns
             .store(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
@@ -416,7 +502,7 @@ impl Freelist {
     /// 8-10 us, more than the release itself by a factor of fifty. A nap costs only the worker
     /// a timer wake-up, and the worker finds queued work at most one nap late (an allocation
     /// that comes first zeroes the blocks it needs itself).
-    pub fn set_worker_naps(&self, d: std::time::Duration) {
+    pub(crate) fn set_worker_naps(&self, d: std::time::Duration) {
         self.naps_ns
             .store(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
@@ -437,6 +523,13 @@ impl Freelist {
                 if self.shared_hint.load(Ordering::Relaxed) {
                     return true;
                 }
+                // A flush wants even a small queue zeroed now; a stop ends the spin at once.
+                if self.stopped_hint.load(Ordering::Relaxed)
+                    || (self.flushing_hint.load(Ordering::Relaxed) > 0
+                        && self.queued_hint.load(Ordering::Relaxed) > 0)
+                {
+                    return true;
+                }
                 if self.queued_hint.load(Ordering::Relaxed) >= CHUNK_PAGES {
                     match seen {
                         Some(t) if t.elapsed() >= CLAIM_DELAY => return true,
@@ -455,33 +548,33 @@ impl Freelist {
     }
 
     /// The bound on queued plus in-flight pages.
-    pub fn max_pages(&self) -> usize {
+    pub(crate) fn max_pages(&self) -> usize {
         self.max_pages
     }
 
     /// Pages queued now (not counting runs the worker is zeroing).
-    pub fn pages(&self) -> usize {
+    pub(crate) fn pages(&self) -> usize {
         lock(&self.queue).pages
     }
 
     /// Pages queued or being zeroed now.
-    pub fn pending_pages(&self) -> usize {
+    pub(crate) fn pending_pages(&self) -> usize {
         let q = lock(&self.queue);
         q.pages + q.in_flight_pages()
     }
 
     /// The most pages ever queued plus in flight at once.
-    pub fn peak_pages(&self) -> usize {
+    pub(crate) fn peak_pages(&self) -> usize {
         lock(&self.queue).peak
     }
 
     /// Pages given back to the system unzeroed by pressure scans.
-    pub fn pressure_pages(&self) -> u64 {
+    pub(crate) fn pressure_pages(&self) -> u64 {
         self.pressure_pages.load(Ordering::Relaxed)
     }
 
     /// Buffers refused by [`queue`](Self::queue) because of the bound or a stopped list.
-    pub fn refused(&self) -> u64 {
+    pub(crate) fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
 
@@ -491,10 +584,14 @@ impl Freelist {
     /// A sleeping worker is woken only once [`CHUNK_PAGES`] pages are queued: waking it costs a
     /// system call, more than zeroing a few small blocks. Smaller releases wait for the next
     /// wake-up, an allocation that takes them, or [`flush`](Self::flush).
-    pub fn queue(&self, runs: Runs) -> Result<(), Runs> {
+    pub(crate) fn queue(&self, runs: Runs) -> Result<(), Runs> {
         let pages: usize = runs.iter().map(Run::pages).sum();
         let wake = {
-            let mut q = lock(&self.queue);
+            let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT) else {
+                // The worker holds the lock and is not running: the caller zeroes the buffer.
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(runs);
+            };
             let pending = q.pages + q.in_flight_pages();
             if q.stopped || pending + pages > self.max_pages {
                 drop(q);
@@ -519,7 +616,8 @@ impl Freelist {
     /// The worker's side: waits for queued work and claims up to [`CHUNK_PAGES`] pages from the
     /// end of the oldest buffer's last run. Returns `None` once the list is stopped. The claim
     /// is *in flight* until [`landed`](Self::landed) is called with it.
-    pub fn claim(&self) -> Option<Run> {
+    #[cfg(any(test, loom))]
+    pub(crate) fn claim(&self) -> Option<Run> {
         loop {
             match self.next_work()? {
                 Work::Claim(job) => return Some(job.run()),
@@ -532,7 +630,7 @@ impl Freelist {
     /// [`Work::Assist`] when an allocation shared a run while the worker was idle, and gives
     /// the size in pages of the buffer a claimed run came from (the worker zeroes runs of large
     /// buffers with streaming stores).
-    pub fn next_work(&self) -> Option<Work> {
+    pub(crate) fn next_work(&self) -> Option<Work> {
         let mut q = lock(&self.queue);
         // When this worker went idle (for its naps).
         let mut idle_since: Option<std::time::Instant> = None;
@@ -605,7 +703,7 @@ impl Freelist {
     }
 
     /// The worker's side: a claimed run has been zeroed and given to the pools.
-    pub fn landed(&self, run: &Run) {
+    pub(crate) fn landed(&self, run: &Run) {
         {
             let mut job = lock(&self.job);
             if job.as_ref().is_some_and(|j| j.run() == *run) {
@@ -624,9 +722,11 @@ impl Freelist {
 
     /// The allocator's side: claims up to `n` queued blocks of `order`, newest buffer first,
     /// from the start of its runs. The caller owns them (dirty) and must zero them.
-    pub fn steal(&self, order: u8, mut n: usize) -> Runs {
+    pub(crate) fn steal(&self, order: u8, mut n: usize) -> Runs {
         let mut out = Runs::new();
-        let mut q = lock(&self.queue);
+        let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT) else {
+            return out; // the worker holds the lock and is not running: do without
+        };
         if q.blocks[order as usize] == 0 {
             return out;
         }
@@ -670,43 +770,24 @@ impl Freelist {
     }
 
     /// Pages of `order` the worker is zeroing now: an allocation short of blocks of that order
-    /// does better to [`wait_landed`](Self::wait_landed) than to fault in fresh pages.
-    pub fn in_flight(&self, order: u8) -> usize {
-        lock(&self.queue).in_flight[order as usize]
+    /// may do better to [`wait_landed`](Self::wait_landed) than to fault in fresh pages. 0 if
+    /// the queue's lock stays busy for [`HANDOFF_WAIT`].
+    pub(crate) fn in_flight(&self, order: u8) -> usize {
+        lock_within(&self.queue, HANDOFF_WAIT).map_or(0, |q| q.in_flight[order as usize])
     }
 
-    /// Waits until some in-flight claim lands, if one of `order` is in flight (returns at once
-    /// if none is).
-    pub fn wait_landed(&self, order: u8) {
-        let before = {
-            let q = lock(&self.queue);
-            if q.in_flight[order as usize] == 0 {
-                return;
-            }
-            q.landings
-        };
-        // Spin first: a claim lands within tens of microseconds, and sleeping would add a
-        // wake-up of that order.
-        let end = std::time::Instant::now() + LAND_SPIN;
-        while self.landings_hint.load(Ordering::Acquire) == before
-            && std::time::Instant::now() < end
-        {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
-        }
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let mut q = lock(&self.queue);
-        while q.in_flight[order as usize] > 0 && q.landings == before && !q.stopped {
-            q = wait(&self.landed, q);
-        }
-        drop(q);
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    /// Waits, spinning, up to [`HANDOFF_WAIT`] for some claim to land; true if one did.
+    pub(crate) fn wait_landed(&self) -> bool {
+        let before = self.landings_hint.load(Ordering::Acquire);
+        spin_until(HANDOFF_WAIT, || {
+            self.landings_hint.load(Ordering::Acquire) != before
+        })
     }
 
     /// Waits until nothing is queued or in flight.
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.flushing_hint.fetch_add(1, Ordering::Relaxed);
         let mut q = lock(&self.queue);
         q.flushing += 1;
         if q.sleeping > 0 || q.napping > 0 {
@@ -717,12 +798,14 @@ impl Freelist {
         }
         q.flushing -= 1;
         drop(q);
+        self.flushing_hint.fetch_sub(1, Ordering::Relaxed);
         self.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Stops the list: the worker's next [`claim`](Self::claim) returns `None`, further
     /// buffers are refused. Returns every queued run, for the caller to release.
-    pub fn stop(&self) -> Vec<Run> {
+    pub(crate) fn stop(&self) -> Vec<Run> {
+        self.stopped_hint.store(true, Ordering::Relaxed);
         let mut q = lock(&self.queue);
         q.stopped = true;
         let runs: Vec<Run> = q.items.drain(..).flat_map(|(runs, _)| runs).collect();
@@ -874,7 +957,11 @@ mod tests {
         assert_eq!(job.run(), r);
         // With the worker not started, a helper takes every piece, half of what is left each.
         let mut helped = Vec::new();
-        assert!(l.help(8, |_, off, len| helped.push((off, len))));
+        assert!(l.help(
+            8,
+            |_, off, len| helped.push((off, len)),
+            |_| panic!("not abandoned")
+        ));
         assert_eq!(helped.first(), Some(&(0, 1 << 19)), "half first");
         assert!(job.complete(), "the helper took every piece left");
         l.landed(&r);
@@ -890,11 +977,14 @@ mod tests {
         assert!(!l.share(Some(job.clone())), "one shared run at a time");
         assert!(matches!(l.next_work(), Some(Work::Assist)));
         let mut stripes = Vec::new();
-        l.assist(|_, off, len| stripes.push((off, len)));
+        l.assist(
+            |_, off, len| stripes.push((off, len)),
+            |_| panic!("not abandoned"),
+        );
         assert_eq!(
             stripes,
-            [(0, 131072), (131072, 65536), (196608, 65536)],
-            "half of what is left per claim, whole stripes, at least one"
+            [(0, 65536), (65536, 65536), (131072, 65536), (196608, 65536)],
+            "the worker assists one stripe at a time"
         );
         assert!(job.complete());
         l.share(None);
@@ -926,5 +1016,154 @@ mod tests {
             l.queue(smallvec::smallvec![run(0, 0, 1)]).is_err(),
             "stopped"
         );
+    }
+}
+
+/// Loom models of the queue, the worker's claims and the striped sharing. Run by `.ci/loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::atomic::{AtomicUsize, Ordering};
+    use loom::thread;
+    use std::sync::Arc;
+
+    #[test]
+    fn freelist_queue_races_worker_and_pressure_scan() {
+        loom::model(|| {
+            let released = Arc::new(AtomicUsize::new(0));
+            let r = released.clone();
+            let list = Arc::new(Freelist::new(
+                4096,
+                1 << 20,
+                Box::new(move |run: Run| {
+                    r.fetch_add(run.pages(), Ordering::SeqCst);
+                }),
+            ));
+            let zeroed = Arc::new(AtomicUsize::new(0));
+            // The worker: claims and lands until stopped.
+            let worker = {
+                let (list, zeroed) = (list.clone(), zeroed.clone());
+                thread::spawn(move || {
+                    while let Some(run) = list.claim() {
+                        zeroed.fetch_add(run.pages(), Ordering::SeqCst);
+                        list.landed(&run);
+                    }
+                })
+            };
+            // A releasing thread queues a 2-chunk buffer; a pressure scan runs concurrently.
+            let releaser = {
+                let list = list.clone();
+                thread::spawn(move || {
+                    list.queue(
+                        [Run {
+                            start: 1 << 30,
+                            order: 8,
+                            count: 2,
+                        }]
+                        .into_iter()
+                        .collect(),
+                    )
+                    .unwrap();
+                })
+            };
+            let scanned = list.scan(usize::MAX);
+            releaser.join().unwrap();
+            let stolen: usize = list.steal(8, 2).iter().map(Run::pages).sum();
+            list.flush();
+            let leftover: usize = list.stop().iter().map(Run::pages).sum();
+            worker.join().unwrap();
+            // Every queued page was zeroed by the worker, released by the scan, or stolen: once.
+            assert_eq!(leftover, 0, "flush drained the queue");
+            assert_eq!(scanned, released.load(Ordering::SeqCst));
+            assert_eq!(zeroed.load(Ordering::SeqCst) + scanned + stolen, 512);
+            assert_eq!(list.pending_pages(), 0);
+        });
+    }
+
+    #[test]
+    fn job_stripes_are_zeroed_once_by_worker_and_helper() {
+        /// The stripes a piece `(off, len)` covers, as bits.
+        fn stripe_bits(off: usize, len: usize) -> usize {
+            let (first, n) = (off / STRIPE_BYTES, len.div_ceil(STRIPE_BYTES));
+            ((1 << n) - 1) << first
+        }
+        loom::model(|| {
+            let list = Arc::new(Freelist::new(4096, 1 << 20, Box::new(|_| {})));
+            // Five stripes: the first claim takes two (half of what is left), then one at a time.
+            let pages = 5 * STRIPE_BYTES / 4096;
+            let run = Run {
+                start: 1 << 30,
+                order: 0,
+                count: pages,
+            };
+            let job = Arc::new(Job::new(run, pages, 4096));
+            let taken = Arc::new(AtomicUsize::new(0)); // one bit per stripe
+            let helper = {
+                let (list, taken) = (list.clone(), taken.clone());
+                thread::spawn(move || {
+                    list.assist(
+                        |_, off, len| {
+                            let bits = stripe_bits(off, len);
+                            assert_eq!(
+                                taken.fetch_or(bits, Ordering::SeqCst) & bits,
+                                0,
+                                "stripe twice"
+                            );
+                        },
+                        |_| panic!("nobody abandoned the run"),
+                    );
+                })
+            };
+            assert!(list.share(Some(job.clone())));
+            while let Some((off, len)) = job.next_stripe(4096) {
+                let bits = stripe_bits(off, len);
+                assert_eq!(
+                    taken.fetch_or(bits, Ordering::SeqCst) & bits,
+                    0,
+                    "stripe twice"
+                );
+                assert!(!job.finish(len));
+            }
+            helper.join().unwrap();
+            assert!(job.complete(), "every stripe finished");
+            assert_eq!(taken.load(Ordering::SeqCst), 0b11111);
+            list.share(None);
+        });
+    }
+
+    /// An allocation that gives up waiting for the worker's stripe and the worker finishing
+    /// it: whatever the interleaving, exactly one of them owns the run afterwards.
+    #[test]
+    fn an_abandoned_run_has_exactly_one_owner() {
+        loom::model(|| {
+            let pages = 2 * STRIPE_BYTES / 4096;
+            let run = Run {
+                start: 1 << 30,
+                order: 0,
+                count: pages,
+            };
+            let job = Arc::new(Job::new(run, pages, 4096));
+            let owners = Arc::new(AtomicUsize::new(0));
+            // The worker holds one stripe.
+            let (off, len) = job.next_one_stripe(4096).unwrap();
+            assert_eq!(off, 0);
+            let worker = {
+                let (job, owners) = (job.clone(), owners.clone());
+                thread::spawn(move || {
+                    if job.finish(len) {
+                        owners.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            };
+            // The allocation zeroes the other one, then gives up on the run.
+            let (_, len2) = job.next_stripe(4096).unwrap();
+            assert!(!job.finish(len2));
+            assert!(job.next_stripe(4096).is_none());
+            if job.complete() || !job.abandon() {
+                owners.fetch_add(1, Ordering::SeqCst);
+            }
+            worker.join().unwrap();
+            assert_eq!(owners.load(Ordering::SeqCst), 1);
+        });
     }
 }

@@ -103,8 +103,10 @@ impl Inner {
                 freed += self.pages(&b);
                 closing.push(b);
             }
+            // Counted under the state lock, like every change of the pooled set, so that the
+            // owner's count follows the pool's changes in order and never goes below zero.
+            self.owner.note_removed(freed);
         }
-        self.owner.note_removed(freed);
         self.released
             .fetch_add(closing.len() as u64, Ordering::Relaxed);
         freed
@@ -152,8 +154,11 @@ impl Inner {
                 }
                 self.zeroed.fetch_add(1, Ordering::Relaxed);
                 let pages = self.pages(&b);
-                self.state().clean.entry(b.len()).or_default().push(b);
-                self.owner.note_added(pages);
+                {
+                    let mut st = self.state();
+                    st.clean.entry(b.len()).or_default().push(b);
+                    self.owner.note_added(pages); // under the lock: see `shrink`
+                }
                 let (count, limit) = (self.owner.count(), self.owner.limit_pages());
                 if count > limit {
                     self.shrink(count - limit);
@@ -261,11 +266,13 @@ impl DmaBufPool {
             if st.clean.get(&size).is_some_and(Vec::is_empty) {
                 st.clean.remove(&size);
             }
+            if let Some(b) = &b {
+                self.inner.owner.note_removed(self.inner.pages(b)); // under the lock
+            }
             b
         };
         let buf = match pooled {
             Some(b) => {
-                self.inner.owner.note_removed(self.inner.pages(&b));
                 self.inner.hits.fetch_add(1, Ordering::Relaxed);
                 b
             }

@@ -63,7 +63,9 @@ extern "C" fn in_child() {
         // SAFETY: the word is a descriptor pagepool owns (recorded by `record_fd`); in the
         // child the object owning it is leaked, never dropped, so closing it here is the only
         // close of the child's copy.
-        drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd((word - 1) as i32) });
+        drop(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd((word - 1) as i32)
+        });
     });
     GENERATION.fetch_add(1, Ordering::Relaxed);
 }
@@ -128,9 +130,9 @@ fn mapping_entries(p: NonNull<u8>, len: usize, mut f: impl FnMut(u64)) {
 pub(crate) unsafe fn keep_mapping(p: NonNull<u8>, len: usize) {
     install();
     // SAFETY: forwarded; MADV_DONTFORK only changes what fork copies.
-    if let Err(e) = unsafe {
-        rustix::mm::madvise(p.as_ptr().cast(), len, rustix::mm::Advice::LinuxDontFork)
-    } {
+    if let Err(e) =
+        unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, rustix::mm::Advice::LinuxDontFork) }
+    {
         log::warn!("pagepool: madvise(MADV_DONTFORK): {e}");
     }
     mapping_entries(p, len, |w| MAPPINGS.insert(w));
@@ -296,14 +298,6 @@ impl<T> ForkCell<T> {
         self.renew(p, renew)
     }
 
-    /// The value, if it belongs to this generation (never builds one).
-    #[inline]
-    pub(crate) fn current(&self) -> Option<&T> {
-        // SAFETY: as in `get`.
-        let s = unsafe { &*self.slot.load(Ordering::Acquire) };
-        (s.generation == generation()).then_some(&s.value)
-    }
-
     #[cold]
     #[inline(never)]
     fn renew(&self, seen: *mut Stamped<T>, renew: impl FnOnce(&T) -> T) -> &T {
@@ -394,6 +388,5 @@ mod tests {
     fn cell_keeps_its_value_within_a_generation() {
         let c = ForkCell::new(5);
         assert_eq!(*c.get(|_| unreachable!()), 5);
-        assert_eq!(c.current(), Some(&5));
     }
 }

@@ -62,7 +62,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::arena::Arenas;
 use crate::buffer::Buffer;
 use crate::cache::{self, CacheShared};
-use crate::deferred::{Freelist, Job, Run, Runs, Work};
+use crate::deferred::{Freelist, HANDOFF_WAIT, Job, Run, Runs, Work};
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
 use crate::os;
@@ -465,6 +465,8 @@ pub(crate) struct Counters {
     pub(crate) zeroed_inline: AtomicU64,
     pub(crate) waited: AtomicU64,
     pub(crate) helped: AtomicU64,
+    /// Runs an allocation gave up on, waiting for the worker (see `zero_stolen`).
+    pub(crate) abandoned: AtomicU64,
     pub(crate) exported: AtomicU64,
     pub(crate) exports_held: AtomicU64,
     pub(crate) peak_pooled: AtomicUsize,
@@ -533,6 +535,66 @@ impl HeapInner {
         }
     }
 
+    /// Undoes a failed allocation's takes, leaving every counter as it was: blocks taken from
+    /// a pool go back to it uncounted, fresh pages (`fresh`: the carved range) go back to the
+    /// arena uncounted. Queued blocks that were zeroed for it (`stolen`) are pooled as
+    /// zeroed inline: that work was done.
+    #[cold]
+    pub(crate) fn undo_alloc(&self, runs: &[Run], stolen: &[Run], fresh: Option<(usize, usize)>) {
+        let page = self.page;
+        let within = |a: usize, r: &Run| a >= r.start && a < r.end(page);
+        let mut given = 0;
+        for r in runs {
+            let i = self.pool_index(r.order);
+            let size = page << r.order;
+            for k in 0..r.count {
+                let a = r.start + k * size;
+                if fresh.is_some_and(|(p, n)| a >= p && a < p + n) {
+                    continue; // given back below, as one range
+                }
+                // SAFETY: the block is a used arena range of `2^order` pages, zeroed, that this
+                // failed allocation owns.
+                let block = unsafe {
+                    Block::from_raw(
+                        Run {
+                            start: a,
+                            order: r.order,
+                            count: 1,
+                        }
+                        .ptr(),
+                        r.order,
+                    )
+                };
+                let res = if stolen.iter().any(|s| within(a, s)) {
+                    given += 1;
+                    self.pools[i].give_quiet(block)
+                } else {
+                    self.pools[i].restore(block)
+                };
+                if let Err(b) = res {
+                    self.arenas.release(b.into_raw(), size);
+                }
+            }
+        }
+        if given > 0 {
+            self.counters
+                .zeroed_inline
+                .fetch_add(given as u64, Ordering::Relaxed);
+        }
+        if let Some((p, n)) = fresh {
+            self.arenas.unfresh(
+                Run {
+                    start: p,
+                    order: 0,
+                    count: 0,
+                }
+                .ptr(),
+                n,
+            );
+        }
+        self.owner.enforce_limits();
+    }
+
     /// Gives a run's memory straight back to the system.
     pub(crate) fn release_run(&self, r: &Run) {
         self.arenas.release(r.ptr(), r.pages() * self.page);
@@ -562,29 +624,52 @@ impl HeapInner {
     }
 
     /// Zeroes a run an allocation took from the queue; a large one is shared with the idle
-    /// worker, stripe by stripe, so that two cores zero it.
+    /// worker, stripe by stripe, so that two cores zero it. Returns false if the worker did not
+    /// finish its stripe within [`HANDOFF_WAIT`]: the run is then the worker's to land, and
+    /// the caller must do without it.
     ///
     /// # Safety
     /// The caller owns the run (it left the queue).
-    unsafe fn zero_stolen(&self, list: &Freelist, r: &Run, buffer_pages: usize) {
+    unsafe fn zero_stolen(&self, list: &Freelist, r: &Run, buffer_pages: usize) -> bool {
         if r.pages() * self.page < 2 * crate::deferred::STRIPE_BYTES {
             // SAFETY: forwarded.
             unsafe { self.zero_run(r, buffer_pages) };
-            return;
+            return true;
         }
         let job = Arc::new(Job::new(*r, buffer_pages, self.page));
         let shared = list.share(Some(job.clone()));
         while let Some((off, len)) = job.next_stripe(self.page) {
             // SAFETY: the stripe is in the run, owned by this thread.
             unsafe { self.zero_part(&job, off, len) };
-            job.finish(len);
+            let landed_by_me = job.finish(len);
+            debug_assert!(!landed_by_me, "only this thread abandons this run");
         }
-        while !job.complete() {
-            std::hint::spin_loop(); // the worker is finishing a stripe
-        }
+        let done = job.wait_complete();
         if shared {
             list.share(None);
         }
+        if done {
+            return true;
+        }
+        // The worker holds a stripe and is not running: it lands the run when it finishes.
+        list.adopt(r);
+        if job.abandon() {
+            self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        list.disown(r); // it finished just now after all
+        true
+    }
+
+    /// Lands a claimed (or adopted) run that is now zeroed: into the pools, and the claim
+    /// counts as landed.
+    fn land(&self, list: &Freelist, run: &Run) {
+        self.counters
+            .worker
+            .zeroed
+            .fetch_add(run.count as u64, Ordering::Relaxed);
+        self.give_runs(std::slice::from_ref(run));
+        list.landed(run);
     }
 
     /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,
@@ -625,39 +710,39 @@ impl HeapInner {
                 Work::Assist => {
                     let t = std::time::Instant::now();
                     let mut mine = 0;
-                    list.assist(|job, off, len| {
-                        // SAFETY: `assist` handed the worker this stripe of the shared run.
-                        unsafe { self.zero_part(job, off, len) };
-                        mine += len;
-                    });
+                    list.assist(
+                        |job, off, len| {
+                            // SAFETY: `assist` handed the worker this stripe of the shared run.
+                            unsafe { self.zero_part(job, off, len) };
+                            mine += len;
+                        },
+                        // The allocation gave up on its run: it is the worker's to land.
+                        |job| self.land(list, &job.run()),
+                    );
                     self.count_worker(mine, t.elapsed());
                     continue;
                 }
             };
             let t = std::time::Instant::now();
-            // Zero the claim piece by piece; an allocation waiting for it may take pieces too
-            // (`next_work` published the job with the claim).
+            // Zero the claim a stripe at a time; an allocation waiting for it may take pieces
+            // too (`next_work` published the job with the claim).
             let run = job.run();
             let mut mine = 0;
-            while let Some((off, len)) = job.next_stripe(self.page) {
+            while let Some((off, len)) = job.next_one_stripe(self.page) {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
-                // helpers, one stripe each) until it lands.
+                // helpers, one piece each) until it lands.
                 unsafe { self.zero_part(&job, off, len) };
-                job.finish(len);
+                let landed_by_me = job.finish(len);
+                debug_assert!(!landed_by_me, "only the worker abandons its claim");
                 mine += len;
             }
             // The worker's own zeroing ends here; what follows is waiting for helpers.
             self.count_worker(mine, t.elapsed());
-            while !job.complete() {
-                std::hint::spin_loop(); // a helper is finishing its last stripe
+            if !job.wait_complete() && job.abandon() {
+                // A helper holds a piece and is not running: it lands the claim when done.
+                continue;
             }
-            list.publish(None);
-            self.counters
-                .worker
-                .zeroed
-                .fetch_add(run.count as u64, Ordering::Relaxed);
-            self.give_runs(std::slice::from_ref(&run));
-            list.landed(&run);
+            self.land(list, &run);
         }
     }
 
@@ -677,26 +762,30 @@ impl HeapInner {
         want: usize,
         buffer_pages: usize,
         runs: &mut Runs,
+        stolen_runs: &mut Runs,
     ) -> (usize, usize) {
         let order = self.orders[i];
         let pool = &self.pools[i];
-        let take_pooled =
-            |runs: &mut Runs, n: usize| pool.take_many(n, |b| runs.push(Run::from_block(b)));
+        let take_pooled = |runs: &mut Runs, n: usize| {
+            pool.take_many_within(n, HANDOFF_WAIT, |b| runs.push(Run::from_block(b)))
+        };
         let mut pooled = take_pooled(runs, want);
         let mut inline = 0;
         if let Some(list) = &self.freelist {
+            // At most one bounded wait for the worker per order: past it, fresh pages.
+            let mut waited = false;
             while pooled + inline < want {
                 // A chunk at a time, so that the worker keeps claiming from the other end.
                 let chunk = (crate::deferred::CHUNK_PAGES >> order).max(1);
                 let stolen = list.steal(order, (want - pooled - inline).min(chunk));
                 if !stolen.is_empty() {
-                    for r in &stolen {
-                        // SAFETY: stolen runs left the queue; this thread owns them now.
-                        unsafe { self.zero_stolen(list, r, buffer_pages) };
-                        inline += r.count;
-                    }
                     for r in stolen {
-                        runs.push(r);
+                        // SAFETY: stolen runs left the queue; this thread owns them now.
+                        if unsafe { self.zero_stolen(list, &r, buffer_pages) } {
+                            inline += r.count;
+                            runs.push(r);
+                            stolen_runs.push(r);
+                        }
                     }
                     continue;
                 }
@@ -704,19 +793,26 @@ impl HeapInner {
                 // in the pool already or is being zeroed now.
                 let in_flight = list.in_flight(order);
                 pooled += take_pooled(runs, want - pooled - inline);
-                if pooled + inline == want || in_flight == 0 {
+                if pooled + inline == want || in_flight == 0 || waited {
                     break;
                 }
-                // Help the worker zero what it claimed, then wait for it to land.
-                let helped = list.help(order, |job, off, len| {
-                    // SAFETY: `help` handed this thread the stripe.
-                    unsafe { self.zero_part(job, off, len) }
-                });
+                // Help the worker zero what it claimed, then wait (briefly) for it to land.
+                let helped = list.help(
+                    order,
+                    |job, off, len| {
+                        // SAFETY: `help` handed this thread the stripe.
+                        unsafe { self.zero_part(job, off, len) }
+                    },
+                    // The worker gave up waiting for this thread's piece: land the claim.
+                    |job| self.land(list, &job.run()),
+                );
                 if helped {
                     self.counters.helped.fetch_add(1, Ordering::Relaxed);
                 }
-                list.wait_landed(order);
-                self.counters.waited.fetch_add(1, Ordering::Relaxed);
+                if list.wait_landed() {
+                    self.counters.waited.fetch_add(1, Ordering::Relaxed);
+                }
+                waited = true;
                 pooled += take_pooled(runs, want - pooled - inline);
             }
         }
@@ -822,6 +918,7 @@ impl SystemHeap {
         // that lie end to end merged, so the bookkeeping grows with the number of separate
         // pieces, not with the buffer's size, and blocks freed together come back together.
         let mut runs = Runs::new();
+        let mut stolen = Runs::new(); // queued blocks zeroed here (for `undo_alloc`)
         let mut missing: Vec<usize> = Vec::new(); // indices of placeholder runs
         let (mut hits, mut inline) = (0, 0);
         let mut left = pages;
@@ -833,7 +930,7 @@ impl SystemHeap {
                 continue;
             }
             let first = runs.len();
-            let (p, z) = h.take_clean(i, want, pages, &mut runs);
+            let (p, z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
             (hits, inline) = (hits + p, inline + z);
             runs[first..].sort_unstable_by_key(|r| r.start);
             if p + z < want {
@@ -845,36 +942,25 @@ impl SystemHeap {
                 });
             }
         }
-        let counters = &h.counters;
-        if hits > 0 {
-            counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
-        }
-        if inline > 0 {
-            counters
-                .zeroed_inline
-                .fetch_add(inline as u64, Ordering::Relaxed);
-        }
         // The misses come from the system as one range, split in order.
+        let misses: usize = missing.iter().map(|&i| runs[i].count).sum();
+        let mut fresh = None;
         if !missing.is_empty() {
-            let fresh: usize = missing.iter().map(|&i| runs[i].pages() * h.page).sum();
-            counters.misses.fetch_add(
-                missing.iter().map(|&i| runs[i].count as u64).sum(),
-                Ordering::Relaxed,
-            );
-            match h.arenas.carve(fresh) {
+            let bytes: usize = missing.iter().map(|&i| runs[i].pages() * h.page).sum();
+            match h.arenas.carve(bytes) {
                 Ok(p) => {
                     let mut at = p.as_ptr() as usize;
+                    fresh = Some((at, bytes));
                     for &i in &missing {
                         runs[i].start = at;
                         at += runs[i].pages() * h.page;
                     }
                 }
                 Err(e) => {
-                    // Give the clean blocks back, untouched.
                     for &i in missing.iter().rev() {
                         runs.remove(i);
                     }
-                    h.give_runs(&runs);
+                    h.undo_alloc(&runs, &stolen, None);
                     return Err(e.into());
                 }
             }
@@ -887,7 +973,28 @@ impl SystemHeap {
             }
             joined
         });
-        Buffer::assemble(h.clone(), runs, bytes)
+        match Buffer::assemble(h.clone(), runs, bytes) {
+            Ok(buf) => {
+                // Counted only now: a failed allocation leaves every counter as it was.
+                let counters = &h.counters;
+                if hits > 0 {
+                    counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
+                }
+                if inline > 0 {
+                    counters
+                        .zeroed_inline
+                        .fetch_add(inline as u64, Ordering::Relaxed);
+                }
+                if misses > 0 {
+                    counters.misses.fetch_add(misses as u64, Ordering::Relaxed);
+                }
+                Ok(buf)
+            }
+            Err((e, runs)) => {
+                h.undo_alloc(&runs, &stolen, fresh);
+                Err(e)
+            }
+        }
     }
 
     /// A snapshot of the heap's statistics.
@@ -930,6 +1037,8 @@ impl SystemHeap {
                 .wrapping_add(cached.zeroed_pages),
             waited_for_worker: c.waited.load(Ordering::Relaxed),
             helped_worker: c.helped.load(Ordering::Relaxed),
+            abandoned_to_worker: c.abandoned.load(Ordering::Relaxed),
+            queue_refused: h.freelist.as_ref().map_or(0, |l| l.refused()),
             exported: c.exported.load(Ordering::Relaxed),
             exports_held_at_release: c.exports_held.load(Ordering::Relaxed),
             worker_bytes: c.worker.bytes.load(Ordering::Relaxed),

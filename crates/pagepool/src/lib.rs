@@ -13,7 +13,7 @@
 //! | page allocator, `mmap` | memfd arenas, one system-call layer | [`os`], `arena` |
 //! | `drm_page_pool` | [`PagePool`], [`Block`] | [`pool`] |
 //! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | [`registry`] |
-//! | deferred-free helper | [`deferred::Freelist`] and the heap's worker | [`deferred`] |
+//! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred` |
 //! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | [`pressure`] |
 //! | system heap, sg table | [`SystemHeap`], [`Buffer`] | [`heap`], [`buffer`] |
 //! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache` |
@@ -36,7 +36,7 @@
 mod arena;
 pub mod buffer;
 mod cache;
-pub mod deferred;
+mod deferred;
 pub mod dmabuf;
 pub mod dmapool;
 pub mod error;

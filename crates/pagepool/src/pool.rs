@@ -24,7 +24,7 @@ use std::fmt;
 use std::ptr::NonNull;
 
 use crate::registry::Owner;
-use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, lock, lock_within};
 
 /// The largest block order pagepool serves: 2^10 pages (4 MiB with 4 KiB pages), like the
 /// kernel's buddy allocator.
@@ -264,10 +264,22 @@ impl PagePool {
             // A plain store: only lock holders write it.
             self.pages
                 .store(list.blocks << self.order, Ordering::Relaxed);
+            // Counted while the lock is held, so that a take of this block (which needs the
+            // lock) is counted after it: see `take_from`.
+            if let Some(owner) = &self.owner {
+                owner.note_added(1 << self.order);
+            }
         }
-        if let Some(owner) = &self.owner {
-            owner.note_added(1 << self.order);
-        }
+        Ok(())
+    }
+
+    /// Puts back a block a failed allocation took from this pool: like a give, but the pool's
+    /// give and take counts end as if the block had never left.
+    pub(crate) fn restore(&self, block: Block) -> Result<(), Block> {
+        self.give_quiet(block)?;
+        let mut list = lock(&self.list);
+        list.given -= 1;
+        list.taken -= 1;
         Ok(())
     }
 
@@ -283,28 +295,54 @@ impl PagePool {
     /// the whole batch, where `n` calls of [`take`] would pay both `n` times.
     ///
     /// [`take`]: Self::take
-    pub fn take_many(&self, n: usize, mut f: impl FnMut(Block)) -> usize {
+    pub fn take_many(&self, n: usize, f: impl FnMut(Block)) -> usize {
+        self.take_from(n, lock(&self.list), f)
+    }
+
+    /// [`take_many`](Self::take_many), but only if the pool's lock can be had within `bound`;
+    /// else takes nothing (a low-priority holder may not run again for a long time).
+    pub(crate) fn take_many_within(
+        &self,
+        n: usize,
+        bound: std::time::Duration,
+        f: impl FnMut(Block),
+    ) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        match lock_within(&self.list, bound) {
+            Some(list) => self.take_from(n, list, f),
+            None => 0,
+        }
+    }
+
+    fn take_from(
+        &self,
+        n: usize,
+        mut list: crate::sync::MutexGuard<'_, FreeList>,
+        mut f: impl FnMut(Block),
+    ) -> usize {
         if n == 0 {
             return 0;
         }
         let mut got = 0;
-        {
-            let mut list = lock(&self.list);
-            while got < n {
-                let Some(ptr) = list.pop() else { break };
-                // SAFETY: the block left the pool above; ownership passes to the caller.
-                f(unsafe { Block::from_raw(ptr, self.order) });
-                got += 1;
-            }
-            list.taken += got as u64;
-            self.pages
-                .store(list.blocks << self.order, Ordering::Relaxed);
+        while got < n {
+            let Some(ptr) = list.pop() else { break };
+            // SAFETY: the block left the pool above; ownership passes to the caller.
+            f(unsafe { Block::from_raw(ptr, self.order) });
+            got += 1;
         }
+        list.taken += got as u64;
+        self.pages
+            .store(list.blocks << self.order, Ordering::Relaxed);
+        // Under the lock, as in `give_quiet`: the owner's and the registry's counts then see
+        // this pool's gives and takes in the order they happened, and never go below zero.
         if got > 0
             && let Some(owner) = &self.owner
         {
             owner.note_removed(got << self.order);
         }
+        drop(list);
         got
     }
 
@@ -314,7 +352,12 @@ impl PagePool {
         match self.take() {
             Some(block) => {
                 self.released.fetch_add(1, Ordering::Relaxed);
-                (self.release)(block);
+                // A panicking callback must not unwind into whoever enforces limits (the
+                // worker, an allocation, the pressure monitor): the block is then lost.
+                let release = std::panic::AssertUnwindSafe(|| (self.release)(block));
+                if std::panic::catch_unwind(release).is_err() {
+                    log::error!("pagepool: a pool's release callback panicked; block leaked");
+                }
                 1 << self.order
             }
             None => 0,

@@ -111,7 +111,11 @@ impl Registry {
     /// Starts a pressure monitor for this registry unless one runs already; returns whether
     /// one runs now. See [`PressureMonitor::start`].
     pub fn start_monitor(self: &Arc<Self>, config: PressureConfig) -> bool {
-        let mut m = self.books().monitor.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self
+            .books()
+            .monitor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if m.is_none() {
             *m = PressureMonitor::start(self, config);
         }
@@ -121,7 +125,11 @@ impl Registry {
     /// Runs `monitor` for this registry, replacing (and stopping) any other.
     pub fn set_monitor(&self, monitor: Option<PressureMonitor>) {
         let old = std::mem::replace(
-            &mut *self.books().monitor.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut *self
+                .books()
+                .monitor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
             monitor,
         );
         drop(old);
@@ -203,7 +211,12 @@ impl Registry {
             if freed >= nr_pages {
                 break;
             }
-            freed += s.scan(nr_pages - freed);
+            // A shrinker that panics frees nothing; the others still run.
+            let scan = std::panic::AssertUnwindSafe(|| s.scan(nr_pages - freed));
+            match std::panic::catch_unwind(scan) {
+                Ok(n) => freed += n,
+                Err(_) => log::error!("pagepool: shrinker {:?} panicked", s.name()),
+            }
         }
         if freed < nr_pages {
             freed += self.scan(nr_pages - freed);

@@ -101,8 +101,16 @@ pub struct HeapStats {
     /// Dirty blocks zeroed inline by an allocation: queued blocks taken by an allocation that
     /// missed its pool, and blocks taken from a thread cache.
     pub zeroed_inline: u64,
-    /// Times an allocation waited for blocks the worker was zeroing.
+    /// Times an allocation waited (briefly, spinning) for blocks the worker was zeroing and
+    /// they landed in time.
     pub waited_for_worker: u64,
+    /// Runs an allocation zeroed with the worker's help and gave up on, because the worker did
+    /// not finish its stripe in time (on a busy machine the nice-19 worker may not run for a
+    /// long while): the allocation took other memory, and the worker pooled the run later.
+    pub abandoned_to_worker: u64,
+    /// Released buffers the queue refused (its bound reached, or its lock held by a worker
+    /// that was not running): the releasing thread zeroed them itself.
+    pub queue_refused: u64,
     /// Times such an allocation took stripes of the worker's claim and zeroed them too.
     pub helped_worker: u64,
     /// Buffers exported as dma-bufs (`Buffer::export_dmabuf`).
@@ -244,15 +252,18 @@ impl fmt::Display for HeapStats {
         writeln!(
             f,
             "zeroed: by worker {} inline {} on release {}; waited for worker {} (helped {}); \
-             queued pages {} (peak {} of {}); freed under pressure {} pages; worker {:.2} GB/s",
+             abandoned {}; queued pages {} (peak {} of {}, refused {}); freed under pressure {} \
+             pages; worker {:.2} GB/s",
             self.zeroed_worker,
             self.zeroed_inline,
             self.zeroed_sync,
             self.waited_for_worker,
             self.helped_worker,
+            self.abandoned_to_worker,
             self.queued_pages,
             self.peak_queued_pages,
             self.queue_limit_pages,
+            self.queue_refused,
             self.pressure_freed_pages,
             self.worker_bytes_per_sec() / 1e9,
         )?;

@@ -41,3 +41,37 @@ pub(crate) fn wait_timeout<'a, T>(
         Err(e) => e.into_inner().0,
     }
 }
+
+/// Locks `m` if it can within `bound` (spinning on `try_lock`), ignoring poisoning; `None` if
+/// it stays busy. For the allocation side of a lock the low-priority worker also takes: on a
+/// busy machine the worker can be descheduled while it holds the lock. Under loom, a plain lock.
+pub(crate) fn lock_within<T>(
+    m: &Mutex<T>,
+    bound: std::time::Duration,
+) -> Option<MutexGuard<'_, T>> {
+    #[cfg(loom)]
+    {
+        let _ = bound;
+        Some(lock(m))
+    }
+    #[cfg(not(loom))]
+    {
+        let mut end = None;
+        loop {
+            match m.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            let now = std::time::Instant::now();
+            match end {
+                None => end = Some(now + bound),
+                Some(t) if now >= t => return None,
+                Some(_) => {}
+            }
+            for _ in 0..16 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}

@@ -111,22 +111,21 @@ fn release_flood_never_passes_the_queue_bound() {
             });
         }
     });
-    let list = heap.freelist().unwrap();
+    let st = heap.stats();
     let bound = limit / page_size();
-    assert_eq!(list.max_pages(), bound);
+    assert_eq!(st.queue_limit_pages, bound);
     assert!(
-        list.peak_pages() <= bound,
+        st.peak_queued_pages <= bound,
         "peak {} > bound {bound}",
-        list.peak_pages()
+        st.peak_queued_pages
     );
-    assert!(list.refused() > 0, "the flood reached the bound");
+    assert!(st.queue_refused > 0, "the flood reached the bound");
     heap.flush();
     let st = heap.stats();
     assert!(
         st.zeroed_sync > 0,
         "past the bound, releasing threads zeroed"
     );
-    assert_eq!(st.peak_queued_pages, list.peak_pages());
     assert_eq!(st.fresh_pages, st.pooled_pages() as u64 + st.released_pages);
 }
 
@@ -180,7 +179,7 @@ fn synchronous_release_when_deferred_is_off() {
         .deferred(false)
         .build()
         .unwrap();
-    assert!(heap.freelist().is_none());
+    assert_eq!(heap.stats().queue_limit_pages, 0, "no queue");
     drop(heap.alloc(2 << 20).unwrap());
     let st = heap.stats();
     assert_eq!(

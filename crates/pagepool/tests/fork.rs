@@ -156,7 +156,10 @@ fn the_child_gets_its_own_clean_memory_and_the_parent_sees_nothing() {
         assert!(all(b, 0));
     }
     let after = heap.stats();
-    assert_eq!(after.fresh_pages, before.fresh_pages, "no fresh pages needed");
+    assert_eq!(
+        after.fresh_pages, before.fresh_pages,
+        "no fresh pages needed"
+    );
     drop(again);
     drop(live);
 }

@@ -1,4 +1,5 @@
 //! Loom models of the pool's concurrent give/take and of the registry's shrink racing with them.
+//! (The deferred-free queue's models are in the crate: `src/deferred.rs`, `loom_tests`.)
 //!
 //! Run with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom`
 //! (`.ci/loom` does). Blocks are small heap allocations: the pool only needs memory it can
@@ -100,110 +101,5 @@ fn registry_shrink_races_give_and_take() {
         if let Some(b) = held {
             free(b);
         }
-    });
-}
-
-#[test]
-fn freelist_queue_races_worker_and_pressure_scan() {
-    use pagepool::deferred::{Freelist, Run};
-    loom::model(|| {
-        let released = Arc::new(AtomicUsize::new(0));
-        let r = released.clone();
-        let list = Arc::new(Freelist::new(
-            4096,
-            1 << 20,
-            Box::new(move |run: Run| {
-                r.fetch_add(run.pages(), Ordering::SeqCst);
-            }),
-        ));
-        let zeroed = Arc::new(AtomicUsize::new(0));
-        // The worker: claims and lands until stopped.
-        let worker = {
-            let (list, zeroed) = (list.clone(), zeroed.clone());
-            thread::spawn(move || {
-                while let Some(run) = list.claim() {
-                    zeroed.fetch_add(run.pages(), Ordering::SeqCst);
-                    list.landed(&run);
-                }
-            })
-        };
-        // A releasing thread queues a 2-chunk buffer; a pressure scan runs concurrently.
-        let releaser = {
-            let list = list.clone();
-            thread::spawn(move || {
-                list.queue(
-                    [Run {
-                        start: 1 << 30,
-                        order: 8,
-                        count: 2,
-                    }]
-                    .into_iter()
-                    .collect(),
-                )
-                .unwrap();
-            })
-        };
-        let scanned = list.scan(usize::MAX);
-        releaser.join().unwrap();
-        let stolen: usize = list.steal(8, 2).iter().map(Run::pages).sum();
-        list.flush();
-        let leftover: usize = list.stop().iter().map(Run::pages).sum();
-        worker.join().unwrap();
-        // Every queued page was zeroed by the worker, released by the scan, or stolen: once.
-        assert_eq!(leftover, 0, "flush drained the queue");
-        assert_eq!(scanned, released.load(Ordering::SeqCst));
-        assert_eq!(zeroed.load(Ordering::SeqCst) + scanned + stolen, 512);
-        assert_eq!(list.pending_pages(), 0);
-    });
-}
-
-#[test]
-fn job_stripes_are_zeroed_once_by_worker_and_helper() {
-    /// The stripes a piece `(off, len)` covers, as bits.
-    fn stripe_bits(off: usize, len: usize) -> usize {
-        use pagepool::deferred::STRIPE_BYTES;
-        let (first, n) = (off / STRIPE_BYTES, len.div_ceil(STRIPE_BYTES));
-        ((1 << n) - 1) << first
-    }
-    use pagepool::deferred::{Freelist, Job, Run, STRIPE_BYTES};
-    loom::model(|| {
-        let list = Arc::new(Freelist::new(4096, 1 << 20, Box::new(|_| {})));
-        // A run of three stripes.
-        // Five stripes: the first claim takes two (half of what is left), then one at a time.
-        let pages = 5 * STRIPE_BYTES / 4096;
-        let run = Run {
-            start: 1 << 30,
-            order: 0,
-            count: pages,
-        };
-        let job = Arc::new(Job::new(run, pages, 4096));
-        let taken = Arc::new(AtomicUsize::new(0)); // one bit per stripe
-        let helper = {
-            let (list, taken) = (list.clone(), taken.clone());
-            thread::spawn(move || {
-                list.assist(|_, off, len| {
-                    let bits = stripe_bits(off, len);
-                    assert_eq!(
-                        taken.fetch_or(bits, Ordering::SeqCst) & bits,
-                        0,
-                        "stripe twice"
-                    );
-                });
-            })
-        };
-        assert!(list.share(Some(job.clone())));
-        while let Some((off, len)) = job.next_stripe(4096) {
-            let bits = stripe_bits(off, len);
-            assert_eq!(
-                taken.fetch_or(bits, Ordering::SeqCst) & bits,
-                0,
-                "stripe twice"
-            );
-            job.finish(len);
-        }
-        helper.join().unwrap();
-        assert!(job.complete(), "every stripe finished");
-        assert_eq!(taken.load(Ordering::SeqCst), 0b11111);
-        list.share(None);
     });
 }
