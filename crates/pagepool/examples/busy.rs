@@ -488,6 +488,7 @@ counters!(
     zeroed_inline,
     waited_for_worker,
     helped_worker,
+    abandoned_to_worker,
     worker_bytes,
     worker_nanos,
 );
@@ -533,7 +534,7 @@ impl Counts {
 }
 
 fn refused(heap: &SystemHeap) -> u64 {
-    heap.freelist().map_or(0, |l| l.refused())
+    heap.stats().queue_refused
 }
 
 // ---------------------------------------------------------------------------------------------

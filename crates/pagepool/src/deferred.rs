@@ -294,7 +294,18 @@ pub(crate) struct Freelist {
     /// once for either.
     flushing_hint: AtomicUsize,
     stopped_hint: AtomicBool,
+    /// When the worker promised to look at the queue next, in ns since `born` (`u64::MAX`:
+    /// asleep until a release wakes it). Past that by [`WORKER_GRACE`], the scheduler is not
+    /// running the worker, and releases zero their buffers themselves.
+    due_ns: AtomicU64,
+    born: std::time::Instant,
 }
+
+/// How late the worker may be (see `Freelist::due_ns`) before a release stops queueing for it:
+/// on a busy machine a nice-19 thread can wait hundreds of milliseconds for a core, and work
+/// queued for it would be zeroed by the next allocation instead, on the allocation's time. A
+/// release that zeroes its own buffer does what a synchronous heap does, at the same cost.
+pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
 #[derive(Debug, Default)]
@@ -397,6 +408,8 @@ impl Freelist {
             shared_hint: Line(AtomicBool::new(false)),
             flushing_hint: AtomicUsize::new(0),
             stopped_hint: AtomicBool::new(false),
+            due_ns: AtomicU64::new(u64::MAX),
+            born: std::time::Instant::now(),
         }
     }
 
@@ -541,10 +554,29 @@ impl Freelist {
                 }
                 std::hint::spin_loop();
             }
+            self.promise(std::time::Duration::ZERO);
             if seen.is_none() && std::time::Instant::now() >= end {
                 return false;
             }
         }
+    }
+
+    /// Now, in ns since the list was made.
+    fn now_ns(&self) -> u64 {
+        self.born.elapsed().as_nanos() as u64
+    }
+
+    /// The worker's promise: it looks at the queue again within `d` (see `due_ns`).
+    fn promise(&self, d: std::time::Duration) {
+        let due = self.now_ns().saturating_add(d.as_nanos() as u64);
+        self.due_ns.store(due, Ordering::Relaxed);
+    }
+
+    /// True when the worker is late by more than [`WORKER_GRACE`] on its promise.
+    fn worker_late(&self) -> bool {
+        let due = self.due_ns.load(Ordering::Relaxed);
+        due != u64::MAX
+            && self.now_ns() > due.saturating_add(WORKER_GRACE.as_nanos() as u64)
     }
 
     /// The bound on queued plus in-flight pages.
@@ -593,7 +625,7 @@ impl Freelist {
                 return Err(runs);
             };
             let pending = q.pages + q.in_flight_pages();
-            if q.stopped || pending + pages > self.max_pages {
+            if q.stopped || pending + pages > self.max_pages || self.worker_late() {
                 drop(q);
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(runs);
@@ -608,6 +640,8 @@ impl Freelist {
             q.sleeping > 0 && (q.pages >= CHUNK_PAGES || q.flushing > 0)
         };
         if wake {
+            // Woken, the worker owes a look at the queue as soon as the scheduler runs it.
+            self.promise(std::time::Duration::ZERO);
             self.work.notify_one();
         }
         Ok(())
@@ -639,6 +673,7 @@ impl Freelist {
                 return None;
             }
             if q.items.is_empty() && self.shared_hint.load(Ordering::Acquire) {
+                self.promise(std::time::Duration::ZERO);
                 return Some(Work::Assist);
             }
             if let Some((item, buffer_pages)) = q.items.front_mut() {
@@ -663,6 +698,8 @@ impl Freelist {
                 // in flight finds its job (see `current_job`).
                 let job = std::sync::Arc::new(Job::new(run, buffer_pages, self.page));
                 *lock(&self.job) = Some(job.clone());
+                // Zeroing a chunk takes tens of microseconds: it looks again well within this.
+                self.promise(std::time::Duration::ZERO);
                 return Some(Work::Claim(job));
             }
             let found = match idle_since {
@@ -689,11 +726,13 @@ impl Freelist {
             match nap_length(idle, self.naps_ns.load(Ordering::Relaxed)) {
                 Some(nap) => {
                     q.napping += 1;
+                    self.promise(nap);
                     q = wait_timeout(&self.work, q, nap);
                     q.napping -= 1;
                 }
                 None => {
                     q.sleeping += 1;
+                    self.due_ns.store(u64::MAX, Ordering::Relaxed);
                     q = wait(&self.work, q);
                     q.sleeping -= 1;
                     idle_since = None;
