@@ -186,7 +186,13 @@ impl System {
                 let buf = heap.alloc(size).map_err(|e| e.to_string())?;
                 let mut map = buf.map().map_err(|e| e.to_string())?;
                 let mut cpu = map.access(Access::ReadWrite).map_err(|e| e.to_string())?;
-                use_buffer(&mut cpu[..size], opts)
+                // SAFETY: the kernel made this dma-buf just now; `buf` is its only descriptor
+                // and `map` its only mapping, neither shared with anyone, and no device is
+                // attached: nothing else reads or writes it while the slice lives. (A slice,
+                // like every other row, not `CpuAccess`'s atomic copies: the row measures the
+                // heap, not the copying.)
+                let bytes = unsafe { cpu.as_mut_slice() };
+                use_buffer(&mut bytes[..size], opts)
             }
         }
     }

@@ -77,10 +77,28 @@ impl Inner {
     }
 
     /// Zeroes a buffer through a mapping, with CPU access announced to the kernel.
-    fn zero(&self, b: &DmaBuf) -> Result<(), DmaBufError> {
+    ///
+    /// # Safety
+    /// `b`'s descriptor is the last reference to its file ([`file_count`] is 1: no other
+    /// descriptor, here or in another process, no mapping, no device attachment), and it is the
+    /// pool's own, handed to nobody.
+    unsafe fn zero(&self, b: &DmaBuf) -> Result<(), DmaBufError> {
         let mut map = b.map()?;
         let mut cpu = map.access(Access::Write)?;
-        cpu.fill(0);
+        // SAFETY: nothing but this mapping can read or write the buffer while the slice lives.
+        // Every way to its memory holds a reference to the file: a descriptor (in this process
+        // or another), a mapping (an mmap holds the file), a device attachment (the importer
+        // holds the file from `dma_buf_get` to `dma_buf_put`). The caller saw a count of 1:
+        // `b`'s descriptor, the pool's own, which it hands to nobody. No reference can appear
+        // since, as a new one is made only from an existing descriptor or mapping: `map` is the
+        // one this call just made. (A `fork` by another thread copies the descriptor and the
+        // mapping into a child that runs only the forking thread's code until `exec`, which
+        // drops both: pagepool's descriptors are close-on-exec. A process allowed to ptrace
+        // this one may take descriptors with `pidfd_getfd`, as it may write `/proc/<pid>/mem`:
+        // no Rust code can guard against that.) The slice, not the safe atomic `fill`, because
+        // zeroing is the worker's whole job: atomic stores go one word at a time, and the
+        // compiler may not merge them into the vector or `rep stos` stores of `memset`.
+        unsafe { cpu.as_mut_slice() }.fill(0);
         Ok(())
     }
 
@@ -147,7 +165,9 @@ impl Inner {
                         continue;
                     }
                 }
-                if let Err(e) = self.zero(&b) {
+                // SAFETY: the count just read is 1, and `b` is the pool's own descriptor (its
+                // `PooledDmaBuf` was dropped), handed to nobody.
+                if let Err(e) = unsafe { self.zero(&b) } {
                     log::warn!("pagepool: cannot zero a dma-buf ({e}); closing it");
                     self.released.fetch_add(1, Ordering::Relaxed);
                     continue;

@@ -15,7 +15,7 @@
 //! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | [`registry`] |
 //! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred` |
 //! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | [`pressure`] |
-//! | system heap, sg table | [`SystemHeap`], [`Buffer`] | [`heap`], [`buffer`] |
+//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | [`heap`], [`buffer`] |
 //! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache` |
 //! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | [`dmabuf`] |
 //! | a pool of real dma-bufs | [`dmapool::DmaBufPool`] | [`dmapool`] |
@@ -50,7 +50,7 @@ pub mod stats;
 mod sync;
 mod zero;
 
-pub use buffer::{BlockInfo, Buffer};
+pub use buffer::{BlockInfo, Buffer, ExportError, ExportedBuffer};
 pub use error::{AllocError, ConfigError, OsError};
 pub use heap::{HeapBuilder, SystemHeap};
 pub use os::{mapping_count, page_size};

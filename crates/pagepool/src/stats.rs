@@ -113,10 +113,11 @@ pub struct HeapStats {
     pub queue_refused: u64,
     /// Times such an allocation took stripes of the worker's claim and zeroed them too.
     pub helped_worker: u64,
-    /// Buffers exported as dma-bufs (`Buffer::export_dmabuf`).
+    /// Buffers exported as dma-bufs ([`Buffer::export`](crate::Buffer::export)).
     pub exported: u64,
-    /// Exported buffers whose dma-buf was still held when the buffer was dropped: their memory
-    /// went back to the system instead of the pools.
+    /// [`ExportedBuffer`](crate::ExportedBuffer)s dropped while their dma-buf was still
+    /// referenced elsewhere (another descriptor, a mapping, another process): their memory went
+    /// back to the system instead of the pools.
     pub exports_held_at_release: u64,
     /// Bytes the worker zeroed itself: its share of the runs it claimed (allocations may help
     /// with them) and of runs allocations shared with it.

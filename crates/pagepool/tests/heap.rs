@@ -330,15 +330,57 @@ fn stats_serialise_and_render() {
 }
 
 #[test]
-fn export_without_udmabuf_is_a_clear_error() {
+fn a_failed_export_gives_the_buffer_back() {
     let heap = private_heap("export");
-    let mut b = heap.alloc(1 << 20).unwrap();
+    let page = page_size();
+    let len = (1 << 20) + 3 * page;
+    let mut b = heap.alloc(len).unwrap();
+    let (ptr, blocks): (_, Vec<_>) = (b.as_ptr(), b.blocks().collect());
+    b[..5].copy_from_slice(b"hello");
+    let exported = b.export();
     if std::path::Path::new(pagepool::dmabuf::UDMABUF_PATH).exists() {
-        let d = b.export_dmabuf().unwrap();
-        assert_eq!(d.len(), 1 << 20);
-    } else {
-        let e = b.export_dmabuf().unwrap_err();
-        assert!(e.to_string().contains("/dev/udmabuf"), "{e}");
-        assert_eq!(heap.stats().exported, 0);
+        // A machine with /dev/udmabuf (the VM suite checks this path fully).
+        let x = exported.unwrap();
+        assert_eq!(x.dmabuf().len(), len);
+        let mut head = [0; 5];
+        x.read(0, &mut head).unwrap();
+        assert_eq!(&head, b"hello");
+        return;
     }
+    let e = exported.unwrap_err();
+    assert!(e.to_string().contains("/dev/udmabuf"), "{e}");
+    assert!(
+        matches!(e.error(), pagepool::dmabuf::DmaBufError::NoHeap { .. }),
+        "{e:?}"
+    );
+    assert!(std::error::Error::source(&e).is_some());
+    assert_eq!(heap.stats().exported, 0);
+    // The same buffer, untouched: its memory, blocks and contents.
+    let mut b = e.into_buffer();
+    assert_eq!((b.as_ptr(), b.len()), (ptr, len));
+    assert_eq!(b.blocks().collect::<Vec<_>>(), blocks);
+    assert_eq!(&b[..5], b"hello");
+    assert!(b[5..].iter().all(|&x| x == 0), "no longer zeroed");
+    b.fill(0xab);
+    // Dropped normally: back to the pools, not to the system.
+    let before = heap.stats();
+    drop(b);
+    heap.flush();
+    let st = heap.stats();
+    assert_eq!(st.exports_held_at_release, 0);
+    assert_eq!(st.released_pages, before.released_pages);
+    assert_eq!(st.pooled_pages(), before.pooled_pages() + len / page);
+    assert_eq!(st.live_buffers, 0);
+    assert!(heap.alloc(len).unwrap().iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_failed_export_of_a_fresh_buffer_leaves_it_zeroed() {
+    let heap = private_heap("export-zeroed");
+    let Err(e) = heap.alloc(64 << 10).unwrap().export() else {
+        return; // a machine with /dev/udmabuf
+    };
+    let (b, err) = e.into_parts();
+    assert!(err.to_string().contains("/dev/udmabuf"), "{err}");
+    assert!(b.iter().all(|&x| x == 0));
 }

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagepool::dmabuf::{Access, DmaBuf, DmaBufError, DmaHeap, file_count};
+use pagepool::dmabuf::{Access, CpuAccess, DmaBuf, DmaBufError, DmaHeap, file_count};
 use pagepool::dmapool::DmaBufPool;
 use pagepool::{PressureConfig, Registry, SystemHeap};
 
@@ -26,15 +26,46 @@ fn e(x: impl std::fmt::Display) -> String {
     x.to_string()
 }
 
+/// Every byte of a mapped dma-buf, copied out.
+fn contents(cpu: &CpuAccess<'_, '_>) -> Result<Vec<u8>> {
+    let mut v = vec![0; cpu.len()];
+    cpu.read(0, &mut v).map_err(e)?;
+    Ok(v)
+}
+
+/// The descriptor is close-on-exec, as every descriptor pagepool makes.
+fn check_cloexec(fd: impl AsFd) -> Result<()> {
+    let flags = rustix::io::fcntl_getfd(fd).map_err(e)?;
+    check(flags.contains(rustix::io::FdFlags::CLOEXEC), || {
+        "descriptor not close-on-exec".into()
+    })
+}
+
 /// The kernel selftest's first case: allocate and map 1 MiB.
 fn dmabuf_alloc_and_map_1m() -> Result {
     let heap = DmaHeap::open("system").map_err(e)?;
     let buf = heap.alloc(1 << 20).map_err(e)?;
     check(buf.len() == 1 << 20, || format!("len {}", buf.len()))?;
+    check_cloexec(&buf)?;
     let mut map = buf.map().map_err(e)?;
     let mut cpu = map.access(Access::ReadWrite).map_err(e)?;
     cpu.fill(0x42);
-    check(cpu.iter().all(|&b| b == 0x42), || "write/read back".into())?;
+    check(contents(&cpu)?.iter().all(|&b| b == 0x42), || {
+        "write/read back".into()
+    })?;
+    cpu.write(4093, &[1, 2, 3, 4, 5, 6]).map_err(e)?;
+    let mut back = [0; 8];
+    cpu.read(4092, &mut back).map_err(e)?;
+    check(back == [0x42, 1, 2, 3, 4, 5, 6, 0x42], || {
+        format!("unaligned write/read back: {back:?}")
+    })?;
+    check(
+        matches!(
+            cpu.read((1 << 20) - 4, &mut back),
+            Err(DmaBufError::OutOfRange { .. })
+        ),
+        || "read past the end".into(),
+    )?;
     Ok(format!("heaps {:?}", DmaHeap::list()))
 }
 
@@ -57,7 +88,7 @@ fn dmabuf_zeroed_after_dirty_free(size: usize) -> Result {
         let b = heap.alloc(size).map_err(e)?;
         let mut map = b.map().map_err(e)?;
         let cpu = map.access(Access::Read).map_err(e)?;
-        check(cpu.iter().all(|&x| x == 0), || {
+        check(contents(&cpu)?.iter().all(|&x| x == 0), || {
             format!("buffer {i} not zeroed")
         })?;
     }
@@ -68,6 +99,11 @@ fn dmabuf_zeroed_after_dirty_free(size: usize) -> Result {
 fn dmabuf_invalid_flags_and_lengths() -> Result {
     let heap = DmaHeap::open("system").map_err(e)?;
     let rw = (rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC).bits();
+    // Close-on-exec even when not asked for.
+    let without = heap
+        .alloc_with_flags(4096, rustix::fs::OFlags::RDWR.bits(), 0)
+        .map_err(e)?;
+    check_cloexec(&without)?;
     check(heap.alloc_with_flags(4096, rw | 0x4, 0).is_err(), || {
         "bad fd flags accepted".into()
     })?;
@@ -104,7 +140,7 @@ fn fill_dmabuf(b: &DmaBuf, byte: u8) -> Result<()> {
 fn all_bytes(b: &DmaBuf, byte: u8) -> Result<bool> {
     let mut map = b.map().map_err(e)?;
     let cpu = map.access(Access::Read).map_err(e)?;
-    Ok(cpu.iter().all(|&x| x == byte))
+    Ok(contents(&cpu)?.iter().all(|&x| x == byte))
 }
 
 /// A pool of the system heap's dma-bufs, on a registry of its own.
@@ -227,24 +263,34 @@ fn udmabuf_export_shares_and_pins() -> Result {
     for (i, x) in b.iter_mut().enumerate() {
         *x = (i % 251) as u8;
     }
-    let d = b.export_dmabuf().map_err(e)?;
-    check(d.len() == b.len(), || {
-        format!("dma-buf len {} vs {}", d.len(), b.len())
+    let mut x = b.export().map_err(e)?;
+    check_cloexec(x.dmabuf())?;
+    check(x.dmabuf().len() == x.len(), || {
+        format!("dma-buf len {} vs {}", x.dmabuf().len(), x.len())
     })?;
     {
-        let mut map = d.map().map_err(e)?;
+        let mut map = x.dmabuf().map().map_err(e)?;
         let mut cpu = map.access(Access::ReadWrite).map_err(e)?;
         check(
-            cpu.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8),
+            contents(&cpu)?
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == (i % 251) as u8),
             || "contents differ".into(),
         )?;
-        cpu[10] = 0xee;
+        cpu.write(10, &[0xee]).map_err(e)?;
     }
-    check(b[10] == 0xee, || {
+    let mut byte = [0];
+    x.read(10, &mut byte).map_err(e)?;
+    check(byte[0] == 0xee, || {
         "write through the dma-buf not seen".into()
     })?;
-    // Drop the buffer while the dma-buf lives: its pages must not be reused.
-    drop(b);
+    x.write(12, &[0xdd]).map_err(e)?;
+    // Drop the exported buffer while another descriptor of the dma-buf lives: its pages must
+    // not be reused.
+    let d = x.dmabuf().try_clone().map_err(e)?;
+    check_cloexec(&d)?;
+    drop(x);
     heap.flush();
     let st = heap.stats();
     check(st.exports_held_at_release == 1, || format!("{st}"))?;
@@ -254,8 +300,10 @@ fn udmabuf_export_shares_and_pins() -> Result {
     })?;
     let mut map = d.map().map_err(e)?;
     let cpu = map.access(Access::Read).map_err(e)?;
-    check(cpu[10] == 0xee && cpu[11] == 11, || {
-        "the dma-buf's memory changed after release".into()
+    let mut head = [0; 3];
+    cpu.read(10, &mut head).map_err(e)?;
+    check(head == [0xee, 11, 0xdd], || {
+        format!("the dma-buf's memory changed after release: {head:?}")
     })?;
     Ok(String::new())
 }
@@ -274,16 +322,22 @@ fn udmabuf_export_of_a_remapped_buffer() -> Result {
     check(both.is_remapped(), || "expected a remapped buffer".into())?;
     both[0] = 1;
     both[4096] = 2;
-    let d = both.export_dmabuf().map_err(e)?;
+    let x = both.export().map_err(e)?;
     {
-        let mut map = d.map().map_err(e)?;
+        let mut map = x.dmabuf().map().map_err(e)?;
         let cpu = map.access(Access::Read).map_err(e)?;
-        check(cpu[0] == 1 && cpu[4096] == 2, || {
+        let (mut first, mut second) = ([0], [0]);
+        cpu.read(0, &mut first).map_err(e)?;
+        cpu.read(4096, &mut second).map_err(e)?;
+        check(first == [1] && second == [2], || {
             "order of blocks in the dma-buf".into()
         })?;
     }
-    drop(d); // closed first: the buffer may be recycled
-    drop(both);
+    // Its descriptor is the last reference (the mapping is gone): the buffer may be recycled.
+    check(file_count(x.dmabuf().as_fd()).map_err(e)? == 1, || {
+        "the dma-buf is still held".into()
+    })?;
+    drop(x);
     drop(gap);
     heap.flush();
     let st = heap.stats();
