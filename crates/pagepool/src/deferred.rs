@@ -575,8 +575,7 @@ impl Freelist {
     /// True when the worker is late by more than [`WORKER_GRACE`] on its promise.
     fn worker_late(&self) -> bool {
         let due = self.due_ns.load(Ordering::Relaxed);
-        due != u64::MAX
-            && self.now_ns() > due.saturating_add(WORKER_GRACE.as_nanos() as u64)
+        due != u64::MAX && self.now_ns() > due.saturating_add(WORKER_GRACE.as_nanos() as u64)
     }
 
     /// The bound on queued plus in-flight pages.

@@ -402,7 +402,14 @@ impl DmaBuf {
         // program touches it only through `CpuAccess`: atomic copies, or slices whose callers
         // promise (`unsafe`) that no other access happens meanwhile.
         let mem = unsafe { SharedMem::new(ptr, self.len) };
-        Ok(DmaBufMap { mem, buf: self })
+        // Not inherited by a forked child (see `crate::fork`).
+        // SAFETY: the mapping made above, ours alone.
+        unsafe { crate::fork::keep_mapping(ptr, self.len) };
+        Ok(DmaBufMap {
+            mem,
+            buf: self,
+            generation: crate::fork::generation(),
+        })
     }
 
     fn sync(&self, flags: u64) -> Result<(), DmaBufError> {
@@ -432,6 +439,8 @@ pub struct DmaBufMap<'a> {
     /// The mapped bytes: `buf.len()` of them, page-aligned.
     mem: SharedMem,
     buf: &'a DmaBuf,
+    /// The fork generation that made the mapping: a forked child does not have it.
+    generation: u64,
 }
 
 impl<'a> DmaBufMap<'a> {
@@ -455,6 +464,12 @@ impl<'a> DmaBufMap<'a> {
 
 impl Drop for DmaBufMap<'_> {
     fn drop(&mut self) {
+        if self.generation != crate::fork::generation() {
+            // Inherited by a forked child, which has no such mapping: the range holds the
+            // placeholder `crate::fork` put there, and stays reserved.
+            return;
+        }
+        crate::fork::forget_mapping(self.mem.ptr, self.buf.len);
         // SAFETY: the mapping is ours; every `CpuAccess` borrowing it, and with it every slice
         // it handed out, has ended.
         if let Err(e) = unsafe { rustix::mm::munmap(self.mem.ptr.as_ptr().cast(), self.buf.len) } {

@@ -22,6 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::dmabuf::{Access, DmaBuf, DmaBufError, DmaHeap, file_count};
+use crate::fork::ForkCell;
 use crate::registry::{Owner, Registry, Shrinker};
 
 /// A dma-buf pool's counters.
@@ -53,7 +54,9 @@ struct State {
 }
 
 struct Inner {
-    heap: DmaHeap,
+    heap: Arc<DmaHeap>,
+    /// The fork generation of this pool state (see [`crate::fork`]).
+    generation: u64,
     owner: Arc<Owner>,
     page: usize,
     state: Mutex<State>,
@@ -91,9 +94,9 @@ impl Inner {
         // holds the file from `dma_buf_get` to `dma_buf_put`). The caller saw a count of 1:
         // `b`'s descriptor, the pool's own, which it hands to nobody. No reference can appear
         // since, as a new one is made only from an existing descriptor or mapping: `map` is the
-        // one this call just made. (A `fork` by another thread copies the descriptor and the
-        // mapping into a child that runs only the forking thread's code until `exec`, which
-        // drops both: pagepool's descriptors are close-on-exec. A process allowed to ptrace
+        // one this call just made. (A `fork` by another thread copies neither into the child:
+        // the mapping is `MADV_DONTFORK`, and the pool's descriptors are recorded and closed in
+        // the child by `crate::fork` before `fork` returns there. A process allowed to ptrace
         // this one may take descriptors with `pidfd_getfd`, as it may write `/proc/<pid>/mem`:
         // no Rust code can guard against that.) The slice, not the safe atomic `fill`, because
         // zeroing is the worker's whole job: atomic stores go one word at a time, and the
@@ -127,6 +130,7 @@ impl Inner {
         }
         self.released
             .fetch_add(closing.len() as u64, Ordering::Relaxed);
+        closing.into_iter().for_each(close);
         freed
     }
 
@@ -162,6 +166,7 @@ impl Inner {
                     Err(e) => {
                         log::warn!("pagepool: cannot tell who holds a dma-buf ({e}); closing it");
                         self.released.fetch_add(1, Ordering::Relaxed);
+                        close(b);
                         continue;
                     }
                 }
@@ -170,6 +175,7 @@ impl Inner {
                 if let Err(e) = unsafe { self.zero(&b) } {
                     log::warn!("pagepool: cannot zero a dma-buf ({e}); closing it");
                     self.released.fetch_add(1, Ordering::Relaxed);
+                    close(b);
                     continue;
                 }
                 self.zeroed.fetch_add(1, Ordering::Relaxed);
@@ -219,22 +225,28 @@ impl Inner {
 /// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
 /// ```
 pub struct DmaBufPool {
+    /// This process's pool state: a forked child builds its own on first use (see
+    /// [`crate::fork`]).
+    core: ForkCell<PoolCore>,
+}
+
+/// A pool's state in one process: the buffers and the worker.
+struct PoolCore {
     inner: Arc<Inner>,
     worker: Option<std::thread::JoinHandle<()>>,
 }
 
-impl DmaBufPool {
-    /// A pool of buffers of `heap`, holding at most `limit_bytes` of clean buffers, counted
-    /// against `registry` as the owner `dmabuf:<heap name>`.
-    pub fn new(
-        heap: DmaHeap,
+impl PoolCore {
+    fn start(
+        heap: Arc<DmaHeap>,
         registry: &Arc<Registry>,
-        limit_bytes: usize,
-    ) -> Result<DmaBufPool, DmaBufError> {
+        limit_pages: usize,
+    ) -> Result<PoolCore, DmaBufError> {
         let page = crate::os::page_size();
-        let owner = registry.register(&format!("dmabuf:{}", heap.name()), limit_bytes / page);
+        let owner = registry.register(&format!("dmabuf:{}", heap.name()), limit_pages);
         let inner = Arc::new(Inner {
             heap,
+            generation: crate::fork::generation(),
             owner,
             page,
             state: Mutex::new(State {
@@ -262,96 +274,168 @@ impl DmaBufPool {
                 op: "spawn dma-buf worker",
                 source: e,
             })?;
-        Ok(DmaBufPool {
+        Ok(PoolCore {
             inner,
             worker: Some(worker),
         })
     }
 
+    /// The state a forked child starts with: like its parent's, empty. Without a worker (the
+    /// thread could not be started) released buffers are closed, not pooled.
+    fn renew(old: &PoolCore) -> PoolCore {
+        let o = &old.inner;
+        match PoolCore::start(o.heap.clone(), o.owner.registry(), o.owner.limit_pages()) {
+            Ok(core) => core,
+            Err(e) => {
+                log::warn!("pagepool: {e}; the dma-buf pool does not pool in this process");
+                PoolCore::stopped(o)
+            }
+        }
+    }
+
+    /// A pool state with no worker, that pools nothing.
+    fn stopped(old: &Inner) -> PoolCore {
+        let inner = Arc::new(Inner {
+            heap: old.heap.clone(),
+            generation: crate::fork::generation(),
+            owner: old.owner.registry().register(old.owner.name(), 0),
+            page: old.page,
+            state: Mutex::new(State {
+                clean: BTreeMap::new(),
+                dirty: VecDeque::new(),
+                held: Vec::new(),
+                stopped: true,
+            }),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            busy: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            zeroed: AtomicU64::new(0),
+            held_events: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        });
+        PoolCore {
+            inner,
+            worker: None,
+        }
+    }
+}
+
+impl Drop for PoolCore {
+    /// Stops the worker and closes every pooled and queued buffer (buffers still held elsewhere
+    /// stay valid for their holders: closing the pool's descriptor drops only its reference).
+    fn drop(&mut self) {
+        let (dirty, held) = {
+            let mut st = self.inner.state();
+            st.stopped = true;
+            (std::mem::take(&mut st.dirty), std::mem::take(&mut st.held))
+        };
+        dirty.into_iter().chain(held).for_each(close);
+        self.inner.work.notify_all();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        self.inner.shrink(usize::MAX);
+    }
+}
+
+/// Closes a descriptor the pool owned (and recorded for a forked child to close).
+fn close(b: DmaBuf) {
+    crate::fork::forget_fd(b.as_fd());
+    drop(b);
+}
+
+impl DmaBufPool {
+    /// A pool of buffers of `heap`, holding at most `limit_bytes` of clean buffers, counted
+    /// against `registry` as the owner `dmabuf:<heap name>`.
+    pub fn new(
+        heap: DmaHeap,
+        registry: &Arc<Registry>,
+        limit_bytes: usize,
+    ) -> Result<DmaBufPool, DmaBufError> {
+        let page = crate::os::page_size();
+        let core = PoolCore::start(Arc::new(heap), registry, limit_bytes / page)?;
+        Ok(DmaBufPool {
+            core: ForkCell::new(core),
+        })
+    }
+
+    /// This process's pool state.
+    fn inner(&self) -> &Arc<Inner> {
+        &self.core.get(PoolCore::renew).inner
+    }
+
     /// A zeroed dma-buf of at least `len` bytes (rounded up to pages): a pooled one of that
     /// size if there is one, else a new one from the kernel heap.
     pub fn alloc(&self, len: usize) -> Result<PooledDmaBuf, DmaBufError> {
+        let inner = self.inner();
         if len == 0 {
             return Err(DmaBufError::ZeroLength);
         }
         let size = len
-            .checked_next_multiple_of(self.inner.page)
+            .checked_next_multiple_of(inner.page)
             .ok_or(DmaBufError::Os {
                 op: "DMA_HEAP_IOCTL_ALLOC",
                 source: std::io::Error::from_raw_os_error(12),
             })?;
         let pooled = {
-            let mut st = self.inner.state();
+            let mut st = inner.state();
             let b = st.clean.get_mut(&size).and_then(Vec::pop);
             if st.clean.get(&size).is_some_and(Vec::is_empty) {
                 st.clean.remove(&size);
             }
             if let Some(b) = &b {
-                self.inner.owner.note_removed(self.inner.pages(b)); // under the lock
+                inner.owner.note_removed(inner.pages(b)); // under the lock
+                crate::fork::forget_fd(b.as_fd()); // the user's from now on
             }
             b
         };
         let buf = match pooled {
             Some(b) => {
-                self.inner.hits.fetch_add(1, Ordering::Relaxed);
+                inner.hits.fetch_add(1, Ordering::Relaxed);
                 b
             }
             None => {
-                self.inner.misses.fetch_add(1, Ordering::Relaxed);
-                self.inner.heap.alloc(size)?
+                inner.misses.fetch_add(1, Ordering::Relaxed);
+                inner.heap.alloc(size)?
             }
         };
         Ok(PooledDmaBuf {
             buf: Some(buf),
-            pool: self.inner.clone(),
+            pool: inner.clone(),
         })
     }
 
     /// Waits until every released buffer has been zeroed and pooled, or parked because it is
     /// still referenced elsewhere.
     pub fn flush(&self) {
-        let mut st = self.inner.state();
-        while (!st.dirty.is_empty() || self.inner.busy.load(Ordering::Acquire)) && !st.stopped {
-            st = self.inner.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        let inner = self.inner();
+        let mut st = inner.state();
+        while (!st.dirty.is_empty() || inner.busy.load(Ordering::Acquire)) && !st.stopped {
+            st = inner.idle.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// Closes every clean pooled buffer; returns the pages freed.
     pub fn trim(&self) -> usize {
-        self.inner.shrink(usize::MAX)
+        self.inner().shrink(usize::MAX)
     }
 
     /// The pool's counters.
     pub fn stats(&self) -> DmaBufPoolStats {
-        let st = self.inner.state();
+        let inner = self.inner();
+        let st = inner.state();
         DmaBufPoolStats {
             pooled: st.clean.values().map(Vec::len).sum(),
             pooled_bytes: st.clean.values().flatten().map(DmaBuf::len).sum(),
             held: st.held.len(),
-            hits: self.inner.hits.load(Ordering::Relaxed),
-            misses: self.inner.misses.load(Ordering::Relaxed),
-            zeroed: self.inner.zeroed.load(Ordering::Relaxed),
-            held_events: self.inner.held_events.load(Ordering::Relaxed),
-            released: self.inner.released.load(Ordering::Relaxed),
+            hits: inner.hits.load(Ordering::Relaxed),
+            misses: inner.misses.load(Ordering::Relaxed),
+            zeroed: inner.zeroed.load(Ordering::Relaxed),
+            held_events: inner.held_events.load(Ordering::Relaxed),
+            released: inner.released.load(Ordering::Relaxed),
         }
-    }
-}
-
-impl Drop for DmaBufPool {
-    /// Stops the worker and closes every pooled and queued buffer (buffers still held elsewhere
-    /// stay valid for their holders: closing the pool's descriptor drops only its reference).
-    fn drop(&mut self) {
-        {
-            let mut st = self.inner.state();
-            st.stopped = true;
-            st.dirty.clear();
-            st.held.clear();
-        }
-        self.inner.work.notify_all();
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
-        self.trim();
     }
 }
 
@@ -383,6 +467,9 @@ impl Deref for PooledDmaBuf {
 impl Drop for PooledDmaBuf {
     fn drop(&mut self) {
         let Some(b) = self.buf.take() else { return };
+        if self.pool.generation != crate::fork::generation() {
+            return; // inherited by a forked child: only this process's descriptor closes
+        }
         if file_count(b.as_fd()).is_ok_and(|n| n > 1) {
             self.pool.held_events.fetch_add(1, Ordering::Relaxed);
         }
@@ -390,6 +477,7 @@ impl Drop for PooledDmaBuf {
         if st.stopped {
             return;
         }
+        crate::fork::record_fd(b.as_fd()); // the pool's again: a forked child closes it
         st.dirty.push_back(b);
         drop(st);
         self.pool.work.notify_one();

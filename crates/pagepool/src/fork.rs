@@ -129,10 +129,10 @@ fn mapping_entries(p: NonNull<u8>, len: usize, mut f: impl FnMut(u64)) {
 /// `p..p + len` is a mapping the caller owns (advice changes no contents).
 pub(crate) unsafe fn keep_mapping(p: NonNull<u8>, len: usize) {
     install();
+    let advice = rustix::mm::Advice::LinuxDontFork;
     // SAFETY: forwarded; MADV_DONTFORK only changes what fork copies.
-    if let Err(e) =
-        unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, rustix::mm::Advice::LinuxDontFork) }
-    {
+    let r = unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, advice) };
+    if let Err(e) = r {
         log::warn!("pagepool: madvise(MADV_DONTFORK): {e}");
     }
     mapping_entries(p, len, |w| MAPPINGS.insert(w));
