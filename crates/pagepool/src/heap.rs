@@ -22,29 +22,47 @@
 //! pools and the queue). See the `cache` module for the bounds and how caches are emptied.
 //!
 //! ## Releasing
-//! By default a released buffer is queued on the heap's [`Freelist`] in O(1) (a buffer that
-//! needed a view also unmaps it); a worker thread (`pagepool-free`, at nice 19 like the kernel's
-//! deferred-free kthread) claims its blocks a chunk (1 MiB) at a time, zeroes them and gives them
-//! to the pools. An allocation that misses a pool takes, in this order:
+//! By default a released buffer is queued for the heap's worker in O(1) (a buffer that needed
+//! a view also unmaps it); the worker (`pagepool-free`, at nice 19 like the kernel's
+//! deferred-free kthread) claims its blocks a chunk (1 MiB) at a time, zeroes them and gives
+//! them to the pools. An allocation that misses a pool takes, in this order:
 //! 1. queued dirty blocks, newest buffer first, a chunk at a time, zeroed on its own thread; a
 //!    run of two stripes (128 KiB) or more is shared with the worker if it is idle, so that two
-//!    cores zero it (see [`crate::deferred::Freelist::share`]);
-//! 2. blocks the worker is zeroing right now: it takes stripes of the worker's claim too, then
-//!    waits for it to land (spinning: at most one chunk);
+//!    cores zero it;
+//! 2. blocks the worker is zeroing right now: it zeroes pieces of the worker's claim too, then
+//!    waits briefly for the claim to land;
 //! 3. fresh pages from the system.
 //!
-//! Two threads zeroing one run split it in pieces, each a share of what is left (see
-//! [`Job::next_stripe`]), so that they meet at the end after a handful of claims. A spinning
-//! worker leaves a newly queued buffer alone for [`crate::deferred::CLAIM_DELAY`] (2 us), so
-//! that an allocation coming right after the release takes it (step 1) rather than waiting for
-//! the worker's claim to land (step 2). Buffers larger than half the last-level cache are
-//! zeroed with streaming stores. Past the queue bound the releasing thread zeroes the buffer
-//! itself. Releases under one chunk do not wake a sleeping worker (a wake-up costs more than
-//! zeroing them); an idle worker polls for
-//! [`HeapBuilder::worker_spin`], then naps and looks for work by itself for
-//! [`HeapBuilder::worker_naps`], before it sleeps until a release wakes it: a release never
-//! pays for a wake-up while the heap is in use. With [`HeapBuilder::deferred`]`(false)` every
-//! release zeroes synchronously (TTM's way).
+//! Two threads zeroing one run split it in pieces: the allocation takes half of what is left
+//! at a time, the worker one 64 KiB stripe at a time. A spinning worker leaves a newly queued
+//! buffer alone for 2 us, so that an allocation coming right after the release takes it (step
+//! 1) rather than waiting for the worker's claim to land (step 2). Buffers larger than half the
+//! last-level cache are zeroed with streaming stores. Past the queue bound the releasing thread
+//! zeroes the buffer itself. Releases under one chunk do not wake a sleeping worker (a wake-up
+//! costs more than zeroing them); an idle worker polls for [`HeapBuilder::worker_spin`], then
+//! naps and looks for work by itself for [`HeapBuilder::worker_naps`], before it sleeps until a
+//! release wakes it. A flush or the heap's drop ends its spin at once. With
+//! [`HeapBuilder::deferred`]`(false)` every release zeroes synchronously (TTM's way).
+//!
+//! ## A busy machine
+//! The scheduler gives a nice-19 thread very little time while other threads want the cores:
+//! the worker may wait hundreds of milliseconds to run again, in the middle of a stripe or
+//! while it holds a lock. No allocation waits for it longer than a small fixed bound (50 us,
+//! about ten stripes' zeroing):
+//! - the allocation side takes the locks the worker also takes (pools, queue, claim) only if
+//!   they are free within the bound; otherwise it does without (another source of blocks);
+//! - a run shared with the worker whose last stripe the worker has not finished within the
+//!   bound is *abandoned*: the worker lands it in the pools when it finishes, and the
+//!   allocation takes other memory; a claim of the worker's that does not land within the
+//!   bound is left to it the same way; whoever zeroes the last stripe of an abandoned run
+//!   lands it, so nothing is lost and nothing is zeroed twice;
+//! - the worker promises when it will look at the queue next (at once while it works or
+//!   spins, at the end of a nap). A release that finds it later than that by 2 ms zeroes its
+//!   buffer itself, as a synchronous heap would: queued work would otherwise wait for the next
+//!   allocation, which would zero it on its own time.
+//!
+//! So under full CPU load a deferred heap behaves like a synchronous one; `examples/busy.rs`
+//! measures both side by side.
 
 //! ## Mapping count bound
 //! pagepool's share of `/proc/self/maps` is at most `2A + Σ r(b)`: two mappings per arena (the
@@ -80,11 +98,11 @@ pub const DEFAULT_POOL_LIMIT: usize = 256 << 20;
 pub const DEFAULT_MAX_BUFFER: usize = 1 << 30;
 /// The default bound on memory queued for the deferred-free worker: 64 MiB.
 pub const DEFAULT_QUEUE_LIMIT: usize = 64 << 20;
-/// The default time an idle worker polls for work before sleeping: 200 us (see
-/// [`Freelist::set_worker_spin`]).
+/// The default time an idle worker polls for work before napping: 200 us (see
+/// [`HeapBuilder::worker_spin`]).
 pub const DEFAULT_WORKER_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 /// The default time an idle worker keeps napping, after its spin, before it sleeps until woken:
-/// 100 ms (see [`Freelist::set_worker_naps`]).
+/// 100 ms (see [`HeapBuilder::worker_naps`]).
 pub const DEFAULT_WORKER_NAPS: std::time::Duration = std::time::Duration::from_millis(100);
 /// The default size of each thread's cache of small released buffers: 64 KiB, so buffers of
 /// up to 16 KiB are cached (see [`HeapBuilder::thread_cache`]).
