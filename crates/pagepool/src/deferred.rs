@@ -299,7 +299,18 @@ pub(crate) struct Freelist {
     /// running the worker, and releases zero their buffers themselves.
     due_ns: AtomicU64,
     born: std::time::Instant,
+    /// How long the worker's idle spells have lasted lately (a moving average, ns): written by
+    /// the worker only.
+    idle_expected_ns: AtomicU64,
 }
+
+/// How long before its expected end a worker napping through an idle spell wakes up to spin
+/// (see `Freelist::next_work`): covers the nap's lateness (the worker's timer slack is set
+/// small) and some variation in the program's rhythm.
+pub(crate) const EARLY_BY: std::time::Duration = std::time::Duration::from_micros(25);
+
+/// The longest idle spell the moving average records (10 ms): longer ones end in naps anyway.
+const IDLE_LEARN_MAX_NS: u64 = 10_000_000;
 
 /// How late the worker may be (see `Freelist::due_ns`) before a release stops queueing for it:
 /// on a busy machine a nice-19 thread can wait hundreds of milliseconds for a core, and work
@@ -410,6 +421,7 @@ impl Freelist {
             stopped_hint: AtomicBool::new(false),
             due_ns: AtomicU64::new(u64::MAX),
             born: std::time::Instant::now(),
+            idle_expected_ns: AtomicU64::new(0),
         }
     }
 
@@ -561,6 +573,17 @@ impl Freelist {
         }
     }
 
+    /// Records how long the worker was idle before work came (`since`: when it went idle), in
+    /// the moving average that predicts the next idle spell. Spells that ended in a sleep until
+    /// woken are not recorded (they say nothing of a steady rhythm).
+    fn learn_idle(&self, since: Option<std::time::Instant>) {
+        let Some(t) = since else { return };
+        let idle = (t.elapsed().as_nanos() as u64).min(IDLE_LEARN_MAX_NS);
+        let old = self.idle_expected_ns.load(Ordering::Relaxed);
+        self.idle_expected_ns
+            .store(old - old / 4 + idle / 4, Ordering::Relaxed);
+    }
+
     /// Now, in ns since the list was made.
     fn now_ns(&self) -> u64 {
         self.born.elapsed().as_nanos() as u64
@@ -673,6 +696,7 @@ impl Freelist {
             }
             if q.items.is_empty() && self.shared_hint.load(Ordering::Acquire) {
                 self.promise(std::time::Duration::ZERO);
+                self.learn_idle(idle_since);
                 return Some(Work::Assist);
             }
             if let Some((item, buffer_pages)) = q.items.front_mut() {
@@ -699,15 +723,38 @@ impl Freelist {
                 *lock(&self.job) = Some(job.clone());
                 // Zeroing a chunk takes tens of microseconds: it looks again well within this.
                 self.promise(std::time::Duration::ZERO);
+                self.learn_idle(idle_since);
                 return Some(Work::Claim(job));
             }
             let found = match idle_since {
-                // Just out of work: spin first.
+                // Just out of work: spin first; but when work has come back after about the
+                // same idle time, again and again, nap through most of it and spin only
+                // shortly before it is due (spinning all along would double the process's CPU
+                // time for a program that works between allocations).
                 None => {
+                    let now = std::time::Instant::now();
+                    idle_since = Some(now);
+                    let expected = std::time::Duration::from_nanos(
+                        self.idle_expected_ns.load(Ordering::Relaxed),
+                    );
+                    if expected > 2 * EARLY_BY && q.flushing == 0 {
+                        q.napping += 1;
+                        self.promise(expected - EARLY_BY);
+                        q = wait_timeout(&self.work, q, expected - EARLY_BY);
+                        q.napping -= 1;
+                        if !q.items.is_empty()
+                            || q.stopped
+                            || self.shared_hint.load(Ordering::Acquire)
+                        {
+                            continue;
+                        }
+                    }
                     drop(q);
-                    idle_since = Some(std::time::Instant::now());
                     let found = self.spin_for_work();
                     q = lock(&self.queue);
+                    if found {
+                        self.learn_idle(idle_since);
+                    }
                     found
                 }
                 Some(_) => false,

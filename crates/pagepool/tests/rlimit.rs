@@ -20,11 +20,13 @@ fn address_space_limit_is_an_error_not_a_crash() {
     let heap = SystemHeap::builder()
         .registry(Registry::new(usize::MAX))
         .arena_size(8 << 20)
+        .pressure(None)
         .build()
         .unwrap();
     // Warm the pool with 4 MiB so the failing allocation also takes pooled blocks first.
     drop(heap.alloc(4 << 20).unwrap());
     heap.flush();
+    let before = heap.stats();
     let old = getrlimit(Resource::As);
     let limit = vm_size() + (32 << 20);
     setrlimit(
@@ -36,6 +38,7 @@ fn address_space_limit_is_an_error_not_a_crash() {
     )
     .unwrap();
     let result = heap.alloc(256 << 20);
+    let after_refusal = heap.stats();
     let small = heap.alloc(4 << 20).map(|b| b.len());
     setrlimit(Resource::As, old).unwrap();
     heap.flush();
@@ -49,6 +52,7 @@ fn address_space_limit_is_an_error_not_a_crash() {
         4 << 20,
         "the pooled blocks were given back and reused"
     );
+    assert_eq!(after_refusal, before, "the refusal changed no counter");
     let st = heap.stats();
     assert_eq!(st.live_buffers, 0);
     assert_eq!(
