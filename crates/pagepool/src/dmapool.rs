@@ -211,6 +211,14 @@ impl Inner {
 
 /// A pool of clean dma-bufs of a kernel dma-buf heap.
 ///
+/// # Fork
+/// A forked child does not inherit the pool's buffers: the descriptors of pooled and queued
+/// buffers are closed in the child, and the pool's own mappings are `MADV_DONTFORK`. The pool
+/// keeps working in the child: its first use there starts it afresh (empty, with a worker of
+/// its own), without taking any lock another thread of the parent may have held at fork time;
+/// nothing the child does changes the parent's pool. A [`PooledDmaBuf`] the child inherited is
+/// a descriptor like any other: dropping it in the child closes the child's copy only.
+///
 /// # Examples
 /// ```no_run
 /// use pagepool::dmabuf::DmaHeap;

@@ -35,8 +35,8 @@
 //!
 //! Two threads zeroing one run split it in pieces: the allocation takes half of what is left
 //! at a time, the worker one 64 KiB stripe at a time. A spinning worker leaves a newly queued
-//! buffer alone for 2 us, so that an allocation coming right after the release takes it (step
-//! 1) rather than waiting for the worker's claim to land (step 2). Buffers larger than half the
+//! buffer alone for 2 us, so that an allocation coming right after the release takes it (as
+//! in step 1) rather than waiting for the worker's claim to land (step 2). Buffers larger than half the
 //! last-level cache are zeroed with streaming stores. Past the queue bound the releasing thread
 //! zeroes the buffer itself. Releases under one chunk do not wake a sleeping worker (a wake-up
 //! costs more than zeroing them); an idle worker polls for [`HeapBuilder::worker_spin`], then
@@ -853,6 +853,21 @@ impl HeapInner {
 /// zeroing. Dropping the heap stops the worker and gives all queued and pooled memory back to
 /// the system; buffers still alive stay valid, and their memory goes straight back to the
 /// system when they are dropped.
+///
+/// # Fork
+/// A heap's memory is not inherited by a forked child (like RDMA and DMA memory): its mappings
+/// are `MADV_DONTFORK`, and a child that touches a [`Buffer`] inherited from its parent gets
+/// `SIGSEGV`. The heap itself keeps working in the child: its first use there (any method)
+/// starts it afresh, with empty pools, caches and queue, new arenas and a worker of its own,
+/// without taking any lock that another thread of the parent may have held when it forked. The
+/// inherited state is never freed or locked in the child, so dropping an inherited buffer, or
+/// the heap, has no effect on the parent, and nothing the child does is visible to the parent.
+///
+/// # A busy machine
+/// The worker runs at nice 19. No allocation waits for it more than a small fixed bound
+/// (50 us): past that it takes other memory and leaves the worker's work to the worker; and
+/// while the scheduler does not run the worker, releases zero their buffers themselves. Under
+/// full CPU load the heap then behaves like a synchronous one ([`HeapBuilder::deferred`]).
 ///
 /// # Examples
 /// ```

@@ -245,6 +245,82 @@ fn hold(fd: i32, len: usize, byte: u8) -> i32 {
     }
 }
 
+/// The dma-buf descriptors this process holds (`/proc/self/fd` links to `/dmabuf:`).
+fn dmabuf_fds() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return usize::MAX;
+    };
+    dir.filter_map(|d| std::fs::read_link(d.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().contains("dmabuf"))
+        .count()
+}
+
+/// After fork, the child has none of the pool's own descriptors (only the user's), starts with
+/// an empty pool that works, and the parent's pool is unchanged.
+fn dmapool_after_fork() -> Result {
+    let pool = system_pool()?;
+    let a = pool.alloc(1 << 20).map_err(e)?;
+    fill_dmabuf(&a, 0x21)?;
+    drop(a);
+    pool.flush(); // pooled, clean: the pool's own descriptor
+    let b = pool.alloc(2 << 20).map_err(e)?; // the user's descriptor
+    fill_dmabuf(&b, 0x42)?;
+    let before = pool.stats();
+    let fds = dmabuf_fds();
+    check(before.pooled == 1 && fds == 2, || {
+        format!("before the fork: {before:?}, {fds} dma-buf descriptors")
+    })?;
+    // SAFETY: the child runs only the closure below, then `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = (|| {
+            if dmabuf_fds() != 1 {
+                return 10; // the pooled buffer's descriptor was inherited
+            }
+            let st = pool.stats();
+            if st.pooled != 0 || st.hits != 0 || st.misses != 0 {
+                return 11;
+            }
+            let Ok(c) = pool.alloc(1 << 20) else {
+                return 12;
+            };
+            if !all_bytes(&c, 0).unwrap_or(false) || fill_dmabuf(&c, 0x77).is_err() {
+                return 13;
+            }
+            drop(c);
+            pool.flush();
+            let st = pool.stats();
+            if st.zeroed != 1 || st.pooled != 1 {
+                return 14;
+            }
+            drop(b); // the child's copy of the user's descriptor only
+            0
+        })();
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: `pid` is our child.
+    check(unsafe { libc::waitpid(pid, &mut status, 0) } == pid, || {
+        "waitpid".into()
+    })?;
+    check(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        || format!("child status {status:#x}"),
+    )?;
+    let after = pool.stats();
+    check(after == before, || {
+        format!("parent's pool changed: {after:?}")
+    })?;
+    check(all_bytes(&b, 0x42)?, || "the user's buffer changed".into())?;
+    let again = pool.alloc(1 << 20).map_err(e)?;
+    check(all_bytes(&again, 0)?, || "pooled buffer not clean".into())?;
+    check(pool.stats().hits == before.hits + 1, || {
+        "not from the pool".into()
+    })?;
+    Ok(format!("{after:?}"))
+}
+
 fn heap(name: &str) -> Result<SystemHeap> {
     SystemHeap::builder()
         .name(name)
@@ -488,7 +564,7 @@ fn main() {
         _ => {}
     }
     type Case = (&'static str, fn() -> Result);
-    let cases: [Case; 9] = [
+    let cases: [Case; 10] = [
         ("dmabuf_alloc_and_map_1m", dmabuf_alloc_and_map_1m),
         ("dmabuf_zeroed_after_dirty_free_4k", || {
             dmabuf_zeroed_after_dirty_free(4096)
@@ -514,6 +590,7 @@ fn main() {
             udmabuf_export_of_a_remapped_buffer,
         ),
         ("heap_zeroed_after_dirty_free", heap_zeroed_after_dirty_free),
+        ("dmapool_after_fork", dmapool_after_fork),
     ];
     let only: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
     let (mut passed, mut failed) = (0, 0);
