@@ -24,8 +24,8 @@ use std::collections::VecDeque;
 use crate::pool::MAX_ORDER;
 use crate::registry::Shrinker;
 use crate::sync::{
-    AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, lock_within, wait,
-    wait_timeout,
+    AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, lock_within, try_lock,
+    wait, wait_timeout,
 };
 
 /// The most pages the worker claims at once (1 MiB with 4 KiB pages): small enough that an
@@ -130,6 +130,11 @@ impl Job {
         let k = len.div_ceil(self.stripe);
         let before = self.done.fetch_add(k, Ordering::AcqRel);
         before & ABANDONED != 0 && (before & !ABANDONED) + k == self.stripes
+    }
+
+    /// True once every stripe has been handed out.
+    pub(crate) fn taken(&self) -> bool {
+        self.next.load(Ordering::Relaxed) >= self.stripes
     }
 
     /// True once every stripe is zeroed.
@@ -294,10 +299,14 @@ pub(crate) struct Freelist {
     /// once for either.
     flushing_hint: AtomicUsize,
     stopped_hint: AtomicBool,
+    /// Pages of runs allocations gave up on, left to the worker to land (see `adopt`).
+    adopted: AtomicUsize,
     /// When the worker promised to look at the queue next, in ns since `born` (`u64::MAX`:
     /// asleep until a release wakes it). Past that by [`WORKER_GRACE`], the scheduler is not
     /// running the worker, and releases zero their buffers themselves.
     due_ns: AtomicU64,
+    /// Until when releases zero their own buffers after the worker was found late.
+    late_until_ns: AtomicU64,
     born: std::time::Instant,
     /// How long the worker's idle spells have lasted lately (a moving average, ns): written by
     /// the worker only.
@@ -315,8 +324,20 @@ const IDLE_LEARN_MAX_NS: u64 = 10_000_000;
 /// How late the worker may be (see `Freelist::due_ns`) before a release stops queueing for it:
 /// on a busy machine a nice-19 thread can wait hundreds of milliseconds for a core, and work
 /// queued for it would be zeroed by the next allocation instead, on the allocation's time. A
-/// release that zeroes its own buffer does what a synchronous heap does, at the same cost.
-pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(2);
+/// release that zeroes its own buffer does what a synchronous heap does, at the same cost. A
+/// running worker renews its promise every few microseconds (each spin round, each stripe it
+/// zeroes), so a worker this late has lost its core.
+pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// How long releases keep zeroing their own buffers after the worker was found late, or found
+/// itself kept off its core: a machine that busy usually stays so, and a worker that runs for a
+/// moment meanwhile is likely to lose its core again before it is done, leaving what it took
+/// on for the next allocation.
+pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How late past its promise the worker must renew it to count as having been kept off its
+/// core (see `Freelist::promise`).
+pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
 #[derive(Debug, Default)]
@@ -419,7 +440,9 @@ impl Freelist {
             shared_hint: Line(AtomicBool::new(false)),
             flushing_hint: AtomicUsize::new(0),
             stopped_hint: AtomicBool::new(false),
+            adopted: AtomicUsize::new(0),
             due_ns: AtomicU64::new(u64::MAX),
+            late_until_ns: AtomicU64::new(0),
             born: std::time::Instant::now(),
             idle_expected_ns: AtomicU64::new(0),
         }
@@ -429,19 +452,24 @@ impl Freelist {
     /// that two cores zero it. Returns false (and shares nothing) if another run is shared
     /// already. Call with `None` once the job is complete.
     pub(crate) fn share(&self, job: Option<std::sync::Arc<Job>>) -> bool {
-        let mut slot = match &job {
-            // Offering: only if the slot is free now (the worker may hold its lock).
-            Some(_) => match lock_within(&self.shared, HANDOFF_WAIT) {
-                Some(slot) => slot,
-                None => return false,
-            },
-            None => lock(&self.shared),
+        let Some(job) = job else {
+            // Withdrawing never waits: the hint alone keeps the worker away, and a job left in
+            // the slot (its lock busy now) has no stripe left, so the next offer replaces it.
+            self.shared_hint.store(false, Ordering::Release);
+            if let Some(mut slot) = try_lock(&self.shared) {
+                *slot = None;
+            }
+            return true;
         };
-        if job.is_some() && slot.is_some() {
+        // Offering: only if the slot's lock is free now (the worker may hold it).
+        let Some(mut slot) = lock_within(&self.shared, HANDOFF_WAIT) else {
             return false;
+        };
+        if self.shared_hint.load(Ordering::Acquire) && slot.as_ref().is_some_and(|j| !j.taken()) {
+            return false; // another allocation's run is being shared
         }
-        self.shared_hint.store(job.is_some(), Ordering::Release);
-        *slot = job;
+        *slot = Some(job);
+        self.shared_hint.store(true, Ordering::Release);
         true
     }
 
@@ -454,6 +482,7 @@ impl Freelist {
         };
         while let Some((off, len)) = job.next_one_stripe(self.page) {
             zero(&job, off, len);
+            self.promise(std::time::Duration::ZERO);
             if job.finish(len) {
                 land(&job);
                 return;
@@ -465,12 +494,21 @@ impl Freelist {
     /// last stripe, which lands it): count it as in flight until then, so that `flush` waits
     /// for it.
     pub(crate) fn adopt(&self, run: &Run) {
-        lock(&self.queue).in_flight[run.order as usize] += run.pages();
+        self.adopted.fetch_add(run.pages(), Ordering::AcqRel);
     }
 
     /// Undoes [`adopt`](Self::adopt) when the run completed before it was abandoned.
     pub(crate) fn disown(&self, run: &Run) {
-        lock(&self.queue).in_flight[run.order as usize] -= run.pages();
+        self.adopted.fetch_sub(run.pages(), Ordering::AcqRel);
+    }
+
+    /// The worker's side: an adopted run (see [`adopt`](Self::adopt)) is zeroed and pooled.
+    pub(crate) fn landed_adopted(&self, run: &Run) {
+        self.adopted.fetch_sub(run.pages(), Ordering::AcqRel);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            let _q = lock(&self.queue);
+            self.landed.notify_all();
+        }
     }
 
     /// The job of the worker's current claim, while it is open to helpers (see
@@ -483,15 +521,7 @@ impl Freelist {
     /// The allocator's side: if the worker is zeroing a claim of `order`, takes stripes of it
     /// and zeroes them with `zero(offset, len)` (offsets from the run's start) until none is
     /// left. Returns true if there was such a claim. The run still lands through the worker.
-    ///
-    /// If the worker gave up waiting for this helper's last piece, the run is the helper's once
-    /// it finishes it: `land(job)` lands it (and the claim counts as landed).
-    pub(crate) fn help(
-        &self,
-        order: u8,
-        mut zero: impl FnMut(&Job, usize, usize),
-        land: impl FnOnce(&Job),
-    ) -> bool {
+    pub(crate) fn help(&self, order: u8, mut zero: impl FnMut(&Job, usize, usize)) -> bool {
         let Some(job) = lock_within(&self.job, HANDOFF_WAIT).and_then(|j| j.clone()) else {
             return false;
         };
@@ -500,10 +530,8 @@ impl Freelist {
         }
         while let Some((off, len)) = job.next_stripe(self.page) {
             zero(&job, off, len);
-            if job.finish(len) {
-                land(&job);
-                break;
-            }
+            let landed_by_me = job.finish(len);
+            debug_assert!(!landed_by_me, "the worker never abandons its claim");
         }
         true
     }
@@ -590,15 +618,37 @@ impl Freelist {
     }
 
     /// The worker's promise: it looks at the queue again within `d` (see `due_ns`).
-    fn promise(&self, d: std::time::Duration) {
-        let due = self.now_ns().saturating_add(d.as_nanos() as u64);
-        self.due_ns.store(due, Ordering::Relaxed);
+    ///
+    /// Called by the worker only (and by a release that wakes it). A worker that renews its
+    /// promise more than [`PREEMPTED`] after it fell due was kept off its core meanwhile: the
+    /// machine is busy, and releases zero their own buffers for the next [`LATE_HOLD`].
+    pub(crate) fn promise(&self, d: std::time::Duration) {
+        let now = self.now_ns();
+        let prev = self
+            .due_ns
+            .swap(now.saturating_add(d.as_nanos() as u64), Ordering::Relaxed);
+        if prev != u64::MAX && now > prev.saturating_add(PREEMPTED.as_nanos() as u64) {
+            self.late_until_ns
+                .store(now + LATE_HOLD.as_nanos() as u64, Ordering::Relaxed);
+        }
     }
 
-    /// True when the worker is late by more than [`WORKER_GRACE`] on its promise.
+    /// True when the worker is late by more than [`WORKER_GRACE`] on its promise, or was so
+    /// within the last [`LATE_HOLD`]: a machine busy enough to leave the worker without a core
+    /// usually stays so, and a worker that runs for a moment meanwhile is likely to lose its
+    /// core again before it is done.
     fn worker_late(&self) -> bool {
+        let now = self.now_ns();
+        if now < self.late_until_ns.load(Ordering::Relaxed) {
+            return true;
+        }
         let due = self.due_ns.load(Ordering::Relaxed);
-        due != u64::MAX && self.now_ns() > due.saturating_add(WORKER_GRACE.as_nanos() as u64)
+        let late = due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64);
+        if late {
+            self.late_until_ns
+                .store(now + LATE_HOLD.as_nanos() as u64, Ordering::Relaxed);
+        }
+        late
     }
 
     /// The bound on queued plus in-flight pages.
@@ -614,7 +664,7 @@ impl Freelist {
     /// Pages queued or being zeroed now.
     pub(crate) fn pending_pages(&self) -> usize {
         let q = lock(&self.queue);
-        q.pages + q.in_flight_pages()
+        q.pages + q.in_flight_pages() + self.adopted.load(Ordering::Acquire)
     }
 
     /// The most pages ever queued plus in flight at once.
@@ -878,8 +928,11 @@ impl Freelist {
         if q.sleeping > 0 || q.napping > 0 {
             self.work.notify_one();
         }
-        while (q.pages > 0 || q.in_flight_pages() > 0) && !q.stopped {
-            q = wait(&self.landed, q);
+        while (q.pages > 0 || q.in_flight_pages() > 0 || self.adopted.load(Ordering::Acquire) > 0)
+            && !q.stopped
+        {
+            // With a timeout: adopted runs land without the queue's lock held throughout.
+            q = wait_timeout(&self.landed, q, std::time::Duration::from_millis(1));
         }
         q.flushing -= 1;
         drop(q);

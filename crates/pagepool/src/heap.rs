@@ -739,7 +739,15 @@ impl HeapInner {
                             mine += len;
                         },
                         // The allocation gave up on its run: it is the worker's to land.
-                        |job| self.land(list, &job.run()),
+                        |job| {
+                            let run = job.run();
+                            self.counters
+                                .worker
+                                .zeroed
+                                .fetch_add(run.count as u64, Ordering::Relaxed);
+                            self.give_runs(std::slice::from_ref(&run));
+                            list.landed_adopted(&run);
+                        },
                     );
                     self.count_worker(mine, t.elapsed());
                     continue;
@@ -754,15 +762,17 @@ impl HeapInner {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
                 // helpers, one piece each) until it lands.
                 unsafe { self.zero_part(&job, off, len) };
+                list.promise(std::time::Duration::ZERO); // still running: see `WORKER_GRACE`
                 let landed_by_me = job.finish(len);
-                debug_assert!(!landed_by_me, "only the worker abandons its claim");
+                debug_assert!(!landed_by_me, "nobody abandons the worker's claim");
                 mine += len;
             }
-            // The worker's own zeroing ends here; what follows is waiting for helpers.
+            // The worker's own zeroing ends here; what follows is waiting for helpers: briefly
+            // spinning, then yielding the core (a helper is an allocation, at normal priority;
+            // nothing waits for the worker meanwhile for long, see `HANDOFF_WAIT`).
             self.count_worker(mine, t.elapsed());
-            if !job.wait_complete() && job.abandon() {
-                // A helper holds a piece and is not running: it lands the claim when done.
-                continue;
+            while !job.wait_complete() {
+                std::thread::yield_now();
             }
             self.land(list, &run);
         }
@@ -819,15 +829,10 @@ impl HeapInner {
                     break;
                 }
                 // Help the worker zero what it claimed, then wait (briefly) for it to land.
-                let helped = list.help(
-                    order,
-                    |job, off, len| {
-                        // SAFETY: `help` handed this thread the stripe.
-                        unsafe { self.zero_part(job, off, len) }
-                    },
-                    // The worker gave up waiting for this thread's piece: land the claim.
-                    |job| self.land(list, &job.run()),
-                );
+                let helped = list.help(order, |job, off, len| {
+                    // SAFETY: `help` handed this thread the stripe.
+                    unsafe { self.zero_part(job, off, len) }
+                });
                 if helped {
                     self.counters.helped.fetch_add(1, Ordering::Relaxed);
                 }

@@ -75,3 +75,12 @@ pub(crate) fn lock_within<T>(
         }
     }
 }
+
+/// Locks `m` only if it is free now, ignoring poisoning.
+pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
