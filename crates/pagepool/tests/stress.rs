@@ -80,8 +80,9 @@ const LOCAL_MAX: usize = 12;
 const WRAPPED: u64 = 1 << 62;
 /// Buffers up to this size (all small and medium ones) are checked zeroed in every word.
 const FULL_ZERO_CHECK: usize = 2 << 20;
-/// The deferred queue's claims: at most this many pages at once (`deferred::CHUNK_PAGES`).
-const CHUNK_PAGES: usize = pagepool::deferred::CHUNK_PAGES;
+/// The deferred queue's claims: at most this many pages at once (the crate's `CHUNK_PAGES`, 1 MiB
+/// of 4 KiB pages; the module is private).
+const CHUNK_PAGES: usize = 256;
 /// How often the control thread pauses the workers for the exact checks.
 const PAUSE_EVERY: Duration = Duration::from_millis(400);
 
