@@ -1562,9 +1562,12 @@ fn stress_heaps_from_many_threads() {
                     "ran: releases zeroed past the queue bound (a)",
                     s.zeroed_sync > 0,
                 );
+                // The queue refuses releases past its bound, and also while the worker is kept off
+                // its core (this test keeps both cores busy): either way a release zeroes its
+                // own buffer, and queued work was seen.
                 ran_path(
-                    "ran: the queue filled up (a)",
-                    s.peak_queued_pages > s.queue_limit_pages / 2,
+                    "ran: the queue was used and refused releases (a)",
+                    s.peak_queued_pages > 0 && s.queue_refused > 0,
                 );
                 ran_path("ran: several arenas (a)", k.max_arenas_a.load(SEQ) > 1);
                 ran_path(
