@@ -297,6 +297,13 @@ mod tests {
         );
         arenas.release(big, 32 * ps);
         assert_eq!(arenas.count(), 1, "an unused arena is unmapped");
+        let fd = arenas.locate(std::iter::once(a)).remove(0).fd;
+        let flags = rustix::io::fcntl_getfd(&*fd).unwrap();
+        assert!(
+            flags.contains(rustix::io::FdFlags::CLOEXEC),
+            "memfds are close-on-exec"
+        );
+        drop(fd);
         arenas.release(a, 4 * ps);
         arenas.release(c, 8 * ps);
         assert_eq!(arenas.count(), 0);
