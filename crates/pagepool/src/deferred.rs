@@ -308,18 +308,19 @@ pub(crate) struct Freelist {
     /// Until when releases zero their own buffers after the worker was found late.
     late_until_ns: AtomicU64,
     born: std::time::Instant,
-    /// How long the worker's idle spells have lasted lately (a moving average, ns): written by
-    /// the worker only.
-    idle_expected_ns: AtomicU64,
+    /// The rhythm of releases: when the last one came (ns since `born`), and a moving average
+    /// of the gaps between them (0: none yet).
+    last_release_ns: AtomicU64,
+    release_gap_ns: AtomicU64,
 }
 
-/// How long before its expected end a worker napping through an idle spell wakes up to spin
-/// (see `Freelist::next_work`): covers the nap's lateness (the worker's timer slack is set
-/// small) and some variation in the program's rhythm.
+/// How long before the next release is due a worker napping through an idle spell wakes up to
+/// spin (see `Freelist::next_work`): covers the nap's lateness (the worker's timer slack is
+/// set small) and some variation in the program's rhythm.
 pub(crate) const EARLY_BY: std::time::Duration = std::time::Duration::from_micros(25);
 
-/// The longest idle spell the moving average records (10 ms): longer ones end in naps anyway.
-const IDLE_LEARN_MAX_NS: u64 = 10_000_000;
+/// The longest gap between releases the rhythm records (10 ms): longer ones are pauses.
+const RHYTHM_MAX_NS: u64 = 10_000_000;
 
 /// How late the worker may be (see `Freelist::due_ns`) before a release stops queueing for it:
 /// on a busy machine a nice-19 thread can wait hundreds of milliseconds for a core, and work
@@ -327,17 +328,17 @@ const IDLE_LEARN_MAX_NS: u64 = 10_000_000;
 /// release that zeroes its own buffer does what a synchronous heap does, at the same cost. A
 /// running worker renews its promise every few microseconds (each spin round, each stripe it
 /// zeroes), so a worker this late has lost its core.
-pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_micros(50);
+pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// How long releases keep zeroing their own buffers after the worker was found late, or found
 /// itself kept off its core: a machine that busy usually stays so, and a worker that runs for a
 /// moment meanwhile is likely to lose its core again before it is done, leaving what it took
 /// on for the next allocation.
-pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(100);
+pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(30);
 
 /// How late past its promise the worker must renew it to count as having been kept off its
 /// core (see `Freelist::promise`).
-pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(1);
+pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
 #[derive(Debug, Default)]
@@ -444,7 +445,8 @@ impl Freelist {
             due_ns: AtomicU64::new(u64::MAX),
             late_until_ns: AtomicU64::new(0),
             born: std::time::Instant::now(),
-            idle_expected_ns: AtomicU64::new(0),
+            last_release_ns: AtomicU64::new(0),
+            release_gap_ns: AtomicU64::new(0),
         }
     }
 
@@ -601,15 +603,35 @@ impl Freelist {
         }
     }
 
-    /// Records how long the worker was idle before work came (`since`: when it went idle), in
-    /// the moving average that predicts the next idle spell. Spells that ended in a sleep until
-    /// woken are not recorded (they say nothing of a steady rhythm).
-    fn learn_idle(&self, since: Option<std::time::Instant>) {
-        let Some(t) = since else { return };
-        let idle = (t.elapsed().as_nanos() as u64).min(IDLE_LEARN_MAX_NS);
-        let old = self.idle_expected_ns.load(Ordering::Relaxed);
-        self.idle_expected_ns
-            .store(old - old / 4 + idle / 4, Ordering::Relaxed);
+    /// Records a release (queued or not) in the rhythm of releases: the time of the last one
+    /// and a moving average of the gaps between them.
+    fn note_release(&self, now: u64) {
+        let last = self.last_release_ns.swap(now, Ordering::Relaxed);
+        let gap = now.saturating_sub(last);
+        if last == 0 || gap > RHYTHM_MAX_NS {
+            return; // no rhythm to learn from a first release or a long pause
+        }
+        let old = self.release_gap_ns.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            gap
+        } else {
+            old - old / 4 + gap / 4
+        };
+        self.release_gap_ns.store(new, Ordering::Relaxed);
+    }
+
+    /// When releases come in a steady rhythm: how long the idle worker can nap and still be
+    /// awake [`EARLY_BY`] before the next release is due. `None`: spin now.
+    fn until_next_release(&self) -> Option<std::time::Duration> {
+        let gap = self.release_gap_ns.load(Ordering::Relaxed);
+        if gap == 0 {
+            return None;
+        }
+        let due = self.last_release_ns.load(Ordering::Relaxed) + gap;
+        let wake = due.saturating_sub(EARLY_BY.as_nanos() as u64);
+        let now = self.now_ns();
+        (wake > now + EARLY_BY.as_nanos() as u64)
+            .then(|| std::time::Duration::from_nanos(wake - now))
     }
 
     /// Now, in ns since the list was made.
@@ -689,6 +711,7 @@ impl Freelist {
     /// system call, more than zeroing a few small blocks. Smaller releases wait for the next
     /// wake-up, an allocation that takes them, or [`flush`](Self::flush).
     pub(crate) fn queue(&self, runs: Runs) -> Result<(), Runs> {
+        self.note_release(self.now_ns());
         let pages: usize = runs.iter().map(Run::pages).sum();
         let wake = {
             let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT) else {
@@ -746,7 +769,6 @@ impl Freelist {
             }
             if q.items.is_empty() && self.shared_hint.load(Ordering::Acquire) {
                 self.promise(std::time::Duration::ZERO);
-                self.learn_idle(idle_since);
                 return Some(Work::Assist);
             }
             if let Some((item, buffer_pages)) = q.items.front_mut() {
@@ -773,24 +795,21 @@ impl Freelist {
                 *lock(&self.job) = Some(job.clone());
                 // Zeroing a chunk takes tens of microseconds: it looks again well within this.
                 self.promise(std::time::Duration::ZERO);
-                self.learn_idle(idle_since);
                 return Some(Work::Claim(job));
             }
             let found = match idle_since {
-                // Just out of work: spin first; but when work has come back after about the
-                // same idle time, again and again, nap through most of it and spin only
-                // shortly before it is due (spinning all along would double the process's CPU
-                // time for a program that works between allocations).
+                // Just out of work: spin first; but when releases come in a steady rhythm, nap
+                // until shortly before the next one is due, and spin only then (spinning all
+                // along would double the process's CPU time for a program that works between
+                // its allocations).
                 None => {
-                    let now = std::time::Instant::now();
-                    idle_since = Some(now);
-                    let expected = std::time::Duration::from_nanos(
-                        self.idle_expected_ns.load(Ordering::Relaxed),
-                    );
-                    if expected > 2 * EARLY_BY && q.flushing == 0 {
+                    idle_since = Some(std::time::Instant::now());
+                    if let Some(nap) = self.until_next_release()
+                        && q.flushing == 0
+                    {
                         q.napping += 1;
-                        self.promise(expected - EARLY_BY);
-                        q = wait_timeout(&self.work, q, expected - EARLY_BY);
+                        self.promise(nap);
+                        q = wait_timeout(&self.work, q, nap);
                         q.napping -= 1;
                         if !q.items.is_empty()
                             || q.stopped
@@ -802,9 +821,6 @@ impl Freelist {
                     drop(q);
                     let found = self.spin_for_work();
                     q = lock(&self.queue);
-                    if found {
-                        self.learn_idle(idle_since);
-                    }
                     found
                 }
                 Some(_) => false,

@@ -140,6 +140,44 @@ impl FreeList {
         self.blocks += 1;
     }
 
+    /// Takes `n` blocks of `size` bytes that lie end to end, from the ring, if the top `n` do
+    /// not already and some `n` in the ring do; returns the first one's address. The rest of
+    /// the ring keeps its order.
+    fn take_contiguous(&mut self, n: usize, size: usize) -> Option<usize> {
+        if n > self.hot_len {
+            return None;
+        }
+        let len = self.hot_len;
+        let mut ring = [0usize; HOT_BLOCKS]; // bottom first
+        for (i, a) in ring[..len].iter_mut().enumerate() {
+            *a = self.hot[(self.bottom + i) % HOT_BLOCKS];
+        }
+        let mut addrs = ring;
+        let mut top = addrs[len - n..len].to_vec();
+        top.sort_unstable();
+        if top.windows(2).all(|w| w[0] + size == w[1]) {
+            return None; // the usual pop gives them end to end
+        }
+        let sorted = &mut addrs[..len];
+        sorted.sort_unstable();
+        let first = sorted
+            .windows(n)
+            .rev() // higher addresses: more likely the most recent arena
+            .find(|w| w.windows(2).all(|p| p[0] + size == p[1]))?[0];
+        let end = first + n * size;
+        let mut kept = 0;
+        for &a in &ring[..len] {
+            if a < first || a >= end {
+                let slot = (self.bottom + kept) % HOT_BLOCKS;
+                self.hot[slot] = a;
+                kept += 1;
+            }
+        }
+        self.hot_len = kept;
+        self.blocks -= n;
+        Some(first)
+    }
+
     /// Pops the top block. A block from the list has its link word cleared, so what comes out
     /// is as clean as what went in.
     fn pop(&mut self) -> Option<NonNull<u8>> {
@@ -194,6 +232,8 @@ unsafe impl Send for FreeList {}
 /// ```
 pub struct PagePool {
     order: u8,
+    /// `page_size() << order`: blocks this far apart lie end to end.
+    block_bytes: usize,
     list: Mutex<FreeList>,
     /// Pages pooled, readable without the lock (the shrinker's `count`).
     pages: AtomicUsize,
@@ -213,6 +253,7 @@ impl PagePool {
     pub(crate) fn with_owner(order: u8, release: ReleaseFn, owner: Option<Arc<Owner>>) -> PagePool {
         PagePool {
             order,
+            block_bytes: crate::os::page_size() << order,
             list: Mutex::new(FreeList::new()),
             pages: AtomicUsize::new(0),
             released: AtomicU64::new(0),
@@ -326,6 +367,20 @@ impl PagePool {
             return 0;
         }
         let mut got = 0;
+        if n > 1
+            && let Some(start) = list.take_contiguous(n, self.block_bytes)
+        {
+            // Blocks that lie end to end make a buffer without a view mapping: prefer them to
+            // the top of the stack when the top is not (one block taken fresh elsewhere would
+            // otherwise keep every later buffer of the same size scattered).
+            for k in 0..n {
+                let p = start + k * (self.block_bytes);
+                // SAFETY: the block left the pool in `take_contiguous`; ownership passes to the
+                // caller. Ring blocks carry no link word: they are all-zero.
+                f(unsafe { Block::from_raw(NonNull::new_unchecked(p as *mut u8), self.order) });
+            }
+            got = n;
+        }
         while got < n {
             let Some(ptr) = list.pop() else { break };
             // SAFETY: the block left the pool above; ownership passes to the caller.
@@ -438,6 +493,52 @@ mod tests {
                 unsafe { dealloc(b.into_raw().as_ptr(), layout(o)) }
             }),
         )
+    }
+
+    #[test]
+    fn a_batch_prefers_blocks_that_lie_end_to_end() {
+        let page = crate::os::page_size();
+        let layout = Layout::from_size_align(8 * page, page).unwrap();
+        // SAFETY: eight fresh zeroed pages, given to the pool one by one below and freed here
+        // once the pool (which never releases them: its callback leaks) is gone.
+        let base = unsafe { alloc_zeroed(layout) };
+        let block = |i: usize| {
+            // SAFETY: page `i` of the allocation above, owned by the pool from the give on.
+            unsafe { Block::from_raw(NonNull::new(base.add(i * page)).unwrap(), 0) }
+        };
+        let p = PagePool::new(0, Box::new(|_: Block| {}));
+        // Pages 0..3 end to end, then 7 and 5 on top: the top three do not lie end to end.
+        for i in [0, 1, 2, 3, 7, 5] {
+            p.give(block(i)).unwrap();
+        }
+        let mut got = Vec::new();
+        assert_eq!(
+            p.take_many(3, |b| got.push(b.into_raw().as_ptr() as usize)),
+            3
+        );
+        let a = base as usize;
+        assert_eq!(
+            got,
+            [a + page, a + 2 * page, a + 3 * page],
+            "an end-to-end run"
+        );
+        assert_eq!(p.blocks(), 3);
+        // The rest keep their order: 5 on top, then 7, then 0.
+        let mut rest = Vec::new();
+        for _ in 0..3 {
+            rest.push(p.take().unwrap().into_raw().as_ptr() as usize);
+        }
+        assert_eq!(rest, [a + 5 * page, a + 7 * page, a]);
+        // Top blocks already end to end are taken as they are.
+        for i in [5, 4] {
+            p.give(block(i)).unwrap();
+        }
+        let mut two = Vec::new();
+        p.take_many(2, |b| two.push(b.into_raw().as_ptr() as usize));
+        assert_eq!(two, [a + 4 * page, a + 5 * page]);
+        drop(p);
+        // SAFETY: the allocation made above, no block of it pooled any more.
+        unsafe { dealloc(base, layout) };
     }
 
     #[test]
