@@ -91,12 +91,12 @@ impl Job {
         self.next_piece(page, |left| (left / CLAIM_SHARE).max(1))
     }
 
-    /// Takes one stripe, as [`next_stripe`](Self::next_stripe) does. For a helper at low
-    /// priority (the worker assisting an allocation): what it holds when the scheduler leaves it
-    /// waiting is at most one stripe, which the owner of the run never waits for longer than
+    /// Takes the worker's next piece, as [`next_stripe`](Self::next_stripe) does, but at most
+    /// [`WORKER_PIECE`] stripes: the worker runs at low priority, and what it holds when the
+    /// scheduler leaves it waiting is at most that, which nobody waits for longer than
     /// [`HANDOFF_WAIT`].
-    pub(crate) fn next_one_stripe(&self, page: usize) -> Option<(usize, usize)> {
-        self.next_piece(page, |_| 1)
+    pub(crate) fn next_worker_piece(&self, page: usize) -> Option<(usize, usize)> {
+        self.next_piece(page, |left| (left / CLAIM_SHARE).clamp(1, WORKER_PIECE))
     }
 
     fn next_piece(&self, page: usize, share: impl Fn(usize) -> usize) -> Option<(usize, usize)> {
@@ -157,12 +157,16 @@ impl Job {
     }
 }
 
+/// The most stripes the worker takes at once (256 KiB): large enough that it pays few
+/// cache-line transfers per chunk, small enough that a helper waits for it only briefly.
+const WORKER_PIECE: usize = 4;
+
 /// The bit of [`Job::done`] that says the run's waiter gave up on it.
 const ABANDONED: usize = 1 << (usize::BITS - 1);
 
-/// The longest a thread waits for work in another thread's hands (a stripe being zeroed by the
-/// worker, a claim landing, a lock the worker holds): about ten times one stripe's zeroing
-/// here. Past it, an allocation does without: it takes other queued blocks or fresh pages, and
+/// The longest a thread waits for work in another thread's hands (a piece being zeroed by the
+/// worker, a claim landing, a lock the worker holds): about the time the worker takes to zero
+/// its largest piece ([`WORKER_PIECE`] stripes, 256 KiB) here. Past it, an allocation does without: it takes other queued blocks or fresh pages, and
 /// whoever holds the work finishes it on their own time. The worker runs at nice 19; on a busy
 /// machine the scheduler can leave it waiting for hundreds of milliseconds, even in the middle
 /// of a stripe or while it holds a lock, and no allocation must wait that long with it.
@@ -305,8 +309,10 @@ pub(crate) struct Freelist {
     /// asleep until a release wakes it). Past that by [`WORKER_GRACE`], the scheduler is not
     /// running the worker, and releases zero their buffers themselves.
     due_ns: AtomicU64,
-    /// Until when releases zero their own buffers after the worker was found late.
+    /// Until when releases zero their own buffers after the worker was found late, and the
+    /// length of that hold (see `hold`).
     late_until_ns: AtomicU64,
+    hold_ns: AtomicU64,
     born: std::time::Instant,
     /// The rhythm of releases: when the last one came (ns since `born`), and a moving average
     /// of the gaps between them (0: none yet).
@@ -330,11 +336,17 @@ const RHYTHM_MAX_NS: u64 = 10_000_000;
 /// zeroes), so a worker this late has lost its core.
 pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(3);
 
+/// How late a worker woken by a release may be to look at the queue (see `WORKER_GRACE`).
+pub(crate) const WAKE_GRACE: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// How long releases keep zeroing their own buffers after the worker was found late, or found
 /// itself kept off its core: a machine that busy usually stays so, and a worker that runs for a
 /// moment meanwhile is likely to lose its core again before it is done, leaving what it took
 /// on for the next allocation.
 pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(30);
+
+/// The longest hold (see `Freelist::hold`).
+pub(crate) const LATE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How late past its promise the worker must renew it to count as having been kept off its
 /// core (see `Freelist::promise`).
@@ -444,6 +456,7 @@ impl Freelist {
             adopted: AtomicUsize::new(0),
             due_ns: AtomicU64::new(u64::MAX),
             late_until_ns: AtomicU64::new(0),
+            hold_ns: AtomicU64::new(0),
             born: std::time::Instant::now(),
             last_release_ns: AtomicU64::new(0),
             release_gap_ns: AtomicU64::new(0),
@@ -482,7 +495,7 @@ impl Freelist {
         let Some(job) = lock(&self.shared).clone() else {
             return;
         };
-        while let Some((off, len)) = job.next_one_stripe(self.page) {
+        while let Some((off, len)) = job.next_worker_piece(self.page) {
             zero(&job, off, len);
             self.promise(std::time::Duration::ZERO);
             if job.finish(len) {
@@ -650,8 +663,7 @@ impl Freelist {
             .due_ns
             .swap(now.saturating_add(d.as_nanos() as u64), Ordering::Relaxed);
         if prev != u64::MAX && now > prev.saturating_add(PREEMPTED.as_nanos() as u64) {
-            self.late_until_ns
-                .store(now + LATE_HOLD.as_nanos() as u64, Ordering::Relaxed);
+            self.hold(now);
         }
     }
 
@@ -667,10 +679,31 @@ impl Freelist {
         let due = self.due_ns.load(Ordering::Relaxed);
         let late = due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64);
         if late {
-            self.late_until_ns
-                .store(now + LATE_HOLD.as_nanos() as u64, Ordering::Relaxed);
+            self.hold(now);
         }
         late
+    }
+
+    /// Releases zero their own buffers from `now` for a while: [`LATE_HOLD`], doubled (up to
+    /// [`LATE_HOLD_MAX`]) each time the worker is found late again soon after the last hold
+    /// ended, so that a machine that stays busy queues almost nothing for a worker that gets
+    /// no core, while a single hiccup costs one short hold.
+    fn hold(&self, now: u64) {
+        let until = self.late_until_ns.load(Ordering::Relaxed);
+        if now < until {
+            return; // one hiccup, seen twice (by a release and by the worker): one hold
+        }
+        let last = self
+            .hold_ns
+            .load(Ordering::Relaxed)
+            .max(LATE_HOLD.as_nanos() as u64);
+        let hold = if now < until.saturating_add(last) {
+            (last * 2).min(LATE_HOLD_MAX.as_nanos() as u64)
+        } else {
+            LATE_HOLD.as_nanos() as u64
+        };
+        self.hold_ns.store(hold, Ordering::Relaxed);
+        self.late_until_ns.store(now + hold, Ordering::Relaxed);
     }
 
     /// The bound on queued plus in-flight pages.
@@ -735,8 +768,12 @@ impl Freelist {
             q.sleeping > 0 && (q.pages >= CHUNK_PAGES || q.flushing > 0)
         };
         if wake {
-            // Woken, the worker owes a look at the queue as soon as the scheduler runs it.
-            self.promise(std::time::Duration::ZERO);
+            // Woken, the worker owes a look at the queue as soon as the scheduler runs it: it
+            // counts as late after WAKE_GRACE (a woken thread that has a core runs within tens
+            // of microseconds), not the longer grace of a running worker.
+            let grace_gap = (WORKER_GRACE - WAKE_GRACE).as_nanos() as u64;
+            self.due_ns
+                .store(self.now_ns().saturating_sub(grace_gap), Ordering::Relaxed);
             self.work.notify_one();
         }
         Ok(())
@@ -1133,8 +1170,8 @@ mod tests {
         );
         assert_eq!(
             stripes,
-            [(0, 65536), (65536, 65536), (131072, 65536), (196608, 65536)],
-            "the worker assists one stripe at a time"
+            [(0, 131072), (131072, 65536), (196608, 65536)],
+            "half of what is left per claim, whole stripes, at least one"
         );
         assert!(job.complete());
         l.share(None);
@@ -1294,8 +1331,8 @@ mod loom_tests {
             };
             let job = Arc::new(Job::new(run, pages, 4096));
             let owners = Arc::new(AtomicUsize::new(0));
-            // The worker holds one stripe.
-            let (off, len) = job.next_one_stripe(4096).unwrap();
+            // The worker holds one stripe (half of the two).
+            let (off, len) = job.next_worker_piece(4096).unwrap();
             assert_eq!(off, 0);
             let worker = {
                 let (job, owners) = (job.clone(), owners.clone());

@@ -34,7 +34,7 @@
 //! 3. fresh pages from the system.
 //!
 //! Two threads zeroing one run split it in pieces: the allocation takes half of what is left
-//! at a time, the worker one 64 KiB stripe at a time. A spinning worker leaves a newly queued
+//! at a time, the worker at most 256 KiB at a time. A spinning worker leaves a newly queued
 //! buffer alone for 2 us, so that an allocation coming right after the release takes it (as
 //! in step 1) rather than waiting for the worker's claim to land (step 2). Buffers larger than half the
 //! last-level cache are zeroed with streaming stores. Past the queue bound the releasing thread
@@ -48,7 +48,7 @@
 //! The scheduler gives a nice-19 thread very little time while other threads want the cores:
 //! the worker may wait hundreds of milliseconds to run again, in the middle of a stripe or
 //! while it holds a lock. No allocation waits for it longer than a small fixed bound (50 us,
-//! about ten stripes' zeroing):
+//! about the worker's largest piece of zeroing, 256 KiB):
 //! - the allocation side takes the locks the worker also takes (pools, queue, claim) only if
 //!   they are free within the bound; otherwise it does without (another source of blocks);
 //! - a run shared with the worker whose last stripe the worker has not finished within the
@@ -754,11 +754,11 @@ impl HeapInner {
                 }
             };
             let t = std::time::Instant::now();
-            // Zero the claim a stripe at a time; an allocation waiting for it may take pieces
+            // Zero the claim a piece at a time; an allocation waiting for it may take pieces
             // too (`next_work` published the job with the claim).
             let run = job.run();
             let mut mine = 0;
-            while let Some((off, len)) = job.next_one_stripe(self.page) {
+            while let Some((off, len)) = job.next_worker_piece(self.page) {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
                 // helpers, one piece each) until it lands.
                 unsafe { self.zero_part(&job, off, len) };
@@ -972,7 +972,18 @@ impl SystemHeap {
                 continue;
             }
             let first = runs.len();
-            let (p, z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
+            let (mut p, mut z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
+            if p + z > 0 && p + z < want {
+                // Blocks of one order gathered from the pools or the queue, with fresh ones
+                // beside them, would need a view; and as they circulate, so would every later
+                // buffer of this size: a single block short (the worker had not landed it in
+                // time) would scatter the set for good. So this order's blocks are all taken
+                // fresh, as one range, and what was gathered goes back to the pools, clean.
+                h.undo_alloc(&runs[first..], &stolen, None);
+                stolen.retain(|r| r.order != order);
+                runs.truncate(first);
+                (p, z) = (0, 0);
+            }
             (hits, inline) = (hits + p, inline + z);
             runs[first..].sort_unstable_by_key(|r| r.start);
             if p + z < want {

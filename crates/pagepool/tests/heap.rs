@@ -385,3 +385,26 @@ fn a_failed_export_of_a_fresh_buffer_leaves_it_zeroed() {
     assert!(err.to_string().contains("/dev/udmabuf"), "{err}");
     assert!(b.iter().all(|&x| x == 0));
 }
+
+#[test]
+fn a_partial_set_of_blocks_is_not_mixed_with_fresh_ones() {
+    let heap = private_heap("partial");
+    drop(heap.alloc(4 << 20).unwrap());
+    heap.flush();
+    // One of the four 1 MiB blocks goes back to the system: three stay pooled.
+    assert_eq!(heap.shrink(256), 256);
+    let before = heap.stats();
+    assert_eq!(before.pooled_pages(), 768);
+    let b = heap.alloc(4 << 20).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    assert!(!b.is_remapped(), "all four fresh, as one range: no view");
+    let st = heap.stats();
+    assert_eq!(st.misses - before.misses, 4, "the whole order fresh");
+    assert_eq!(st.hits, before.hits, "no pooled block taken");
+    assert_eq!(st.pooled_pages(), 768, "the partial set stays pooled");
+    drop(b);
+    heap.flush();
+    // Seven blocks now: the next two buffers are each end to end (one set each).
+    let (x, y) = (heap.alloc(4 << 20).unwrap(), heap.alloc(3 << 20).unwrap());
+    assert!(!x.is_remapped() && !y.is_remapped());
+}

@@ -72,7 +72,10 @@ impl Model {
         for (i, &o) in self.orders.iter().enumerate() {
             let want = left >> o;
             left &= (1 << o) - 1;
-            let got = want.min(self.pools[i]);
+            let mut got = want.min(self.pools[i]);
+            if got < want {
+                got = 0; // a partial set is not taken: the order's blocks all come fresh
+            }
             self.pools[i] -= got;
             self.hits += got as u64;
             self.misses += (want - got) as u64;
