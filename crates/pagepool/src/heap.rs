@@ -553,10 +553,11 @@ impl HeapInner {
         }
     }
 
-    /// Undoes a failed allocation's takes, leaving every counter as it was: blocks taken from
-    /// a pool go back to it uncounted, fresh pages (`fresh`: the carved range) go back to the
-    /// arena uncounted. Queued blocks that were zeroed for it (`stolen`) are pooled as
-    /// zeroed inline: that work was done.
+    /// Undoes an allocation's takes (it failed, or gave a partial set back), leaving every
+    /// counter as it was: blocks taken from a pool go back to it uncounted, fresh pages
+    /// (`fresh`: the carved range) go back to the arena uncounted. Queued blocks that were
+    /// zeroed for it (`stolen`) are pooled and counted as zeroed by a releasing thread
+    /// (`zeroed_sync`): that work was done, and no allocation got them.
     #[cold]
     pub(crate) fn undo_alloc(&self, runs: &[Run], stolen: &[Run], fresh: Option<(usize, usize)>) {
         let page = self.page;
@@ -596,7 +597,7 @@ impl HeapInner {
         }
         if given > 0 {
             self.counters
-                .zeroed_inline
+                .zeroed_sync
                 .fetch_add(given as u64, Ordering::Relaxed);
         }
         if let Some((p, n)) = fresh {

@@ -93,8 +93,9 @@ pub struct HeapStats {
     pub contiguous: u64,
     /// Buffers that needed a view mapping to make their blocks contiguous.
     pub remapped: u64,
-    /// Blocks zeroed synchronously by the thread that released them (deferred freeing off,
-    /// or the queue at its bound).
+    /// Blocks zeroed and pooled by a thread other than the worker without being handed out:
+    /// on release (deferred freeing off, the queue at its bound, or the worker without a core),
+    /// and queued blocks an allocation took and gave back (see `SystemHeap::alloc`).
     pub zeroed_sync: u64,
     /// Blocks zeroed by the background worker.
     pub zeroed_worker: u64,
