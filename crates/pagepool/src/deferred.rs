@@ -164,13 +164,18 @@ const WORKER_PIECE: usize = 4;
 /// The bit of [`Job::done`] that says the run's waiter gave up on it.
 const ABANDONED: usize = 1 << (usize::BITS - 1);
 
-/// The longest a thread waits for work in another thread's hands (a piece being zeroed by the
-/// worker, a claim landing, a lock the worker holds): about the time the worker takes to zero
-/// its largest piece ([`WORKER_PIECE`] stripes, 256 KiB) here. Past it, an allocation does without: it takes other queued blocks or fresh pages, and
+/// The longest a thread waits for work in another thread's hands while that thread makes no
+/// progress (a piece being zeroed by the worker, a claim landing, a lock the worker holds):
+/// about the time the worker takes to zero its largest piece ([`WORKER_PIECE`] stripes,
+/// 256 KiB) here. Past it, an allocation does without: it takes other queued blocks or fresh pages, and
 /// whoever holds the work finishes it on their own time. The worker runs at nice 19; on a busy
 /// machine the scheduler can leave it waiting for hundreds of milliseconds, even in the middle
 /// of a stripe or while it holds a lock, and no allocation must wait that long with it.
 pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The longest an allocation waits for the worker even while it makes progress (see
+/// `Freelist::wait_worker`): beyond this, fresh pages are cheaper.
+pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Spins until `done()` or `bound` has passed; returns `done()`'s last answer.
 #[inline]
@@ -305,6 +310,9 @@ pub(crate) struct Freelist {
     stopped_hint: AtomicBool,
     /// Pages of runs allocations gave up on, left to the worker to land (see `adopt`).
     adopted: AtomicUsize,
+    /// Set while the worker is in a section where it takes locks the allocation side also
+    /// takes (see `sync::lock_within`).
+    worker_locking: AtomicBool,
     /// When the worker promised to look at the queue next, in ns since `born` (`u64::MAX`:
     /// asleep until a release wakes it). Past that by [`WORKER_GRACE`], the scheduler is not
     /// running the worker, and releases zero their buffers themselves.
@@ -361,6 +369,16 @@ impl<T> std::ops::Deref for Line<T> {
     type Target = T;
     fn deref(&self) -> &T {
         &self.0
+    }
+}
+
+/// A section of the worker's in which it may hold locks the allocation side takes (see
+/// [`Freelist::locking`]).
+pub(crate) struct Locking<'a>(&'a AtomicBool);
+
+impl Drop for Locking<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -454,6 +472,7 @@ impl Freelist {
             flushing_hint: AtomicUsize::new(0),
             stopped_hint: AtomicBool::new(false),
             adopted: AtomicUsize::new(0),
+            worker_locking: AtomicBool::new(false),
             due_ns: AtomicU64::new(u64::MAX),
             late_until_ns: AtomicU64::new(0),
             hold_ns: AtomicU64::new(0),
@@ -477,7 +496,7 @@ impl Freelist {
             return true;
         };
         // Offering: only if the slot's lock is free now (the worker may hold it).
-        let Some(mut slot) = lock_within(&self.shared, HANDOFF_WAIT) else {
+        let Some(mut slot) = lock_within(&self.shared, HANDOFF_WAIT, &self.worker_locking) else {
             return false;
         };
         if self.shared_hint.load(Ordering::Acquire) && slot.as_ref().is_some_and(|j| !j.taken()) {
@@ -492,7 +511,11 @@ impl Freelist {
     /// them with `zero(job, offset, len)`. If the allocation that shared the run gave up
     /// waiting for the worker's last stripe, the run is the worker's: `land(job)` lands it.
     pub(crate) fn assist(&self, mut zero: impl FnMut(&Job, usize, usize), land: impl FnOnce(&Job)) {
-        let Some(job) = lock(&self.shared).clone() else {
+        let job = {
+            let _locking = self.locking();
+            lock(&self.shared).clone()
+        };
+        let Some(job) = job else {
             return;
         };
         while let Some((off, len)) = job.next_worker_piece(self.page) {
@@ -503,6 +526,19 @@ impl Freelist {
                 return;
             }
         }
+    }
+
+    /// The flag the allocation side checks before it waits for a busy lock (see
+    /// `sync::lock_within`): pass it for the heap's pools too.
+    pub(crate) fn worker_locking(&self) -> &AtomicBool {
+        &self.worker_locking
+    }
+
+    /// The worker's side: marks a section in which it takes shared locks; ends when the
+    /// returned value is dropped.
+    pub(crate) fn locking(&self) -> Locking<'_> {
+        self.worker_locking.store(true, Ordering::Release);
+        Locking(&self.worker_locking)
     }
 
     /// The allocator's side: it gave up waiting for `run` (abandoned to the thread zeroing its
@@ -537,7 +573,9 @@ impl Freelist {
     /// and zeroes them with `zero(offset, len)` (offsets from the run's start) until none is
     /// left. Returns true if there was such a claim. The run still lands through the worker.
     pub(crate) fn help(&self, order: u8, mut zero: impl FnMut(&Job, usize, usize)) -> bool {
-        let Some(job) = lock_within(&self.job, HANDOFF_WAIT).and_then(|j| j.clone()) else {
+        let Some(job) =
+            lock_within(&self.job, HANDOFF_WAIT, &self.worker_locking).and_then(|j| j.clone())
+        else {
             return false;
         };
         if job.run.order != order {
@@ -600,7 +638,7 @@ impl Freelist {
                 }
                 if self.queued_hint.load(Ordering::Relaxed) >= CHUNK_PAGES {
                     match seen {
-                        Some(t) if t.elapsed() >= CLAIM_DELAY => return true,
+                        Some(t) if t.elapsed() >= CLAIM_DELAY && !self.holding() => return true,
                         Some(_) => {}
                         None => seen = Some(std::time::Instant::now()),
                     }
@@ -610,6 +648,9 @@ impl Freelist {
                 std::hint::spin_loop();
             }
             self.promise(std::time::Duration::ZERO);
+            if self.holding() && self.flushing_hint.load(Ordering::Relaxed) == 0 {
+                return false; // queued work is the allocations' for now (see `next_work`)
+            }
             if seen.is_none() && std::time::Instant::now() >= end {
                 return false;
             }
@@ -684,6 +725,17 @@ impl Freelist {
         late
     }
 
+    /// True while the machine looks busy: the worker was found late or kept off its core
+    /// lately, and releases zero their own buffers (see [`hold`](Self::hold)).
+    pub(crate) fn busy(&self) -> bool {
+        self.holding()
+    }
+
+    /// True while releases zero their own buffers (see [`hold`](Self::hold)).
+    fn holding(&self) -> bool {
+        self.now_ns() < self.late_until_ns.load(Ordering::Relaxed)
+    }
+
     /// Releases zero their own buffers from `now` for a while: [`LATE_HOLD`], doubled (up to
     /// [`LATE_HOLD_MAX`]) each time the worker is found late again soon after the last hold
     /// ended, so that a machine that stays busy queues almost nothing for a worker that gets
@@ -747,7 +799,7 @@ impl Freelist {
         self.note_release(self.now_ns());
         let pages: usize = runs.iter().map(Run::pages).sum();
         let wake = {
-            let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT) else {
+            let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
                 // The worker holds the lock and is not running: the caller zeroes the buffer.
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(runs);
@@ -797,6 +849,9 @@ impl Freelist {
     /// the size in pages of the buffer a claimed run came from (the worker zeroes runs of large
     /// buffers with streaming stores).
     pub(crate) fn next_work(&self) -> Option<Work> {
+        // Declared before the guard, so dropped after it: the flag stays set while the queue's
+        // lock is held (see `sync::lock_within`).
+        let mut locking = Some(self.locking());
         let mut q = lock(&self.queue);
         // When this worker went idle (for its naps).
         let mut idle_since: Option<std::time::Instant> = None;
@@ -808,7 +863,11 @@ impl Freelist {
                 self.promise(std::time::Duration::ZERO);
                 return Some(Work::Assist);
             }
-            if let Some((item, buffer_pages)) = q.items.front_mut() {
+            // While releases zero their own buffers (the machine is busy, see `hold`), the
+            // worker leaves queued work to allocations unless a flush waits for it: a nice-19
+            // thread that may lose its core at any moment must not hold the pools' locks then.
+            let claim = q.flushing > 0 || !self.holding();
+            if let Some((item, buffer_pages)) = q.items.front_mut().filter(|_| claim) {
                 let buffer_pages = *buffer_pages;
                 let last = item.last_mut().expect("queued items are never empty");
                 let k = last.count.min((CHUNK_PAGES >> last.order).max(1));
@@ -846,9 +905,11 @@ impl Freelist {
                     {
                         q.napping += 1;
                         self.promise(nap);
+                        drop(locking.take());
                         q = wait_timeout(&self.work, q, nap);
+                        locking = Some(self.locking());
                         q.napping -= 1;
-                        if !q.items.is_empty()
+                        if (!q.items.is_empty() && !self.holding())
                             || q.stopped
                             || self.shared_hint.load(Ordering::Acquire)
                         {
@@ -856,7 +917,9 @@ impl Freelist {
                         }
                     }
                     drop(q);
+                    drop(locking.take());
                     let found = self.spin_for_work();
+                    locking = Some(self.locking());
                     q = lock(&self.queue);
                     found
                 }
@@ -868,7 +931,10 @@ impl Freelist {
                 idle_since = None;
                 continue;
             }
-            if !q.items.is_empty() || q.stopped || self.shared_hint.load(Ordering::Acquire) {
+            if (!q.items.is_empty() && (q.flushing > 0 || !self.holding()))
+                || q.stopped
+                || self.shared_hint.load(Ordering::Acquire)
+            {
                 continue;
             }
             let idle = idle_since.map_or(std::time::Duration::ZERO, |t| t.elapsed());
@@ -876,13 +942,17 @@ impl Freelist {
                 Some(nap) => {
                     q.napping += 1;
                     self.promise(nap);
+                    drop(locking.take());
                     q = wait_timeout(&self.work, q, nap);
+                    locking = Some(self.locking());
                     q.napping -= 1;
                 }
                 None => {
                     q.sleeping += 1;
                     self.due_ns.store(u64::MAX, Ordering::Relaxed);
+                    drop(locking.take());
                     q = wait(&self.work, q);
+                    locking = Some(self.locking());
                     q.sleeping -= 1;
                     idle_since = None;
                 }
@@ -912,7 +982,7 @@ impl Freelist {
     /// from the start of its runs. The caller owns them (dirty) and must zero them.
     pub(crate) fn steal(&self, order: u8, mut n: usize) -> Runs {
         let mut out = Runs::new();
-        let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT) else {
+        let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
             return out; // the worker holds the lock and is not running: do without
         };
         if q.blocks[order as usize] == 0 {
@@ -961,15 +1031,52 @@ impl Freelist {
     /// may do better to [`wait_landed`](Self::wait_landed) than to fault in fresh pages. 0 if
     /// the queue's lock stays busy for [`HANDOFF_WAIT`].
     pub(crate) fn in_flight(&self, order: u8) -> usize {
-        lock_within(&self.queue, HANDOFF_WAIT).map_or(0, |q| q.in_flight[order as usize])
+        lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking)
+            .map_or(0, |q| q.in_flight[order as usize])
     }
 
-    /// Waits, spinning, up to [`HANDOFF_WAIT`] for some claim to land; true if one did.
+    /// Waits, spinning, for some claim to land; true if one did. See
+    /// [`wait_worker`](Self::wait_worker) for how long.
     pub(crate) fn wait_landed(&self) -> bool {
         let before = self.landings_hint.load(Ordering::Acquire);
-        spin_until(HANDOFF_WAIT, || {
-            self.landings_hint.load(Ordering::Acquire) != before
-        })
+        self.wait_worker(|| self.landings_hint.load(Ordering::Acquire) != before)
+    }
+
+    /// Spins until `done()`, for as long as the worker is seen making progress: it renews its
+    /// promise (`due_ns`) after every piece it zeroes. Gives up once it has not for
+    /// [`HANDOFF_WAIT`] (the scheduler is not running it, or it is not working on what the
+    /// caller waits for), and after [`HANDOFF_CAP`] in any case. Returns `done()`'s last
+    /// answer.
+    pub(crate) fn wait_worker(&self, mut done: impl FnMut() -> bool) -> bool {
+        if done() {
+            return true;
+        }
+        #[cfg(loom)]
+        {
+            loom::thread::yield_now();
+            done()
+        }
+        #[cfg(not(loom))]
+        {
+            let start = std::time::Instant::now();
+            let (mut seen, mut progress) = (self.due_ns.load(Ordering::Relaxed), start);
+            loop {
+                for _ in 0..32 {
+                    std::hint::spin_loop();
+                    if done() {
+                        return true;
+                    }
+                }
+                let now = std::time::Instant::now();
+                let due = self.due_ns.load(Ordering::Relaxed);
+                if due != seen {
+                    (seen, progress) = (due, now);
+                }
+                if now - progress >= HANDOFF_WAIT || now - start >= HANDOFF_CAP {
+                    return done();
+                }
+            }
+        }
     }
 
     /// Waits until nothing is queued or in flight.

@@ -420,6 +420,7 @@ impl Core {
             freelist,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+            no_worker: crate::sync::AtomicBool::new(false),
             cache: CacheShared::new(cfg.thread_cache, page),
         });
         let worker = match &inner.freelist {
@@ -519,6 +520,9 @@ pub(crate) struct HeapInner {
     /// Set when the `SystemHeap` handle is dropped: buffers released later go straight back.
     pub(crate) closed: AtomicBool,
     pub(crate) counters: Counters,
+    /// Never set: the worker-locking flag of a heap without a worker (see
+    /// `sync::lock_within`).
+    no_worker: crate::sync::AtomicBool,
     /// The per-thread caches of small buffers.
     pub(crate) cache: CacheShared,
 }
@@ -642,6 +646,23 @@ impl HeapInner {
         unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
     }
 
+    /// The worker's [`zero_part`](Self::zero_part): a stripe at a time, renewing its promise
+    /// after each, so that whoever waits for it sees it making progress (see
+    /// `Freelist::wait_worker`).
+    ///
+    /// # Safety
+    /// As for `zero_part`.
+    unsafe fn zero_part_working(&self, list: &Freelist, job: &Job, off: usize, len: usize) {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(crate::deferred::STRIPE_BYTES);
+            // SAFETY: a sub-range of the piece the caller was handed.
+            unsafe { self.zero_part(job, off + done, n) };
+            list.promise(std::time::Duration::ZERO);
+            done += n;
+        }
+    }
+
     /// Zeroes a run an allocation took from the queue; a large one is shared with the idle
     /// worker, stripe by stripe, so that two cores zero it. Returns false if the worker did not
     /// finish its stripe within [`HANDOFF_WAIT`]: the run is then the worker's to land, and
@@ -663,7 +684,7 @@ impl HeapInner {
             let landed_by_me = job.finish(len);
             debug_assert!(!landed_by_me, "only this thread abandons this run");
         }
-        let done = job.wait_complete();
+        let done = list.wait_worker(|| job.complete());
         if shared {
             list.share(None);
         }
@@ -683,6 +704,7 @@ impl HeapInner {
     /// Lands a claimed (or adopted) run that is now zeroed: into the pools, and the claim
     /// counts as landed.
     fn land(&self, list: &Freelist, run: &Run) {
+        let _locking = list.locking();
         self.counters
             .worker
             .zeroed
@@ -736,11 +758,12 @@ impl HeapInner {
                     list.assist(
                         |job, off, len| {
                             // SAFETY: `assist` handed the worker this stripe of the shared run.
-                            unsafe { self.zero_part(job, off, len) };
+                            unsafe { self.zero_part_working(list, job, off, len) };
                             mine += len;
                         },
                         // The allocation gave up on its run: it is the worker's to land.
                         |job| {
+                            let _locking = list.locking();
                             let run = job.run();
                             self.counters
                                 .worker
@@ -762,8 +785,7 @@ impl HeapInner {
             while let Some((off, len)) = job.next_worker_piece(self.page) {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
                 // helpers, one piece each) until it lands.
-                unsafe { self.zero_part(&job, off, len) };
-                list.promise(std::time::Duration::ZERO); // still running: see `WORKER_GRACE`
+                unsafe { self.zero_part_working(list, &job, off, len) };
                 let landed_by_me = job.finish(len);
                 debug_assert!(!landed_by_me, "nobody abandons the worker's claim");
                 mine += len;
@@ -799,8 +821,14 @@ impl HeapInner {
     ) -> (usize, usize) {
         let order = self.orders[i];
         let pool = &self.pools[i];
+        let worker_locking = self
+            .freelist
+            .as_ref()
+            .map_or(&self.no_worker, |l| l.worker_locking());
         let take_pooled = |runs: &mut Runs, n: usize| {
-            pool.take_many_within(n, HANDOFF_WAIT, |b| runs.push(Run::from_block(b)))
+            pool.take_many_within(n, HANDOFF_WAIT, worker_locking, |b| {
+                runs.push(Run::from_block(b))
+            })
         };
         let mut pooled = take_pooled(runs, want);
         let mut inline = 0;
@@ -974,12 +1002,14 @@ impl SystemHeap {
             }
             let first = runs.len();
             let (mut p, mut z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
-            if p + z > 0 && p + z < want {
+            let busy = h.freelist.as_ref().is_some_and(|l| l.busy());
+            if p + z > 0 && p + z < want && !busy {
                 // Blocks of one order gathered from the pools or the queue, with fresh ones
                 // beside them, would need a view; and as they circulate, so would every later
                 // buffer of this size: a single block short (the worker had not landed it in
                 // time) would scatter the set for good. So this order's blocks are all taken
                 // fresh, as one range, and what was gathered goes back to the pools, clean.
+                // Not on a busy machine (fresh pages cost most there): only what is missing.
                 h.undo_alloc(&runs[first..], &stolen, None);
                 stolen.retain(|r| r.order != order);
                 runs.truncate(first);

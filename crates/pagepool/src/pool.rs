@@ -340,18 +340,20 @@ impl PagePool {
         self.take_from(n, lock(&self.list), f)
     }
 
-    /// [`take_many`](Self::take_many), but only if the pool's lock can be had within `bound`;
-    /// else takes nothing (a low-priority holder may not run again for a long time).
+    /// [`take_many`](Self::take_many), but takes nothing if the pool's lock stays busy for
+    /// `bound` while a low-priority thread is inside its locked sections (`worker_locking`;
+    /// see `sync::lock_within`): such a holder may not run again for a long time.
     pub(crate) fn take_many_within(
         &self,
         n: usize,
         bound: std::time::Duration,
+        worker_locking: &crate::sync::AtomicBool,
         f: impl FnMut(Block),
     ) -> usize {
         if n == 0 {
             return 0;
         }
-        match lock_within(&self.list, bound) {
+        match lock_within(&self.list, bound, worker_locking) {
             Some(list) => self.take_from(n, list, f),
             None => 0,
         }

@@ -42,16 +42,20 @@ pub(crate) fn wait_timeout<'a, T>(
     }
 }
 
-/// Locks `m` if it can within `bound` (spinning on `try_lock`), ignoring poisoning; `None` if
-/// it stays busy. For the allocation side of a lock the low-priority worker also takes: on a
-/// busy machine the worker can be descheduled while it holds the lock. Under loom, a plain lock.
-pub(crate) fn lock_within<T>(
-    m: &Mutex<T>,
+/// Locks `m` for the allocation side of a lock the low-priority worker also takes: if the lock
+/// stays busy for `bound` while the worker is inside its locked sections (`worker_locking`),
+/// gives up (`None`): on a busy machine the worker can be descheduled while it holds the lock,
+/// for far longer than any allocation should wait. A lock held by anyone else (a thread at
+/// normal priority, which the scheduler runs again soon) is waited for. Ignores poisoning.
+/// Under loom, a plain lock.
+pub(crate) fn lock_within<'a, T>(
+    m: &'a Mutex<T>,
     bound: std::time::Duration,
-) -> Option<MutexGuard<'_, T>> {
+    worker_locking: &AtomicBool,
+) -> Option<MutexGuard<'a, T>> {
     #[cfg(loom)]
     {
-        let _ = bound;
+        let _ = (bound, worker_locking);
         Some(lock(m))
     }
     #[cfg(not(loom))]
@@ -66,7 +70,13 @@ pub(crate) fn lock_within<T>(
             let now = std::time::Instant::now();
             match end {
                 None => end = Some(now + bound),
-                Some(t) if now >= t => return None,
+                Some(t) if now >= t => {
+                    return if worker_locking.load(Ordering::Acquire) {
+                        None
+                    } else {
+                        Some(lock(m))
+                    };
+                }
                 Some(_) => {}
             }
             for _ in 0..16 {
