@@ -13,8 +13,9 @@
 //!   zeroes the buffer itself (so memory stays bounded and nothing is dropped on the floor);
 //! - **inline zeroing**: an allocation that misses its pool can [`steal`](Freelist::steal)
 //!   queued dirty blocks and zero them on its own thread, which is far cheaper than fresh pages
-//!   from the kernel; it takes them from the newest buffer while the worker works from the
-//!   oldest, so the two zero in parallel.
+//!   from the kernel; it takes them from the start of the oldest buffer while the worker works
+//!   from its end, so the two zero in parallel and the allocation ends up with that buffer's
+//!   blocks, end to end.
 //!
 //! The freelist deals in [`Run`]s (address ranges); it never touches memory itself, which is
 //! what lets `tests/loom.rs` model it with plain numbers.
@@ -175,7 +176,7 @@ pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_m
 
 /// The longest an allocation waits for the worker even while it makes progress (see
 /// `Freelist::wait_worker`): beyond this, fresh pages are cheaper.
-pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(1);
+pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Spins until `done()` or `bound` has passed; returns `done()`'s last answer.
 #[inline]
@@ -978,7 +979,7 @@ impl Freelist {
         }
     }
 
-    /// The allocator's side: claims up to `n` queued blocks of `order`, newest buffer first,
+    /// The allocator's side: claims up to `n` queued blocks of `order`, oldest buffer first,
     /// from the start of its runs. The caller owns them (dirty) and must zero them.
     pub(crate) fn steal(&self, order: u8, mut n: usize) -> Runs {
         let mut out = Runs::new();
@@ -989,9 +990,13 @@ impl Freelist {
             return out;
         }
         let size = self.page << order;
-        let mut i = q.items.len();
-        while n > 0 && i > 0 {
-            i -= 1;
+        // Oldest buffer first, from the start of its runs, while the worker claims from the end
+        // of the same buffer's last run: the two zero one buffer from both ends, and what the
+        // allocation takes with what the worker lands is that buffer's set of blocks, end to
+        // end (taking the newest buffer's blocks beside the oldest one's would mix two sets,
+        // and every later buffer of that size would need a view).
+        let mut i = 0;
+        while n > 0 && i < q.items.len() {
             let item = &mut q.items[i].0;
             for r in item.iter_mut().filter(|r| r.order == order && r.count > 0) {
                 let k = r.count.min(n);
@@ -1009,11 +1014,9 @@ impl Freelist {
             }
             item.retain(|r| r.count > 0);
             if item.is_empty() {
-                if i + 1 == q.items.len() {
-                    q.items.pop_back(); // the common case: the newest buffer
-                } else {
-                    q.items.remove(i);
-                }
+                q.items.remove(i);
+            } else {
+                i += 1;
             }
         }
         for r in &out {
@@ -1232,16 +1235,30 @@ mod tests {
     }
 
     #[test]
-    fn steal_takes_from_the_newest_front() {
+    fn steal_takes_from_the_oldest_front() {
         let (l, _) = list(10_000);
         l.queue(smallvec::smallvec![run(0, 4, 4)]).unwrap();
         l.queue(smallvec::smallvec![run(1 << 20, 4, 2), run(2 << 20, 0, 3)])
             .unwrap();
         assert!(l.steal(8, 1).is_empty());
         let got = l.steal(4, 3);
-        assert_eq!(got.as_slice(), [run(1 << 20, 4, 2), run(0, 4, 1)]);
-        assert_eq!(l.pages(), 3 * 16 + 3);
-        assert_eq!(l.claim(), Some(run(65536, 4, 3)), "the oldest buffer first");
+        assert_eq!(
+            got.as_slice(),
+            [run(0, 4, 3)],
+            "the oldest buffer's first blocks"
+        );
+        assert_eq!(l.pages(), 16 + 2 * 16 + 3);
+        assert_eq!(
+            l.claim(),
+            Some(run(3 << 16, 4, 1)),
+            "the worker: from the oldest's end"
+        );
+        let got = l.steal(4, 3);
+        assert_eq!(
+            got.as_slice(),
+            [run(1 << 20, 4, 2)],
+            "then the next buffer's"
+        );
         assert_eq!(l.claim(), Some(run(2 << 20, 0, 3)));
     }
 

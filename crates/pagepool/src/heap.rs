@@ -26,7 +26,7 @@
 //! a view also unmaps it); the worker (`pagepool-free`, at nice 19 like the kernel's
 //! deferred-free kthread) claims its blocks a chunk (1 MiB) at a time, zeroes them and gives
 //! them to the pools. An allocation that misses a pool takes, in this order:
-//! 1. queued dirty blocks, newest buffer first, a chunk at a time, zeroed on its own thread; a
+//! 1. queued dirty blocks, oldest buffer first, a chunk at a time, zeroed on its own thread; a
 //!    run of two stripes (128 KiB) or more is shared with the worker if it is idle, so that two
 //!    cores zero it;
 //! 2. blocks the worker is zeroing right now: it zeroes pieces of the worker's claim too, then
