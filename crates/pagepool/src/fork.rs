@@ -256,6 +256,19 @@ impl Table {
     }
 }
 
+impl Drop for Table {
+    /// Frees the chunks chained after the first (a table that is not static: tests).
+    fn drop(&mut self) {
+        let mut next = *self.first.next.get_mut();
+        while !next.is_null() {
+            // SAFETY: chained chunks are boxes leaked by `insert`, reachable only from here
+            // now (`&mut self`).
+            let mut chunk = unsafe { Box::from_raw(next) };
+            next = *chunk.next.get_mut();
+        }
+    }
+}
+
 /// State that a forked child rebuilds on first use: the value of the generation that made it,
 /// or, in a newer generation, a fresh one (the inherited one is leaked, see the module docs).
 pub(crate) struct ForkCell<T> {
