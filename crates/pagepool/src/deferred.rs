@@ -713,8 +713,7 @@ impl Freelist {
     /// within the last [`LATE_HOLD`]: a machine busy enough to leave the worker without a core
     /// usually stays so, and a worker that runs for a moment meanwhile is likely to lose its
     /// core again before it is done.
-    fn worker_late(&self) -> bool {
-        let now = self.now_ns();
+    fn worker_late(&self, now: u64) -> bool {
         if now < self.late_until_ns.load(Ordering::Relaxed) {
             return true;
         }
@@ -797,7 +796,8 @@ impl Freelist {
     /// system call, more than zeroing a few small blocks. Smaller releases wait for the next
     /// wake-up, an allocation that takes them, or [`flush`](Self::flush).
     pub(crate) fn queue(&self, runs: Runs) -> Result<(), Runs> {
-        self.note_release(self.now_ns());
+        let now = self.now_ns();
+        self.note_release(now);
         let pages: usize = runs.iter().map(Run::pages).sum();
         let wake = {
             let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
@@ -806,7 +806,7 @@ impl Freelist {
                 return Err(runs);
             };
             let pending = q.pages + q.in_flight_pages();
-            if q.stopped || pending + pages > self.max_pages || self.worker_late() {
+            if q.stopped || pending + pages > self.max_pages || self.worker_late(now) {
                 drop(q);
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(runs);

@@ -71,6 +71,30 @@ struct Inner {
 }
 
 impl Inner {
+    /// Empty pool state of this fork generation; `stopped` pools nothing (no worker).
+    fn new(heap: Arc<DmaHeap>, owner: Arc<Owner>, page: usize, stopped: bool) -> Arc<Inner> {
+        Arc::new(Inner {
+            heap,
+            generation: crate::fork::generation(),
+            owner,
+            page,
+            state: Mutex::new(State {
+                clean: BTreeMap::new(),
+                dirty: VecDeque::new(),
+                held: Vec::new(),
+                stopped,
+            }),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            busy: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            zeroed: AtomicU64::new(0),
+            held_events: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+        })
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -252,26 +276,7 @@ impl PoolCore {
     ) -> Result<PoolCore, DmaBufError> {
         let page = crate::os::page_size();
         let owner = registry.register(&format!("dmabuf:{}", heap.name()), limit_pages);
-        let inner = Arc::new(Inner {
-            heap,
-            generation: crate::fork::generation(),
-            owner,
-            page,
-            state: Mutex::new(State {
-                clean: BTreeMap::new(),
-                dirty: VecDeque::new(),
-                held: Vec::new(),
-                stopped: false,
-            }),
-            work: Condvar::new(),
-            idle: Condvar::new(),
-            busy: AtomicBool::new(false),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            zeroed: AtomicU64::new(0),
-            held_events: AtomicU64::new(0),
-            released: AtomicU64::new(0),
-        });
+        let inner = Inner::new(heap, owner, page, false);
         let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&inner) as _;
         registry.add_shrinker(weak);
         let w = inner.clone();
@@ -303,26 +308,8 @@ impl PoolCore {
 
     /// A pool state with no worker, that pools nothing.
     fn stopped(old: &Inner) -> PoolCore {
-        let inner = Arc::new(Inner {
-            heap: old.heap.clone(),
-            generation: crate::fork::generation(),
-            owner: old.owner.registry().register(old.owner.name(), 0),
-            page: old.page,
-            state: Mutex::new(State {
-                clean: BTreeMap::new(),
-                dirty: VecDeque::new(),
-                held: Vec::new(),
-                stopped: true,
-            }),
-            work: Condvar::new(),
-            idle: Condvar::new(),
-            busy: AtomicBool::new(false),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            zeroed: AtomicU64::new(0),
-            held_events: AtomicU64::new(0),
-            released: AtomicU64::new(0),
-        });
+        let owner = old.owner.registry().register(old.owner.name(), 0);
+        let inner = Inner::new(old.heap.clone(), owner, old.page, true);
         PoolCore {
             inner,
             worker: None,

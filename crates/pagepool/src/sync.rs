@@ -62,10 +62,8 @@ pub(crate) fn lock_within<'a, T>(
     {
         let mut end = None;
         loop {
-            match m.try_lock() {
-                Ok(g) => return Some(g),
-                Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => {}
+            if let Some(g) = try_lock(m) {
+                return Some(g);
             }
             let now = std::time::Instant::now();
             match end {
