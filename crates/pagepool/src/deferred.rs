@@ -162,6 +162,10 @@ impl Job {
 /// cache-line transfers per chunk, small enough that a helper waits for it only briefly.
 const WORKER_PIECE: usize = 4;
 
+/// How many of the oldest queued buffers `steal` looks through for one holding a whole set of
+/// the blocks an allocation wants (a bound on the time it holds the queue's lock).
+const FIT_SCAN: usize = 32;
+
 /// The bit of [`Job::done`] that says the run's waiter gave up on it.
 const ABANDONED: usize = 1 << (usize::BITS - 1);
 
@@ -322,6 +326,11 @@ pub(crate) struct Freelist {
     /// length of that hold (see `hold`).
     late_until_ns: AtomicU64,
     hold_ns: AtomicU64,
+    /// Set by a hold, cleared when the worker answers the probe in time: after a hold,
+    /// releases keep zeroing their own buffers, and the first asks the worker to show that it
+    /// runs again (`probe_out`: asked, not answered; see `queue` and `answer_probe`).
+    probation: AtomicBool,
+    probe_out: AtomicBool,
     born: std::time::Instant,
     /// The rhythm of releases: when the last one came (ns since `born`), and a moving average
     /// of the gaps between them (0: none yet).
@@ -477,6 +486,8 @@ impl Freelist {
             due_ns: AtomicU64::new(u64::MAX),
             late_until_ns: AtomicU64::new(0),
             hold_ns: AtomicU64::new(0),
+            probation: AtomicBool::new(false),
+            probe_out: AtomicBool::new(false),
             born: std::time::Instant::now(),
             last_release_ns: AtomicU64::new(0),
             release_gap_ns: AtomicU64::new(0),
@@ -749,13 +760,15 @@ impl Freelist {
             .hold_ns
             .load(Ordering::Relaxed)
             .max(LATE_HOLD.as_nanos() as u64);
-        let hold = if now < until.saturating_add(last) {
+        let hold = if until > 0 && now < until.saturating_add(last) {
             (last * 2).min(LATE_HOLD_MAX.as_nanos() as u64)
         } else {
             LATE_HOLD.as_nanos() as u64
         };
         self.hold_ns.store(hold, Ordering::Relaxed);
         self.late_until_ns.store(now + hold, Ordering::Relaxed);
+        self.probe_out.store(false, Ordering::Relaxed);
+        self.probation.store(true, Ordering::Relaxed);
     }
 
     /// The bound on queued plus in-flight pages.
@@ -811,6 +824,23 @@ impl Freelist {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(runs);
             }
+            // After a hold, releases go on zeroing their own buffers until the worker shows
+            // it runs again: the first one asks it to (the probe), and it answers when the
+            // scheduler runs it (see `answer_probe`). Queuing meanwhile would pile work up
+            // for a worker that may still get no core, for allocations to zero.
+            if self.probation.load(Ordering::Relaxed) {
+                let ask = !self.probe_out.swap(true, Ordering::Relaxed);
+                let sleeping = q.sleeping > 0;
+                drop(q);
+                if ask {
+                    self.expect_worker();
+                    if sleeping {
+                        self.work.notify_one();
+                    }
+                }
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(runs);
+            }
             for r in &runs {
                 q.blocks[r.order as usize] += r.count;
             }
@@ -821,15 +851,38 @@ impl Freelist {
             q.sleeping > 0 && (q.pages >= CHUNK_PAGES || q.flushing > 0)
         };
         if wake {
-            // Woken, the worker owes a look at the queue as soon as the scheduler runs it: it
-            // counts as late after WAKE_GRACE (a woken thread that has a core runs within tens
-            // of microseconds), not the longer grace of a running worker.
-            let grace_gap = (WORKER_GRACE - WAKE_GRACE).as_nanos() as u64;
-            self.due_ns
-                .store(self.now_ns().saturating_sub(grace_gap), Ordering::Relaxed);
+            self.expect_worker();
             self.work.notify_one();
         }
         Ok(())
+    }
+
+    /// Before a sleeping worker is woken: it owes a look at the queue as soon as the scheduler
+    /// runs it, and counts as late after [`WAKE_GRACE`] (a woken thread that has a core runs
+    /// within tens of microseconds), not the longer grace of a running worker.
+    fn expect_worker(&self) {
+        let due = self.due_ns.load(Ordering::Relaxed);
+        let grace_gap = (WORKER_GRACE - WAKE_GRACE).as_nanos() as u64;
+        let by = self.now_ns().saturating_sub(grace_gap);
+        if due == u64::MAX || by < due {
+            self.due_ns.store(by, Ordering::Relaxed);
+        }
+    }
+
+    /// The worker, running: answers a release's probe after a hold (see `queue`). Ends the
+    /// probation if it answers within its grace, or starts a longer hold if it was late.
+    fn answer_probe(&self) {
+        if !self.probe_out.load(Ordering::Relaxed) || self.holding() {
+            return;
+        }
+        let now = self.now_ns();
+        let due = self.due_ns.load(Ordering::Relaxed);
+        if due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64) {
+            self.hold(now);
+        } else {
+            self.probation.store(false, Ordering::Relaxed);
+            self.probe_out.store(false, Ordering::Relaxed);
+        }
     }
 
     /// The worker's side: waits for queued work and claims up to [`CHUNK_PAGES`] pages from the
@@ -860,6 +913,7 @@ impl Freelist {
             if q.stopped {
                 return None;
             }
+            self.answer_probe();
             if q.items.is_empty() && self.shared_hint.load(Ordering::Acquire) {
                 self.promise(std::time::Duration::ZERO);
                 return Some(Work::Assist);
@@ -979,9 +1033,13 @@ impl Freelist {
         }
     }
 
-    /// The allocator's side: claims up to `n` queued blocks of `order`, oldest buffer first,
-    /// from the start of its runs. The caller owns them (dirty) and must zero them.
-    pub(crate) fn steal(&self, order: u8, mut n: usize) -> Runs {
+    /// The allocator's side: claims up to `n` queued blocks of `order`, from the start of a
+    /// buffer's runs, for an allocation that needs `want` (at least `n`) blocks of that order in
+    /// all. The buffer is, among the oldest [`FIT_SCAN`], the one holding the smallest run of at
+    /// least `want` blocks of the order (the oldest among equals), else the oldest one with
+    /// blocks of the order. The caller owns them (dirty) and must zero
+    /// them.
+    pub(crate) fn steal(&self, order: u8, mut n: usize, want: usize) -> Runs {
         let mut out = Runs::new();
         let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
             return out; // the worker holds the lock and is not running: do without
@@ -990,13 +1048,31 @@ impl Freelist {
             return out;
         }
         let size = self.page << order;
-        // Oldest buffer first, from the start of its runs, while the worker claims from the end
-        // of the same buffer's last run: the two zero one buffer from both ends, and what the
-        // allocation takes with what the worker lands is that buffer's set of blocks, end to
-        // end (taking the newest buffer's blocks beside the oldest one's would mix two sets,
-        // and every later buffer of that size would need a view).
-        let mut i = 0;
-        while n > 0 && i < q.items.len() {
+        // From the start of a buffer's runs, while the worker claims from the end of the oldest
+        // buffer's last run: the two zero one buffer from both ends. A buffer with a run of the
+        // `want` blocks goes first, so that an allocation takes one released set whole rather
+        // than the first blocks of another (mixing two sets: this buffer would need a view,
+        // and every later buffer of that size would too, as the sets circulate): the buffer
+        // whose run fits best (the smallest of at least `want` blocks), the oldest among
+        // equals, so that a queue of buffers of one size is taken oldest first.
+        // The smallest run of at least `least` blocks of the order in a buffer.
+        let fit = |item: &Runs, least: usize| {
+            item.iter()
+                .filter(|r| r.order == order && r.count >= least)
+                .map(|r| r.count)
+                .min()
+        };
+        while n > 0 {
+            let least = want.max(n);
+            let best = (q.items.iter().take(FIT_SCAN).enumerate())
+                .filter_map(|(i, (item, _))| fit(item, least).map(|c| (c, i)))
+                .min();
+            let Some(i) = best
+                .map(|(_, i)| i)
+                .or_else(|| q.items.iter().position(|(item, _)| fit(item, 1).is_some()))
+            else {
+                break;
+            };
             let item = &mut q.items[i].0;
             for r in item.iter_mut().filter(|r| r.order == order && r.count > 0) {
                 let k = r.count.min(n);
@@ -1015,8 +1091,6 @@ impl Freelist {
             item.retain(|r| r.count > 0);
             if item.is_empty() {
                 q.items.remove(i);
-            } else {
-                i += 1;
             }
         }
         for r in &out {
@@ -1240,8 +1314,8 @@ mod tests {
         l.queue(smallvec::smallvec![run(0, 4, 4)]).unwrap();
         l.queue(smallvec::smallvec![run(1 << 20, 4, 2), run(2 << 20, 0, 3)])
             .unwrap();
-        assert!(l.steal(8, 1).is_empty());
-        let got = l.steal(4, 3);
+        assert!(l.steal(8, 1, 1).is_empty());
+        let got = l.steal(4, 3, 3);
         assert_eq!(
             got.as_slice(),
             [run(0, 4, 3)],
@@ -1253,13 +1327,71 @@ mod tests {
             Some(run(3 << 16, 4, 1)),
             "the worker: from the oldest's end"
         );
-        let got = l.steal(4, 3);
+        let got = l.steal(4, 3, 3);
         assert_eq!(
             got.as_slice(),
             [run(1 << 20, 4, 2)],
             "then the next buffer's"
         );
         assert_eq!(l.claim(), Some(run(2 << 20, 0, 3)));
+    }
+
+    #[test]
+    fn steal_takes_a_whole_set_rather_than_break_one_up() {
+        let (l, _) = list(10_000);
+        l.queue(smallvec::smallvec![run(0, 8, 4)]).unwrap(); // a 4 MiB buffer
+        l.queue(smallvec::smallvec![run(8 << 20, 8, 1)]).unwrap(); // a 1 MiB one
+        l.queue(smallvec::smallvec![run(16 << 20, 8, 4)]).unwrap(); // another 4 MiB
+        assert_eq!(
+            l.steal(8, 1, 1).as_slice(),
+            [run(8 << 20, 8, 1)],
+            "one block: the one-block buffer, not the start of a set"
+        );
+        assert_eq!(
+            l.steal(8, 1, 4).as_slice(),
+            [run(0, 8, 1)],
+            "four, a chunk at a time: the oldest whole set"
+        );
+        assert_eq!(l.steal(8, 3, 3).as_slice(), [run(1 << 20, 8, 3)]);
+        assert_eq!(
+            l.steal(8, 6, 6).as_slice(),
+            [run(16 << 20, 8, 4)],
+            "no set fits: the oldest with blocks of the order"
+        );
+        assert_eq!(l.pages(), 0);
+    }
+
+    #[test]
+    fn after_a_hold_releases_wait_for_the_worker_to_answer_a_probe() {
+        let (l, _) = list(10_000);
+        let one = || smallvec::smallvec![run(0, 0, 1)];
+        l.hold(l.now_ns());
+        assert!(
+            l.queue(one()).is_err(),
+            "held: the release zeroes its buffer"
+        );
+        std::thread::sleep(LATE_HOLD + std::time::Duration::from_millis(5));
+        assert!(!l.holding());
+        assert!(l.queue(one()).is_err(), "on probation: the probe is asked");
+        assert!(l.probe_out.load(Ordering::Relaxed));
+        assert!(l.queue(one()).is_err(), "still unanswered");
+        l.answer_probe(); // the worker runs, within its grace
+        assert!(!l.probation.load(Ordering::Relaxed));
+        assert!(l.queue(one()).is_ok(), "queued again");
+        assert_eq!(l.pages(), 1);
+
+        // A worker that answers late starts a longer hold.
+        l.hold(l.now_ns());
+        let first = l.hold_ns.load(Ordering::Relaxed);
+        std::thread::sleep(
+            std::time::Duration::from_nanos(first) + std::time::Duration::from_millis(5),
+        );
+        assert!(l.queue(one()).is_err(), "the probe");
+        std::thread::sleep(WORKER_GRACE + std::time::Duration::from_millis(1));
+        l.answer_probe();
+        assert!(l.holding(), "late: held again");
+        assert!(l.hold_ns.load(Ordering::Relaxed) > first, "for longer");
+        assert!(l.queue(one()).is_err());
     }
 
     #[test]
@@ -1379,7 +1511,7 @@ mod loom_tests {
             };
             let scanned = list.scan(usize::MAX);
             releaser.join().unwrap();
-            let stolen: usize = list.steal(8, 2).iter().map(Run::pages).sum();
+            let stolen: usize = list.steal(8, 2, 2).iter().map(Run::pages).sum();
             list.flush();
             let leftover: usize = list.stop().iter().map(Run::pages).sum();
             worker.join().unwrap();

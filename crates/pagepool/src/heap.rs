@@ -59,7 +59,12 @@
 //! - the worker promises when it will look at the queue next (at once while it works or
 //!   spins, at the end of a nap). A release that finds it later than that by 2 ms zeroes its
 //!   buffer itself, as a synchronous heap would: queued work would otherwise wait for the next
-//!   allocation, which would zero it on its own time.
+//!   allocation, which would zero it on its own time. Releases go on doing so after such a
+//!   hold until the worker, asked by the first of them, shows that the scheduler runs it again.
+//! - allocations keep released sets of blocks whole: one that needs several blocks of an order
+//!   takes pooled ones only if they lie end to end, else a queued set first; the pools hand a
+//!   single block out of the shortest run they hold; and after a few allocations in a row that
+//!   needed a view anyway, one takes fresh pages as one range (see `alloc_blocks`).
 //!
 //! So under full CPU load a deferred heap behaves like a synchronous one; `examples/busy.rs`
 //! measures both side by side.
@@ -421,6 +426,8 @@ impl Core {
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             no_worker: crate::sync::AtomicBool::new(false),
+            scattered: AtomicUsize::new(0),
+            regather_after: AtomicUsize::new(REGATHER_FIRST),
             cache: CacheShared::new(cfg.thread_cache, page),
         });
         let worker = match &inner.freelist {
@@ -523,6 +530,11 @@ pub(crate) struct HeapInner {
     /// Never set: the worker-locking flag of a heap without a worker (see
     /// `sync::lock_within`).
     no_worker: crate::sync::AtomicBool,
+    /// Allocations in a row whose pooled blocks did not lie end to end (each needed a view),
+    /// and how many of those make the next one take fresh pages instead (see
+    /// `alloc_blocks`).
+    scattered: AtomicUsize,
+    regather_after: AtomicUsize,
     /// The per-thread caches of small buffers.
     pub(crate) cache: CacheShared,
 }
@@ -830,7 +842,17 @@ impl HeapInner {
                 runs.push(Run::from_block(b))
             })
         };
-        let mut pooled = take_pooled(runs, want);
+        // A buffer of several blocks takes pooled blocks at once only if they lie end to end;
+        // otherwise queued ones first, when there are any: a released set, part of it landed
+        // in the pool and part still queued, is then taken whole rather than beside other
+        // pooled blocks (which would scatter it; see `alloc_blocks`).
+        let mut pooled = if want > 1 && self.freelist.is_some() {
+            pool.take_run_within(want, HANDOFF_WAIT, worker_locking, |b| {
+                runs.push(Run::from_block(b))
+            })
+        } else {
+            take_pooled(runs, want)
+        };
         let mut inline = 0;
         if let Some(list) = &self.freelist {
             // At most one bounded wait for the worker per order: past it, fresh pages.
@@ -838,7 +860,8 @@ impl HeapInner {
             while pooled + inline < want {
                 // A chunk at a time, so that the worker keeps claiming from the other end.
                 let chunk = (crate::deferred::CHUNK_PAGES >> order).max(1);
-                let stolen = list.steal(order, (want - pooled - inline).min(chunk));
+                let need = want - pooled - inline;
+                let stolen = list.steal(order, need.min(chunk), need);
                 if !stolen.is_empty() {
                     for r in stolen {
                         // SAFETY: stolen runs left the queue; this thread owns them now.
@@ -853,8 +876,24 @@ impl HeapInner {
                 // Nothing of this order is queued: what the worker claimed has either landed
                 // in the pool already or is being zeroed now.
                 let in_flight = list.in_flight(order);
-                pooled += take_pooled(runs, want - pooled - inline);
-                if pooled + inline == want || in_flight == 0 || waited {
+                if in_flight == 0 || waited {
+                    pooled += take_pooled(runs, want - pooled - inline);
+                    break;
+                }
+                // Some of this order's blocks are in the worker's hands: the pool's blocks now
+                // only if the rest lie end to end there (else the claim, once landed, would be
+                // left out of the set it belongs to).
+                pooled += if want > 1 {
+                    pool.take_run_within(
+                        want - pooled - inline,
+                        HANDOFF_WAIT,
+                        worker_locking,
+                        |b| runs.push(Run::from_block(b)),
+                    )
+                } else {
+                    take_pooled(runs, want - pooled - inline)
+                };
+                if pooled + inline == want {
                     break;
                 }
                 // Help the worker zero what it claimed, then wait (briefly) for it to land.
@@ -878,6 +917,26 @@ impl HeapInner {
     fn pool_index(&self, order: u8) -> usize {
         self.orders.iter().position(|&o| o == order).unwrap_or(0)
     }
+}
+
+/// Scattered allocations in a row after which one takes fresh pages (see `alloc_blocks`).
+const REGATHER_FIRST: usize = 8;
+/// The most scattered allocations in a row between two that take fresh pages.
+const REGATHER_LONGEST: usize = 1024;
+
+/// True if an allocation's blocks, as gathered (`missing`: the placeholders for blocks still to
+/// come fresh, as one range), need a view: more than one piece once blocks that lie end to end
+/// are joined.
+fn scattered(runs: &[Run], missing: &[usize], page: usize) -> bool {
+    let mut have: smallvec::SmallVec<[(usize, usize); 8]> = runs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !missing.contains(i))
+        .map(|(_, r)| (r.start, r.end(page)))
+        .collect();
+    have.sort_unstable();
+    let pieces = 1 + have.windows(2).filter(|w| w[0].1 != w[1].0).count();
+    pieces + usize::from(!missing.is_empty()) > 1
 }
 
 /// A heap of zeroed, page-aligned, contiguous buffers, built from pooled blocks.
@@ -1025,6 +1084,56 @@ impl SystemHeap {
                     count: want - p - z,
                 });
             }
+        }
+        // Blocks gathered from the pools that do not lie end to end need a view, and as they
+        // circulate, so do later buffers of the same size: with a worker, whose claims land
+        // while allocations take what is queued, two threads that share a pool can keep a set
+        // scattered for good (each takes what the other left; without a worker the pools'
+        // choice of blocks keeps sets whole, see `PagePool::take_many`). After
+        // REGATHER_FIRST such allocations in a row, one takes fresh pages as one range and
+        // leaves the blocks it gathered to others; if scattering goes on anyway (a mix of sizes
+        // that no fresh set helps), the count before the next one doubles, up to
+        // REGATHER_LONGEST, so that fresh pages never cost more than a small share of the
+        // views they save.
+        if h.freelist.is_some()
+            && h.pooling()
+            && hits + inline > 0
+            && scattered(&runs, &missing, h.page)
+        {
+            let streak = h.scattered.fetch_add(1, Ordering::Relaxed) + 1;
+            let after = h.regather_after.load(Ordering::Relaxed);
+            if streak >= after {
+                h.scattered.store(0, Ordering::Relaxed);
+                h.regather_after
+                    .store((after * 2).min(REGATHER_LONGEST), Ordering::Relaxed);
+                let gathered: Runs = runs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !missing.contains(i))
+                    .map(|(_, r)| *r)
+                    .collect();
+                h.undo_alloc(&gathered, &stolen, None);
+                stolen.clear();
+                runs.clear();
+                missing.clear();
+                (hits, inline) = (0, 0);
+                let mut left = pages;
+                for &order in h.orders.iter() {
+                    let count = left >> order;
+                    left &= (1 << order) - 1;
+                    if count > 0 {
+                        missing.push(runs.len());
+                        runs.push(Run {
+                            start: 0,
+                            order,
+                            count,
+                        });
+                    }
+                }
+            }
+        } else if runs.len() > 1 && h.scattered.load(Ordering::Relaxed) > 0 {
+            h.scattered.store(0, Ordering::Relaxed);
+            h.regather_after.store(REGATHER_FIRST, Ordering::Relaxed);
         }
         // The misses come from the system as one range, split in order.
         let misses: usize = missing.iter().map(|&i| runs[i].count).sum();

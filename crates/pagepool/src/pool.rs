@@ -12,7 +12,9 @@
 //! form an intrusive singly linked list whose link (the address of the next free block) is
 //! stored in the first 8 bytes of each free block itself, the way the kernel threads
 //! `page->lru` through free pages. Together they are one LIFO stack: the ring is its top, and
-//! when the ring is full its oldest entry moves to the head of the list. The pool's state is a
+//! when the ring is full its oldest entry moves to the head of the list. Takes come from the
+//! top, except where that would break up blocks that lie end to end (a larger buffer's
+//! released set) while the ring holds a better choice: see `take_many`. The pool's state is a
 //! fixed ~600 bytes whatever it holds, so the metadata cost per pooled byte is zero.
 //!
 //! The ring is there for speed: taking the blocks of a 32 MiB buffer from a linked list means
@@ -140,11 +142,17 @@ impl FreeList {
         self.blocks += 1;
     }
 
-    /// Takes `n` blocks of `size` bytes that lie end to end, from the ring, if the top `n` do
-    /// not already and some `n` in the ring do; returns the first one's address. The rest of
-    /// the ring keeps its order.
+    /// Takes `n` blocks of `size` bytes that lie end to end from the ring, when popping the top
+    /// `n` would break up a set of blocks that could make a buffer without a view; returns the
+    /// first one's address, or `None` to pop. The rest of the ring keeps its order.
+    ///
+    /// - `n > 1`: if the top `n` do not lie end to end, the `n` highest that do, if any.
+    /// - `n == 1`: if the top block has a neighbour in the ring (it belongs to a run of blocks
+    ///   that lie end to end, such as a larger buffer's released set), the highest block with
+    ///   no neighbour, else the last block of the shortest run: a one-block buffer then leaves
+    ///   the other sets whole.
     fn take_contiguous(&mut self, n: usize, size: usize) -> Option<usize> {
-        if n > self.hot_len {
+        if n > self.hot_len || n == 0 {
             return None;
         }
         let len = self.hot_len;
@@ -153,17 +161,47 @@ impl FreeList {
             *a = self.hot[(self.bottom + i) % HOT_BLOCKS];
         }
         let mut addrs = ring;
-        let mut top = addrs[len - n..len].to_vec();
-        top.sort_unstable();
-        if top.windows(2).all(|w| w[0] + size == w[1]) {
-            return None; // the usual pop gives them end to end
-        }
-        let sorted = &mut addrs[..len];
-        sorted.sort_unstable();
-        let first = sorted
-            .windows(n)
-            .rev() // higher addresses: more likely the most recent arena
-            .find(|w| w.windows(2).all(|p| p[0] + size == p[1]))?[0];
+        let first = if n == 1 {
+            let top = ring[len - 1];
+            let neighbour = |a: usize| {
+                ring[..len]
+                    .iter()
+                    .any(|&b| b == a.wrapping_add(size) || b.wrapping_add(size) == a)
+            };
+            if !neighbour(top) {
+                return None; // the usual pop breaks nothing up
+            }
+            let sorted = &mut addrs[..len];
+            sorted.sort_unstable();
+            // The runs of the sorted ring; the shortest one, the highest address among equals.
+            let (mut best, mut best_len) = (top, usize::MAX);
+            let mut i = 0;
+            while i < len {
+                let mut j = i + 1;
+                while j < len && sorted[j - 1] + size == sorted[j] {
+                    j += 1;
+                }
+                if j - i <= best_len {
+                    (best, best_len) = (sorted[j - 1], j - i);
+                }
+                i = j;
+            }
+            best
+        } else {
+            let mut top = [0usize; HOT_BLOCKS];
+            let top = &mut top[..n];
+            top.copy_from_slice(&addrs[len - n..len]);
+            top.sort_unstable();
+            if top.windows(2).all(|w| w[0] + size == w[1]) {
+                return None; // the usual pop gives them end to end
+            }
+            let sorted = &mut addrs[..len];
+            sorted.sort_unstable();
+            sorted
+                .windows(n)
+                .rev() // higher addresses: more likely the most recent arena
+                .find(|w| w.windows(2).all(|p| p[0] + size == p[1]))?[0]
+        };
         let end = first + n * size;
         let mut kept = 0;
         for &a in &ring[..len] {
@@ -176,6 +214,29 @@ impl FreeList {
         self.hot_len = kept;
         self.blocks -= n;
         Some(first)
+    }
+
+    /// True if `n` blocks of `size` bytes lie end to end in the ring (the top `n`, or `n`
+    /// others that `take_contiguous` would find).
+    fn has_run(&self, n: usize, size: usize) -> bool {
+        let len = self.hot_len;
+        if n > len {
+            return false;
+        }
+        let mut addrs = [0usize; HOT_BLOCKS];
+        for (i, a) in addrs[..len].iter_mut().enumerate() {
+            *a = self.hot[(self.bottom + i) % HOT_BLOCKS];
+        }
+        let sorted = &mut addrs[..len];
+        sorted.sort_unstable();
+        let mut run = 1;
+        for w in sorted.windows(2) {
+            run = if w[0] + size == w[1] { run + 1 } else { 1 };
+            if run >= n {
+                return true;
+            }
+        }
+        n <= 1
     }
 
     /// Pops the top block. A block from the list has its link word cleared, so what comes out
@@ -324,20 +385,27 @@ impl PagePool {
         Ok(())
     }
 
-    /// Takes a clean block out of the pool, or `None` if the pool is empty.
+    /// Takes a clean block out of the pool, or `None` if the pool is empty. Which block: see
+    /// [`take_many`](Self::take_many).
     pub fn take(&self) -> Option<Block> {
         let mut out = None;
         self.take_many(1, |b| out = Some(b));
         out
     }
 
-    /// Takes up to `n` clean blocks at once, handing each to `f` in the order [`take`] would
-    /// have returned them; returns how many. One lock and one update of the owner's counts for
-    /// the whole batch, where `n` calls of [`take`] would pay both `n` times.
+    /// Takes up to `n` clean blocks at once, handing each to `f`; returns how many. One lock
+    /// and one update of the owner's counts for the whole batch, where `n` calls of [`take`]
+    /// would pay both `n` times.
+    ///
+    /// Blocks come from the top of the pool's stack (the most recently given first), except
+    /// among the most recent [`HOT_BLOCKS`]: where the top `n` do not lie end to end and `n`
+    /// others do, those are taken (lowest address first); and a single block that has a
+    /// neighbour there is taken from the shortest run of neighbours (its last block, or a block
+    /// with no neighbour), so that a larger buffer's released set stays whole for its next use.
     ///
     /// [`take`]: Self::take
     pub fn take_many(&self, n: usize, f: impl FnMut(Block)) -> usize {
-        self.take_from(n, lock(&self.list), f)
+        self.take_from(n, lock(&self.list), false, f)
     }
 
     /// [`take_many`](Self::take_many), but takes nothing if the pool's lock stays busy for
@@ -354,24 +422,42 @@ impl PagePool {
             return 0;
         }
         match lock_within(&self.list, bound, worker_locking) {
-            Some(list) => self.take_from(n, list, f),
+            Some(list) => self.take_from(n, list, false, f),
             None => 0,
         }
     }
 
-    fn take_from(
+    /// [`take_many_within`](Self::take_many_within), but takes `n` blocks that lie end to end
+    /// (among the most recent [`HOT_BLOCKS`]) or nothing; returns `n` or 0.
+    pub(crate) fn take_run_within(
         &self,
         n: usize,
-        mut list: crate::sync::MutexGuard<'_, FreeList>,
-        mut f: impl FnMut(Block),
+        bound: std::time::Duration,
+        worker_locking: &crate::sync::AtomicBool,
+        f: impl FnMut(Block),
     ) -> usize {
         if n == 0 {
             return 0;
         }
+        match lock_within(&self.list, bound, worker_locking) {
+            Some(list) => self.take_from(n, list, true, f),
+            None => 0,
+        }
+    }
+
+    /// Takes up to `n` blocks under the lock (`end_to_end`: `n` that lie end to end, or none).
+    fn take_from(
+        &self,
+        n: usize,
+        mut list: crate::sync::MutexGuard<'_, FreeList>,
+        end_to_end: bool,
+        mut f: impl FnMut(Block),
+    ) -> usize {
+        if n == 0 || (end_to_end && !list.has_run(n, self.block_bytes)) {
+            return 0;
+        }
         let mut got = 0;
-        if n > 1
-            && let Some(start) = list.take_contiguous(n, self.block_bytes)
-        {
+        if let Some(start) = list.take_contiguous(n, self.block_bytes) {
             // Blocks that lie end to end make a buffer without a view mapping: prefer them to
             // the top of the stack when the top is not (one block taken fresh elsewhere would
             // otherwise keep every later buffer of the same size scattered).
@@ -538,6 +624,41 @@ mod tests {
         let mut two = Vec::new();
         p.take_many(2, |b| two.push(b.into_raw().as_ptr() as usize));
         assert_eq!(two, [a + 4 * page, a + 5 * page]);
+        drop(p);
+        // SAFETY: the allocation made above, no block of it pooled any more.
+        unsafe { dealloc(base, layout) };
+    }
+
+    #[test]
+    fn a_single_take_leaves_sets_whole() {
+        let page = crate::os::page_size();
+        let layout = Layout::from_size_align(8 * page, page).unwrap();
+        // SAFETY: eight fresh zeroed pages, given to the pool below and freed here once the
+        // pool (whose callback leaks) is gone.
+        let base = unsafe { alloc_zeroed(layout) };
+        let block = |i: usize| {
+            // SAFETY: page `i` of the allocation above, owned by the pool from the give on.
+            unsafe { Block::from_raw(NonNull::new(base.add(i * page)).unwrap(), 0) }
+        };
+        let a = base as usize;
+        let p = PagePool::new(0, Box::new(|_: Block| {}));
+        // Page 6 alone, then a released set of four (3, 2, 1, 0: page 0 on top).
+        for i in [6, 3, 2, 1, 0] {
+            p.give(block(i)).unwrap();
+        }
+        let take = || p.take().unwrap().into_raw().as_ptr() as usize;
+        assert_eq!(take(), a + 6 * page, "the block with no neighbour");
+        assert_eq!(take(), a + 3 * page, "then the end of the set");
+        let mut got = Vec::new();
+        p.take_many(3, |b| got.push(b.into_raw().as_ptr() as usize));
+        assert_eq!(got, [a, a + page, a + 2 * page], "the rest, whole");
+        // A top block with no neighbour is simply popped.
+        for i in [0, 1, 4] {
+            p.give(block(i)).unwrap();
+        }
+        assert_eq!(take(), a + 4 * page);
+        assert_eq!(take(), a + page, "the end of the run 0..2");
+        assert_eq!(take(), a);
         drop(p);
         // SAFETY: the allocation made above, no block of it pooled any more.
         unsafe { dealloc(base, layout) };

@@ -214,6 +214,40 @@ fn scattered_blocks_are_mapped_contiguously() {
 }
 
 #[test]
+fn a_set_that_stays_scattered_is_taken_fresh_once() {
+    // Three pooled 1 MiB blocks with live ones between them: every 3 MiB buffer made of them
+    // needs a view, and they come back to the pool as they were.
+    let heap = private_heap("regather");
+    let mut b: Vec<Option<_>> = (0..5).map(|_| Some(heap.alloc(1 << 20).unwrap())).collect();
+    for i in [0, 2, 4] {
+        b[i] = None;
+    }
+    heap.flush();
+    let fresh = heap.stats().fresh_pages;
+    for k in 1..=7 {
+        let buf = heap.alloc(3 << 20).unwrap();
+        assert!(buf.is_remapped(), "allocation {k}: scattered");
+        drop(buf);
+        heap.flush();
+    }
+    assert_eq!(heap.stats().remapped, 7);
+    // The eighth in a row takes fresh pages as one range instead; from then on the fresh set,
+    // pooled, makes every 3 MiB buffer without a view.
+    for k in 8..=20 {
+        let mut buf = heap.alloc(3 << 20).unwrap();
+        assert!(!buf.is_remapped(), "allocation {k}: end to end");
+        assert!(buf.iter().all(|&x| x == 0));
+        buf.fill(1);
+        drop(buf);
+        heap.flush();
+    }
+    let st = heap.stats();
+    assert_eq!(st.remapped, 7);
+    assert_eq!(st.fresh_pages - fresh, (3 << 20) / page_size() as u64);
+    drop(b);
+}
+
+#[test]
 fn owner_limits_are_separate() {
     let registry = Registry::new(usize::MAX);
     let small = SystemHeap::builder()
