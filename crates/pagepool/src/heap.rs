@@ -57,7 +57,7 @@
 //!   bound is left to it the same way; whoever zeroes the last stripe of an abandoned run
 //!   lands it, so nothing is lost and nothing is zeroed twice;
 //! - the worker promises when it will look at the queue next (at once while it works or
-//!   spins, at the end of a nap). A release that finds it later than that by 2 ms zeroes its
+//!   spins, at the end of a nap). A release that finds it later than that by 3 ms zeroes its
 //!   buffer itself, as a synchronous heap would: queued work would otherwise wait for the next
 //!   allocation, which would zero it on its own time. Releases go on doing so after such a
 //!   hold until the worker, asked by the first of them, shows that the scheduler runs it again.
