@@ -1,6 +1,6 @@
 //! `heap-bench`: the seed's `dmabuf_heap_bench` (allocate + free, many times, at 4 KiB, 1 MiB,
 //! 8 MiB and 32 MiB), run against pagepool and the allocators a user would pick instead, side by
-//! side in one run. See `BENCH.md` in the project's shared notes and the README for the protocol:
+//! side in one run. The protocol (described in `docs/BENCHMARKS.md` with the figures it gave):
 //! two modes (`tight`: calls back to back; `paced`: busy work between calls), every system in
 //! interleaved order with a warm-up, the median of several repetitions, peak resident memory of
 //! the pagepool rows, and the heap's own statistics at the end.
