@@ -6,7 +6,7 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::{self, NonNull};
 
 use mimalloc::MiMalloc;
-use pagepool::dmabuf::{Access, DmaHeap};
+use pagepool::{Access, DmaHeap};
 use pagepool::{Registry, SystemHeap};
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{MapFlags, ProtFlags};

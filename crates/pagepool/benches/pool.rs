@@ -71,7 +71,11 @@ fn heap_hit_path(c: &mut Criterion) {
     // The default heap (small buffers from the thread's cache), then the pools alone, with
     // deferred and with synchronous zeroing.
     for (name, deferred, thread_cache) in [
-        ("default", true, pagepool::heap::DEFAULT_THREAD_CACHE),
+        (
+            "default",
+            true,
+            64 << 10, /* the default thread cache */
+        ),
         ("pools-deferred", true, 0),
         ("pools-syncfree", false, 0),
     ] {

@@ -584,7 +584,7 @@ impl fmt::Debug for ExportedBuffer {
 ///
 /// # Examples
 /// ```
-/// use pagepool::dmabuf::DmaBufError;
+/// use pagepool::DmaBufError;
 ///
 /// let heap = pagepool::SystemHeap::new()?;
 /// if let Err(e) = heap.alloc(4096)?.export() {

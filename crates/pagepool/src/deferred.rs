@@ -22,16 +22,17 @@
 
 use std::collections::VecDeque;
 
+use crate::config::{
+    CHUNK_PAGES, CLAIM_DELAY, CLAIM_SHARE, EARLY_BY, FIT_SCAN, HANDOFF_CAP, HANDOFF_WAIT,
+    LATE_HOLD, LATE_HOLD_MAX, NAP_FIRST, NAP_LONGEST, NAP_STEADY_FOR, PREEMPTED, RHYTHM_MAX_NS,
+    STRIPE_BYTES, WAKE_GRACE, WORKER_GRACE, WORKER_PIECE,
+};
 use crate::pool::MAX_ORDER;
 use crate::registry::Shrinker;
 use crate::sync::{
     AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, lock_within, try_lock,
     wait, wait_timeout,
 };
-
-/// The most pages the worker claims at once (1 MiB with 4 KiB pages): small enough that an
-/// allocation waiting for an in-flight claim waits briefly, large enough to amortise the lock.
-pub(crate) const CHUNK_PAGES: usize = 256;
 
 /// A claimed run being zeroed, split into stripes that several threads can take: the worker
 /// publishes its current claim as a job, and an allocation that would otherwise wait for it
@@ -48,16 +49,6 @@ pub(crate) struct Job {
     /// Stripes zeroed.
     done: Line<AtomicUsize>,
 }
-
-/// The stripe size of a [`Job`] in bytes: the smallest piece two threads split a run into.
-pub(crate) const STRIPE_BYTES: usize = 64 << 10;
-
-/// A claim takes 1/`CLAIM_SHARE` of the stripes left (at least one): large pieces first, small
-/// ones at the end, so that a 1 MiB run is split between two threads in about five claims (each
-/// one a cache-line transfer between cores, ~100-200 ns in this project's VMs) and they still
-/// finish together. Measured on tight 1 MiB allocations (median of 9 runs): one 64 KiB stripe
-/// per claim 12.0 us per call, a quarter of what is left 11.5 us, half 9.8 us.
-const CLAIM_SHARE: usize = 2;
 
 impl Job {
     /// A job for `run` (blocks of `page`-byte pages) from a buffer of `buffer_pages` pages.
@@ -158,29 +149,8 @@ impl Job {
     }
 }
 
-/// The most stripes the worker takes at once (256 KiB): large enough that it pays few
-/// cache-line transfers per chunk, small enough that a helper waits for it only briefly.
-const WORKER_PIECE: usize = 4;
-
-/// How many of the oldest queued buffers `steal` looks through for one holding a whole set of
-/// the blocks an allocation wants (a bound on the time it holds the queue's lock).
-const FIT_SCAN: usize = 32;
-
 /// The bit of [`Job::done`] that says the run's waiter gave up on it.
 const ABANDONED: usize = 1 << (usize::BITS - 1);
-
-/// The longest a thread waits for work in another thread's hands while that thread makes no
-/// progress (a piece being zeroed by the worker, a claim landing, a lock the worker holds):
-/// about the time the worker takes to zero its largest piece ([`WORKER_PIECE`] stripes,
-/// 256 KiB) here. Past it, an allocation does without: it takes other queued blocks or fresh pages, and
-/// whoever holds the work finishes it on their own time. The worker runs at nice 19; on a busy
-/// machine the scheduler can leave it waiting for hundreds of milliseconds, even in the middle
-/// of a stripe or while it holds a lock, and no allocation must wait that long with it.
-pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// The longest an allocation waits for the worker even while it makes progress (see
-/// `Freelist::wait_worker`): beyond this, fresh pages are cheaper.
-pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Spins until `done()` or `bound` has passed; returns `done()`'s last answer.
 #[inline]
@@ -326,9 +296,9 @@ pub(crate) struct Freelist {
     /// length of that hold (see `hold`).
     late_until_ns: AtomicU64,
     hold_ns: AtomicU64,
-    /// Set by a hold, cleared when the worker answers the probe in time: after a hold,
-    /// releases keep zeroing their own buffers, and the first asks the worker to show that it
-    /// runs again (`probe_out`: asked, not answered; see `queue` and `answer_probe`).
+    /// Set by a hold, cleared when the worker next runs on time: after a hold, releases keep
+    /// zeroing their own buffers, and the first wakes a sleeping worker to show that it runs
+    /// again (`probe_out`: asked, not answered; see `queue` and `answer_probe`).
     probation: AtomicBool,
     probe_out: AtomicBool,
     born: std::time::Instant,
@@ -337,38 +307,6 @@ pub(crate) struct Freelist {
     last_release_ns: AtomicU64,
     release_gap_ns: AtomicU64,
 }
-
-/// How long before the next release is due a worker napping through an idle spell wakes up to
-/// spin (see `Freelist::next_work`): covers the nap's lateness (the worker's timer slack is
-/// set small) and some variation in the program's rhythm.
-pub(crate) const EARLY_BY: std::time::Duration = std::time::Duration::from_micros(25);
-
-/// The longest gap between releases the rhythm records (10 ms): longer ones are pauses.
-const RHYTHM_MAX_NS: u64 = 10_000_000;
-
-/// How late the worker may be (see `Freelist::due_ns`) before a release stops queueing for it:
-/// on a busy machine a nice-19 thread can wait hundreds of milliseconds for a core, and work
-/// queued for it would be zeroed by the next allocation instead, on the allocation's time. A
-/// release that zeroes its own buffer does what a synchronous heap does, at the same cost. A
-/// running worker renews its promise every few microseconds (each spin round, each stripe it
-/// zeroes), so a worker this late has lost its core.
-pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(3);
-
-/// How late a worker woken by a release may be to look at the queue (see `WORKER_GRACE`).
-pub(crate) const WAKE_GRACE: std::time::Duration = std::time::Duration::from_micros(500);
-
-/// How long releases keep zeroing their own buffers after the worker was found late, or found
-/// itself kept off its core: a machine that busy usually stays so, and a worker that runs for a
-/// moment meanwhile is likely to lose its core again before it is done, leaving what it took
-/// on for the next allocation.
-pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(30);
-
-/// The longest hold (see `Freelist::hold`).
-pub(crate) const LATE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// How late past its promise the worker must renew it to count as having been kept off its
-/// core (see `Freelist::promise`).
-pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
 #[derive(Debug, Default)]
@@ -401,23 +339,6 @@ pub(crate) enum Work {
     /// An allocation shared a run it is zeroing: take stripes of it ([`Freelist::assist`]).
     Assist,
 }
-
-/// How long a spinning worker leaves newly queued work alone before claiming it. A program that
-/// allocates right after it releases (the same buffer size, back to back) takes the dirty
-/// blocks itself and shares their zeroing with the idle worker; had the worker claimed them
-/// first, the allocation would help with the claim, then wait for it to land in a pool and take
-/// it from there. Measured at 1 MiB: 11-13 us for such an allocation, 8-9 us when it takes the
-/// blocks. A program that works between releases loses nothing: the worker still zeroes long
-/// before its next allocation.
-pub(crate) const CLAIM_DELAY: std::time::Duration = std::time::Duration::from_micros(2);
-
-/// An idle worker's first naps (see [`Freelist::set_worker_naps`]); with the kernel's default
-/// timer slack of 50 us a nap lasts about 150 us.
-pub(crate) const NAP_FIRST: std::time::Duration = std::time::Duration::from_micros(100);
-/// How long an idle worker keeps taking its first, shortest naps.
-pub(crate) const NAP_STEADY_FOR: std::time::Duration = std::time::Duration::from_millis(2);
-/// The longest nap.
-pub(crate) const NAP_LONGEST: std::time::Duration = std::time::Duration::from_micros(6400);
 
 /// The nap an idle worker takes after `idle` without work, or `None` once it has napped for
 /// `naps_ns` and should sleep until woken.
@@ -832,11 +753,10 @@ impl Freelist {
                 let ask = !self.probe_out.swap(true, Ordering::Relaxed);
                 let sleeping = q.sleeping > 0;
                 drop(q);
-                if ask {
+                if ask && sleeping {
+                    // A napping or spinning worker answers by its own promise.
                     self.expect_worker();
-                    if sleeping {
-                        self.work.notify_one();
-                    }
+                    self.work.notify_one();
                 }
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(runs);
@@ -869,10 +789,11 @@ impl Freelist {
         }
     }
 
-    /// The worker, running: answers a release's probe after a hold (see `queue`). Ends the
-    /// probation if it answers within its grace, or starts a longer hold if it was late.
+    /// The worker, running: ends the probation after a hold (see `queue`) if it runs on time
+    /// (within its grace of its promise, or of a probe's wake-up), or starts a longer hold if
+    /// it is late.
     fn answer_probe(&self) {
-        if !self.probe_out.load(Ordering::Relaxed) || self.holding() {
+        if !self.probation.load(Ordering::Relaxed) || self.holding() {
             return;
         }
         let now = self.now_ns();
@@ -1387,6 +1308,7 @@ mod tests {
             std::time::Duration::from_nanos(first) + std::time::Duration::from_millis(5),
         );
         assert!(l.queue(one()).is_err(), "the probe");
+        l.promise(std::time::Duration::ZERO); // the worker: "I look at once"; then it does not
         std::thread::sleep(WORKER_GRACE + std::time::Duration::from_millis(1));
         l.answer_probe();
         assert!(l.holding(), "late: held again");

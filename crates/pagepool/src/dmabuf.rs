@@ -200,13 +200,13 @@ pub const HEAP_DIR: &str = "/dev/dma_heap";
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::dmabuf::{Access, DmaHeap};
+/// use pagepool::{Access, DmaHeap};
 ///
 /// let heap = DmaHeap::open("system")?;
 /// let buf = heap.alloc(1 << 20)?;
 /// let mut map = buf.map()?;
 /// map.access(Access::ReadWrite)?.fill(1);
-/// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
+/// # Ok::<(), pagepool::DmaBufError>(())
 /// ```
 #[derive(Debug)]
 pub struct DmaHeap {
@@ -299,9 +299,16 @@ impl DmaHeap {
 
 /// A dma-buf: a file descriptor for a buffer that devices and processes can share.
 ///
-/// Its memory is reached through [`map`](Self::map) and [`DmaBufMap::access`], by copies: the
-/// [module documentation](self) says why there are no slices of it in safe code. Every
-/// descriptor pagepool makes for a dma-buf is close-on-exec.
+/// Its memory is reached through [`map`](Self::map) and [`DmaBufMap::access`], by copies. A
+/// dma-buf's memory is shared by nature: every holder of a descriptor (a duplicate, another
+/// process), every mapping and every device the buffer is attached to may write it at any
+/// time, and the kernel does not tell. A Rust `&[u8]` promises that nothing writes the bytes
+/// while it lives, and a `&mut [u8]` that nothing else even reads them; neither promise can be
+/// kept for such memory, so safe code never gets a slice of it: [`CpuAccess`] copies with
+/// relaxed atomic loads and stores of aligned 8-byte words, which are defined whatever else
+/// writes at the same time, and its `unsafe` slice accessors are for callers who know that
+/// nobody else holds the buffer. Every descriptor pagepool makes for a dma-buf is
+/// close-on-exec.
 #[derive(Debug)]
 pub struct DmaBuf {
     fd: OwnedFd,
@@ -371,7 +378,7 @@ impl DmaBuf {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::dmabuf::{Access, DmaHeap};
+    /// use pagepool::{Access, DmaHeap};
     ///
     /// let buf = DmaHeap::open("system")?.alloc(4096)?;
     /// let mut map = buf.map()?;
@@ -380,7 +387,7 @@ impl DmaBuf {
     /// let mut back = [0; 5];
     /// cpu.read(100, &mut back)?;
     /// assert_eq!(&back, b"hello");
-    /// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
+    /// # Ok::<(), pagepool::DmaBufError>(())
     /// ```
     pub fn map(&self) -> Result<DmaBufMap<'_>, DmaBufError> {
         // SAFETY: a null hint without MAP_FIXED: the kernel picks an unused range.
@@ -449,12 +456,12 @@ impl<'a> DmaBufMap<'a> {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::dmabuf::{Access, DmaHeap};
+    /// use pagepool::{Access, DmaHeap};
     ///
     /// let buf = DmaHeap::open("system")?.alloc(1 << 20)?;
     /// let mut map = buf.map()?;
     /// map.access(Access::Write)?.fill(0xff); // SYNC_START, fill, SYNC_END
-    /// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
+    /// # Ok::<(), pagepool::DmaBufError>(())
     /// ```
     pub fn access(&mut self, access: Access) -> Result<CpuAccess<'_, 'a>, DmaBufError> {
         self.buf.sync(access.flags())?;
@@ -505,7 +512,7 @@ impl fmt::Debug for DmaBufMap<'_> {
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::dmabuf::{Access, DmaHeap};
+/// use pagepool::{Access, DmaHeap};
 ///
 /// let buf = DmaHeap::open("system")?.alloc(4096)?;
 /// let mut map = buf.map()?;
@@ -516,7 +523,7 @@ impl fmt::Debug for DmaBufMap<'_> {
 /// cpu.read(4092, &mut tail)?;
 /// assert_eq!(tail, [0, 1, 2, 3]);
 /// assert!(cpu.write(4094, &[1, 2, 3]).is_err()); // past the end: an error, no panic
-/// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
+/// # Ok::<(), pagepool::DmaBufError>(())
 /// ```
 #[derive(Debug)]
 pub struct CpuAccess<'m, 'a> {
@@ -566,7 +573,7 @@ impl CpuAccess<'_, '_> {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::dmabuf::{file_count, Access, DmaHeap};
+    /// use pagepool::{file_count, Access, DmaHeap};
     /// use std::os::fd::AsFd;
     ///
     /// let buf = DmaHeap::open("system")?.alloc(4096)?;
@@ -597,7 +604,7 @@ impl CpuAccess<'_, '_> {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::dmabuf::{file_count, Access, DmaHeap};
+    /// use pagepool::{file_count, Access, DmaHeap};
     /// use std::os::fd::AsFd;
     ///
     /// let buf = DmaHeap::open("system")?.alloc(1 << 20)?;

@@ -19,14 +19,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::dmabuf::{Access, DmaBuf, DmaBufError, DmaHeap, file_count};
 use crate::fork::ForkCell;
 use crate::registry::{Owner, Registry, Shrinker};
 
 /// A dma-buf pool's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct DmaBufPoolStats {
     /// Clean buffers pooled now.
     pub pooled: usize,
@@ -245,8 +245,8 @@ impl Inner {
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::dmabuf::DmaHeap;
-/// use pagepool::dmapool::DmaBufPool;
+/// use pagepool::DmaHeap;
+/// use pagepool::DmaBufPool;
 /// use pagepool::Registry;
 ///
 /// let pool = DmaBufPool::new(DmaHeap::open("system")?, &Registry::new(1 << 20), 64 << 20)?;
@@ -254,7 +254,7 @@ impl Inner {
 /// drop(buf);                        // zeroed by the worker, then pooled
 /// pool.flush();
 /// let again = pool.alloc(1 << 20)?; // from the pool
-/// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
+/// # Ok::<(), pagepool::DmaBufError>(())
 /// ```
 pub struct DmaBufPool {
     /// This process's pool state: a forked child builds its own on first use (see

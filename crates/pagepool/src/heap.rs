@@ -85,7 +85,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::arena::Arenas;
 use crate::buffer::Buffer;
 use crate::cache::{self, CacheShared};
-use crate::deferred::{Freelist, HANDOFF_WAIT, Job, Run, Runs, Work};
+use crate::config::{
+    CHUNK_PAGES, DEFAULT_ARENA_SIZE, DEFAULT_MAX_BUFFER, DEFAULT_ORDERS, DEFAULT_POOL_LIMIT,
+    DEFAULT_QUEUE_LIMIT, DEFAULT_THREAD_CACHE, DEFAULT_WORKER_NAPS, DEFAULT_WORKER_SPIN,
+    HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST, STRIPE_BYTES,
+};
+use crate::deferred::{Freelist, Job, Run, Runs, Work};
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
 use crate::os;
@@ -94,27 +99,6 @@ use crate::pressure::PressureConfig;
 use crate::registry::{Owner, Registry, Shrinker};
 use crate::stats::HeapStats;
 use crate::sync::Arc;
-
-/// The default block orders: 1 MiB, 64 KiB and 4 KiB blocks (with 4 KiB pages).
-pub const DEFAULT_ORDERS: [u8; 3] = [8, 4, 0];
-/// The default limit on a heap's pooled memory: 256 MiB.
-pub const DEFAULT_POOL_LIMIT: usize = 256 << 20;
-/// The default maximum buffer size: 1 GiB.
-pub const DEFAULT_MAX_BUFFER: usize = 1 << 30;
-/// The default bound on memory queued for the deferred-free worker: 64 MiB.
-pub const DEFAULT_QUEUE_LIMIT: usize = 64 << 20;
-/// The default time an idle worker polls for work before napping: 200 us (see
-/// [`HeapBuilder::worker_spin`]).
-pub const DEFAULT_WORKER_SPIN: std::time::Duration = std::time::Duration::from_micros(200);
-/// The default time an idle worker keeps napping, after its spin, before it sleeps until woken:
-/// 100 ms (see [`HeapBuilder::worker_naps`]).
-pub const DEFAULT_WORKER_NAPS: std::time::Duration = std::time::Duration::from_millis(100);
-/// The default size of each thread's cache of small released buffers: 64 KiB, so buffers of
-/// up to 16 KiB are cached (see [`HeapBuilder::thread_cache`]).
-pub const DEFAULT_THREAD_CACHE: usize = 64 << 10;
-/// The default size of one memfd arena: 64 MiB (address space; memory is used only as blocks
-/// are carved). Larger buffers get an arena of their own size.
-pub const DEFAULT_ARENA_SIZE: usize = 64 << 20;
 
 /// Configures a [`SystemHeap`].
 ///
@@ -667,7 +651,7 @@ impl HeapInner {
     unsafe fn zero_part_working(&self, list: &Freelist, job: &Job, off: usize, len: usize) {
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(crate::deferred::STRIPE_BYTES);
+            let n = (len - done).min(STRIPE_BYTES);
             // SAFETY: a sub-range of the piece the caller was handed.
             unsafe { self.zero_part(job, off + done, n) };
             list.promise(std::time::Duration::ZERO);
@@ -683,7 +667,7 @@ impl HeapInner {
     /// # Safety
     /// The caller owns the run (it left the queue).
     unsafe fn zero_stolen(&self, list: &Freelist, r: &Run, buffer_pages: usize) -> bool {
-        if r.pages() * self.page < 2 * crate::deferred::STRIPE_BYTES {
+        if r.pages() * self.page < 2 * STRIPE_BYTES {
             // SAFETY: forwarded.
             unsafe { self.zero_run(r, buffer_pages) };
             return true;
@@ -859,7 +843,7 @@ impl HeapInner {
             let mut waited = false;
             while pooled + inline < want {
                 // A chunk at a time, so that the worker keeps claiming from the other end.
-                let chunk = (crate::deferred::CHUNK_PAGES >> order).max(1);
+                let chunk = (CHUNK_PAGES >> order).max(1);
                 let need = want - pooled - inline;
                 let stolen = list.steal(order, need.min(chunk), need);
                 if !stolen.is_empty() {
@@ -919,11 +903,6 @@ impl HeapInner {
     }
 }
 
-/// Scattered allocations in a row after which one takes fresh pages (see `alloc_blocks`).
-const REGATHER_FIRST: usize = 8;
-/// The most scattered allocations in a row between two that take fresh pages.
-const REGATHER_LONGEST: usize = 1024;
-
 /// True if an allocation's blocks, as gathered (`missing`: the placeholders for blocks still to
 /// come fresh, as one range), need a view: more than one piece once blocks that lie end to end
 /// are joined.
@@ -982,7 +961,14 @@ pub struct SystemHeap {
 }
 
 impl SystemHeap {
-    /// A heap with the default configuration (see [`HeapBuilder`]).
+    /// A heap with the default configuration (see [`HeapBuilder`]), registered with
+    /// [`Registry::global`].
+    ///
+    /// Besides its worker thread (`pagepool-free`, started here), a default heap makes
+    /// sure the global registry's pressure monitor runs: one process-wide thread
+    /// (`pagepool-pressure`) that shrinks the pools when the kernel reports memory pressure
+    /// (PSI) or the cgroup nears its limit. A program that does not want that thread builds its
+    /// heaps with [`HeapBuilder::pressure`]`(None)`.
     pub fn new() -> Result<SystemHeap, ConfigError> {
         HeapBuilder::default().build()
     }

@@ -8,18 +8,21 @@
 //! cheaper. pagepool is the Linux DMA-BUF system heap's page pool (a kernel patch series that
 //! never reached mainline) rebuilt in user space:
 //!
-//! | kernel | pagepool | module |
+//! | kernel | pagepool | file |
 //! |---|---|---|
-//! | page allocator, `mmap` | memfd arenas, one system-call layer | [`os`], `arena` |
-//! | `drm_page_pool` | [`PagePool`], [`Block`] | [`pool`] |
-//! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | [`registry`] |
-//! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred` |
-//! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | [`pressure`] |
-//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | [`heap`], [`buffer`] |
-//! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache` |
-//! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | [`dmabuf`] |
-//! | a pool of real dma-bufs | [`dmapool::DmaBufPool`] | [`dmapool`] |
-//! | debugfs `page_pool` | [`stats`] | [`stats`] |
+//! | page allocator, `mmap` | memfd arenas, one system-call layer | `os.rs`, `arena.rs` |
+//! | `drm_page_pool` | [`PagePool`], [`Block`] | `pool.rs` |
+//! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | `registry.rs` |
+//! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred.rs` |
+//! | shrinkers run by reclaim | [`PressureMonitor`] (PSI, cgroup watermark) | `pressure.rs` |
+//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap.rs`, `buffer.rs` |
+//! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache.rs` |
+//! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`DmaHeap`], [`DmaBuf`] | `dmabuf.rs` |
+//! | a pool of real dma-bufs | [`DmaBufPool`] | `dmapool.rs` |
+//! | debugfs `page_pool` | [`RegistryStats`] (its `Display`), [`HeapStats`] | `stats.rs` |
+//!
+//! Every public type is at the crate's root; the modules are private. With the default feature
+//! `serde`, the statistics types implement `serde::Serialize` and `serde::Deserialize`.
 //!
 //! # Examples
 //! ```
@@ -34,30 +37,61 @@
 //! ```
 
 mod arena;
-pub mod buffer;
+mod buffer;
 mod cache;
+mod config;
 mod deferred;
-pub mod dmabuf;
-pub mod dmapool;
-pub mod error;
+mod dmabuf;
+mod dmapool;
+mod error;
 mod fork;
-pub mod heap;
-pub mod os;
-pub mod pool;
-pub mod pressure;
-pub mod registry;
-pub mod stats;
+mod heap;
+mod os;
+mod pool;
+mod pressure;
+mod registry;
+mod stats;
 mod sync;
 mod zero;
 
 pub use buffer::{BlockInfo, Buffer, ExportError, ExportedBuffer};
+pub use dmabuf::{
+    Access, CpuAccess, DmaBuf, DmaBufError, DmaBufMap, DmaHeap, HEAP_DIR, UDMABUF_PATH, file_count,
+    udmabuf_create,
+};
+pub use dmapool::{DmaBufPool, DmaBufPoolStats, PooledDmaBuf};
 pub use error::{AllocError, ConfigError, OsError};
 pub use heap::{HeapBuilder, SystemHeap};
 pub use os::{mapping_count, page_size};
 pub use pool::{Block, MAX_ORDER, PagePool, ReleaseFn};
-pub use pressure::{PressureConfig, PressureMonitor, PressureStats};
+pub use pressure::{
+    CgroupPaths, PressureConfig, PressureEvent, PressureMonitor, PressureSource, PressureStats,
+    PsiTrigger, Wait, Watermark,
+};
 pub use registry::{Owner, Registry, Shrinker};
 pub use stats::{HeapStats, OwnerStats, PoolStats, RegistryStats};
+
+// The types a program shares between threads are `Send + Sync`; a change that loses that fails
+// to compile here rather than in users' code.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<Buffer>();
+    send_sync::<ExportedBuffer>();
+    send_sync::<SystemHeap>();
+    send_sync::<HeapBuilder>();
+    send_sync::<PagePool>();
+    send::<Block>(); // exclusive ownership of a range, like `Box<[u8]>`: `Send` is enough
+    send_sync::<Registry>();
+    send_sync::<Owner>();
+    send_sync::<PressureMonitor>();
+    send_sync::<DmaBufPool>();
+    send_sync::<PooledDmaBuf>();
+    send_sync::<DmaBuf>();
+    send_sync::<DmaHeap>();
+    send_sync::<HeapStats>();
+    send_sync::<RegistryStats>();
+};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

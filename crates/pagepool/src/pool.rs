@@ -25,6 +25,7 @@
 use std::fmt;
 use std::ptr::NonNull;
 
+use crate::config::HOT_BLOCKS;
 use crate::registry::Owner;
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, lock, lock_within};
 
@@ -88,10 +89,6 @@ impl fmt::Debug for Block {
 
 /// The callback a pool calls to give a block back to the system when it shrinks.
 pub type ReleaseFn = Box<dyn Fn(Block) + Send + Sync>;
-
-/// How many of a pool's most recently given blocks it keeps in its ring of addresses (the top of
-/// its LIFO stack; older blocks are linked through their own first word).
-pub const HOT_BLOCKS: usize = 64;
 
 /// The free blocks: the ring (top of the stack), the intrusive list below it, the count and the
 /// give/take counts (plain fields: the lock already orders every update).
@@ -398,7 +395,7 @@ impl PagePool {
     /// would pay both `n` times.
     ///
     /// Blocks come from the top of the pool's stack (the most recently given first), except
-    /// among the most recent [`HOT_BLOCKS`]: where the top `n` do not lie end to end and `n`
+    /// among the 64 most recently given: where the top `n` do not lie end to end and `n`
     /// others do, those are taken (lowest address first); and a single block that has a
     /// neighbour there is taken from the shortest run of neighbours (its last block, or a block
     /// with no neighbour), so that a larger buffer's released set stays whole for its next use.

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::event::{PollFd, PollFlags};
-use serde::{Deserialize, Serialize};
 
+use crate::config::RECENT;
 use crate::registry::Registry;
 
 /// How the pressure monitor listens and responds.
@@ -88,7 +88,7 @@ pub trait PressureSource: Send {
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::pressure::PsiTrigger;
+/// use pagepool::PsiTrigger;
 /// let trigger = PsiTrigger::register("/proc/pressure/memory".as_ref(), 100_000, 2_000_000)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```
@@ -281,7 +281,9 @@ impl CgroupPaths {
 }
 
 /// One response to memory pressure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct PressureEvent {
     /// When it happened, in milliseconds since the Unix epoch.
     pub unix_ms: u64,
@@ -294,7 +296,9 @@ pub struct PressureEvent {
 }
 
 /// The monitor's state and history.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct PressureStats {
     /// The signal source in use (`None` when only the watermark, or nothing, is watched).
     pub source: Option<String>,
@@ -309,8 +313,6 @@ pub struct PressureStats {
     /// The most recent responses (up to 32), oldest first.
     pub recent: Vec<PressureEvent>,
 }
-
-const RECENT: usize = 32;
 
 /// A running pressure monitor. Stopped when dropped.
 pub struct PressureMonitor {

@@ -7,10 +7,10 @@
 
 use std::fmt::{self, Write as _};
 
-use serde::{Deserialize, Serialize};
-
 /// One pool's contents and counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct PoolStats {
     /// The pool's block order (blocks of 2^order pages).
     pub order: u8,
@@ -27,7 +27,9 @@ pub struct PoolStats {
 }
 
 /// One owner's pools.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct OwnerStats {
     /// The owner's name.
     pub name: String,
@@ -40,7 +42,9 @@ pub struct OwnerStats {
 }
 
 /// Every owner of a registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct RegistryStats {
     /// The registry's global maximum in pages.
     pub max_pages: usize,
@@ -55,7 +59,8 @@ pub struct RegistryStats {
 /// Page counts are in pages of [`page_size`](Self::page_size) bytes. The accounting invariant,
 /// tested by the property tests: `fresh_pages == pooled pages + live_pages + released_pages`
 /// (every page obtained from the system is pooled, in a live buffer, or given back).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct HeapStats {
     /// The size of a page in bytes.
@@ -159,17 +164,7 @@ impl HeapStats {
 /// order, one row per owner with the pages pooled at each order, then `total : N of MAX` and,
 /// when given, `(N in other owners' pools)`.
 ///
-/// # Examples
-/// ```
-/// use pagepool::stats::{render_table, OwnerStats, PoolStats};
-/// let pool = PoolStats { order: 0, pages: 3, blocks: 3, given: 3, taken: 0, released: 0 };
-/// let owner = OwnerStats { name: "system".into(), limit_pages: 10, pages: 3, pools: vec![pool] };
-/// let text = render_table(&[owner], 3, 100, Some(5));
-/// assert!(text.contains("total"));
-/// assert!(text.contains("3 of 100"));
-/// assert!(text.contains("(5 in other owners' pools)"));
-/// ```
-pub fn render_table(
+pub(crate) fn render_table(
     owners: &[OwnerStats],
     total: usize,
     max: usize,
@@ -287,5 +282,32 @@ impl fmt::Display for HeapStats {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_has_ttms_shape() {
+        let pool = PoolStats {
+            order: 0,
+            pages: 3,
+            blocks: 3,
+            given: 3,
+            taken: 0,
+            released: 0,
+        };
+        let owner = OwnerStats {
+            name: "system".into(),
+            limit_pages: 10,
+            pages: 3,
+            pools: vec![pool],
+        };
+        let text = render_table(&[owner], 3, 100, Some(5));
+        assert!(text.contains("total"));
+        assert!(text.contains("3 of 100"));
+        assert!(text.contains("(5 in other owners' pools)"));
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
-use pagepool::pressure::{CgroupPaths, PressureSource, PsiTrigger, Wait, Watermark};
+use pagepool::{CgroupPaths, PressureSource, PsiTrigger, Wait, Watermark};
 use pagepool::{PressureConfig, PressureMonitor, Registry, Shrinker, SystemHeap};
 use rustix::event::{PollFd, PollFlags, Timespec};
 

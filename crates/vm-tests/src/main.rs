@@ -12,8 +12,8 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagepool::dmabuf::{Access, CpuAccess, DmaBuf, DmaBufError, DmaHeap, file_count};
-use pagepool::dmapool::DmaBufPool;
+use pagepool::DmaBufPool;
+use pagepool::{Access, CpuAccess, DmaBuf, DmaBufError, DmaHeap, file_count};
 use pagepool::{PressureConfig, Registry, SystemHeap};
 
 type Result<T = String> = std::result::Result<T, String>;
