@@ -26,7 +26,6 @@ use std::fmt;
 use std::ptr::NonNull;
 
 use crate::config::HOT_BLOCKS;
-use crate::registry::Owner;
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, lock, lock_within};
 
 /// The largest block order pagepool serves: 2^10 pages (4 MiB with 4 KiB pages), like the
@@ -297,7 +296,21 @@ pub struct PagePool {
     pages: AtomicUsize,
     released: AtomicU64,
     release: ReleaseFn,
-    owner: Option<Arc<Owner>>,
+    owner: Option<Arc<dyn Tally>>,
+}
+
+/// Whom a pool counts its pages for (its owner in the registry), told of every change: pages
+/// added and removed, under the pool's lock, so that the running totals built from them see
+/// each pool's gives and takes in the order they happened and never go below zero; and each
+/// public [`PagePool::give`] done, after which limits are enforced. The pool knows nothing
+/// else of it: whoever gives enforces the limits, through this call.
+pub(crate) trait Tally: Send + Sync {
+    /// `pages` entered the pool.
+    fn added(&self, pages: usize);
+    /// `pages` left the pool.
+    fn removed(&self, pages: usize);
+    /// A block was given through [`PagePool::give`]: enforce the limits.
+    fn given(&self);
 }
 
 impl PagePool {
@@ -305,10 +318,15 @@ impl PagePool {
     /// with every block the pool gives back to the system. A pool that should count against an
     /// owner's limit is made with [`Owner::add_pool`](crate::Owner::add_pool) instead.
     pub fn new(order: u8, release: ReleaseFn) -> PagePool {
-        PagePool::with_owner(order, release, None)
+        PagePool::with_tally(order, release, None)
     }
 
-    pub(crate) fn with_owner(order: u8, release: ReleaseFn, owner: Option<Arc<Owner>>) -> PagePool {
+    /// A pool whose changes are told to `owner` (see [`Tally`]).
+    pub(crate) fn with_tally(
+        order: u8,
+        release: ReleaseFn,
+        owner: Option<Arc<dyn Tally>>,
+    ) -> PagePool {
         PagePool {
             order,
             block_bytes: crate::os::page_size() << order,
@@ -343,7 +361,7 @@ impl PagePool {
     pub fn give(&self, block: Block) -> Result<(), Block> {
         self.give_quiet(block)?;
         if let Some(owner) = &self.owner {
-            owner.enforce_limits();
+            owner.given();
         }
         Ok(())
     }
@@ -366,7 +384,7 @@ impl PagePool {
             // Counted while the lock is held, so that a take of this block (which needs the
             // lock) is counted after it: see `take_from`.
             if let Some(owner) = &self.owner {
-                owner.note_added(1 << self.order);
+                owner.added(1 << self.order);
             }
         }
         Ok(())
@@ -480,7 +498,7 @@ impl PagePool {
         if got > 0
             && let Some(owner) = &self.owner
         {
-            owner.note_removed(got << self.order);
+            owner.removed(got << self.order);
         }
         drop(list);
         got

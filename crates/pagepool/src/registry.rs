@@ -12,7 +12,7 @@
 use std::fmt;
 
 use crate::fork::ForkCell;
-use crate::pool::{PagePool, ReleaseFn};
+use crate::pool::{PagePool, ReleaseFn, Tally};
 use crate::pressure::{PressureConfig, PressureMonitor, PressureStats};
 use crate::stats::{OwnerStats, RegistryStats};
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
@@ -315,7 +315,11 @@ impl Owner {
     /// Creates a pool of `order` that counts against this owner. `release` gives a block back
     /// to the system. The owner holds the pool weakly: it leaves the owner when dropped.
     pub fn add_pool(self: &Arc<Self>, order: u8, release: ReleaseFn) -> Arc<PagePool> {
-        let pool = Arc::new(PagePool::with_owner(order, release, Some(self.clone())));
+        let pool = Arc::new(PagePool::with_tally(
+            order,
+            release,
+            Some(self.clone() as Arc<dyn Tally>),
+        ));
         let mut pools = lock(&self.pools);
         pools.retain(|p| p.strong_count() > 0);
         pools.push(Arc::downgrade(&pool));
@@ -402,6 +406,20 @@ impl fmt::Debug for Owner {
             .field("limit_pages", &self.limit_pages())
             .field("pages", &self.count())
             .finish_non_exhaustive()
+    }
+}
+
+impl Tally for Owner {
+    fn added(&self, pages: usize) {
+        self.note_added(pages);
+    }
+
+    fn removed(&self, pages: usize) {
+        self.note_removed(pages);
+    }
+
+    fn given(&self) {
+        self.enforce_limits();
     }
 }
 
