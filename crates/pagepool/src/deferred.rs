@@ -28,7 +28,7 @@ use crate::config::{
     STRIPE_BYTES, WAKE_GRACE, WORKER_GRACE, WORKER_PIECE,
 };
 use crate::pool::MAX_ORDER;
-use crate::registry::Shrinker;
+use crate::shrinker::Shrinker;
 use crate::sync::{
     AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock, lock_within, try_lock,
     wait, wait_timeout,

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use crate::dmabuf::{Access, DmaBuf, DmaBufError, DmaHeap, file_count};
 use crate::fork::ForkCell;
-use crate::registry::{Owner, Registry, Shrinker};
+use crate::registry::{Owner, Registry};
+use crate::shrinker::Shrinker;
 
 /// A dma-buf pool's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

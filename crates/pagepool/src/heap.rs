@@ -96,7 +96,8 @@ use crate::fork::ForkCell;
 use crate::os;
 use crate::pool::{Block, MAX_ORDER, PagePool};
 use crate::pressure::PressureConfig;
-use crate::registry::{Owner, Registry, Shrinker};
+use crate::registry::{Owner, Registry};
+use crate::shrinker::Shrinker;
 use crate::stats::HeapStats;
 use crate::sync::Arc;
 

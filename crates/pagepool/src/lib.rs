@@ -50,6 +50,7 @@ mod os;
 mod pool;
 mod pressure;
 mod registry;
+mod shrinker;
 mod stats;
 mod sync;
 mod zero;
@@ -65,11 +66,11 @@ pub use heap::{HeapBuilder, SystemHeap};
 pub use os::{mapping_count, page_size};
 pub use pool::{Block, MAX_ORDER, PagePool, ReleaseFn};
 pub use pressure::{
-    CgroupPaths, PressureConfig, PressureEvent, PressureMonitor, PressureSource, PressureStats,
-    PsiTrigger, Wait, Watermark,
+    CgroupPaths, PressureConfig, PressureMonitor, PressureSource, PsiTrigger, Wait, Watermark,
 };
-pub use registry::{Owner, Registry, Shrinker};
-pub use stats::{HeapStats, OwnerStats, PoolStats, RegistryStats};
+pub use registry::{Owner, Registry};
+pub use shrinker::Shrinker;
+pub use stats::{HeapStats, OwnerStats, PoolStats, PressureEvent, PressureStats, RegistryStats};
 
 // The types a program shares between threads are `Send + Sync`; a change that loses that fails
 // to compile here rather than in users' code.

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::config::RECENT;
-use crate::registry::Registry;
+use crate::shrinker::Shrinker;
+use crate::stats::{PressureEvent, PressureStats};
 
 /// How the pressure monitor listens and responds.
 #[derive(Debug, Clone, PartialEq)]
@@ -280,40 +281,6 @@ impl CgroupPaths {
     }
 }
 
-/// One response to memory pressure.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[non_exhaustive]
-pub struct PressureEvent {
-    /// When it happened, in milliseconds since the Unix epoch.
-    pub unix_ms: u64,
-    /// What signalled it (`psi ...`, `watermark`, or an injected source's description).
-    pub source: String,
-    /// Pages released (queued and pooled).
-    pub pages_released: usize,
-    /// How long releasing took, in microseconds.
-    pub micros: u64,
-}
-
-/// The monitor's state and history.
-#[derive(Debug, Clone, Default, PartialEq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[non_exhaustive]
-pub struct PressureStats {
-    /// The signal source in use (`None` when only the watermark, or nothing, is watched).
-    pub source: Option<String>,
-    /// The watermark in use, as `usage file > limit x fraction`.
-    pub watermark: Option<String>,
-    /// Problems met while setting up or running (a PSI file that could not be used, ...).
-    pub errors: Vec<String>,
-    /// Responses so far.
-    pub events: u64,
-    /// Pages released by all responses so far.
-    pub pages_released: u64,
-    /// The most recent responses (up to 32), oldest first.
-    pub recent: Vec<PressureEvent>,
-}
-
 /// A running pressure monitor. Stopped when dropped.
 pub struct PressureMonitor {
     stats: Arc<Mutex<PressureStats>>,
@@ -324,11 +291,14 @@ pub struct PressureMonitor {
 }
 
 impl PressureMonitor {
-    /// Starts a monitor for `registry` with the sources this machine offers: a PSI trigger
+    /// Starts a monitor for `target` (a [`Registry`](crate::Registry), or any [`Shrinker`]) with the sources this machine offers: a PSI trigger
     /// (cgroup v2 `memory.pressure`, else `/proc/pressure/memory`) and a limit watermark.
     /// Failures degrade (PSI to the watermark alone) and are reported in
     /// [`stats`](Self::stats) and the log. Returns `None` when there is nothing to watch.
-    pub fn start(registry: &Arc<Registry>, config: PressureConfig) -> Option<PressureMonitor> {
+    pub fn start<S: Shrinker + 'static>(
+        target: &Arc<S>,
+        config: PressureConfig,
+    ) -> Option<PressureMonitor> {
         let cg = CgroupPaths::detect();
         let mut errors = Vec::new();
         let source: Option<Box<dyn PressureSource>> = if config.psi {
@@ -350,21 +320,21 @@ impl PressureMonitor {
             log::info!("pagepool: no memory pressure source here; monitor not started");
             return None;
         }
-        PressureMonitor::spawn(registry, source, watermark, config, errors).ok()
+        PressureMonitor::spawn(target, source, watermark, config, errors).ok()
     }
 
     /// Starts a monitor on a given source and optional watermark (tests inject sources here).
-    pub fn with_source(
-        registry: &Arc<Registry>,
+    pub fn with_source<S: Shrinker + 'static>(
+        target: &Arc<S>,
         source: Option<Box<dyn PressureSource>>,
         watermark: Option<Watermark>,
         config: PressureConfig,
     ) -> io::Result<PressureMonitor> {
-        PressureMonitor::spawn(registry, source, watermark, config, Vec::new())
+        PressureMonitor::spawn(target, source, watermark, config, Vec::new())
     }
 
-    fn spawn(
-        registry: &Arc<Registry>,
+    fn spawn<S: Shrinker + 'static>(
+        target: &Arc<S>,
         source: Option<Box<dyn PressureSource>>,
         watermark: Option<Watermark>,
         config: PressureConfig,
@@ -380,7 +350,10 @@ impl PressureMonitor {
         }));
         let (wake_rx, wake_tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         let mut run = Run {
-            registry: Arc::downgrade(registry),
+            target: {
+                let target: Arc<dyn Shrinker> = target.clone();
+                Arc::downgrade(&target)
+            },
             source,
             watermark,
             config,
@@ -439,7 +412,7 @@ impl std::fmt::Debug for PressureMonitor {
 
 /// The monitor thread's state.
 struct Run {
-    registry: Weak<Registry>,
+    target: Weak<dyn Shrinker>,
     source: Option<Box<dyn PressureSource>>,
     watermark: Option<Watermark>,
     config: PressureConfig,
@@ -477,11 +450,11 @@ impl Run {
                 _ => None,
             });
             if let Some(what) = signalled {
-                let Some(registry) = self.registry.upgrade() else {
+                let Some(target) = self.target.upgrade() else {
                     return;
                 };
-                self.respond(&registry, what);
-            } else if self.registry.strong_count() == 0 {
+                self.respond(&*target, what);
+            } else if self.target.strong_count() == 0 {
                 return;
             }
         }
@@ -497,11 +470,11 @@ impl Run {
         matches!(rustix::event::poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
     }
 
-    fn respond(&self, registry: &Registry, source: String) {
+    fn respond(&self, target: &dyn Shrinker, source: String) {
         let t = Instant::now();
-        let reclaimable = registry.count_all();
+        let reclaimable = target.count();
         let nr = ((reclaimable as f64 * self.config.share).ceil() as usize).max(1);
-        let released = registry.shrink_all(nr);
+        let released = target.scan(nr);
         let micros = t.elapsed().as_micros() as u64;
         log::info!(
             "pagepool: memory pressure ({source}): released {released} of {reclaimable} \

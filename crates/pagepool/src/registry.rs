@@ -13,25 +13,10 @@ use std::fmt;
 
 use crate::fork::ForkCell;
 use crate::pool::{PagePool, ReleaseFn, Tally};
-use crate::pressure::{PressureConfig, PressureMonitor, PressureStats};
-use crate::stats::{OwnerStats, RegistryStats};
+use crate::pressure::{PressureConfig, PressureMonitor};
+use crate::shrinker::Shrinker;
+use crate::stats::{OwnerStats, PressureStats, RegistryStats};
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
-
-/// Something that holds reclaimable memory: the kernel's shrinker contract.
-///
-/// `count` says how much could be freed, cheaply and without locking everything; `scan` frees up
-/// to the amount asked, in whatever units the holder frees (whole blocks, whole buffers), and
-/// reports what it actually freed. Pools, owners, the registry and (with deferred freeing) the
-/// freelist are shrinkers; the pressure monitor and [`Registry::shrink_all`] drive them.
-pub trait Shrinker: Send + Sync {
-    /// A short name for reports and logs.
-    fn name(&self) -> &str;
-    /// Pages that a scan could free now.
-    fn count(&self) -> usize;
-    /// Frees about `nr_pages` pages (whole units, so possibly a little more; fewer if there is
-    /// less to free) and returns the pages freed.
-    fn scan(&self, nr_pages: usize) -> usize;
-}
 
 /// Scans `pools` round robin from `cursor`: one block from a pool, then the next pool, until
 /// `nr_pages` are freed or a whole round frees nothing.
@@ -194,6 +179,11 @@ impl Registry {
         list.push(shrinker);
     }
 
+    /// Pages pooled by all owners together (what the maximum bounds).
+    pub fn count(&self) -> usize {
+        self.books().total.load(Ordering::Relaxed)
+    }
+
     /// Pages reclaimable through every registered shrinker and every pool.
     pub fn count_all(&self) -> usize {
         self.extra_shrinkers()
@@ -219,7 +209,7 @@ impl Registry {
             }
         }
         if freed < nr_pages {
-            freed += self.scan(nr_pages - freed);
+            freed += self.scan_pools(nr_pages - freed);
         }
         freed
     }
@@ -242,7 +232,7 @@ impl Registry {
     pub(crate) fn enforce_max(&self) {
         let (total, max) = (self.count(), self.max_pages());
         if total > max {
-            self.scan(total - max);
+            self.scan_pools(total - max);
         }
     }
 
@@ -256,23 +246,32 @@ impl Registry {
     }
 }
 
-impl Shrinker for Registry {
-    fn name(&self) -> &str {
-        "page pools"
-    }
-
-    fn count(&self) -> usize {
-        self.books().total.load(Ordering::Relaxed)
-    }
-
+impl Registry {
     /// Frees pages from all owners' pools, round robin across the pools.
-    fn scan(&self, nr_pages: usize) -> usize {
+    fn scan_pools(&self, nr_pages: usize) -> usize {
         let pools: Vec<Arc<PagePool>> = self
             .live_owners()
             .iter()
             .flat_map(|o| o.live_pools())
             .collect();
         scan_round_robin(&pools, &self.cursor, nr_pages)
+    }
+}
+
+/// The registry as one shrinker, what a [`PressureMonitor`] drives: everything it could free,
+/// its registered shrinkers and its pools ([`count_all`](Registry::count_all),
+/// [`shrink_all`](Registry::shrink_all)).
+impl Shrinker for Registry {
+    fn name(&self) -> &str {
+        "registry"
+    }
+
+    fn count(&self) -> usize {
+        self.count_all()
+    }
+
+    fn scan(&self, nr_pages: usize) -> usize {
+        self.shrink_all(nr_pages)
     }
 }
 

@@ -139,7 +139,7 @@ pub struct HeapStats {
     /// Queued pages given back to the system unzeroed under memory pressure.
     pub pressure_freed_pages: u64,
     /// The registry's pressure monitor (source, events), if one runs.
-    pub pressure: Option<crate::pressure::PressureStats>,
+    pub pressure: Option<PressureStats>,
     /// Memfd arenas mapped now.
     pub arenas: usize,
 }
@@ -283,6 +283,40 @@ impl fmt::Display for HeapStats {
         }
         Ok(())
     }
+}
+
+/// One response to memory pressure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub struct PressureEvent {
+    /// When it happened, in milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// What signalled it (`psi ...`, `watermark`, or an injected source's description).
+    pub source: String,
+    /// Pages released (queued and pooled).
+    pub pages_released: usize,
+    /// How long releasing took, in microseconds.
+    pub micros: u64,
+}
+
+/// The monitor's state and history.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub struct PressureStats {
+    /// The signal source in use (`None` when only the watermark, or nothing, is watched).
+    pub source: Option<String>,
+    /// The watermark in use, as `usage file > limit x fraction`.
+    pub watermark: Option<String>,
+    /// Problems met while setting up or running (a PSI file that could not be used, ...).
+    pub errors: Vec<String>,
+    /// Responses so far.
+    pub events: u64,
+    /// Pages released by all responses so far.
+    pub pages_released: u64,
+    /// The most recent responses (up to 32), oldest first.
+    pub recent: Vec<PressureEvent>,
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 mod common;
 use common::memfd_mappings;
-use pagepool::{AllocError, ConfigError, Registry, Shrinker, SystemHeap, page_size};
+use pagepool::{AllocError, ConfigError, Registry, SystemHeap, page_size};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn private_heap(name: &str) -> SystemHeap {

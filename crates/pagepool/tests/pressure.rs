@@ -7,7 +7,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
 use pagepool::{CgroupPaths, PressureSource, PsiTrigger, Wait, Watermark};
-use pagepool::{PressureConfig, PressureMonitor, Registry, Shrinker, SystemHeap};
+use pagepool::{PressureConfig, PressureMonitor, Registry, SystemHeap};
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 /// A source driven by a channel: `Ok(())` signals pressure, `Err` makes the source fail.

@@ -1,0 +1,22 @@
+//! The shrinker contract, on its own: the registry's owners and pools, the deferred-free
+//! queues and the registry itself implement it, and the pressure monitor drives whatever
+//! implementation it is handed, so that neither of those two depends on the other.
+
+/// Something that holds reclaimable memory: the kernel's shrinker contract.
+///
+/// `count` says how much could be freed, cheaply and without locking everything; `scan` frees up
+/// to the amount asked, in whatever units the holder frees (whole blocks, whole buffers), and
+/// reports what it actually freed. Pools, owners, the registry and (with deferred freeing) the
+/// freelist are shrinkers; the pressure monitor and [`Registry::shrink_all`](crate::Registry::shrink_all) drive them.
+/// A [`Registry`](crate::Registry) is one too: its `count` and `scan` are
+/// [`count_all`](crate::Registry::count_all) and [`shrink_all`](crate::Registry::shrink_all), which
+/// is what a [`PressureMonitor`](crate::PressureMonitor) it is handed drives.
+pub trait Shrinker: Send + Sync {
+    /// A short name for reports and logs.
+    fn name(&self) -> &str;
+    /// Pages that a scan could free now.
+    fn count(&self) -> usize;
+    /// Frees about `nr_pages` pages (whole units, so possibly a little more; fewer if there is
+    /// less to free) and returns the pages freed.
+    fn scan(&self, nr_pages: usize) -> usize;
+}
