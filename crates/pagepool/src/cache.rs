@@ -28,123 +28,12 @@
 //! adds them up.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
+use crate::cache_slots::{Slot, SlotTotals, add_own};
 use crate::deferred::{Run, Runs};
-use crate::heap::HeapInner;
-use crate::sync::{Arc, Mutex, Weak, lock};
-
-/// The cache settings and shared state of one heap.
-pub(crate) struct CacheShared {
-    /// Pages a thread may hold (0: no caches).
-    pub(crate) max_pages: usize,
-    /// The largest buffer cached, in pages.
-    pub(crate) max_buffer_pages: usize,
-    /// Bumped to ask every thread to empty its cache at its next use of the heap.
-    epoch: AtomicU64,
-    /// Every live thread's counters, and what exited threads' counted, for `stats`.
-    slots: Mutex<Slots>,
-}
-
-struct Slots {
-    live: Vec<Weak<Slot>>,
-    retired: SlotTotals,
-}
-
-/// One thread's counters for one heap; written only by that thread.
-#[derive(Default)]
-#[repr(align(128))]
-pub(crate) struct Slot {
-    allocs: AtomicU64,
-    frees: AtomicU64,
-    /// Signed: a buffer allocated on one thread may be released on another.
-    live_pages: AtomicI64,
-    cached_pages: AtomicUsize,
-    zeroed_pages: AtomicU64,
-}
-
-/// Totals of the thread caches' counters.
-#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SlotTotals {
-    /// Allocations served from a thread cache.
-    pub(crate) allocs: u64,
-    /// Releases into a thread cache.
-    pub(crate) frees: u64,
-    /// Net pages of live buffers counted by the caches.
-    pub(crate) live_pages: i64,
-    /// Pages held in thread caches now.
-    pub(crate) cached_pages: usize,
-    /// Pages zeroed on their way out of a thread cache.
-    pub(crate) zeroed_pages: u64,
-}
-
-impl SlotTotals {
-    fn add(&mut self, o: SlotTotals) {
-        self.allocs = self.allocs.wrapping_add(o.allocs);
-        self.frees = self.frees.wrapping_add(o.frees);
-        self.live_pages = self.live_pages.wrapping_add(o.live_pages);
-        self.cached_pages += o.cached_pages;
-        self.zeroed_pages = self.zeroed_pages.wrapping_add(o.zeroed_pages);
-    }
-}
-
-/// Adds to a counter only one thread writes: a load and a store, no locked instruction.
-#[inline]
-fn bump(c: &AtomicU64, n: u64) {
-    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-}
-
-impl Slot {
-    fn totals(&self) -> SlotTotals {
-        SlotTotals {
-            allocs: self.allocs.load(Ordering::Relaxed),
-            frees: self.frees.load(Ordering::Relaxed),
-            live_pages: self.live_pages.load(Ordering::Relaxed),
-            cached_pages: self.cached_pages.load(Ordering::Relaxed),
-            zeroed_pages: self.zeroed_pages.load(Ordering::Relaxed),
-        }
-    }
-
-    #[inline]
-    fn add_live(&self, pages: i64) {
-        let v = &self.live_pages;
-        v.store(
-            v.load(Ordering::Relaxed).wrapping_add(pages),
-            Ordering::Relaxed,
-        );
-    }
-}
-
-impl CacheShared {
-    /// Caches of `max_bytes` per thread, for buffers up to a quarter of that.
-    pub(crate) fn new(max_bytes: usize, page: usize) -> CacheShared {
-        let max_pages = max_bytes / page;
-        CacheShared {
-            max_pages,
-            max_buffer_pages: max_pages / 4,
-            epoch: AtomicU64::new(0),
-            slots: Mutex::new(Slots {
-                live: Vec::new(),
-                retired: SlotTotals::default(),
-            }),
-        }
-    }
-
-    /// Asks every thread to empty its cache of this heap at its next use.
-    pub(crate) fn bump(&self) {
-        self.epoch.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The counters of every thread's cache, added up (exited threads' included).
-    pub(crate) fn totals(&self) -> SlotTotals {
-        let slots = lock(&self.slots);
-        let mut t = slots.retired;
-        for s in slots.live.iter().filter_map(Weak::upgrade) {
-            t.add(s.totals());
-        }
-        t
-    }
-}
+use crate::heap::core::HeapInner;
+use crate::sync::{Arc, lock};
 
 /// One thread's cache of one heap.
 struct ThreadCache {
@@ -346,8 +235,8 @@ pub(crate) fn take(heap: &Arc<HeapInner>, pages: usize) -> Option<(Run, Arc<Heap
         // SAFETY: the run left the cache, so this thread owns it; it is a used arena range
         // mapped at its home address.
         unsafe { c.heap().zero_run(&run, pages) };
-        bump(&c.slot.allocs, 1);
-        bump(&c.slot.zeroed_pages, pages as u64);
+        add_own(&c.slot.allocs, 1);
+        add_own(&c.slot.zeroed_pages, pages as u64);
         c.slot.add_live(pages as i64);
         Some((run, c.take_ref()))
     };
@@ -375,7 +264,7 @@ pub(crate) fn give(heap: Arc<HeapInner>, run: Run) -> Result<(), (Arc<HeapInner>
         }
         c.runs.push((run.start, pages));
         c.set_pages(c.pages + pages);
-        bump(&c.slot.frees, 1);
+        add_own(&c.slot.frees, 1);
         c.slot.add_live(-(pages as i64));
         if let Some(h) = held.take() {
             c.stash_ref(h);
@@ -393,7 +282,7 @@ pub(crate) fn give(heap: Arc<HeapInner>, run: Run) -> Result<(), (Arc<HeapInner>
 
 /// Asks every thread to empty its cache of `heap`, and empties this thread's at once.
 pub(crate) fn empty_all(heap: &Arc<HeapInner>) {
-    heap.cache.bump();
+    heap.cache.ask_to_empty();
     // SAFETY: `heap` is a strong reference the caller holds.
     unsafe { with_cache(Arc::as_ptr(heap), false, |_| ()) }; // it looked at the epoch
 }
@@ -401,7 +290,7 @@ pub(crate) fn empty_all(heap: &Arc<HeapInner>) {
 /// Removes this thread's cache of `heap` (the heap is closing) and asks the other threads to
 /// empty theirs.
 pub(crate) fn forget_mine(heap: &Arc<HeapInner>) {
-    heap.cache.bump();
+    heap.cache.ask_to_empty();
     let ptr = Arc::as_ptr(heap);
     let mine = CACHES
         .try_with(|c| {

@@ -39,11 +39,13 @@
 mod arena;
 mod buffer;
 mod cache;
+mod cache_slots;
 mod config;
 mod deferred;
 mod dmabuf;
 mod dmapool;
 mod error;
+mod export;
 mod fork;
 mod heap;
 mod os;
@@ -55,13 +57,14 @@ mod stats;
 mod sync;
 mod zero;
 
-pub use buffer::{BlockInfo, Buffer, ExportError, ExportedBuffer};
+pub use buffer::{BlockInfo, Buffer};
 pub use dmabuf::{
     Access, CpuAccess, DmaBuf, DmaBufError, DmaBufMap, DmaHeap, HEAP_DIR, UDMABUF_PATH, file_count,
     udmabuf_create,
 };
 pub use dmapool::{DmaBufPool, DmaBufPoolStats, PooledDmaBuf};
 pub use error::{AllocError, ConfigError, OsError};
+pub use export::{ExportError, ExportedBuffer};
 pub use heap::{HeapBuilder, SystemHeap};
 pub use os::{mapping_count, page_size};
 pub use pool::{Block, MAX_ORDER, PagePool, ReleaseFn};

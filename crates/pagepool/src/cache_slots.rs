@@ -1,0 +1,120 @@
+//! The shared half of the per-thread caches (`cache.rs`): a heap's cache settings, its epoch
+//! (bumped to ask every thread to empty its cache) and the per-thread counter slots that
+//! `stats` adds up. The heap's core holds it; the caches themselves, which reach into the
+//! core, are built on top.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+use crate::sync::{Mutex, Weak, lock};
+
+/// The cache settings and shared state of one heap.
+pub(crate) struct CacheShared {
+    /// Pages a thread may hold (0: no caches).
+    pub(crate) max_pages: usize,
+    /// The largest buffer cached, in pages.
+    pub(crate) max_buffer_pages: usize,
+    /// Bumped to ask every thread to empty its cache at its next use of the heap.
+    pub(crate) epoch: AtomicU64,
+    /// Every live thread's counters, and what exited threads' counted, for `stats`.
+    pub(crate) slots: Mutex<Slots>,
+}
+
+pub(crate) struct Slots {
+    pub(crate) live: Vec<Weak<Slot>>,
+    pub(crate) retired: SlotTotals,
+}
+
+/// One thread's counters for one heap; written only by that thread.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct Slot {
+    pub(crate) allocs: AtomicU64,
+    pub(crate) frees: AtomicU64,
+    /// Signed: a buffer allocated on one thread may be released on another.
+    pub(crate) live_pages: AtomicI64,
+    pub(crate) cached_pages: AtomicUsize,
+    pub(crate) zeroed_pages: AtomicU64,
+}
+
+/// Totals of the thread caches' counters.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotTotals {
+    /// Allocations served from a thread cache.
+    pub(crate) allocs: u64,
+    /// Releases into a thread cache.
+    pub(crate) frees: u64,
+    /// Net pages of live buffers counted by the caches.
+    pub(crate) live_pages: i64,
+    /// Pages held in thread caches now.
+    pub(crate) cached_pages: usize,
+    /// Pages zeroed on their way out of a thread cache.
+    pub(crate) zeroed_pages: u64,
+}
+
+impl SlotTotals {
+    pub(crate) fn add(&mut self, o: SlotTotals) {
+        self.allocs = self.allocs.wrapping_add(o.allocs);
+        self.frees = self.frees.wrapping_add(o.frees);
+        self.live_pages = self.live_pages.wrapping_add(o.live_pages);
+        self.cached_pages += o.cached_pages;
+        self.zeroed_pages = self.zeroed_pages.wrapping_add(o.zeroed_pages);
+    }
+}
+
+/// Adds to a counter only one thread writes: a load and a store, no locked instruction.
+#[inline]
+pub(crate) fn add_own(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+impl Slot {
+    pub(crate) fn totals(&self) -> SlotTotals {
+        SlotTotals {
+            allocs: self.allocs.load(Ordering::Relaxed),
+            frees: self.frees.load(Ordering::Relaxed),
+            live_pages: self.live_pages.load(Ordering::Relaxed),
+            cached_pages: self.cached_pages.load(Ordering::Relaxed),
+            zeroed_pages: self.zeroed_pages.load(Ordering::Relaxed),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn add_live(&self, pages: i64) {
+        let v = &self.live_pages;
+        v.store(
+            v.load(Ordering::Relaxed).wrapping_add(pages),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl CacheShared {
+    /// Caches of `max_bytes` per thread, for buffers up to a quarter of that.
+    pub(crate) fn new(max_bytes: usize, page: usize) -> CacheShared {
+        let max_pages = max_bytes / page;
+        CacheShared {
+            max_pages,
+            max_buffer_pages: max_pages / 4,
+            epoch: AtomicU64::new(0),
+            slots: Mutex::new(Slots {
+                live: Vec::new(),
+                retired: SlotTotals::default(),
+            }),
+        }
+    }
+
+    /// Asks every thread to empty its cache of this heap at its next use.
+    pub(crate) fn ask_to_empty(&self) {
+        self.epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters of every thread's cache, added up (exited threads' included).
+    pub(crate) fn totals(&self) -> SlotTotals {
+        let slots = lock(&self.slots);
+        let mut t = slots.retired;
+        for s in slots.live.iter().filter_map(Weak::upgrade) {
+            t.add(s.totals());
+        }
+        t
+    }
+}

@@ -1,0 +1,264 @@
+//! A heap's configuration: the builder users call, every setting's default
+//! ([`crate::config`]), and the checks that turn a builder into a [`Config`].
+
+use std::fmt;
+
+use crate::config::{
+    DEFAULT_ARENA_SIZE, DEFAULT_MAX_BUFFER, DEFAULT_ORDERS, DEFAULT_POOL_LIMIT,
+    DEFAULT_QUEUE_LIMIT, DEFAULT_THREAD_CACHE, DEFAULT_WORKER_NAPS, DEFAULT_WORKER_SPIN,
+};
+use crate::error::ConfigError;
+use crate::os;
+use crate::pool::MAX_ORDER;
+use crate::pressure::PressureConfig;
+use crate::registry::Registry;
+use crate::sync::Arc;
+
+/// Configures a [`SystemHeap`](crate::SystemHeap).
+///
+/// # Examples
+/// ```
+/// let heap = pagepool::SystemHeap::builder()
+///     .name("camera")
+///     .orders(&[4, 0])
+///     .pool_limit(16 << 20)
+///     .max_buffer(64 << 20)
+///     .build()
+///     .unwrap();
+/// assert_eq!(heap.alloc(5000).unwrap().len(), 8192);
+/// ```
+#[derive(Clone)]
+pub struct HeapBuilder {
+    name: String,
+    orders: Vec<u8>,
+    pool_limit: usize,
+    max_buffer: usize,
+    arena_size: usize,
+    registry: Option<Arc<Registry>>,
+    deferred: bool,
+    queue_limit: usize,
+    worker_spin: std::time::Duration,
+    worker_naps: std::time::Duration,
+    thread_cache: usize,
+    pressure: Option<PressureConfig>,
+}
+
+impl Default for HeapBuilder {
+    fn default() -> Self {
+        HeapBuilder {
+            name: "system".to_owned(),
+            orders: DEFAULT_ORDERS.to_vec(),
+            pool_limit: DEFAULT_POOL_LIMIT,
+            max_buffer: DEFAULT_MAX_BUFFER,
+            arena_size: DEFAULT_ARENA_SIZE,
+            registry: None,
+            deferred: true,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
+            worker_spin: DEFAULT_WORKER_SPIN,
+            worker_naps: DEFAULT_WORKER_NAPS,
+            thread_cache: DEFAULT_THREAD_CACHE,
+            pressure: Some(PressureConfig::default()),
+        }
+    }
+}
+
+impl fmt::Debug for HeapBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeapBuilder")
+            .field("name", &self.name)
+            .field("orders", &self.orders)
+            .field("pool_limit", &self.pool_limit)
+            .field("max_buffer", &self.max_buffer)
+            .field("arena_size", &self.arena_size)
+            .field("deferred", &self.deferred)
+            .field("queue_limit", &self.queue_limit)
+            .field("worker_spin", &self.worker_spin)
+            .field("worker_naps", &self.worker_naps)
+            .field("thread_cache", &self.thread_cache)
+            .field("pressure", &self.pressure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeapBuilder {
+    /// The heap's name: its row in the statistics and the name of its memfds.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    /// The block orders buffers are built from (default `[8, 4, 0]`). Each must be at most
+    /// [`MAX_ORDER`], and 0 must be among them.
+    pub fn orders(mut self, orders: &[u8]) -> Self {
+        self.orders = orders.to_vec();
+        self
+    }
+
+    /// The most memory, in bytes, this heap's pools may hold (default 256 MiB; rounded down to
+    /// pages). 0 turns pooling off: every buffer gets fresh pages from the system, and released
+    /// buffers go straight back.
+    pub fn pool_limit(mut self, bytes: usize) -> Self {
+        self.pool_limit = bytes;
+        self
+    }
+
+    /// The largest buffer the heap hands out, in bytes (default 1 GiB).
+    pub fn max_buffer(mut self, bytes: usize) -> Self {
+        self.max_buffer = bytes;
+        self
+    }
+
+    /// The size of one memfd arena in bytes (default 64 MiB; rounded up to pages).
+    pub fn arena_size(mut self, bytes: usize) -> Self {
+        self.arena_size = bytes;
+        self
+    }
+
+    /// The registry whose global maximum this heap's pools count against (default
+    /// [`Registry::global`]). Heaps sharing a registry have separate limits.
+    pub fn registry(mut self, registry: Arc<Registry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Whether released buffers are zeroed by a background worker (default `true`) or
+    /// synchronously by the thread that releases them (`false`).
+    pub fn deferred(mut self, on: bool) -> Self {
+        self.deferred = on;
+        self
+    }
+
+    /// The most memory, in bytes, queued for the worker at once (default 64 MiB). A release
+    /// that would pass it is zeroed by the releasing thread instead.
+    pub fn queue_limit(mut self, bytes: usize) -> Self {
+        self.queue_limit = bytes;
+        self
+    }
+
+    /// The pressure monitor: `Some(config)` (the default, with [`PressureConfig::default`])
+    /// makes sure the heap's registry has one running, where this machine offers a source;
+    /// `None` starts none (one started by another heap on the same registry keeps running).
+    pub fn pressure(mut self, config: Option<PressureConfig>) -> Self {
+        self.pressure = config;
+        self
+    }
+
+    /// How long the idle worker polls for work before it sleeps (default 200 us; zero sleeps at
+    /// once). Polling avoids a wake-up per release when releases come often; it costs up to
+    /// this much CPU time, at nice 19, after each burst of work.
+    pub fn worker_spin(mut self, d: std::time::Duration) -> Self {
+        self.worker_spin = d;
+        self
+    }
+
+    /// How long the idle worker, after its spin, keeps taking short naps and looking for work
+    /// when it wakes, before it sleeps until a release wakes it (default 100 ms; zero sleeps at
+    /// once). While it naps, releases cost no wake-up (8-10 us of the releasing thread's time
+    /// measured in this project's VMs); each nap costs the worker a timer wake-up (about 20 in
+    /// the first 2 ms of idleness, a few more after that).
+    pub fn worker_naps(mut self, d: std::time::Duration) -> Self {
+        self.worker_naps = d;
+        self
+    }
+
+    /// How many bytes of released small buffers each thread keeps for its own next
+    /// allocations (default 64 KiB; 0, or less than four pages, turns thread caches off).
+    /// Buffers of up to a quarter of this (16 KiB by default) made of 4 KiB blocks are cached
+    /// still dirty, and zeroed by the allocating thread when taken again: for them, zeroing
+    /// costs less than any trip through the shared pools or the worker. A thread's cache is
+    /// emptied into the heap when the thread exits (by its thread-local destructors: after
+    /// `JoinHandle::join` returns, but possibly after a `std::thread::scope` ends), and at its
+    /// next use of the heap after [`SystemHeap::shrink`](crate::SystemHeap::shrink), [`SystemHeap::trim`](crate::SystemHeap::trim),
+    /// [`SystemHeap::flush`](crate::SystemHeap::flush) or the heap's drop, which empty the calling thread's cache at once.
+    ///
+    /// # Examples
+    /// ```
+    /// let heap = pagepool::SystemHeap::builder().thread_cache(0).build().unwrap();
+    /// drop(heap.alloc(4096).unwrap());
+    /// assert_eq!(heap.stats().thread_cached_pages, 0, "no cache: queued for the worker");
+    /// let cached = pagepool::SystemHeap::new().unwrap();
+    /// drop(cached.alloc(4096).unwrap());
+    /// assert_eq!(cached.stats().thread_cached_pages, 1);
+    /// ```
+    pub fn thread_cache(mut self, bytes: usize) -> Self {
+        self.thread_cache = bytes;
+        self
+    }
+
+    /// Checks the configuration: the heap's [`Config`] and its pool limit in pages.
+    pub(crate) fn check(self) -> Result<(Config, usize), ConfigError> {
+        let page = os::page_size();
+        let mut orders = self.orders.clone();
+        orders.sort_unstable_by(|a, b| b.cmp(a));
+        if orders.is_empty() {
+            return Err(ConfigError::NoOrders);
+        }
+        if let Some(w) = orders.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::DuplicateOrder(w[0]));
+        }
+        if orders[0] > MAX_ORDER {
+            return Err(ConfigError::OrderTooLarge {
+                order: orders[0],
+                max: MAX_ORDER,
+            });
+        }
+        if orders.last() != Some(&0) {
+            return Err(ConfigError::MissingOrderZero);
+        }
+        if self.max_buffer == 0 {
+            return Err(ConfigError::ZeroMaxBuffer);
+        }
+        // Round to pages; keep lengths well inside `isize` so page rounding cannot overflow.
+        let max_buffer = self.max_buffer.min(isize::MAX as usize / 2);
+        let arena_size = self.arena_size.div_ceil(page).saturating_mul(page);
+        let largest = page << orders[0];
+        if arena_size < largest {
+            return Err(ConfigError::ArenaTooSmall {
+                arena: self.arena_size,
+                block: largest,
+            });
+        }
+        let registry = match self.registry {
+            Some(r) => r,
+            #[cfg(not(loom))]
+            None => Registry::global().clone(),
+            #[cfg(loom)]
+            None => Registry::new(usize::MAX),
+        };
+        // Read the cache size now (sysfs), not on the first release.
+        crate::zero::streaming_threshold();
+        let config = Config {
+            name: self.name,
+            orders,
+            page,
+            max_buffer,
+            arena_size,
+            registry,
+            deferred: self.deferred,
+            queue_limit: self.queue_limit,
+            worker_spin: self.worker_spin,
+            worker_naps: self.worker_naps,
+            thread_cache: self.thread_cache,
+            pressure: self.pressure,
+        };
+        let limit_pages = self.pool_limit / page;
+        Ok((config, limit_pages))
+    }
+}
+
+/// A checked configuration: what a heap is built from, and rebuilt from in a forked child.
+pub(crate) struct Config {
+    pub(crate) name: String,
+    /// Descending.
+    pub(crate) orders: Vec<u8>,
+    pub(crate) page: usize,
+    pub(crate) max_buffer: usize,
+    pub(crate) arena_size: usize,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) deferred: bool,
+    pub(crate) queue_limit: usize,
+    pub(crate) worker_spin: std::time::Duration,
+    pub(crate) worker_naps: std::time::Duration,
+    pub(crate) thread_cache: usize,
+    pub(crate) pressure: Option<PressureConfig>,
+}

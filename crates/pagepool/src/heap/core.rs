@@ -1,0 +1,543 @@
+//! The heap's core: its pools, arenas, queue and counters ([`HeapInner`]), and what allocation
+//! and release do with them: gather a buffer's blocks from the pools, the queue, the worker's
+//! claims and the system, zero them, give them back. The worker's loop (`worker.rs`), the
+//! buffers (`buffer.rs`) and the thread caches (`cache.rs`) are built on it; it knows none of
+//! them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use crate::arena::Arenas;
+use crate::cache_slots::CacheShared;
+use crate::config::{CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST, STRIPE_BYTES};
+use crate::deferred::{Freelist, Job, Run, Runs};
+use crate::error::AllocError;
+use crate::pool::{Block, PagePool};
+use crate::registry::Owner;
+use crate::shrinker::Shrinker;
+use crate::sync::Arc;
+
+/// What [`HeapInner::gather`] found for a buffer: its runs (sorted, joined where blocks lie end
+/// to end), the queued blocks it zeroed (`stolen`), the fresh range it carved (`fresh`:
+/// address and length), and how many blocks came from each source.
+pub(crate) struct Gathered {
+    pub(crate) runs: Runs,
+    pub(crate) stolen: Runs,
+    pub(crate) fresh: Option<(usize, usize)>,
+    pub(crate) hits: usize,
+    pub(crate) inline: usize,
+    pub(crate) misses: usize,
+}
+
+/// The heap's counters. The allocating threads' counters and the worker's sit on separate cache
+/// lines, so that counting does not bounce a line between cores.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) allocs: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) frees: AtomicU64,
+    pub(crate) live_pages: AtomicU64,
+    pub(crate) remapped: AtomicU64,
+    pub(crate) zeroed_sync: AtomicU64,
+    pub(crate) zeroed_inline: AtomicU64,
+    pub(crate) waited: AtomicU64,
+    pub(crate) helped: AtomicU64,
+    /// Runs an allocation gave up on, waiting for the worker (see `zero_stolen`).
+    pub(crate) abandoned: AtomicU64,
+    pub(crate) exported: AtomicU64,
+    pub(crate) exports_held: AtomicU64,
+    pub(crate) peak_pooled: AtomicUsize,
+    pub(crate) worker: WorkerCounters,
+}
+
+/// The worker's counters, on a cache line of their own.
+#[derive(Default)]
+#[repr(align(128))]
+pub(crate) struct WorkerCounters {
+    pub(crate) zeroed: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    pub(crate) nanos: AtomicU64,
+}
+
+/// What buffers share with their heap. Field order matters: the pools drop (releasing their
+/// blocks into the arenas) before the arenas are unmapped.
+pub(crate) struct HeapInner {
+    pub(crate) pools: Vec<Arc<PagePool>>,
+    /// Descending; parallel to `pools`.
+    pub(crate) orders: Vec<u8>,
+    pub(crate) page: usize,
+    /// log2 of `page`.
+    pub(crate) page_shift: u32,
+    pub(crate) max_buffer: usize,
+    /// The fork generation this heap state belongs to (see [`crate::fork`]).
+    pub(crate) generation: u64,
+    pub(crate) owner: Arc<Owner>,
+    pub(crate) arenas: Arc<Arenas>,
+    /// The deferred-free queue; `None` when releases zero synchronously.
+    pub(crate) freelist: Option<Arc<Freelist>>,
+    /// Set when the `SystemHeap` handle is dropped: buffers released later go straight back.
+    pub(crate) closed: AtomicBool,
+    pub(crate) counters: Counters,
+    /// Never set: the worker-locking flag of a heap without a worker (see
+    /// `sync::lock_within`).
+    pub(crate) no_worker: crate::sync::AtomicBool,
+    /// Allocations in a row whose pooled blocks did not lie end to end (each needed a view),
+    /// and how many of those make the next one take fresh pages instead (see
+    /// `alloc_blocks`).
+    pub(crate) scattered: AtomicUsize,
+    pub(crate) regather_after: AtomicUsize,
+    /// The per-thread caches of small buffers.
+    pub(crate) cache: CacheShared,
+}
+
+impl HeapInner {
+    #[inline]
+    pub(crate) fn pooling(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed) && self.owner.limit_pages() > 0
+    }
+
+    /// Gives runs of zeroed blocks to their pools, last block first so that the pools, being
+    /// LIFO, hand them out again in the same order, end to end; then enforces the limits.
+    pub(crate) fn give_runs(&self, runs: &[Run]) {
+        for r in runs.iter().rev() {
+            let i = self.pool_index(r.order);
+            let size = self.page << r.order;
+            for k in (0..r.count).rev() {
+                // SAFETY: the block is a used arena range of `2^order` pages, inside the run,
+                // owned exclusively by the caller and zeroed.
+                let block = unsafe { Block::from_raw(r.ptr().add(k * size), r.order) };
+                if let Err(b) = self.pools[i].give_quiet(block) {
+                    self.arenas.release(b.into_raw(), size);
+                }
+            }
+        }
+        self.owner.enforce_limits();
+        let pooled = self.owner.count();
+        if pooled > self.counters.peak_pooled.load(Ordering::Relaxed) {
+            self.counters
+                .peak_pooled
+                .fetch_max(pooled, Ordering::Relaxed);
+        }
+    }
+
+    /// Undoes an allocation's takes (it failed, or gave a partial set back), leaving every
+    /// counter as it was: blocks taken from a pool go back to it uncounted, fresh pages
+    /// (`fresh`: the carved range) go back to the arena uncounted. Queued blocks that were
+    /// zeroed for it (`stolen`) are pooled and counted as zeroed by a releasing thread
+    /// (`zeroed_sync`): that work was done, and no allocation got them.
+    #[cold]
+    pub(crate) fn undo_alloc(&self, runs: &[Run], stolen: &[Run], fresh: Option<(usize, usize)>) {
+        let page = self.page;
+        let within = |a: usize, r: &Run| a >= r.start && a < r.end(page);
+        let mut given = 0;
+        for r in runs {
+            let i = self.pool_index(r.order);
+            let size = page << r.order;
+            for k in 0..r.count {
+                let a = r.start + k * size;
+                if fresh.is_some_and(|(p, n)| a >= p && a < p + n) {
+                    continue; // given back below, as one range
+                }
+                // SAFETY: the block is a used arena range of `2^order` pages, zeroed, that this
+                // failed allocation owns.
+                let block = unsafe {
+                    Block::from_raw(
+                        Run {
+                            start: a,
+                            order: r.order,
+                            count: 1,
+                        }
+                        .ptr(),
+                        r.order,
+                    )
+                };
+                let res = if stolen.iter().any(|s| within(a, s)) {
+                    given += 1;
+                    self.pools[i].give_quiet(block)
+                } else {
+                    self.pools[i].restore(block)
+                };
+                if let Err(b) = res {
+                    self.arenas.release(b.into_raw(), size);
+                }
+            }
+        }
+        if given > 0 {
+            self.counters
+                .zeroed_sync
+                .fetch_add(given as u64, Ordering::Relaxed);
+        }
+        if let Some((p, n)) = fresh {
+            self.arenas.unfresh(
+                Run {
+                    start: p,
+                    order: 0,
+                    count: 0,
+                }
+                .ptr(),
+                n,
+            );
+        }
+        self.owner.enforce_limits();
+    }
+
+    /// Gives a run's memory straight back to the system.
+    pub(crate) fn release_run(&self, r: &Run) {
+        self.arenas.release(r.ptr(), r.pages() * self.page);
+    }
+
+    /// Zeroes a run through its home mapping, with streaming stores when the buffer it belongs
+    /// to (`buffer_pages`) is too large for the cache.
+    ///
+    /// # Safety
+    /// The caller owns the run's blocks exclusively (no buffer, pool or claim refers to them).
+    #[inline]
+    pub(crate) unsafe fn zero_run(&self, r: &Run, buffer_pages: usize) {
+        let streaming = buffer_pages * self.page > crate::zero::streaming_threshold();
+        // SAFETY: the run is a used arena range, mapped at its home address, owned by the caller.
+        unsafe { crate::zero::zero(r.ptr(), r.pages() * self.page, streaming) };
+    }
+
+    /// Zeroes `len` bytes at `off` into a job's run.
+    ///
+    /// # Safety
+    /// The caller has taken that stripe of the job (see [`Job::next_stripe`]).
+    pub(crate) unsafe fn zero_part(&self, job: &Job, off: usize, len: usize) {
+        let streaming = job.buffer_pages() * self.page > crate::zero::streaming_threshold();
+        // SAFETY: the stripe is inside the job's run, a used arena range owned by the caller
+        // for the stripe's duration.
+        unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
+    }
+
+    /// Zeroes a run an allocation took from the queue; a large one is shared with the idle
+    /// worker, stripe by stripe, so that two cores zero it. Returns false if the worker did not
+    /// finish its stripe within [`HANDOFF_WAIT`]: the run is then the worker's to land, and
+    /// the caller must do without it.
+    ///
+    /// # Safety
+    /// The caller owns the run (it left the queue).
+    unsafe fn zero_stolen(&self, list: &Freelist, r: &Run, buffer_pages: usize) -> bool {
+        if r.pages() * self.page < 2 * STRIPE_BYTES {
+            // SAFETY: forwarded.
+            unsafe { self.zero_run(r, buffer_pages) };
+            return true;
+        }
+        let job = Arc::new(Job::new(*r, buffer_pages, self.page));
+        let shared = list.share(Some(job.clone()));
+        while let Some((off, len)) = job.next_stripe(self.page) {
+            // SAFETY: the stripe is in the run, owned by this thread.
+            unsafe { self.zero_part(&job, off, len) };
+            let landed_by_me = job.finish(len);
+            debug_assert!(!landed_by_me, "only this thread abandons this run");
+        }
+        let done = list.wait_worker(|| job.complete());
+        if shared {
+            list.share(None);
+        }
+        if done {
+            return true;
+        }
+        // The worker holds a stripe and is not running: it lands the run when it finishes.
+        list.adopt(r);
+        if job.abandon() {
+            self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        list.disown(r); // it finished just now after all
+        true
+    }
+
+    /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,
+    /// else (not pooling) straight back to the system.
+    pub(crate) fn release_buffer(&self, runs: Runs) {
+        if !self.pooling() {
+            runs.iter().for_each(|r| self.release_run(r));
+            return;
+        }
+        let runs = match &self.freelist {
+            Some(list) => match list.queue(runs) {
+                Ok(()) => return,
+                Err(runs) => runs,
+            },
+            None => runs,
+        };
+        let pages = runs.iter().map(Run::pages).sum();
+        for r in &runs {
+            // SAFETY: the dropped buffer owned these blocks; nothing else refers to them.
+            unsafe { self.zero_run(r, pages) };
+        }
+        let blocks: usize = runs.iter().map(|r| r.count).sum();
+        self.counters
+            .zeroed_sync
+            .fetch_add(blocks as u64, Ordering::Relaxed);
+        self.give_runs(&runs);
+    }
+
+    /// Takes up to `want` clean blocks of pool `i` for an allocation, appending them to `runs`:
+    /// from the pool; then queued dirty blocks, zeroed here; then, while the worker is zeroing
+    /// blocks of this order, waiting for them. Returns (from pool, zeroed inline).
+    fn take_clean(
+        &self,
+        i: usize,
+        want: usize,
+        buffer_pages: usize,
+        runs: &mut Runs,
+        stolen_runs: &mut Runs,
+    ) -> (usize, usize) {
+        let order = self.orders[i];
+        let pool = &self.pools[i];
+        let worker_locking = self
+            .freelist
+            .as_ref()
+            .map_or(&self.no_worker, |l| l.worker_locking());
+        let take_pooled = |runs: &mut Runs, n: usize| {
+            pool.take_many_within(n, HANDOFF_WAIT, worker_locking, |b| {
+                runs.push(Run::from_block(b))
+            })
+        };
+        // A buffer of several blocks takes pooled blocks at once only if they lie end to end;
+        // otherwise queued ones first, when there are any: a released set, part of it landed
+        // in the pool and part still queued, is then taken whole rather than beside other
+        // pooled blocks (which would scatter it; see `alloc_blocks`).
+        let mut pooled = if want > 1 && self.freelist.is_some() {
+            pool.take_run_within(want, HANDOFF_WAIT, worker_locking, |b| {
+                runs.push(Run::from_block(b))
+            })
+        } else {
+            take_pooled(runs, want)
+        };
+        let mut inline = 0;
+        if let Some(list) = &self.freelist {
+            // At most one bounded wait for the worker per order: past it, fresh pages.
+            let mut waited = false;
+            while pooled + inline < want {
+                // A chunk at a time, so that the worker keeps claiming from the other end.
+                let chunk = (CHUNK_PAGES >> order).max(1);
+                let need = want - pooled - inline;
+                let stolen = list.steal(order, need.min(chunk), need);
+                if !stolen.is_empty() {
+                    for r in stolen {
+                        // SAFETY: stolen runs left the queue; this thread owns them now.
+                        if unsafe { self.zero_stolen(list, &r, buffer_pages) } {
+                            inline += r.count;
+                            runs.push(r);
+                            stolen_runs.push(r);
+                        }
+                    }
+                    continue;
+                }
+                // Nothing of this order is queued: what the worker claimed has either landed
+                // in the pool already or is being zeroed now.
+                let in_flight = list.in_flight(order);
+                if in_flight == 0 || waited {
+                    pooled += take_pooled(runs, want - pooled - inline);
+                    break;
+                }
+                // Some of this order's blocks are in the worker's hands: the pool's blocks now
+                // only if the rest lie end to end there (else the claim, once landed, would be
+                // left out of the set it belongs to).
+                pooled += if want > 1 {
+                    pool.take_run_within(
+                        want - pooled - inline,
+                        HANDOFF_WAIT,
+                        worker_locking,
+                        |b| runs.push(Run::from_block(b)),
+                    )
+                } else {
+                    take_pooled(runs, want - pooled - inline)
+                };
+                if pooled + inline == want {
+                    break;
+                }
+                // Help the worker zero what it claimed, then wait (briefly) for it to land.
+                let helped = list.help(order, |job, off, len| {
+                    // SAFETY: `help` handed this thread the stripe.
+                    unsafe { self.zero_part(job, off, len) }
+                });
+                if helped {
+                    self.counters.helped.fetch_add(1, Ordering::Relaxed);
+                }
+                if list.wait_landed() {
+                    self.counters.waited.fetch_add(1, Ordering::Relaxed);
+                }
+                waited = true;
+                pooled += take_pooled(runs, want - pooled - inline);
+            }
+        }
+        (pooled, inline)
+    }
+
+    fn pool_index(&self, order: u8) -> usize {
+        self.orders.iter().position(|&o| o == order).unwrap_or(0)
+    }
+
+    /// Gathers the blocks of a buffer of `pages` pages: largest first, each order from its pool,
+    /// the queue or the worker's claims, the rest from the system as one range. Counts nothing:
+    /// the caller counts the allocation with [`count_alloc`](Self::count_alloc) once its buffer
+    /// is made, or undoes it with [`undo_alloc`](Self::undo_alloc).
+    pub(crate) fn gather(&self, pages: usize) -> Result<Gathered, AllocError> {
+        let h = self;
+        // Largest blocks first. Each order's blocks are sorted by address and runs of blocks
+        // that lie end to end merged, so the bookkeeping grows with the number of separate
+        // pieces, not with the buffer's size, and blocks freed together come back together.
+        let mut runs = Runs::new();
+        let mut stolen = Runs::new(); // queued blocks zeroed here (for `undo_alloc`)
+        let mut missing: Vec<usize> = Vec::new(); // indices of placeholder runs
+        let (mut hits, mut inline) = (0, 0);
+        let mut left = pages;
+        for i in 0..h.orders.len() {
+            let order = h.orders[i];
+            let want = left >> order;
+            left &= (1 << order) - 1;
+            if want == 0 {
+                continue;
+            }
+            let first = runs.len();
+            let (mut p, mut z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
+            let busy = h.freelist.as_ref().is_some_and(|l| l.busy());
+            if p + z > 0 && p + z < want && !busy {
+                // Blocks of one order gathered from the pools or the queue, with fresh ones
+                // beside them, would need a view; and as they circulate, so would every later
+                // buffer of this size: a single block short (the worker had not landed it in
+                // time) would scatter the set for good. So this order's blocks are all taken
+                // fresh, as one range, and what was gathered goes back to the pools, clean.
+                // Not on a busy machine (fresh pages cost most there): only what is missing.
+                h.undo_alloc(&runs[first..], &stolen, None);
+                stolen.retain(|r| r.order != order);
+                runs.truncate(first);
+                (p, z) = (0, 0);
+            }
+            (hits, inline) = (hits + p, inline + z);
+            runs[first..].sort_unstable_by_key(|r| r.start);
+            if p + z < want {
+                missing.push(runs.len());
+                runs.push(Run {
+                    start: 0,
+                    order,
+                    count: want - p - z,
+                });
+            }
+        }
+        // Blocks gathered from the pools that do not lie end to end need a view, and as they
+        // circulate, so do later buffers of the same size: with a worker, whose claims land
+        // while allocations take what is queued, two threads that share a pool can keep a set
+        // scattered for good (each takes what the other left; without a worker the pools'
+        // choice of blocks keeps sets whole, see `PagePool::take_many`). After
+        // REGATHER_FIRST such allocations in a row, one takes fresh pages as one range and
+        // leaves the blocks it gathered to others; if scattering goes on anyway (a mix of sizes
+        // that no fresh set helps), the count before the next one doubles, up to
+        // REGATHER_LONGEST, so that fresh pages never cost more than a small share of the
+        // views they save.
+        if h.freelist.is_some()
+            && h.pooling()
+            && hits + inline > 0
+            && scattered(&runs, &missing, h.page)
+        {
+            let streak = h.scattered.fetch_add(1, Ordering::Relaxed) + 1;
+            let after = h.regather_after.load(Ordering::Relaxed);
+            if streak >= after {
+                h.scattered.store(0, Ordering::Relaxed);
+                h.regather_after
+                    .store((after * 2).min(REGATHER_LONGEST), Ordering::Relaxed);
+                let gathered: Runs = runs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !missing.contains(i))
+                    .map(|(_, r)| *r)
+                    .collect();
+                h.undo_alloc(&gathered, &stolen, None);
+                stolen.clear();
+                runs.clear();
+                missing.clear();
+                (hits, inline) = (0, 0);
+                let mut left = pages;
+                for &order in h.orders.iter() {
+                    let count = left >> order;
+                    left &= (1 << order) - 1;
+                    if count > 0 {
+                        missing.push(runs.len());
+                        runs.push(Run {
+                            start: 0,
+                            order,
+                            count,
+                        });
+                    }
+                }
+            }
+        } else if runs.len() > 1 && h.scattered.load(Ordering::Relaxed) > 0 {
+            h.scattered.store(0, Ordering::Relaxed);
+            h.regather_after.store(REGATHER_FIRST, Ordering::Relaxed);
+        }
+        // The misses come from the system as one range, split in order.
+        let misses: usize = missing.iter().map(|&i| runs[i].count).sum();
+        let mut fresh = None;
+        if !missing.is_empty() {
+            let bytes: usize = missing.iter().map(|&i| runs[i].pages() * h.page).sum();
+            match h.arenas.carve(bytes) {
+                Ok(p) => {
+                    let mut at = p.as_ptr() as usize;
+                    fresh = Some((at, bytes));
+                    for &i in &missing {
+                        runs[i].start = at;
+                        at += runs[i].pages() * h.page;
+                    }
+                }
+                Err(e) => {
+                    for &i in missing.iter().rev() {
+                        runs.remove(i);
+                    }
+                    h.undo_alloc(&runs, &stolen, None);
+                    return Err(e.into());
+                }
+            }
+        }
+        let page = h.page;
+        runs.dedup_by(|next, prev| {
+            let joined = prev.order == next.order && prev.end(page) == next.start;
+            if joined {
+                prev.count += next.count;
+            }
+            joined
+        });
+        Ok(Gathered {
+            runs,
+            stolen,
+            fresh,
+            hits,
+            inline,
+            misses,
+        })
+    }
+
+    /// Counts an allocation made of what [`gather`](Self::gather) found: `hits` pooled blocks,
+    /// `inline` queued blocks zeroed on the allocating thread, `misses` fresh blocks.
+    pub(crate) fn count_alloc(&self, hits: usize, inline: usize, misses: usize) {
+        let counters = &self.counters;
+        if hits > 0 {
+            counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
+        }
+        if inline > 0 {
+            counters
+                .zeroed_inline
+                .fetch_add(inline as u64, Ordering::Relaxed);
+        }
+        if misses > 0 {
+            counters.misses.fetch_add(misses as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// True if an allocation's blocks, as gathered (`missing`: the placeholders for blocks still to
+/// come fresh, as one range), need a view: more than one piece once blocks that lie end to end
+/// are joined.
+fn scattered(runs: &[Run], missing: &[usize], page: usize) -> bool {
+    let mut have: smallvec::SmallVec<[(usize, usize); 8]> = runs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !missing.contains(i))
+        .map(|(_, r)| (r.start, r.end(page)))
+        .collect();
+    have.sort_unstable();
+    let pieces = 1 + have.windows(2).filter(|w| w[0].1 != w[1].0).count();
+    pieces + usize::from(!missing.is_empty()) > 1
+}

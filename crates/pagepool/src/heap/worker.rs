@@ -1,0 +1,117 @@
+//! The deferred-free worker's loop: claim queued runs, zero them (sharing the stripes with
+//! allocations that help), land them in the pools; and its throughput counters.
+
+use std::sync::atomic::Ordering;
+
+use crate::config::STRIPE_BYTES;
+use crate::deferred::{Freelist, Job, Run, Work};
+use crate::heap::core::HeapInner;
+use crate::sync::Arc;
+
+/// Starts the worker thread of `inner` (`pagepool-free`).
+pub(super) fn spawn(inner: &Arc<HeapInner>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let h = inner.clone();
+    std::thread::Builder::new()
+        .name("pagepool-free".into())
+        .spawn(move || h.work())
+}
+
+impl HeapInner {
+    /// The worker's [`zero_part`](Self::zero_part): a stripe at a time, renewing its promise
+    /// after each, so that whoever waits for it sees it making progress (see
+    /// `Freelist::wait_worker`).
+    ///
+    /// # Safety
+    /// As for `zero_part`.
+    unsafe fn zero_part_working(&self, list: &Freelist, job: &Job, off: usize, len: usize) {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(STRIPE_BYTES);
+            // SAFETY: a sub-range of the piece the caller was handed.
+            unsafe { self.zero_part(job, off + done, n) };
+            list.promise(std::time::Duration::ZERO);
+            done += n;
+        }
+    }
+
+    /// Lands a claimed (or adopted) run that is now zeroed: into the pools, and the claim
+    /// counts as landed.
+    fn land(&self, list: &Freelist, run: &Run) {
+        let _locking = list.locking();
+        self.counters
+            .worker
+            .zeroed
+            .fetch_add(run.count as u64, Ordering::Relaxed);
+        self.give_runs(std::slice::from_ref(run));
+        list.landed(run);
+    }
+
+    /// The worker: claims queued runs, zeroes them, gives them to the pools, until stopped.
+    fn work(&self) {
+        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+            log::debug!("pagepool: cannot lower the free worker's priority: {e}");
+        }
+        // Naps end within a few microseconds of their time, not the default 50 us late: the
+        // worker naps through idle spells and must be awake when the next release comes.
+        // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects this thread only.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 5_000 as libc::c_ulong) };
+        let Some(list) = &self.freelist else { return };
+        while let Some(work) = list.next_work() {
+            let job = match work {
+                Work::Claim(job) => job,
+                Work::Assist => {
+                    let t = std::time::Instant::now();
+                    let mut mine = 0;
+                    list.assist(
+                        |job, off, len| {
+                            // SAFETY: `assist` handed the worker this stripe of the shared run.
+                            unsafe { self.zero_part_working(list, job, off, len) };
+                            mine += len;
+                        },
+                        // The allocation gave up on its run: it is the worker's to land.
+                        |job| {
+                            let _locking = list.locking();
+                            let run = job.run();
+                            self.counters
+                                .worker
+                                .zeroed
+                                .fetch_add(run.count as u64, Ordering::Relaxed);
+                            self.give_runs(std::slice::from_ref(&run));
+                            list.landed_adopted(&run);
+                        },
+                    );
+                    self.count_worker(mine, t.elapsed());
+                    continue;
+                }
+            };
+            let t = std::time::Instant::now();
+            // Zero the claim a piece at a time; an allocation waiting for it may take pieces
+            // too (`next_work` published the job with the claim).
+            let run = job.run();
+            let mut mine = 0;
+            while let Some((off, len)) = job.next_worker_piece(self.page) {
+                // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
+                // helpers, one piece each) until it lands.
+                unsafe { self.zero_part_working(list, &job, off, len) };
+                let landed_by_me = job.finish(len);
+                debug_assert!(!landed_by_me, "nobody abandons the worker's claim");
+                mine += len;
+            }
+            // The worker's own zeroing ends here; what follows is waiting for helpers: briefly
+            // spinning, then yielding the core (a helper is an allocation, at normal priority;
+            // nothing waits for the worker meanwhile for long, see `HANDOFF_WAIT`).
+            self.count_worker(mine, t.elapsed());
+            while !job.wait_complete() {
+                std::thread::yield_now();
+            }
+            self.land(list, &run);
+        }
+    }
+
+    /// Adds `bytes` zeroed by the worker itself in `took` to its throughput counters.
+    fn count_worker(&self, bytes: usize, took: std::time::Duration) {
+        let w = &self.counters.worker;
+        w.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        w.nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
