@@ -1,0 +1,676 @@
+//! Deferred freeing: release queues a buffer; a low-priority worker zeroes it later.
+//!
+//! This is the kernel series' deferred-free helper. Releasing a buffer puts its blocks on a
+//! [`Freelist`] in O(1) and returns. A background worker (see [`crate::heap`]) claims runs of
+//! blocks from the oldest queued buffer, at most [`CHUNK_PAGES`] at a time, zeroes them and gives
+//! them to the pools (the kernel's `DF_NORMAL`). The freelist is a [`Shrinker`](crate::Shrinker): under memory
+//! pressure its queued blocks go straight back to the system, unzeroed, through the release
+//! callback (`DF_UNDER_PRESSURE`).
+//!
+//! Beyond the kernel helper:
+//! - **backpressure**: queued and in-flight pages never exceed the freelist's bound;
+//!   [`Freelist::queue`] refuses a buffer that would pass it, and the releasing thread then
+//!   zeroes the buffer itself (so memory stays bounded and nothing is dropped on the floor);
+//! - **inline zeroing**: an allocation that misses its pool can [`steal`](Freelist::steal)
+//!   queued dirty blocks and zero them on its own thread, which is far cheaper than fresh pages
+//!   from the kernel; it takes them from the start of the oldest buffer while the worker works
+//!   from its end, so the two zero in parallel and the allocation ends up with that buffer's
+//!   blocks, end to end.
+//!
+//! The freelist deals in [`Run`]s (address ranges); it never touches memory itself, which is
+//! what lets `tests/loom.rs` model it with plain numbers.
+
+mod idle;
+mod queue;
+mod share;
+
+use std::collections::VecDeque;
+
+use crate::pool::MAX_ORDER;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock};
+
+pub(crate) use self::share::Job;
+
+/// A buffer's runs: up to two inline (most buffers), more on the heap.
+pub(crate) type Runs = smallvec::SmallVec<[Run; 2]>;
+
+/// `count` blocks of one order lying end to end from address `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// The first block's address.
+    pub(crate) start: usize,
+    /// The blocks' order.
+    pub(crate) order: u8,
+    /// How many blocks.
+    pub(crate) count: usize,
+}
+
+impl Run {
+    /// Pages in the run.
+    #[inline]
+    pub(crate) fn pages(&self) -> usize {
+        self.count << self.order
+    }
+
+    /// The address just past the run, with `page`-byte pages.
+    pub(crate) fn end(&self, page: usize) -> usize {
+        self.start + (page << self.order) * self.count
+    }
+
+    /// The run's first byte as a pointer (dangling for a null start).
+    #[inline]
+    pub(crate) fn ptr(&self) -> std::ptr::NonNull<u8> {
+        std::ptr::NonNull::new(std::ptr::with_exposed_provenance_mut(self.start))
+            .unwrap_or(std::ptr::NonNull::dangling())
+    }
+
+    /// A run of one block.
+    pub(crate) fn from_block(b: crate::pool::Block) -> Run {
+        Run {
+            order: b.order(),
+            start: b.into_raw().as_ptr().expose_provenance(),
+            count: 1,
+        }
+    }
+}
+
+pub(super) struct Queue {
+    /// Released buffers, oldest first; each a list of runs.
+    pub(super) items: VecDeque<(Runs, usize)>,
+    /// Pages queued (not counting in-flight claims).
+    pub(super) pages: usize,
+    /// Queued blocks per order (lets `steal` skip a scan when there is nothing of its order).
+    pub(super) blocks: [usize; MAX_ORDER as usize + 1],
+    /// Pages claimed by the worker and not yet landed, per order.
+    pub(super) in_flight: [usize; MAX_ORDER as usize + 1],
+    pub(super) peak: usize,
+    /// Claims landed so far (what `wait_landed` watches).
+    pub(super) landings: u64,
+    /// Workers asleep in `claim` until woken (a wake-up costs a system call: only made when
+    /// needed).
+    pub(super) sleeping: usize,
+    /// Workers napping: asleep for a short time, they look for work by themselves when they
+    /// wake, so a release does not wake them.
+    pub(super) napping: usize,
+    /// Threads in `flush` (the worker must run even for a small queue).
+    pub(super) flushing: usize,
+    pub(super) stopped: bool,
+}
+
+impl Queue {
+    pub(super) fn in_flight_pages(&self) -> usize {
+        self.in_flight.iter().sum()
+    }
+}
+
+/// A bounded queue of released buffers waiting to be zeroed.
+pub(crate) struct Freelist {
+    pub(super) page: usize,
+    pub(super) max_pages: usize,
+    pub(super) queue: Mutex<Queue>,
+    /// Signalled when work is queued or the list stops.
+    pub(super) work: Condvar,
+    /// Signalled when an in-flight claim lands or the queue drains.
+    pub(super) landed: Condvar,
+    pub(super) release: Box<dyn Fn(Run) + Send + Sync>,
+    pub(super) pressure_pages: AtomicU64,
+    pub(super) refused: AtomicU64,
+    pub(super) waiting: AtomicUsize,
+    /// Lock-free mirrors for spinning (pages queued, landings so far), each on a cache line of
+    /// its own: the idle worker polls them.
+    pub(super) queued_hint: Line<AtomicUsize>,
+    pub(super) landings_hint: Line<AtomicU64>,
+    /// How long an idle worker polls before napping, in ns (0: nap at once).
+    pub(super) spin_ns: AtomicU64,
+    /// How long an idle worker naps before it sleeps until woken, in ns (0: no naps).
+    pub(super) naps_ns: AtomicU64,
+    /// The worker's current claim, open to helpers.
+    pub(super) job: Mutex<Option<std::sync::Arc<Job>>>,
+    /// A run an allocation is zeroing inline, open to the idle worker.
+    pub(super) shared: Mutex<Option<std::sync::Arc<Job>>>,
+    pub(super) shared_hint: Line<AtomicBool>,
+    /// Threads in `flush`, and whether the list stopped: a spinning worker stops spinning at
+    /// once for either.
+    pub(super) flushing_hint: AtomicUsize,
+    pub(super) stopped_hint: AtomicBool,
+    /// Pages of runs allocations gave up on, left to the worker to land (see `adopt`).
+    pub(super) adopted: AtomicUsize,
+    /// Set while the worker is in a section where it takes locks the allocation side also
+    /// takes (see `sync::lock_within`).
+    pub(super) worker_locking: AtomicBool,
+    /// When the worker promised to look at the queue next, in ns since `born` (`u64::MAX`:
+    /// asleep until a release wakes it). Past that by [`WORKER_GRACE`], the scheduler is not
+    /// running the worker, and releases zero their buffers themselves.
+    pub(super) due_ns: AtomicU64,
+    /// Until when releases zero their own buffers after the worker was found late, and the
+    /// length of that hold (see `hold`).
+    pub(super) late_until_ns: AtomicU64,
+    pub(super) hold_ns: AtomicU64,
+    /// Set by a hold, cleared when the worker next runs on time: after a hold, releases keep
+    /// zeroing their own buffers, and the first wakes a sleeping worker to show that it runs
+    /// again (`probe_out`: asked, not answered; see `queue` and `answer_probe`).
+    pub(super) probation: AtomicBool,
+    pub(super) probe_out: AtomicBool,
+    pub(super) born: std::time::Instant,
+    /// The rhythm of releases: when the last one came (ns since `born`), and a moving average
+    /// of the gaps between them (0: none yet).
+    pub(super) last_release_ns: AtomicU64,
+    pub(super) release_gap_ns: AtomicU64,
+}
+
+/// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(super) struct Line<T>(pub(super) T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// A section of the worker's in which it may hold locks the allocation side takes (see
+/// [`Freelist::locking`]).
+pub(crate) struct Locking<'a>(&'a AtomicBool);
+
+impl Drop for Locking<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// What the worker should do next (see [`Freelist::next_work`]).
+#[derive(Debug)]
+pub(crate) enum Work {
+    /// Zero this claimed run ([`Job::run`], from a buffer of [`Job::buffer_pages`] pages) and
+    /// land it. The job is open to helpers from the moment of the claim.
+    Claim(std::sync::Arc<Job>),
+    /// An allocation shared a run it is zeroing: take stripes of it ([`Freelist::assist`]).
+    Assist,
+}
+
+impl Freelist {
+    /// Removes `run`'s pages from the queue's counts (the caller has taken the run out).
+    pub(super) fn take(&self, q: &mut Queue, run: &Run) {
+        q.pages -= run.pages();
+        q.blocks[run.order as usize] -= run.count;
+        self.queued_hint.store(q.pages, Ordering::Relaxed);
+    }
+
+    /// A freelist for blocks of `page`-byte pages, holding at most `max_pages` queued and
+    /// in-flight pages. `release` gives a run back to the system (pressure scans).
+    pub(crate) fn new(
+        page: usize,
+        max_pages: usize,
+        release: Box<dyn Fn(Run) + Send + Sync>,
+    ) -> Freelist {
+        Freelist {
+            page,
+            max_pages,
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                pages: 0,
+                blocks: [0; MAX_ORDER as usize + 1],
+                in_flight: [0; MAX_ORDER as usize + 1],
+                peak: 0,
+                landings: 0,
+                sleeping: 0,
+                napping: 0,
+                flushing: 0,
+                stopped: false,
+            }),
+            work: Condvar::new(),
+            landed: Condvar::new(),
+            release,
+            pressure_pages: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            queued_hint: Line(AtomicUsize::new(0)),
+            landings_hint: Line(AtomicU64::new(0)),
+            spin_ns: AtomicU64::new(0),
+            naps_ns: AtomicU64::new(0),
+            job: Mutex::new(None),
+            shared: Mutex::new(None),
+            shared_hint: Line(AtomicBool::new(false)),
+            flushing_hint: AtomicUsize::new(0),
+            stopped_hint: AtomicBool::new(false),
+            adopted: AtomicUsize::new(0),
+            worker_locking: AtomicBool::new(false),
+            due_ns: AtomicU64::new(u64::MAX),
+            late_until_ns: AtomicU64::new(0),
+            hold_ns: AtomicU64::new(0),
+            probation: AtomicBool::new(false),
+            probe_out: AtomicBool::new(false),
+            born: std::time::Instant::now(),
+            last_release_ns: AtomicU64::new(0),
+            release_gap_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// The flag the allocation side checks before it waits for a busy lock (see
+    /// `sync::lock_within`): pass it for the heap's pools too.
+    pub(crate) fn worker_locking(&self) -> &AtomicBool {
+        &self.worker_locking
+    }
+
+    /// The worker's side: marks a section in which it takes shared locks; ends when the
+    /// returned value is dropped.
+    pub(crate) fn locking(&self) -> Locking<'_> {
+        self.worker_locking.store(true, Ordering::Release);
+        Locking(&self.worker_locking)
+    }
+
+    /// The bound on queued plus in-flight pages.
+    pub(crate) fn max_pages(&self) -> usize {
+        self.max_pages
+    }
+
+    /// Pages queued now (not counting runs the worker is zeroing).
+    pub(crate) fn pages(&self) -> usize {
+        lock(&self.queue).pages
+    }
+
+    /// Pages queued or being zeroed now.
+    pub(crate) fn pending_pages(&self) -> usize {
+        let q = lock(&self.queue);
+        q.pages + q.in_flight_pages() + self.adopted.load(Ordering::Acquire)
+    }
+
+    /// The most pages ever queued plus in flight at once.
+    pub(crate) fn peak_pages(&self) -> usize {
+        lock(&self.queue).peak
+    }
+
+    /// Pages given back to the system unzeroed by pressure scans.
+    pub(crate) fn pressure_pages(&self) -> u64 {
+        self.pressure_pages.load(Ordering::Relaxed)
+    }
+
+    /// Buffers refused by [`queue`](Self::queue) because of the bound or a stopped list.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Freelist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Freelist")
+            .field("max_pages", &self.max_pages)
+            .field("pending_pages", &self.pending_pages())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::idle::nap_length;
+    use super::*;
+    use crate::config::*;
+    use crate::shrinker::Shrinker;
+    use std::sync::Arc;
+
+    #[test]
+    fn naps_start_short_grow_to_the_longest_and_end() {
+        let ms = |m: u64| std::time::Duration::from_millis(m);
+        let budget = 100_000_000; // 100 ms
+        assert_eq!(nap_length(ms(0), budget), Some(NAP_FIRST));
+        assert_eq!(nap_length(ms(1), budget), Some(NAP_FIRST));
+        let mut last = NAP_FIRST;
+        for m in 2..93 {
+            let nap = nap_length(ms(m), budget).unwrap();
+            assert!(nap >= last && nap <= NAP_LONGEST, "{m} ms: {nap:?}");
+            last = nap;
+        }
+        assert_eq!(last, NAP_LONGEST);
+        assert_eq!(
+            nap_length(std::time::Duration::from_micros(99_950), budget),
+            Some(std::time::Duration::from_micros(50)),
+            "the last nap ends with the budget"
+        );
+        assert_eq!(nap_length(ms(100), budget), None);
+        assert_eq!(nap_length(ms(0), 0), None, "no naps: sleep at once");
+    }
+
+    fn list(max: usize) -> (Freelist, Arc<std::sync::Mutex<Vec<Run>>>) {
+        let released = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = released.clone();
+        (
+            Freelist::new(4096, max, Box::new(move |run| r.lock().unwrap().push(run))),
+            released,
+        )
+    }
+
+    fn run(start: usize, order: u8, count: usize) -> Run {
+        Run {
+            start,
+            order,
+            count,
+        }
+    }
+
+    #[test]
+    fn claim_takes_chunks_from_the_end_of_the_oldest() {
+        let (l, _) = list(10_000);
+        l.queue(smallvec::smallvec![run(0, 8, 3), run(3 << 20, 0, 2)])
+            .unwrap();
+        l.queue(smallvec::smallvec![run(1 << 30, 0, 1)]).unwrap();
+        assert_eq!(l.claim(), Some(run(3 << 20, 0, 2)));
+        assert_eq!(l.in_flight(0), 2);
+        assert_eq!(
+            l.claim(),
+            Some(run(2 << 20, 8, 1)),
+            "one 1 MiB block per claim"
+        );
+        assert_eq!(l.pages(), 2 * 256 + 1);
+        l.landed(&run(3 << 20, 0, 2));
+        assert_eq!(l.in_flight(0), 0);
+    }
+
+    #[test]
+    fn steal_takes_from_the_oldest_front() {
+        let (l, _) = list(10_000);
+        l.queue(smallvec::smallvec![run(0, 4, 4)]).unwrap();
+        l.queue(smallvec::smallvec![run(1 << 20, 4, 2), run(2 << 20, 0, 3)])
+            .unwrap();
+        assert!(l.steal(8, 1, 1).is_empty());
+        let got = l.steal(4, 3, 3);
+        assert_eq!(
+            got.as_slice(),
+            [run(0, 4, 3)],
+            "the oldest buffer's first blocks"
+        );
+        assert_eq!(l.pages(), 16 + 2 * 16 + 3);
+        assert_eq!(
+            l.claim(),
+            Some(run(3 << 16, 4, 1)),
+            "the worker: from the oldest's end"
+        );
+        let got = l.steal(4, 3, 3);
+        assert_eq!(
+            got.as_slice(),
+            [run(1 << 20, 4, 2)],
+            "then the next buffer's"
+        );
+        assert_eq!(l.claim(), Some(run(2 << 20, 0, 3)));
+    }
+
+    #[test]
+    fn steal_takes_a_whole_set_rather_than_break_one_up() {
+        let (l, _) = list(10_000);
+        l.queue(smallvec::smallvec![run(0, 8, 4)]).unwrap(); // a 4 MiB buffer
+        l.queue(smallvec::smallvec![run(8 << 20, 8, 1)]).unwrap(); // a 1 MiB one
+        l.queue(smallvec::smallvec![run(16 << 20, 8, 4)]).unwrap(); // another 4 MiB
+        assert_eq!(
+            l.steal(8, 1, 1).as_slice(),
+            [run(8 << 20, 8, 1)],
+            "one block: the one-block buffer, not the start of a set"
+        );
+        assert_eq!(
+            l.steal(8, 1, 4).as_slice(),
+            [run(0, 8, 1)],
+            "four, a chunk at a time: the oldest whole set"
+        );
+        assert_eq!(l.steal(8, 3, 3).as_slice(), [run(1 << 20, 8, 3)]);
+        assert_eq!(
+            l.steal(8, 6, 6).as_slice(),
+            [run(16 << 20, 8, 4)],
+            "no set fits: the oldest with blocks of the order"
+        );
+        assert_eq!(l.pages(), 0);
+    }
+
+    #[test]
+    fn after_a_hold_releases_wait_for_the_worker_to_answer_a_probe() {
+        let (l, _) = list(10_000);
+        let one = || smallvec::smallvec![run(0, 0, 1)];
+        l.hold(l.now_ns());
+        assert!(
+            l.queue(one()).is_err(),
+            "held: the release zeroes its buffer"
+        );
+        std::thread::sleep(LATE_HOLD + std::time::Duration::from_millis(5));
+        assert!(!l.holding());
+        assert!(l.queue(one()).is_err(), "on probation: the probe is asked");
+        assert!(l.probe_out.load(Ordering::Relaxed));
+        assert!(l.queue(one()).is_err(), "still unanswered");
+        l.answer_probe(); // the worker runs, within its grace
+        assert!(!l.probation.load(Ordering::Relaxed));
+        assert!(l.queue(one()).is_ok(), "queued again");
+        assert_eq!(l.pages(), 1);
+
+        // A worker that answers late starts a longer hold.
+        l.hold(l.now_ns());
+        let first = l.hold_ns.load(Ordering::Relaxed);
+        std::thread::sleep(
+            std::time::Duration::from_nanos(first) + std::time::Duration::from_millis(5),
+        );
+        assert!(l.queue(one()).is_err(), "the probe");
+        l.promise(std::time::Duration::ZERO); // the worker: "I look at once"; then it does not
+        std::thread::sleep(WORKER_GRACE + std::time::Duration::from_millis(1));
+        l.answer_probe();
+        assert!(l.holding(), "late: held again");
+        assert!(l.hold_ns.load(Ordering::Relaxed) > first, "for longer");
+        assert!(l.queue(one()).is_err());
+    }
+
+    #[test]
+    fn a_claim_is_open_to_helpers_from_the_moment_it_is_made() {
+        let (l, _) = list(10_000);
+        l.queue(smallvec::smallvec![run(0, 8, 1)]).unwrap();
+        let r = l.claim().unwrap();
+        assert_eq!(l.in_flight(8), 256);
+        let job = l.current_job().expect("published with the claim");
+        assert_eq!(job.run(), r);
+        // With the worker not started, a helper takes every piece, half of what is left each.
+        let mut helped = Vec::new();
+        assert!(l.help(8, |_, off, len| helped.push((off, len))));
+        assert_eq!(helped.first(), Some(&(0, 1 << 19)), "half first");
+        assert!(job.complete(), "the helper took every piece left");
+        l.landed(&r);
+        assert!(l.current_job().is_none(), "closed when the claim lands");
+        assert_eq!(l.in_flight(8), 0);
+    }
+
+    #[test]
+    fn a_shared_run_is_offered_to_the_idle_worker() {
+        let (l, _) = list(10_000);
+        let job = std::sync::Arc::new(Job::new(run(0, 4, 4), 64, 4096));
+        assert!(l.share(Some(job.clone())));
+        assert!(!l.share(Some(job.clone())), "one shared run at a time");
+        assert!(matches!(l.next_work(), Some(Work::Assist)));
+        let mut stripes = Vec::new();
+        l.assist(
+            |_, off, len| stripes.push((off, len)),
+            |_| panic!("not abandoned"),
+        );
+        assert_eq!(
+            stripes,
+            [(0, 131072), (131072, 65536), (196608, 65536)],
+            "half of what is left per claim, whole stripes, at least one"
+        );
+        assert!(job.complete());
+        l.share(None);
+        // Queued work comes before assisting.
+        l.queue(smallvec::smallvec![run(1 << 20, 0, 1)]).unwrap();
+        assert!(matches!(
+            l.next_work(),
+            Some(Work::Claim(job)) if job.run() == run(1 << 20, 0, 1) && job.buffer_pages() == 1
+        ));
+    }
+
+    #[test]
+    fn bound_refuses_and_scan_releases() {
+        let (l, released) = list(100);
+        l.queue(smallvec::smallvec![run(0, 4, 4)]).unwrap();
+        assert!(
+            l.queue(smallvec::smallvec![run(1 << 20, 4, 3)]).is_err(),
+            "64 + 48 > 100"
+        );
+        l.queue(smallvec::smallvec![run(1 << 20, 4, 2)]).unwrap();
+        assert_eq!(l.refused(), 1);
+        assert_eq!(l.peak_pages(), 96);
+        assert_eq!(l.scan(10), 64, "whole buffers, oldest first");
+        assert_eq!(released.lock().unwrap().as_slice(), [run(0, 4, 4)]);
+        assert_eq!(l.pressure_pages(), 64);
+        assert_eq!(l.stop(), [run(1 << 20, 4, 2)]);
+        assert_eq!(l.claim(), None);
+        assert!(
+            l.queue(smallvec::smallvec![run(0, 0, 1)]).is_err(),
+            "stopped"
+        );
+    }
+}
+
+/// Loom models of the queue, the worker's claims and the striped sharing. Run by `.ci/loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    #[allow(unused_imports)]
+    use crate::config::*;
+    #[allow(unused_imports)]
+    use crate::shrinker::Shrinker;
+    use loom::sync::atomic::{AtomicUsize, Ordering};
+    use loom::thread;
+    use std::sync::Arc;
+
+    #[test]
+    fn freelist_queue_races_worker_and_pressure_scan() {
+        loom::model(|| {
+            let released = Arc::new(AtomicUsize::new(0));
+            let r = released.clone();
+            let list = Arc::new(Freelist::new(
+                4096,
+                1 << 20,
+                Box::new(move |run: Run| {
+                    r.fetch_add(run.pages(), Ordering::SeqCst);
+                }),
+            ));
+            let zeroed = Arc::new(AtomicUsize::new(0));
+            // The worker: claims and lands until stopped.
+            let worker = {
+                let (list, zeroed) = (list.clone(), zeroed.clone());
+                thread::spawn(move || {
+                    while let Some(run) = list.claim() {
+                        zeroed.fetch_add(run.pages(), Ordering::SeqCst);
+                        list.landed(&run);
+                    }
+                })
+            };
+            // A releasing thread queues a 2-chunk buffer; a pressure scan runs concurrently.
+            let releaser = {
+                let list = list.clone();
+                thread::spawn(move || {
+                    list.queue(
+                        [Run {
+                            start: 1 << 30,
+                            order: 8,
+                            count: 2,
+                        }]
+                        .into_iter()
+                        .collect(),
+                    )
+                    .unwrap();
+                })
+            };
+            let scanned = list.scan(usize::MAX);
+            releaser.join().unwrap();
+            let stolen: usize = list.steal(8, 2, 2).iter().map(Run::pages).sum();
+            list.flush();
+            let leftover: usize = list.stop().iter().map(Run::pages).sum();
+            worker.join().unwrap();
+            // Every queued page was zeroed by the worker, released by the scan, or stolen: once.
+            assert_eq!(leftover, 0, "flush drained the queue");
+            assert_eq!(scanned, released.load(Ordering::SeqCst));
+            assert_eq!(zeroed.load(Ordering::SeqCst) + scanned + stolen, 512);
+            assert_eq!(list.pending_pages(), 0);
+        });
+    }
+
+    #[test]
+    fn job_stripes_are_zeroed_once_by_worker_and_helper() {
+        /// The stripes a piece `(off, len)` covers, as bits.
+        fn stripe_bits(off: usize, len: usize) -> usize {
+            let (first, n) = (off / STRIPE_BYTES, len.div_ceil(STRIPE_BYTES));
+            ((1 << n) - 1) << first
+        }
+        loom::model(|| {
+            let list = Arc::new(Freelist::new(4096, 1 << 20, Box::new(|_| {})));
+            // Five stripes: the first claim takes two (half of what is left), then one at a time.
+            let pages = 5 * STRIPE_BYTES / 4096;
+            let run = Run {
+                start: 1 << 30,
+                order: 0,
+                count: pages,
+            };
+            let job = Arc::new(Job::new(run, pages, 4096));
+            let taken = Arc::new(AtomicUsize::new(0)); // one bit per stripe
+            let helper = {
+                let (list, taken) = (list.clone(), taken.clone());
+                thread::spawn(move || {
+                    list.assist(
+                        |_, off, len| {
+                            let bits = stripe_bits(off, len);
+                            assert_eq!(
+                                taken.fetch_or(bits, Ordering::SeqCst) & bits,
+                                0,
+                                "stripe twice"
+                            );
+                        },
+                        |_| panic!("nobody abandoned the run"),
+                    );
+                })
+            };
+            assert!(list.share(Some(job.clone())));
+            while let Some((off, len)) = job.next_stripe(4096) {
+                let bits = stripe_bits(off, len);
+                assert_eq!(
+                    taken.fetch_or(bits, Ordering::SeqCst) & bits,
+                    0,
+                    "stripe twice"
+                );
+                assert!(!job.finish(len));
+            }
+            helper.join().unwrap();
+            assert!(job.complete(), "every stripe finished");
+            assert_eq!(taken.load(Ordering::SeqCst), 0b11111);
+            list.share(None);
+        });
+    }
+
+    /// An allocation that gives up waiting for the worker's stripe and the worker finishing
+    /// it: whatever the interleaving, exactly one of them owns the run afterwards.
+    #[test]
+    fn an_abandoned_run_has_exactly_one_owner() {
+        loom::model(|| {
+            let pages = 2 * STRIPE_BYTES / 4096;
+            let run = Run {
+                start: 1 << 30,
+                order: 0,
+                count: pages,
+            };
+            let job = Arc::new(Job::new(run, pages, 4096));
+            let owners = Arc::new(AtomicUsize::new(0));
+            // The worker holds one stripe (half of the two).
+            let (off, len) = job.next_worker_piece(4096).unwrap();
+            assert_eq!(off, 0);
+            let worker = {
+                let (job, owners) = (job.clone(), owners.clone());
+                thread::spawn(move || {
+                    if job.finish(len) {
+                        owners.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            };
+            // The allocation zeroes the other one, then gives up on the run.
+            let (_, len2) = job.next_stripe(4096).unwrap();
+            assert!(!job.finish(len2));
+            assert!(job.next_stripe(4096).is_none());
+            if job.complete() || !job.abandon() {
+                owners.fetch_add(1, Ordering::SeqCst);
+            }
+            worker.join().unwrap();
+            assert_eq!(owners.load(Ordering::SeqCst), 1);
+        });
+    }
+}

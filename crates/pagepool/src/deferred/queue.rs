@@ -1,0 +1,235 @@
+//! The bounded queue of released buffers: queueing (or refusing past the bound), the
+//! allocation's steals, landing the worker's claims, flush and stop, and the queue as a
+//! shrinker (under pressure, queued buffers go straight back to the system).
+
+use crate::config::{CHUNK_PAGES, FIT_SCAN, HANDOFF_WAIT};
+use crate::pool::MAX_ORDER;
+use crate::shrinker::Shrinker;
+use crate::sync::{Ordering, lock, lock_within, wait_timeout};
+
+use super::{Freelist, Run, Runs};
+
+impl Freelist {
+    /// Queues a released buffer's runs in O(1). Refuses (returning the runs) when the bound
+    /// would be passed or the list has stopped: the caller then frees the buffer itself.
+    ///
+    /// A sleeping worker is woken only once [`CHUNK_PAGES`] pages are queued: waking it costs a
+    /// system call, more than zeroing a few small blocks. Smaller releases wait for the next
+    /// wake-up, an allocation that takes them, or [`flush`](Self::flush).
+    pub(crate) fn queue(&self, runs: Runs) -> Result<(), Runs> {
+        let now = self.now_ns();
+        self.note_release(now);
+        let pages: usize = runs.iter().map(Run::pages).sum();
+        let wake = {
+            let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
+                // The worker holds the lock and is not running: the caller zeroes the buffer.
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(runs);
+            };
+            let pending = q.pages + q.in_flight_pages();
+            if q.stopped || pending + pages > self.max_pages || self.worker_late(now) {
+                drop(q);
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(runs);
+            }
+            // After a hold, releases go on zeroing their own buffers until the worker shows
+            // it runs again: the first one asks it to (the probe), and it answers when the
+            // scheduler runs it (see `answer_probe`). Queuing meanwhile would pile work up
+            // for a worker that may still get no core, for allocations to zero.
+            if self.probation.load(Ordering::Relaxed) {
+                let ask = !self.probe_out.swap(true, Ordering::Relaxed);
+                let sleeping = q.sleeping > 0;
+                drop(q);
+                if ask && sleeping {
+                    // A napping or spinning worker answers by its own promise.
+                    self.expect_worker();
+                    self.work.notify_one();
+                }
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(runs);
+            }
+            for r in &runs {
+                q.blocks[r.order as usize] += r.count;
+            }
+            q.pages += pages;
+            q.peak = q.peak.max(pending + pages);
+            q.items.push_back((runs, pages));
+            self.queued_hint.store(q.pages, Ordering::Relaxed);
+            q.sleeping > 0 && (q.pages >= CHUNK_PAGES || q.flushing > 0)
+        };
+        if wake {
+            self.expect_worker();
+            self.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The worker's side: a claimed run has been zeroed and given to the pools.
+    pub(crate) fn landed(&self, run: &Run) {
+        {
+            let mut job = lock(&self.job);
+            if job.as_ref().is_some_and(|j| j.run() == *run) {
+                *job = None;
+            }
+        }
+        let mut q = lock(&self.queue);
+        q.in_flight[run.order as usize] -= run.pages();
+        q.landings += 1;
+        self.landings_hint.store(q.landings, Ordering::Release);
+        drop(q);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.landed.notify_all();
+        }
+    }
+
+    /// The allocator's side: claims up to `n` queued blocks of `order`, from the start of a
+    /// buffer's runs, for an allocation that needs `want` (at least `n`) blocks of that order in
+    /// all. The buffer is, among the oldest [`FIT_SCAN`], the one holding the smallest run of at
+    /// least `want` blocks of the order (the oldest among equals), else the oldest one with
+    /// blocks of the order. The caller owns them (dirty) and must zero
+    /// them.
+    pub(crate) fn steal(&self, order: u8, mut n: usize, want: usize) -> Runs {
+        let mut out = Runs::new();
+        let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
+            return out; // the worker holds the lock and is not running: do without
+        };
+        if q.blocks[order as usize] == 0 {
+            return out;
+        }
+        let size = self.page << order;
+        // From the start of a buffer's runs, while the worker claims from the end of the oldest
+        // buffer's last run: the two zero one buffer from both ends. A buffer with a run of the
+        // `want` blocks goes first, so that an allocation takes one released set whole rather
+        // than the first blocks of another (mixing two sets: this buffer would need a view,
+        // and every later buffer of that size would too, as the sets circulate): the buffer
+        // whose run fits best (the smallest of at least `want` blocks), the oldest among
+        // equals, so that a queue of buffers of one size is taken oldest first.
+        // The smallest run of at least `least` blocks of the order in a buffer.
+        let fit = |item: &Runs, least: usize| {
+            item.iter()
+                .filter(|r| r.order == order && r.count >= least)
+                .map(|r| r.count)
+                .min()
+        };
+        while n > 0 {
+            let least = want.max(n);
+            let best = (q.items.iter().take(FIT_SCAN).enumerate())
+                .filter_map(|(i, (item, _))| fit(item, least).map(|c| (c, i)))
+                .min();
+            let Some(i) = best
+                .map(|(_, i)| i)
+                .or_else(|| q.items.iter().position(|(item, _)| fit(item, 1).is_some()))
+            else {
+                break;
+            };
+            let item = &mut q.items[i].0;
+            for r in item.iter_mut().filter(|r| r.order == order && r.count > 0) {
+                let k = r.count.min(n);
+                out.push(Run {
+                    start: r.start,
+                    order,
+                    count: k,
+                });
+                r.start += k * size;
+                r.count -= k;
+                n -= k;
+                if n == 0 {
+                    break;
+                }
+            }
+            item.retain(|r| r.count > 0);
+            if item.is_empty() {
+                q.items.remove(i);
+            }
+        }
+        for r in &out {
+            self.take(&mut q, r);
+        }
+        let drained = q.pages == 0 && q.in_flight_pages() == 0;
+        drop(q);
+        if drained && self.waiting.load(Ordering::Relaxed) > 0 {
+            self.landed.notify_all();
+        }
+        out
+    }
+
+    /// Waits until nothing is queued or in flight.
+    pub(crate) fn flush(&self) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.flushing_hint.fetch_add(1, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        q.flushing += 1;
+        if q.sleeping > 0 || q.napping > 0 {
+            self.work.notify_one();
+        }
+        while (q.pages > 0 || q.in_flight_pages() > 0 || self.adopted.load(Ordering::Acquire) > 0)
+            && !q.stopped
+        {
+            // With a timeout: adopted runs land without the queue's lock held throughout.
+            q = wait_timeout(&self.landed, q, std::time::Duration::from_millis(1));
+        }
+        q.flushing -= 1;
+        drop(q);
+        self.flushing_hint.fetch_sub(1, Ordering::Relaxed);
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Stops the list: the worker's next [`claim`](Self::claim) returns `None`, further
+    /// buffers are refused. Returns every queued run, for the caller to release.
+    pub(crate) fn stop(&self) -> Vec<Run> {
+        self.stopped_hint.store(true, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        q.stopped = true;
+        let runs: Vec<Run> = q.items.drain(..).flat_map(|(runs, _)| runs).collect();
+        q.pages = 0;
+        q.blocks = [0; MAX_ORDER as usize + 1];
+        self.queued_hint.store(0, Ordering::Relaxed);
+        drop(q);
+        self.work.notify_all();
+        self.landed.notify_all();
+        runs
+    }
+
+    /// Takes queued runs, oldest buffer first, until at least `nr_pages` pages are taken.
+    pub(super) fn drain(&self, nr_pages: usize) -> Vec<Run> {
+        let mut q = lock(&self.queue);
+        let mut out = Vec::new();
+        let mut taken = 0;
+        while taken < nr_pages {
+            let Some((item, _)) = q.items.pop_front() else {
+                break;
+            };
+            for r in &item {
+                self.take(&mut q, r);
+                taken += r.pages();
+            }
+            out.extend(item);
+        }
+        if q.pages == 0 && q.in_flight_pages() == 0 {
+            self.landed.notify_all();
+        }
+        out
+    }
+}
+
+impl Shrinker for Freelist {
+    fn name(&self) -> &str {
+        "deferred freelist"
+    }
+
+    fn count(&self) -> usize {
+        self.pages()
+    }
+
+    /// Gives whole queued buffers, oldest first, straight back to the system, unzeroed.
+    fn scan(&self, nr_pages: usize) -> usize {
+        let runs = self.drain(nr_pages);
+        let freed: usize = runs.iter().map(Run::pages).sum();
+        for r in runs {
+            (self.release)(r);
+        }
+        self.pressure_pages
+            .fetch_add(freed as u64, Ordering::Relaxed);
+        freed
+    }
+}
