@@ -99,18 +99,18 @@ pub(crate) const FIT_SCAN: usize = 32;
 pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The longest an allocation waits for the worker even while it makes progress (see
-/// `Freelist::wait_worker`): beyond this, fresh pages are cheaper.
+/// `ReleaseQueue::wait_worker`): beyond this, fresh pages are cheaper.
 pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How long before the next release is due a worker napping through an idle spell wakes up to
-/// spin (see `Freelist::next_work`): covers the nap's lateness (the worker's timer slack is
+/// spin (see `ReleaseQueue::next_work`): covers the nap's lateness (the worker's timer slack is
 /// set small) and some variation in the program's rhythm.
 pub(crate) const EARLY_BY: std::time::Duration = std::time::Duration::from_micros(25);
 
 /// The longest gap between releases the rhythm records (10 ms): longer ones are pauses.
 pub(crate) const RHYTHM_MAX_NS: u64 = 10_000_000;
 
-/// How late the worker may be (see `Freelist::due_ns`) before a release stops queueing for it:
+/// How late the worker may be (see `ReleaseQueue::due_ns`) before a release stops queueing for it:
 /// on a busy machine a nice-19 thread can wait hundreds of milliseconds for a core, and work
 /// queued for it would be zeroed by the next allocation instead, on the allocation's time. A
 /// release that zeroes its own buffer does what a synchronous heap does, at the same cost. A
@@ -127,11 +127,11 @@ pub(crate) const WAKE_GRACE: std::time::Duration = std::time::Duration::from_mic
 /// on for the next allocation.
 pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(30);
 
-/// The longest hold (see `Freelist::hold`).
+/// The longest hold (see `ReleaseQueue::hold`).
 pub(crate) const LATE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How late past its promise the worker must renew it to count as having been kept off its
-/// core (see `Freelist::promise`).
+/// core (see `ReleaseQueue::promise`).
 pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// How long a spinning worker leaves newly queued work alone before claiming it. A program that
@@ -143,7 +143,7 @@ pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_mill
 /// before its next allocation.
 pub(crate) const CLAIM_DELAY: std::time::Duration = std::time::Duration::from_micros(2);
 
-/// An idle worker's first naps (see [`Freelist::set_worker_naps`]); with the kernel's default
+/// An idle worker's first naps (see [`ReleaseQueue::set_worker_naps`]); with the kernel's default
 /// timer slack of 50 us a nap lasts about 150 us.
 pub(crate) const NAP_FIRST: std::time::Duration = std::time::Duration::from_micros(100);
 

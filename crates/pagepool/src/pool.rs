@@ -91,7 +91,7 @@ pub type ReleaseFn = Box<dyn Fn(Block) + Send + Sync>;
 
 /// The free blocks: the ring (top of the stack), the intrusive list below it, the count and the
 /// give/take counts (plain fields: the lock already orders every update).
-struct FreeList {
+struct BlockStack {
     /// `hot[(bottom + i) % HOT_BLOCKS]` for `i < hot_len` are the newest blocks, the last one on
     /// top.
     hot: [usize; HOT_BLOCKS],
@@ -104,9 +104,9 @@ struct FreeList {
     taken: u64,
 }
 
-impl FreeList {
-    fn new() -> FreeList {
-        FreeList {
+impl BlockStack {
+    fn new() -> BlockStack {
+        BlockStack {
             hot: [0; HOT_BLOCKS],
             bottom: 0,
             hot_len: 0,
@@ -261,7 +261,7 @@ impl FreeList {
 
 // SAFETY: the list only holds addresses of blocks the pool owns (see `Block::from_raw`); the
 // Mutex around it serialises every access to the link words.
-unsafe impl Send for FreeList {}
+unsafe impl Send for BlockStack {}
 
 /// A pool of free, zeroed blocks of one order.
 ///
@@ -291,7 +291,7 @@ pub struct PagePool {
     order: u8,
     /// `page_size() << order`: blocks this far apart lie end to end.
     block_bytes: usize,
-    list: Mutex<FreeList>,
+    list: Mutex<BlockStack>,
     /// Pages pooled, readable without the lock (the shrinker's `count`).
     pages: AtomicUsize,
     released: AtomicU64,
@@ -330,7 +330,7 @@ impl PagePool {
         PagePool {
             order,
             block_bytes: crate::os::page_size() << order,
-            list: Mutex::new(FreeList::new()),
+            list: Mutex::new(BlockStack::new()),
             pages: AtomicUsize::new(0),
             released: AtomicU64::new(0),
             release,
@@ -464,7 +464,7 @@ impl PagePool {
     fn take_from(
         &self,
         n: usize,
-        mut list: crate::sync::MutexGuard<'_, FreeList>,
+        mut list: crate::sync::MutexGuard<'_, BlockStack>,
         end_to_end: bool,
         mut f: impl FnMut(Block),
     ) -> usize {

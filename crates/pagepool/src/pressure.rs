@@ -349,7 +349,7 @@ impl PressureMonitor {
             ..PressureStats::default()
         }));
         let (wake_rx, wake_tx) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-        let mut run = Run {
+        let mut run = MonitorThread {
             target: {
                 let target: Arc<dyn Shrinker> = target.clone();
                 Arc::downgrade(&target)
@@ -411,7 +411,7 @@ impl std::fmt::Debug for PressureMonitor {
 }
 
 /// The monitor thread's state.
-struct Run {
+struct MonitorThread {
     target: Weak<dyn Shrinker>,
     source: Option<Box<dyn PressureSource>>,
     watermark: Option<Watermark>,
@@ -420,7 +420,7 @@ struct Run {
     stop: OwnedFd,
 }
 
-impl Run {
+impl MonitorThread {
     fn main(&mut self) {
         loop {
             let signalled = match self.source.as_mut() {

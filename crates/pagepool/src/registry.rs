@@ -172,7 +172,7 @@ impl Registry {
     }
 
     /// Adds a shrinker that [`shrink_all`](Self::shrink_all) runs before the pools (the deferred
-    /// freelist registers here). The registry holds it weakly: dropping it unregisters it.
+    /// release queue registers here). The registry holds it weakly: dropping it unregisters it.
     pub fn add_shrinker(&self, shrinker: Weak<dyn Shrinker>) {
         let mut list = lock(&self.books().shrinkers);
         list.retain(|s| s.strong_count() > 0);

@@ -8,7 +8,7 @@ use crate::config::{
 };
 use crate::sync::{Ordering, lock, wait, wait_timeout};
 
-use super::{Freelist, Job, Run, Work};
+use super::{Job, ReleaseQueue, Run, Work};
 
 /// The nap an idle worker takes after `idle` without work, or `None` once it has napped for
 /// `naps_ns` and should sleep until woken.
@@ -27,7 +27,7 @@ pub(super) fn nap_length(idle: std::time::Duration, naps_ns: u64) -> Option<std:
     Some(nap.min(naps - idle))
 }
 
-impl Freelist {
+impl ReleaseQueue {
     /// How long an idle worker keeps polling for work before it sleeps (default 0). Waking a
     /// sleeping thread costs the releasing thread a system call and the worker a scheduling
     /// delay (tens of microseconds in a VM); a short poll keeps a busy heap's worker awake

@@ -1,23 +1,23 @@
 //! Deferred freeing: release queues a buffer; a low-priority worker zeroes it later.
 //!
 //! This is the kernel series' deferred-free helper. Releasing a buffer puts its blocks on a
-//! [`Freelist`] in O(1) and returns. A background worker (see [`crate::heap`]) claims runs of
+//! [`ReleaseQueue`] in O(1) and returns. A background worker (see [`crate::heap`]) claims runs of
 //! blocks from the oldest queued buffer, at most [`CHUNK_PAGES`] at a time, zeroes them and gives
-//! them to the pools (the kernel's `DF_NORMAL`). The freelist is a [`Shrinker`](crate::Shrinker): under memory
+//! them to the pools (the kernel's `DF_NORMAL`). The release queue is a [`Shrinker`](crate::Shrinker): under memory
 //! pressure its queued blocks go straight back to the system, unzeroed, through the release
 //! callback (`DF_UNDER_PRESSURE`).
 //!
 //! Beyond the kernel helper:
-//! - **backpressure**: queued and in-flight pages never exceed the freelist's bound;
-//!   [`Freelist::queue`] refuses a buffer that would pass it, and the releasing thread then
+//! - **backpressure**: queued and in-flight pages never exceed the release queue's bound;
+//!   [`ReleaseQueue::queue`] refuses a buffer that would pass it, and the releasing thread then
 //!   zeroes the buffer itself (so memory stays bounded and nothing is dropped on the floor);
-//! - **inline zeroing**: an allocation that misses its pool can [`steal`](Freelist::steal)
+//! - **inline zeroing**: an allocation that misses its pool can [`steal`](ReleaseQueue::steal)
 //!   queued dirty blocks and zero them on its own thread, which is far cheaper than fresh pages
 //!   from the kernel; it takes them from the start of the oldest buffer while the worker works
 //!   from its end, so the two zero in parallel and the allocation ends up with that buffer's
 //!   blocks, end to end.
 //!
-//! The freelist deals in [`Run`]s (address ranges); it never touches memory itself, which is
+//! The release queue deals in [`Run`]s (address ranges); it never touches memory itself, which is
 //! what lets `tests/loom.rs` model it with plain numbers.
 
 mod idle;
@@ -104,7 +104,7 @@ impl Queue {
 }
 
 /// A bounded queue of released buffers waiting to be zeroed.
-pub(crate) struct Freelist {
+pub(crate) struct ReleaseQueue {
     pub(super) page: usize,
     pub(super) max_pages: usize,
     pub(super) queue: Mutex<Queue>,
@@ -171,7 +171,7 @@ impl<T> std::ops::Deref for Line<T> {
 }
 
 /// A section of the worker's in which it may hold locks the allocation side takes (see
-/// [`Freelist::locking`]).
+/// [`ReleaseQueue::locking`]).
 pub(crate) struct Locking<'a>(&'a AtomicBool);
 
 impl Drop for Locking<'_> {
@@ -180,17 +180,17 @@ impl Drop for Locking<'_> {
     }
 }
 
-/// What the worker should do next (see [`Freelist::next_work`]).
+/// What the worker should do next (see [`ReleaseQueue::next_work`]).
 #[derive(Debug)]
 pub(crate) enum Work {
     /// Zero this claimed run ([`Job::run`], from a buffer of [`Job::buffer_pages`] pages) and
     /// land it. The job is open to helpers from the moment of the claim.
     Claim(std::sync::Arc<Job>),
-    /// An allocation shared a run it is zeroing: take stripes of it ([`Freelist::assist`]).
+    /// An allocation shared a run it is zeroing: take stripes of it ([`ReleaseQueue::assist`]).
     Assist,
 }
 
-impl Freelist {
+impl ReleaseQueue {
     /// Removes `run`'s pages from the queue's counts (the caller has taken the run out).
     pub(super) fn take(&self, q: &mut Queue, run: &Run) {
         q.pages -= run.pages();
@@ -198,14 +198,14 @@ impl Freelist {
         self.queued_hint.store(q.pages, Ordering::Relaxed);
     }
 
-    /// A freelist for blocks of `page`-byte pages, holding at most `max_pages` queued and
+    /// A release queue for blocks of `page`-byte pages, holding at most `max_pages` queued and
     /// in-flight pages. `release` gives a run back to the system (pressure scans).
     pub(crate) fn new(
         page: usize,
         max_pages: usize,
         release: Box<dyn Fn(Run) + Send + Sync>,
-    ) -> Freelist {
-        Freelist {
+    ) -> ReleaseQueue {
+        ReleaseQueue {
             page,
             max_pages,
             queue: Mutex::new(Queue {
@@ -293,9 +293,9 @@ impl Freelist {
     }
 }
 
-impl std::fmt::Debug for Freelist {
+impl std::fmt::Debug for ReleaseQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Freelist")
+        f.debug_struct("ReleaseQueue")
             .field("max_pages", &self.max_pages)
             .field("pending_pages", &self.pending_pages())
             .finish_non_exhaustive()
@@ -332,11 +332,11 @@ mod tests {
         assert_eq!(nap_length(ms(0), 0), None, "no naps: sleep at once");
     }
 
-    fn list(max: usize) -> (Freelist, Arc<std::sync::Mutex<Vec<Run>>>) {
+    fn list(max: usize) -> (ReleaseQueue, Arc<std::sync::Mutex<Vec<Run>>>) {
         let released = Arc::new(std::sync::Mutex::new(Vec::new()));
         let r = released.clone();
         (
-            Freelist::new(4096, max, Box::new(move |run| r.lock().unwrap().push(run))),
+            ReleaseQueue::new(4096, max, Box::new(move |run| r.lock().unwrap().push(run))),
             released,
         )
     }
@@ -539,7 +539,7 @@ mod loom_tests {
         loom::model(|| {
             let released = Arc::new(AtomicUsize::new(0));
             let r = released.clone();
-            let list = Arc::new(Freelist::new(
+            let list = Arc::new(ReleaseQueue::new(
                 4096,
                 1 << 20,
                 Box::new(move |run: Run| {
@@ -595,7 +595,7 @@ mod loom_tests {
             ((1 << n) - 1) << first
         }
         loom::model(|| {
-            let list = Arc::new(Freelist::new(4096, 1 << 20, Box::new(|_| {})));
+            let list = Arc::new(ReleaseQueue::new(4096, 1 << 20, Box::new(|_| {})));
             // Five stripes: the first claim takes two (half of what is left), then one at a time.
             let pages = 5 * STRIPE_BYTES / 4096;
             let run = Run {

@@ -7,9 +7,9 @@ use crate::pool::MAX_ORDER;
 use crate::shrinker::Shrinker;
 use crate::sync::{Ordering, lock, lock_within, wait_timeout};
 
-use super::{Freelist, Run, Runs};
+use super::{ReleaseQueue, Run, Runs};
 
-impl Freelist {
+impl ReleaseQueue {
     /// Queues a released buffer's runs in O(1). Refuses (returning the runs) when the bound
     /// would be passed or the list has stopped: the caller then frees the buffer itself.
     ///
@@ -212,9 +212,9 @@ impl Freelist {
     }
 }
 
-impl Shrinker for Freelist {
+impl Shrinker for ReleaseQueue {
     fn name(&self) -> &str {
-        "deferred freelist"
+        "deferred release_queue"
     }
 
     fn count(&self) -> usize {

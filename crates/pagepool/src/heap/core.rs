@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::arena::Arenas;
 use crate::cache_slots::CacheShared;
 use crate::config::{CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST, STRIPE_BYTES};
-use crate::deferred::{Freelist, Job, Run, Runs};
+use crate::deferred::{Job, ReleaseQueue, Run, Runs};
 use crate::error::AllocError;
 use crate::pool::{Block, PagePool};
 use crate::registry::Owner;
@@ -74,7 +74,7 @@ pub(crate) struct HeapInner {
     pub(crate) owner: Arc<Owner>,
     pub(crate) arenas: Arc<Arenas>,
     /// The deferred-free queue; `None` when releases zero synchronously.
-    pub(crate) freelist: Option<Arc<Freelist>>,
+    pub(crate) release_queue: Option<Arc<ReleaseQueue>>,
     /// Set when the `SystemHeap` handle is dropped: buffers released later go straight back.
     pub(crate) closed: AtomicBool,
     pub(crate) counters: Counters,
@@ -216,7 +216,7 @@ impl HeapInner {
     ///
     /// # Safety
     /// The caller owns the run (it left the queue).
-    unsafe fn zero_stolen(&self, list: &Freelist, r: &Run, buffer_pages: usize) -> bool {
+    unsafe fn zero_stolen(&self, list: &ReleaseQueue, r: &Run, buffer_pages: usize) -> bool {
         if r.pages() * self.page < 2 * STRIPE_BYTES {
             // SAFETY: forwarded.
             unsafe { self.zero_run(r, buffer_pages) };
@@ -254,7 +254,7 @@ impl HeapInner {
             runs.iter().for_each(|r| self.release_run(r));
             return;
         }
-        let runs = match &self.freelist {
+        let runs = match &self.release_queue {
             Some(list) => match list.queue(runs) {
                 Ok(()) => return,
                 Err(runs) => runs,
@@ -287,7 +287,7 @@ impl HeapInner {
         let order = self.orders[i];
         let pool = &self.pools[i];
         let worker_locking = self
-            .freelist
+            .release_queue
             .as_ref()
             .map_or(&self.no_worker, |l| l.worker_locking());
         let take_pooled = |runs: &mut Runs, n: usize| {
@@ -299,7 +299,7 @@ impl HeapInner {
         // otherwise queued ones first, when there are any: a released set, part of it landed
         // in the pool and part still queued, is then taken whole rather than beside other
         // pooled blocks (which would scatter it; see `alloc_blocks`).
-        let mut pooled = if want > 1 && self.freelist.is_some() {
+        let mut pooled = if want > 1 && self.release_queue.is_some() {
             pool.take_run_within(want, HANDOFF_WAIT, worker_locking, |b| {
                 runs.push(Run::from_block(b))
             })
@@ -307,7 +307,7 @@ impl HeapInner {
             take_pooled(runs, want)
         };
         let mut inline = 0;
-        if let Some(list) = &self.freelist {
+        if let Some(list) = &self.release_queue {
             // At most one bounded wait for the worker per order: past it, fresh pages.
             let mut waited = false;
             while pooled + inline < want {
@@ -394,7 +394,7 @@ impl HeapInner {
             }
             let first = runs.len();
             let (mut p, mut z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
-            let busy = h.freelist.as_ref().is_some_and(|l| l.busy());
+            let busy = h.release_queue.as_ref().is_some_and(|l| l.busy());
             if p + z > 0 && p + z < want && !busy {
                 // Blocks of one order gathered from the pools or the queue, with fresh ones
                 // beside them, would need a view; and as they circulate, so would every later
@@ -428,7 +428,7 @@ impl HeapInner {
         // that no fresh set helps), the count before the next one doubles, up to
         // REGATHER_LONGEST, so that fresh pages never cost more than a small share of the
         // views they save.
-        if h.freelist.is_some()
+        if h.release_queue.is_some()
             && h.pooling()
             && hits + inline > 0
             && scattered(&runs, &missing, h.page)

@@ -95,7 +95,7 @@ use crate::buffer::Buffer;
 use crate::cache;
 use crate::cache_slots::CacheShared;
 use crate::config::REGATHER_FIRST;
-use crate::deferred::{Freelist, Run};
+use crate::deferred::{ReleaseQueue, Run};
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
 use crate::pool::Block;
@@ -145,9 +145,9 @@ impl Core {
                 )
             })
             .collect();
-        let freelist = cfg.deferred.then(|| {
+        let release_queue = cfg.deferred.then(|| {
             let arenas = arenas.clone();
-            let list = Arc::new(Freelist::new(
+            let list = Arc::new(ReleaseQueue::new(
                 page,
                 cfg.queue_limit / page,
                 Box::new(move |r: Run| arenas.release(r.ptr(), r.pages() * page)),
@@ -170,7 +170,7 @@ impl Core {
             generation: crate::fork::generation(),
             owner,
             arenas,
-            freelist,
+            release_queue,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             no_worker: crate::sync::AtomicBool::new(false),
@@ -178,14 +178,14 @@ impl Core {
             regather_after: AtomicUsize::new(REGATHER_FIRST),
             cache: CacheShared::new(cfg.thread_cache, page),
         });
-        let worker = match &inner.freelist {
+        let worker = match &inner.release_queue {
             Some(_) => {
                 match worker::spawn(&inner) {
                     Ok(w) => Some(w),
                     Err(e) => {
                         // No thread: release synchronously rather than queue for nobody.
                         log::warn!("pagepool: cannot start the free worker ({e}); zeroing inline");
-                        if let Some(list) = &inner.freelist {
+                        if let Some(list) = &inner.release_queue {
                             list.stop();
                         }
                         None
@@ -206,7 +206,7 @@ impl Drop for Core {
         let h = &self.inner;
         h.closed.store(true, Ordering::Relaxed);
         cache::forget_mine(h);
-        if let Some(list) = &h.freelist {
+        if let Some(list) = &h.release_queue {
             for r in list.stop() {
                 h.release_run(&r);
             }
@@ -380,7 +380,7 @@ impl SystemHeap {
     pub fn flush(&self) {
         let h = self.inner();
         cache::empty_all(h);
-        if let Some(list) = &h.freelist {
+        if let Some(list) = &h.release_queue {
             list.flush();
         }
     }

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::config::STRIPE_BYTES;
-use crate::deferred::{Freelist, Job, Run, Work};
+use crate::deferred::{Job, ReleaseQueue, Run, Work};
 use crate::heap::core::HeapInner;
 use crate::sync::Arc;
 
@@ -19,11 +19,11 @@ pub(super) fn spawn(inner: &Arc<HeapInner>) -> std::io::Result<std::thread::Join
 impl HeapInner {
     /// The worker's [`zero_part`](Self::zero_part): a stripe at a time, renewing its promise
     /// after each, so that whoever waits for it sees it making progress (see
-    /// `Freelist::wait_worker`).
+    /// `ReleaseQueue::wait_worker`).
     ///
     /// # Safety
     /// As for `zero_part`.
-    unsafe fn zero_part_working(&self, list: &Freelist, job: &Job, off: usize, len: usize) {
+    unsafe fn zero_part_working(&self, list: &ReleaseQueue, job: &Job, off: usize, len: usize) {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(STRIPE_BYTES);
@@ -36,7 +36,7 @@ impl HeapInner {
 
     /// Lands a claimed (or adopted) run that is now zeroed: into the pools, and the claim
     /// counts as landed.
-    fn land(&self, list: &Freelist, run: &Run) {
+    fn land(&self, list: &ReleaseQueue, run: &Run) {
         let _locking = list.locking();
         self.counters
             .worker
@@ -55,7 +55,9 @@ impl HeapInner {
         // worker naps through idle spells and must be awake when the next release comes.
         // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects this thread only.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 5_000 as libc::c_ulong) };
-        let Some(list) = &self.freelist else { return };
+        let Some(list) = &self.release_queue else {
+            return;
+        };
         while let Some(work) = list.next_work() {
             let job = match work {
                 Work::Claim(job) => job,
