@@ -30,6 +30,8 @@
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 
+use crossbeam_utils::CachePadded;
+
 use crate::cache_slots::{Slot, SlotTotals, add_own};
 use crate::deferred::{Run, Runs};
 use crate::heap::core::HeapInner;
@@ -49,7 +51,7 @@ struct ThreadCache {
     /// Released buffers as (address, pages): order-0 blocks end to end, oldest first. Dirty.
     runs: smallvec::SmallVec<[(usize, usize); 8]>,
     pages: usize,
-    slot: Arc<Slot>,
+    slot: Arc<CachePadded<Slot>>,
 }
 
 impl ThreadCache {
@@ -133,7 +135,7 @@ impl Drop for ThreadCache {
                 cached_pages: 0,
                 ..t
             });
-            let me: *const Slot = &*self.slot;
+            let me: *const CachePadded<Slot> = &*self.slot;
             slots
                 .live
                 .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), me));
@@ -189,7 +191,7 @@ unsafe fn with_cache<R>(
                         Arc::increment_strong_count(heap);
                         &(*heap).cache
                     };
-                    let slot = Arc::new(Slot::default());
+                    let slot = Arc::new(CachePadded::new(Slot::default()));
                     lock(&shared.slots).live.push(Arc::downgrade(&slot));
                     caches.push(ThreadCache {
                         heap,

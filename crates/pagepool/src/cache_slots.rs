@@ -5,6 +5,8 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 use crate::sync::{Mutex, Weak, lock};
 
 /// The cache settings and shared state of one heap.
@@ -20,13 +22,12 @@ pub(crate) struct CacheShared {
 }
 
 pub(crate) struct Slots {
-    pub(crate) live: Vec<Weak<Slot>>,
+    pub(crate) live: Vec<Weak<CachePadded<Slot>>>,
     pub(crate) retired: SlotTotals,
 }
 
 /// One thread's counters for one heap; written only by that thread.
 #[derive(Default)]
-#[repr(align(128))]
 pub(crate) struct Slot {
     pub(crate) allocs: AtomicU64,
     pub(crate) frees: AtomicU64,

@@ -26,6 +26,8 @@ mod share;
 
 use std::collections::VecDeque;
 
+use crossbeam_utils::CachePadded;
+
 use crate::pool::MAX_ORDER;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock};
 
@@ -118,8 +120,8 @@ pub(crate) struct ReleaseQueue {
     pub(super) waiting: AtomicUsize,
     /// Lock-free mirrors for spinning (pages queued, landings so far), each on a cache line of
     /// its own: the idle worker polls them.
-    pub(super) queued_hint: Line<AtomicUsize>,
-    pub(super) landings_hint: Line<AtomicU64>,
+    pub(super) queued_hint: CachePadded<AtomicUsize>,
+    pub(super) landings_hint: CachePadded<AtomicU64>,
     /// How long an idle worker polls before napping, in ns (0: nap at once).
     pub(super) spin_ns: AtomicU64,
     /// How long an idle worker naps before it sleeps until woken, in ns (0: no naps).
@@ -128,7 +130,7 @@ pub(crate) struct ReleaseQueue {
     pub(super) job: Mutex<Option<std::sync::Arc<Job>>>,
     /// A run an allocation is zeroing inline, open to the idle worker.
     pub(super) shared: Mutex<Option<std::sync::Arc<Job>>>,
-    pub(super) shared_hint: Line<AtomicBool>,
+    pub(super) shared_hint: CachePadded<AtomicBool>,
     /// Threads in `flush`, and whether the list stopped: a spinning worker stops spinning at
     /// once for either.
     pub(super) flushing_hint: AtomicUsize,
@@ -156,18 +158,6 @@ pub(crate) struct ReleaseQueue {
     /// of the gaps between them (0: none yet).
     pub(super) last_release_ns: AtomicU64,
     pub(super) release_gap_ns: AtomicU64,
-}
-
-/// A value alone on its cache line (two lines: adjacent-line prefetching pairs them).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(super) struct Line<T>(pub(super) T);
-
-impl<T> std::ops::Deref for Line<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
 }
 
 /// A section of the worker's in which it may hold locks the allocation side takes (see
@@ -226,13 +216,13 @@ impl ReleaseQueue {
             pressure_pages: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
-            queued_hint: Line(AtomicUsize::new(0)),
-            landings_hint: Line(AtomicU64::new(0)),
+            queued_hint: CachePadded::new(AtomicUsize::new(0)),
+            landings_hint: CachePadded::new(AtomicU64::new(0)),
             spin_ns: AtomicU64::new(0),
             naps_ns: AtomicU64::new(0),
             job: Mutex::new(None),
             shared: Mutex::new(None),
-            shared_hint: Line(AtomicBool::new(false)),
+            shared_hint: CachePadded::new(AtomicBool::new(false)),
             flushing_hint: AtomicUsize::new(0),
             stopped_hint: AtomicBool::new(false),
             adopted: AtomicUsize::new(0),

@@ -5,8 +5,9 @@
 
 use crate::config::{CLAIM_SHARE, HANDOFF_CAP, HANDOFF_WAIT, STRIPE_BYTES, WORKER_PIECE};
 use crate::sync::{AtomicUsize, Ordering, lock, lock_within, try_lock};
+use crossbeam_utils::CachePadded;
 
-use super::{Line, ReleaseQueue, Run};
+use super::{ReleaseQueue, Run};
 
 /// A claimed run being zeroed, split into stripes that several threads can take: the worker
 /// publishes its current claim as a job, and an allocation that would otherwise wait for it
@@ -19,9 +20,9 @@ pub(crate) struct Job {
     pub(super) stripes: usize,
     /// Stripes handed out; apart from `done`, so that the two threads' claims and the waiting
     /// thread's polls do not share one cache line.
-    pub(super) next: Line<AtomicUsize>,
+    pub(super) next: CachePadded<AtomicUsize>,
     /// Stripes zeroed.
-    pub(super) done: Line<AtomicUsize>,
+    pub(super) done: CachePadded<AtomicUsize>,
 }
 
 impl Job {
@@ -34,8 +35,8 @@ impl Job {
             buffer_pages,
             stripe,
             stripes: bytes.div_ceil(stripe),
-            next: Line(AtomicUsize::new(0)),
-            done: Line(AtomicUsize::new(0)),
+            next: CachePadded::new(AtomicUsize::new(0)),
+            done: CachePadded::new(AtomicUsize::new(0)),
         }
     }
 

@@ -4,6 +4,7 @@
 //! buffers (`buffer.rs`) and the thread caches (`cache.rs`) are built on it; it knows none of
 //! them.
 
+use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arena::Arenas;
@@ -47,12 +48,11 @@ pub(crate) struct Counters {
     pub(crate) exported: AtomicU64,
     pub(crate) exports_held: AtomicU64,
     pub(crate) peak_pooled: AtomicUsize,
-    pub(crate) worker: WorkerCounters,
+    pub(crate) worker: CachePadded<WorkerCounters>,
 }
 
 /// The worker's counters, on a cache line of their own.
 #[derive(Default)]
-#[repr(align(128))]
 pub(crate) struct WorkerCounters {
     pub(crate) zeroed: AtomicU64,
     pub(crate) bytes: AtomicU64,
