@@ -210,10 +210,9 @@ impl Inner {
                     st.clean.entry(b.len()).or_default().push(b);
                     self.owner.note_added(pages); // under the lock: see `shrink`
                 }
-                let (count, limit) = (self.owner.count(), self.owner.limit_pages());
-                if count > limit {
-                    self.shrink(count - limit);
-                }
+                // The owner's limit, then the registry's maximum, as for any other pool:
+                // pooled dma-bufs never push the other owners' pools out.
+                self.owner.enforce_limits();
             }
             let wait = !still_held.is_empty();
             {
@@ -278,8 +277,11 @@ impl PoolCore {
         let page = crate::os::page_size();
         let owner = registry.register(&format!("dmabuf:{}", heap.name()), limit_pages);
         let inner = Inner::new(heap, owner, page, false);
+        // One of the owner's pools, of another kind: its limit, the registry's maximum and
+        // the registry's shrink reach it like a page pool (and its pages, counted in the
+        // owner's, are not counted twice by the registry's pressure response).
         let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&inner) as _;
-        registry.add_shrinker(weak);
+        inner.owner.add_other(weak);
         let w = inner.clone();
         let worker = std::thread::Builder::new()
             .name("pagepool-dmabuf".into())

@@ -18,14 +18,41 @@ use crate::shrinker::Shrinker;
 use crate::stats::{OwnerStats, PressureStats, RegistryStats};
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
 
-/// Scans `pools` round robin from `cursor`: one block from a pool, then the next pool, until
-/// `nr_pages` are freed or a whole round frees nothing.
-fn scan_round_robin(pools: &[Arc<PagePool>], cursor: &AtomicUsize, nr_pages: usize) -> usize {
-    let n = pools.len();
+/// Something an owner's pages are in: one of its page pools, or another kind of pool that
+/// counts against it (a [`DmaBufPool`](crate::DmaBufPool)'s clean dma-bufs) and frees its
+/// memory through [`Shrinker::scan`].
+#[derive(Clone)]
+enum Unit {
+    Pool(Arc<PagePool>),
+    Other(Arc<dyn Shrinker>),
+}
+
+impl Unit {
+    /// Frees one unit's worth (a block; at least one buffer of another kind of pool); returns
+    /// the pages freed.
+    fn release_one(&self) -> usize {
+        match self {
+            Unit::Pool(p) => p.release_one(),
+            Unit::Other(s) => {
+                // A shrinker that panics frees nothing; limit enforcement goes on.
+                let scan = std::panic::AssertUnwindSafe(|| s.scan(1));
+                std::panic::catch_unwind(scan).unwrap_or_else(|_| {
+                    log::error!("pagepool: shrinker {:?} panicked", s.name());
+                    0
+                })
+            }
+        }
+    }
+}
+
+/// Scans `units` round robin from `cursor`: one block (or buffer) from a unit, then the next,
+/// until `nr_pages` are freed or a whole round frees nothing.
+fn scan_round_robin(units: &[Unit], cursor: &AtomicUsize, nr_pages: usize) -> usize {
+    let n = units.len();
     let (mut freed, mut idle) = (0, 0);
     while freed < nr_pages && idle < n {
         let i = cursor.fetch_add(1, Ordering::Relaxed) % n;
-        match pools[i].release_one() {
+        match units[i].release_one() {
             0 => idle += 1,
             f => {
                 freed += f;
@@ -150,6 +177,7 @@ impl Registry {
             limit: AtomicUsize::new(limit_pages),
             pages: AtomicUsize::new(0),
             pools: Mutex::new(Vec::new()),
+            others: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
             registry: self.clone(),
             books: self.books().clone(),
@@ -247,14 +275,10 @@ impl Registry {
 }
 
 impl Registry {
-    /// Frees pages from all owners' pools, round robin across the pools.
+    /// Frees pages from all owners' pools (page pools and others), round robin across them.
     fn scan_pools(&self, nr_pages: usize) -> usize {
-        let pools: Vec<Arc<PagePool>> = self
-            .live_owners()
-            .iter()
-            .flat_map(|o| o.live_pools())
-            .collect();
-        scan_round_robin(&pools, &self.cursor, nr_pages)
+        let units: Vec<Unit> = self.live_owners().iter().flat_map(|o| o.units()).collect();
+        scan_round_robin(&units, &self.cursor, nr_pages)
     }
 }
 
@@ -304,6 +328,8 @@ pub struct Owner {
     limit: AtomicUsize,
     pages: AtomicUsize,
     pools: Mutex<Vec<Weak<PagePool>>>,
+    /// Other kinds of pools counting against this owner (see [`Owner::add_other`]).
+    others: Mutex<Vec<Weak<dyn Shrinker>>>,
     cursor: AtomicUsize,
     registry: Arc<Registry>,
     /// The registry's books this owner counts in (those of the process that registered it).
@@ -351,6 +377,27 @@ impl Owner {
         lock(&self.pools).iter().filter_map(Weak::upgrade).collect()
     }
 
+    /// Adds a pool of another kind whose pages count against this owner (it tells the owner of
+    /// them with `note_added` and `note_removed`): the owner's limit, the registry's maximum
+    /// and the registry's shrink reach it like a page pool, through its `scan`. Held weakly.
+    pub(crate) fn add_other(&self, other: Weak<dyn Shrinker>) {
+        let mut others = lock(&self.others);
+        others.retain(|o| o.strong_count() > 0);
+        others.push(other);
+    }
+
+    /// This owner's pools of every kind, for round-robin scans.
+    fn units(&self) -> Vec<Unit> {
+        let mut units: Vec<Unit> = self.live_pools().into_iter().map(Unit::Pool).collect();
+        units.extend(
+            lock(&self.others)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(Unit::Other),
+        );
+        units
+    }
+
     pub(crate) fn note_added(&self, pages: usize) {
         self.pages.fetch_add(pages, Ordering::Relaxed);
         self.books.total.fetch_add(pages, Ordering::Relaxed);
@@ -392,9 +439,9 @@ impl Shrinker for Owner {
         self.pages.load(Ordering::Relaxed)
     }
 
-    /// Frees pages from this owner's pools only, round robin.
+    /// Frees pages from this owner's pools only (of every kind), round robin.
     fn scan(&self, nr_pages: usize) -> usize {
-        scan_round_robin(&self.live_pools(), &self.cursor, nr_pages)
+        scan_round_robin(&self.units(), &self.cursor, nr_pages)
     }
 }
 
@@ -514,6 +561,65 @@ mod tests {
             self.0.fetch_sub(n, Ordering::Relaxed);
             n
         }
+    }
+
+    /// Another kind of pool counting against an owner: `n` units of 4 pages, freed by `scan`.
+    struct Other {
+        owner: Arc<Owner>,
+        units: AtomicUsize,
+    }
+    impl Shrinker for Other {
+        fn name(&self) -> &str {
+            "other"
+        }
+        fn count(&self) -> usize {
+            self.units.load(Ordering::Relaxed) * 4
+        }
+        fn scan(&self, nr_pages: usize) -> usize {
+            let mut freed = 0;
+            while freed < nr_pages && self.units.load(Ordering::Relaxed) > 0 {
+                self.units.fetch_sub(1, Ordering::Relaxed);
+                self.owner.note_removed(4);
+                freed += 4;
+            }
+            freed
+        }
+    }
+
+    #[test]
+    fn other_kinds_of_pools_are_shrunk_like_page_pools() {
+        let reg = Registry::new(1000);
+        let a = reg.register("a", 1000);
+        let p = a.add_pool(0, free());
+        for _ in 0..8 {
+            p.give(block(0)).unwrap();
+        }
+        let b = reg.register("b", 1000);
+        let other = Arc::new(Other {
+            owner: b.clone(),
+            units: AtomicUsize::new(4),
+        });
+        b.note_added(16);
+        let weak: Weak<dyn Shrinker> = Arc::downgrade(&(other.clone() as Arc<dyn Shrinker>));
+        b.add_other(weak);
+        assert_eq!(reg.count(), 24);
+        // Over a maximum of 16: both owners give, round robin (not only a's page pool).
+        reg.set_max_pages(16);
+        assert!(reg.count() <= 16);
+        assert!(
+            other.units.load(Ordering::Relaxed) < 4,
+            "the other pool gave"
+        );
+        assert!(p.pages() < 8, "the page pool gave");
+        // An owner's own limit reaches it too.
+        b.set_limit_pages(4);
+        assert!(b.count() <= 4);
+        assert_eq!(reg.count_all(), reg.count(), "counted once");
+        // The registry's shrink frees everything, the other pool included.
+        let left = reg.count_all();
+        assert_eq!(reg.shrink_all(usize::MAX), left);
+        assert_eq!(reg.count(), 0);
+        assert_eq!(other.units.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -167,6 +167,62 @@ fn dmapool_recycles_zeroed() -> Result {
     Ok(format!("{st:?}"))
 }
 
+/// A dma-buf pool is one of its registry's pools like any other: the registry's maximum and
+/// its shrink reach its buffers, and its pages do not push the other owners' pools out alone.
+fn dmapool_shrinks_like_any_owner() -> Result {
+    let page = pagepool::page_size();
+    let registry = Registry::new((8 << 20) / page);
+    let heap = DmaHeap::open("system").map_err(e)?;
+    let pool = DmaBufPool::new(heap, &registry, 64 << 20).map_err(e)?;
+    let bufs: Vec<_> = (0..6)
+        .map(|_| pool.alloc(1 << 20).map_err(e))
+        .collect::<std::result::Result<_, _>>()?;
+    drop(bufs);
+    pool.flush();
+    let pooled = pool.stats().pooled;
+    check(pooled == 6 && registry.count() == (6 << 20) / page, || {
+        format!(
+            "six pooled dma-bufs counted: {:?}, registry {}",
+            pool.stats(),
+            registry.count()
+        )
+    })?;
+    // A heap on the same registry pools 4 MiB: 10 MiB against a maximum of 8.
+    let sys = pagepool::SystemHeap::builder()
+        .name("beside-dmabufs")
+        .registry(registry.clone())
+        .deferred(false)
+        .pressure(None)
+        .build()
+        .map_err(e)?;
+    drop(sys.alloc(4 << 20).map_err(e)?);
+    let (st, hs) = (pool.stats(), sys.stats());
+    check(registry.count() * page <= 8 << 20, || {
+        format!("over the maximum: {} pages", registry.count())
+    })?;
+    check(st.released > 0 && st.pooled < 6, || {
+        format!("the dma-buf pool gave nothing back: {st:?}; heap {hs}")
+    })?;
+    check(hs.pooled_pages() > 0, || {
+        format!("the heap's pools alone were emptied: {hs}")
+    })?;
+    // The registry's shrink (what the pressure monitor runs) reaches the dma-bufs too.
+    let freed = registry.shrink_all(usize::MAX);
+    let after = pool.stats();
+    check(after.pooled == 0 && registry.count() == 0, || {
+        format!(
+            "after shrink_all({freed}): {after:?}, registry {}",
+            registry.count()
+        )
+    })?;
+    Ok(format!(
+        "max 8 MiB: dma-bufs {} -> {} pooled, heap {} pages pooled; shrink_all freed {freed} pages",
+        pooled,
+        st.pooled,
+        hs.pooled_pages()
+    ))
+}
+
 /// A dma-buf another process holds is never recycled while it holds it.
 fn dmapool_never_recycles_a_held_buffer() -> Result {
     let pool = system_pool()?;
@@ -564,7 +620,7 @@ fn main() {
         _ => {}
     }
     type Case = (&'static str, fn() -> Result);
-    let cases: [Case; 10] = [
+    let cases: [Case; 11] = [
         ("dmabuf_alloc_and_map_1m", dmabuf_alloc_and_map_1m),
         ("dmabuf_zeroed_after_dirty_free_4k", || {
             dmabuf_zeroed_after_dirty_free(4096)
@@ -591,6 +647,10 @@ fn main() {
         ),
         ("heap_zeroed_after_dirty_free", heap_zeroed_after_dirty_free),
         ("dmapool_after_fork", dmapool_after_fork),
+        (
+            "dmapool_shrinks_like_any_owner",
+            dmapool_shrinks_like_any_owner,
+        ),
     ];
     let only: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
     let (mut passed, mut failed) = (0, 0);
