@@ -13,10 +13,10 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::OsError;
+use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering, lock};
 use crate::{fork, os};
 
 /// An arena's memfd: recorded so that a forked child closes its copy (see [`crate::fork`]).
@@ -116,8 +116,8 @@ impl Arenas {
         }
     }
 
-    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arena>> {
-        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    fn list(&self) -> MutexGuard<'_, Vec<Arena>> {
+        lock(&self.list)
     }
 
     /// The number of arenas mapped now.

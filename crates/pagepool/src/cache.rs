@@ -28,14 +28,13 @@
 //! adds them up.
 
 use std::cell::RefCell;
-use std::sync::atomic::Ordering;
 
 use crossbeam_utils::CachePadded;
 
 use crate::cache_slots::{Slot, SlotTotals, add_own};
 use crate::deferred::{Run, Runs};
 use crate::heap::core::HeapInner;
-use crate::sync::{Arc, lock};
+use crate::sync::{Arc, Ordering, lock};
 
 /// One thread's cache of one heap.
 struct ThreadCache {
@@ -154,8 +153,14 @@ fn one_run(start: usize, pages: usize) -> Runs {
     }]
 }
 
-thread_local! {
+#[cfg(not(loom))]
+std::thread_local! {
     static CACHES: RefCell<Vec<ThreadCache>> = const { RefCell::new(Vec::new()) };
+}
+// Loom runs its threads on one OS thread: their thread-locals must be loom's.
+#[cfg(loom)]
+loom::thread_local! {
+    static CACHES: RefCell<Vec<ThreadCache>> = RefCell::new(Vec::new());
 }
 
 /// Runs `f` on this thread's cache of the heap at `heap`, creating the cache if `create`

@@ -3,11 +3,9 @@
 //! `stats` adds up. The heap's core holds it; the caches themselves, which reach into the
 //! core, are built on top.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-
 use crossbeam_utils::CachePadded;
 
-use crate::sync::{Mutex, Weak, lock};
+use crate::sync::{AtomicI64, AtomicU64, AtomicUsize, Mutex, Ordering, Weak, lock};
 
 /// The cache settings and shared state of one heap.
 pub(crate) struct CacheShared {

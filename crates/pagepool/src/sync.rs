@@ -1,22 +1,39 @@
 //! The synchronisation primitives the rest of the crate uses.
 //!
-//! Every module imports `crate::sync` instead of `std::sync`, so that building with `--cfg loom`
-//! swaps in [loom](https://docs.rs/loom)'s model-checked versions and `tests/loom.rs` can explore
-//! every interleaving of the pool's give/take and the registry's shrink.
+//! Every module imports its atomics, locks, condition variables, spin hints and thread-locals
+//! from `crate::sync` instead of `std`, so that building with `--cfg loom` swaps in
+//! [loom](https://docs.rs/loom)'s model-checked versions: `tests/loom.rs` and the
+//! `loom_tests` of `deferred` explore every interleaving of the pool's give/take, the
+//! registry's shrink, the deferred queue, the allocator-worker hand-off and the thread caches.
+//!
+//! Not swapped: reference counting (`Arc`, `Weak`: structure, not the concurrency under test,
+//! and loom has no `Weak`), and the clock. Loom does not model time; the idle policy reads
+//! `std::time::Instant`, and every wait bounded by time has a loom branch that yields once
+//! instead (`spin_until`, `lock_within`, `wait_timeout`).
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
 // Reference counting is structure, not the concurrency under test (and loom has no `Weak`):
 // always std's.
 pub(crate) use std::sync::{Arc, Weak};
+
+/// A spin-wait hint: the processor's pause instruction, or under loom a yield to the other
+/// model threads (a loop that spins must let them run).
+#[inline]
+pub(crate) fn spin_loop() {
+    #[cfg(loom)]
+    loom::hint::spin_loop();
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+}
 
 /// Waits on `cv`, ignoring poisoning (see [`lock`]).
 pub(crate) fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
@@ -78,7 +95,7 @@ pub(crate) fn lock_within<'a, T>(
                 Some(_) => {}
             }
             for _ in 0..16 {
-                std::hint::spin_loop();
+                spin_loop();
             }
         }
     }

@@ -1,5 +1,6 @@
-//! Loom models of the pool's concurrent give/take and of the registry's shrink racing with them.
-//! (The deferred-free queue's models are in the crate: `src/deferred.rs`, `loom_tests`.)
+//! Loom models of the pool's concurrent give/take, of the registry's shrink racing with them,
+//! and of the thread caches handing buffers back. (The deferred-free queue's models, the
+//! allocator-worker hand-off among them, are in the crate: `src/deferred/mod.rs`, `loom_tests`.)
 //!
 //! Run with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom`
 //! (`.ci/loom` does). Blocks are small heap allocations: the pool only needs memory it can
@@ -101,5 +102,54 @@ fn registry_shrink_races_give_and_take() {
         if let Some(b) = held {
             free(b);
         }
+    });
+}
+
+/// The thread caches' hand-back: two threads release dirty small buffers into their own caches
+/// while the other allocates, releases and shrinks the same heap (a shrink asks every cache
+/// to empty itself at its thread's next use of the heap; `flush` empties the caller's at
+/// once). Whatever the interleaving, every buffer handed out reads zero, and at the end every
+/// page is accounted for: given back, none left in a cache or lost. (Loom runs a finished
+/// thread's thread-local destructors only when the model ends, so the hand-back at thread exit
+/// is left to `tests/thread_cache.rs`.)
+#[test]
+fn thread_caches_hand_back_on_shrink_and_flush() {
+    loom::model(|| {
+        let heap = Arc::new(
+            pagepool::SystemHeap::builder()
+                .name("loom-cache")
+                .registry(Registry::new(usize::MAX))
+                .deferred(false) // no worker thread: loom models only its own threads
+                .pressure(None)
+                .thread_cache(16 << 10)
+                .build()
+                .unwrap(),
+        );
+        let other = {
+            let heap = heap.clone();
+            thread::spawn(move || {
+                for fill in [0xee, 0xdd] {
+                    let mut b = heap.alloc(4096).unwrap();
+                    assert!(b.iter().all(|&x| x == 0), "a buffer handed out dirty");
+                    b.fill(fill);
+                    drop(b); // into this thread's cache, dirty
+                }
+                heap.flush(); // empties this thread's cache
+            })
+        };
+        let mut b = heap.alloc(4096).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "a buffer handed out dirty");
+        b.fill(0x11);
+        drop(b);
+        heap.shrink(usize::MAX);
+        other.join().unwrap();
+        let again = heap.alloc(4096).unwrap();
+        assert!(again.iter().all(|&x| x == 0), "a buffer handed out dirty");
+        drop(again);
+        heap.trim();
+        let st = heap.stats();
+        assert_eq!(st.live_buffers, 0);
+        assert_eq!(st.thread_cached_pages, 0, "no cache holds pages: {st}");
+        assert_eq!(st.fresh_pages, st.released_pages, "every page back: {st}");
     });
 }

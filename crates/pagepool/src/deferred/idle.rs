@@ -84,7 +84,7 @@ impl ReleaseQueue {
                 } else {
                     seen = None; // an allocation took it
                 }
-                std::hint::spin_loop();
+                crate::sync::spin_loop();
             }
             self.promise(std::time::Duration::ZERO);
             if self.holding() && self.flushing_hint.load(Ordering::Relaxed) == 0 {

@@ -628,6 +628,86 @@ mod loom_tests {
         });
     }
 
+    /// The allocator-worker hand-off as the heap runs it: the worker claims a chunk, zeroes it
+    /// a piece at a time (the job open to helpers), waits for its helpers and lands it; an
+    /// allocation steals queued blocks from the other end, helps with the worker's claim and
+    /// waits (boundedly) for it to land. Every stripe is zeroed once, and every block ends up
+    /// either stolen or landed, once.
+    #[test]
+    fn steal_help_claim_land_hand_each_block_to_one_side() {
+        fn stripe_bits(start: usize, off: usize, len: usize) -> usize {
+            // Two blocks of 256 KiB (order 6): 4 stripes each, 8 bits over the two.
+            let at = (start - (1 << 30)) + off;
+            let (first, n) = (at / STRIPE_BYTES, len.div_ceil(STRIPE_BYTES));
+            ((1 << n) - 1) << first
+        }
+        loom::model(|| {
+            let list = Arc::new(ReleaseQueue::new(4096, 1 << 20, Box::new(|_| {})));
+            let block_pages = 1 << 6;
+            list.queue(
+                [Run {
+                    start: 1 << 30,
+                    order: 6,
+                    count: 2,
+                }]
+                .into_iter()
+                .collect(),
+            )
+            .unwrap();
+            let zeroed = Arc::new(AtomicUsize::new(0)); // one bit per stripe
+            let landed = Arc::new(AtomicUsize::new(0)); // pages
+            let zero = {
+                let zeroed = zeroed.clone();
+                move |run: Run, off: usize, len: usize| {
+                    let bits = stripe_bits(run.start, off, len);
+                    assert_eq!(
+                        zeroed.fetch_or(bits, Ordering::SeqCst) & bits,
+                        0,
+                        "stripe zeroed twice"
+                    );
+                }
+            };
+            let worker = {
+                let (list, landed, zero) = (list.clone(), landed.clone(), zero.clone());
+                thread::spawn(move || {
+                    while let Some(work) = list.next_work() {
+                        let Work::Claim(job) = work else { continue };
+                        while let Some((off, len)) = job.next_worker_piece(4096) {
+                            zero(job.run(), off, len);
+                            assert!(!job.finish(len), "nobody abandons the worker's claim");
+                        }
+                        while !job.wait_complete() {
+                            thread::yield_now();
+                        }
+                        landed.fetch_add(job.run().pages(), Ordering::SeqCst);
+                        list.landed(&job.run());
+                    }
+                })
+            };
+            // The allocation: one block stolen (zeroed whole by itself), then help with
+            // whatever the worker holds, then a bounded wait for it to land.
+            let stolen: Vec<Run> = list.steal(6, 1, 2).into_iter().collect();
+            for r in &stolen {
+                zero(*r, 0, r.pages() * 4096);
+            }
+            let z = zero.clone();
+            list.help(6, |job, off, len| z(job.run(), off, len));
+            list.wait_landed();
+            list.flush();
+            let leftover: usize = list.stop().iter().map(Run::pages).sum();
+            worker.join().unwrap();
+            let stolen_pages: usize = stolen.iter().map(Run::pages).sum();
+            assert_eq!(leftover, 0, "flush drained the queue");
+            assert_eq!(
+                stolen_pages + landed.load(Ordering::SeqCst),
+                2 * block_pages,
+                "each block stolen or landed, once"
+            );
+            assert_eq!(zeroed.load(Ordering::SeqCst), 0xff, "every stripe zeroed");
+            assert_eq!(list.pending_pages(), 0);
+        });
+    }
+
     /// An allocation that gives up waiting for the worker's stripe and the worker finishing
     /// it: whatever the interleaving, exactly one of them owns the run afterwards.
     #[test]

@@ -144,7 +144,7 @@ pub(crate) fn spin_until(bound: std::time::Duration, mut done: impl FnMut() -> b
         let end = std::time::Instant::now() + bound;
         loop {
             for _ in 0..32 {
-                std::hint::spin_loop();
+                crate::sync::spin_loop();
                 if done() {
                     return true;
                 }
@@ -286,7 +286,7 @@ impl ReleaseQueue {
             let (mut seen, mut progress) = (self.due_ns.load(Ordering::Relaxed), start);
             loop {
                 for _ in 0..32 {
-                    std::hint::spin_loop();
+                    crate::sync::spin_loop();
                     if done() {
                         return true;
                     }

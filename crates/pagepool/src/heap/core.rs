@@ -5,7 +5,6 @@
 //! them.
 
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arena::Arenas;
 use crate::cache_slots::CacheShared;
@@ -15,7 +14,7 @@ use crate::error::AllocError;
 use crate::pool::{Block, PagePool};
 use crate::registry::Owner;
 use crate::shrinker::Shrinker;
-use crate::sync::Arc;
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// What [`HeapInner::gather`] found for a buffer: its runs (sorted, joined where blocks lie end
 /// to end), the queued blocks it zeroed (`stolen`), the fresh range it carved (`fresh`:

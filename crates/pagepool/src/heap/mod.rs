@@ -85,7 +85,6 @@ mod stats;
 mod worker;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use self::builder::Config;
 pub use self::builder::HeapBuilder;
@@ -102,7 +101,7 @@ use crate::pool::Block;
 use crate::registry::Owner;
 use crate::shrinker::Shrinker;
 use crate::stats::HeapStats;
-use crate::sync::Arc;
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
 
 impl HeapBuilder {
     /// Checks the configuration and creates the heap. No memory is taken from the system yet.

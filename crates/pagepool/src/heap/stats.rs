@@ -1,10 +1,9 @@
 //! A heap's statistics, assembled from its counters, its caches, its queue, its arenas and
 //! its registry: the one place that knows where each figure of [`HeapStats`] comes from.
 
-use std::sync::atomic::Ordering;
-
 use crate::heap::core::HeapInner;
 use crate::stats::HeapStats;
+use crate::sync::Ordering;
 
 /// A snapshot of `h`'s statistics.
 pub(super) fn assemble(h: &HeapInner) -> HeapStats {

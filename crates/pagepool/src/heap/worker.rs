@@ -1,12 +1,10 @@
 //! The deferred-free worker's loop: claim queued runs, zero them (sharing the stripes with
 //! allocations that help), land them in the pools; and its throughput counters.
 
-use std::sync::atomic::Ordering;
-
 use crate::config::STRIPE_BYTES;
 use crate::deferred::{Job, ReleaseQueue, Run, Work};
 use crate::heap::core::HeapInner;
-use crate::sync::Arc;
+use crate::sync::{Arc, Ordering};
 
 /// Starts the worker thread of `inner` (`pagepool-free`).
 pub(super) fn spawn(inner: &Arc<HeapInner>) -> std::io::Result<std::thread::JoinHandle<()>> {
