@@ -153,9 +153,9 @@ impl HeapBuilder {
 
     /// How long the idle worker, after its spin, keeps taking short naps and looking for work
     /// when it wakes, before it sleeps until a release wakes it (default 100 ms; zero sleeps at
-    /// once). While it naps, releases cost no wake-up (8-10 us of the releasing thread's time
-    /// measured in this project's VMs); each nap costs the worker a timer wake-up (about 20 in
-    /// the first 2 ms of idleness, a few more after that).
+    /// once). While it naps, releases cost no wake-up (a system call on the releasing thread);
+    /// each nap costs the worker a timer wake-up (about 20 in the first 2 ms of idleness, a few
+    /// more after that).
     pub fn worker_naps(mut self, d: std::time::Duration) -> Self {
         self.worker_naps = d;
         self
