@@ -425,10 +425,13 @@ impl PagePool {
 
     /// [`take_many`](Self::take_many), but takes nothing if the pool's lock stays busy for
     /// `bound` while a low-priority thread is inside its locked sections (`worker_locking`;
-    /// see `sync::lock_within`): such a holder may not run again for a long time.
-    pub(crate) fn take_many_within(
+    /// see `sync::lock_within`): such a holder may not run again for a long time. With
+    /// `end_to_end`, takes `n` blocks that lie end to end (among the most recent
+    /// [`HOT_BLOCKS`]) or nothing.
+    pub(crate) fn take_within(
         &self,
         n: usize,
+        end_to_end: bool,
         bound: std::time::Duration,
         worker_locking: &crate::sync::AtomicBool,
         f: impl FnMut(Block),
@@ -437,25 +440,7 @@ impl PagePool {
             return 0;
         }
         match lock_within(&self.list, bound, worker_locking) {
-            Some(list) => self.take_from(n, list, false, f),
-            None => 0,
-        }
-    }
-
-    /// [`take_many_within`](Self::take_many_within), but takes `n` blocks that lie end to end
-    /// (among the most recent [`HOT_BLOCKS`]) or nothing; returns `n` or 0.
-    pub(crate) fn take_run_within(
-        &self,
-        n: usize,
-        bound: std::time::Duration,
-        worker_locking: &crate::sync::AtomicBool,
-        f: impl FnMut(Block),
-    ) -> usize {
-        if n == 0 {
-            return 0;
-        }
-        match lock_within(&self.list, bound, worker_locking) {
-            Some(list) => self.take_from(n, list, true, f),
+            Some(list) => self.take_from(n, list, end_to_end, f),
             None => 0,
         }
     }

@@ -6,9 +6,9 @@ use crate::config::{
     CHUNK_PAGES, CLAIM_DELAY, EARLY_BY, LATE_HOLD, LATE_HOLD_MAX, NAP_FIRST, NAP_LONGEST,
     NAP_STEADY_FOR, PREEMPTED, RHYTHM_MAX_NS, WAKE_GRACE, WORKER_GRACE,
 };
-use crate::sync::{Ordering, lock, wait, wait_timeout};
+use crate::sync::{MutexGuard, Ordering, lock, wait, wait_timeout};
 
-use super::{Job, ReleaseQueue, Run, Work};
+use super::{Job, Locking, Queue, ReleaseQueue, Run, Work};
 
 /// The nap an idle worker takes after `idle` without work, or `None` once it has napped for
 /// `naps_ns` and should sleep until woken.
@@ -240,6 +240,23 @@ impl ReleaseQueue {
         }
     }
 
+    /// The worker naps for `nap`, having promised to look at the queue when it wakes; the
+    /// queue's lock and the worker-locking flag are let go meanwhile.
+    fn nap<'a>(
+        &'a self,
+        mut q: MutexGuard<'a, Queue>,
+        locking: &mut Option<Locking<'a>>,
+        nap: std::time::Duration,
+    ) -> MutexGuard<'a, Queue> {
+        q.napping += 1;
+        self.promise(nap);
+        drop(locking.take());
+        q = wait_timeout(&self.work, q, nap);
+        *locking = Some(self.locking());
+        q.napping -= 1;
+        q
+    }
+
     /// The worker's loop step: like [`claim`](Self::claim), but also returns
     /// [`Work::Assist`] when an allocation shared a run while the worker was idle, and gives
     /// the size in pages of the buffer a claimed run came from (the worker zeroes runs of large
@@ -300,12 +317,7 @@ impl ReleaseQueue {
                     if let Some(nap) = self.until_next_release()
                         && q.flushing == 0
                     {
-                        q.napping += 1;
-                        self.promise(nap);
-                        drop(locking.take());
-                        q = wait_timeout(&self.work, q, nap);
-                        locking = Some(self.locking());
-                        q.napping -= 1;
+                        q = self.nap(q, &mut locking, nap);
                         if (!q.items.is_empty() && !self.holding())
                             || q.stopped
                             || self.shared_hint.load(Ordering::Acquire)
@@ -336,14 +348,7 @@ impl ReleaseQueue {
             }
             let idle = idle_since.map_or(std::time::Duration::ZERO, |t| t.elapsed());
             match nap_length(idle, self.naps_ns.load(Ordering::Relaxed)) {
-                Some(nap) => {
-                    q.napping += 1;
-                    self.promise(nap);
-                    drop(locking.take());
-                    q = wait_timeout(&self.work, q, nap);
-                    locking = Some(self.locking());
-                    q.napping -= 1;
-                }
+                Some(nap) => q = self.nap(q, &mut locking, nap),
                 None => {
                     q.sleeping += 1;
                     self.due_ns.store(u64::MAX, Ordering::Relaxed);

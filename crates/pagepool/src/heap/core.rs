@@ -290,7 +290,7 @@ impl HeapInner {
             .as_ref()
             .map_or(&self.no_worker, |l| l.worker_locking());
         let take_pooled = |runs: &mut Runs, n: usize| {
-            pool.take_many_within(n, HANDOFF_WAIT, worker_locking, |b| {
+            pool.take_within(n, false, HANDOFF_WAIT, worker_locking, |b| {
                 runs.push(Run::from_block(b))
             })
         };
@@ -299,7 +299,7 @@ impl HeapInner {
         // in the pool and part still queued, is then taken whole rather than beside other
         // pooled blocks (which would scatter it; see `alloc_blocks`).
         let mut pooled = if want > 1 && self.release_queue.is_some() {
-            pool.take_run_within(want, HANDOFF_WAIT, worker_locking, |b| {
+            pool.take_within(want, true, HANDOFF_WAIT, worker_locking, |b| {
                 runs.push(Run::from_block(b))
             })
         } else {
@@ -336,8 +336,9 @@ impl HeapInner {
                 // only if the rest lie end to end there (else the claim, once landed, would be
                 // left out of the set it belongs to).
                 pooled += if want > 1 {
-                    pool.take_run_within(
+                    pool.take_within(
                         want - pooled - inline,
+                        true,
                         HANDOFF_WAIT,
                         worker_locking,
                         |b| runs.push(Run::from_block(b)),
