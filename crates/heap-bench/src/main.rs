@@ -173,17 +173,25 @@ fn run(args: Args) -> Result<(), String> {
         .map(|&s| (s, measure::bandwidth(s, Duration::from_millis(150))))
         .collect();
     for (s, b) in &bw {
+        let each: Vec<String> = b
+            .methods
+            .iter()
+            .map(|m| format!("{} {:.1} / {:.1}", m.method, m.single / 1e9, m.all / 1e9))
+            .collect();
         println!(
-            "memset {s} bytes: {:.1} GB/s one thread, {:.1} GB/s all threads; zeroing limit {:.0} ns/call",
-            b.single / 1e9,
-            b.all / 1e9,
+            "zeroing {s} bytes, GB/s one thread / all threads: {}; best: {} one thread, {} all threads; zeroing limit {:.0} ns/call",
+            each.join(", "),
+            b.single_method,
+            b.all_method,
             b.limit_ns(*s)
         );
     }
     // What the touch alone costs, where memory is already zeroed (on this core or the other),
     // after the paced mode's work between calls.
     let paced_work = |size: usize, b: &Bandwidth| {
-        let us = args.work_us.unwrap_or(2.0 * size as f64 / b.single * 1e6);
+        let us = args
+            .work_us
+            .unwrap_or(2.0 * size as f64 / b.memset_single() * 1e6);
         Duration::from_nanos((us * 1000.0) as u64)
     };
     let floors: Vec<(usize, TouchFloor)> = if opts.touch {
@@ -310,15 +318,21 @@ fn run(args: Args) -> Result<(), String> {
                 let nanos = after.worker_nanos - before.worker_nanos;
                 // Below a few MiB the figure is timer noise (small releases are zeroed inline).
                 if nanos > 0 && bytes >= 16 << 20 {
-                    // The reference, measured again now: the best of this and the run's first
-                    // measurement (a reference lowered by a noisy neighbour would flatter the
-                    // worker).
-                    let again = measure::bandwidth(size, Duration::from_millis(100)).single;
+                    // The reference, measured again now: the best one-thread zeroing of any
+                    // method, in this and the run's first measurement (a reference lowered by a
+                    // noisy neighbour would flatter the worker).
+                    let again = measure::bandwidth(size, Duration::from_millis(100));
+                    let (best, method) = if again.single > b.single {
+                        (again.single, again.single_method)
+                    } else {
+                        (b.single, b.single_method)
+                    };
                     mr.worker.push(WorkerFigure {
                         size,
                         bytes,
                         bytes_per_sec: bytes as f64 * 1e9 / nanos as f64,
-                        memset_single: b.single.max(again),
+                        best_single: best,
+                        best_method: method,
                     });
                 }
             }

@@ -70,9 +70,11 @@ pub struct WorkerFigure {
     pub bytes: u64,
     /// Its throughput, bytes per second of zeroing.
     pub bytes_per_sec: f64,
-    /// One-thread memset of resident memory at this size, bytes per second: the best of the
-    /// run's first measurement and one made right after the size's rows.
-    pub memset_single: f64,
+    /// The best one-thread zeroing of resident memory at this size (any method), bytes per
+    /// second: the best of the run's first measurement and one made right after the size's rows.
+    pub best_single: f64,
+    /// The method that gave it.
+    pub best_method: &'static str,
 }
 
 /// One mode's results.
@@ -202,12 +204,13 @@ impl ModeReport {
         for w in &self.worker {
             let _ = writeln!(
                 out,
-                "worker zeroing at {}: {:.1} GB/s over {} MiB; one-thread memset {:.1} GB/s (best of two in this run): {:.0}%",
+                "worker zeroing at {}: {:.1} GB/s over {} MiB; best one-thread zeroing {:.1} GB/s ({}, best of two in this run): {:.0}%",
                 human(w.size),
                 w.bytes_per_sec / 1e9,
                 w.bytes >> 20,
-                w.memset_single / 1e9,
-                100.0 * w.bytes_per_sec / w.memset_single
+                w.best_single / 1e9,
+                w.best_method,
+                100.0 * w.bytes_per_sec / w.best_single
             );
         }
         out
@@ -227,7 +230,7 @@ pub struct Report {
     pub touch: bool,
     /// Whether buffers were verified all-zero.
     pub verify: bool,
-    /// memset bandwidth per size.
+    /// Zeroing bandwidth per size (each method, and the best).
     pub bandwidth: Vec<(usize, Bandwidth)>,
     /// The touch floor per size (empty with `--no-touch`).
     pub touch_floor: Vec<(usize, TouchFloor)>,
