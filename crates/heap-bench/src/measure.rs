@@ -43,8 +43,11 @@ impl Bandwidth {
     }
 }
 
+/// A way to zero `size` bytes at a pointer (the caller owns them).
+type ZeroFn = unsafe fn(*mut u8, usize);
+
 /// The zeroing methods measured.
-const METHODS: [(&str, unsafe fn(*mut u8, usize)); 3] = [
+const METHODS: [(&str, ZeroFn); 3] = [
     ("memset", zero_memset),
     ("streaming", zero_streaming),
     ("rep stosb", zero_rep_stosb),
@@ -83,7 +86,7 @@ unsafe fn zero_rep_stosb(p: *mut u8, size: usize) {
     };
 }
 
-fn zero_for(buf: &mut [u8], zero: unsafe fn(*mut u8, usize), d: Duration) -> (usize, Duration) {
+fn zero_for(buf: &mut [u8], zero: ZeroFn, d: Duration) -> (usize, Duration) {
     // Read the clock once per 1 MiB zeroed, not once per buffer: at 4 KiB a clock read costs
     // about as much as the zeroing it would be timing.
     let batch = ((1 << 20) / buf.len().max(1)).max(1);
