@@ -35,8 +35,8 @@ struct Args {
     /// Systems to run, comma separated (default: all).
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
-    /// Calls per repetition for every row (default: up to 5000, fewer for slow rows so that
-    /// the whole run takes about two minutes).
+    /// Calls per repetition for every row (default: as many as fit the row's budget by the mean
+    /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000).
     #[arg(long)]
     iters: Option<usize>,
     /// Repetitions per row; the median is reported.
@@ -82,6 +82,13 @@ fn parse_size(s: &str) -> Result<usize, String> {
         Some(v) => Ok(v),
     }
 }
+
+/// The warmed calls, in time spent in calls, whose mean sets a row's call count.
+const CALIBRATE: Duration = Duration::from_millis(20);
+/// The most calls calibration makes (tiny calls add up to `CALIBRATE` slowly).
+const CALIBRATE_MAX: usize = 20_000;
+/// The fewest calls a repetition of a row times.
+const MIN_CALLS: usize = 200;
 
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
@@ -245,23 +252,30 @@ fn run(args: Args) -> Result<(), String> {
                 .heap()
                 .filter(|_| systems[0].name == "pagepool")
                 .map(|h| h.stats());
-            // Warm up and calibrate each system: a few calls, timed.
+            // Warm up and calibrate each system: three calls untimed (a first call may map a
+            // fresh segment), then calls timed until they add up to CALIBRATE (or
+            // CALIBRATE_MAX calls): the estimate of a call's cost that sets the row's count.
             let mut est = Vec::new();
             for sys in &present {
                 bar.set_message(format!("{mode} {size} {} warm-up", sys.name));
-                let k = 3;
-                let t = Instant::now();
-                run_calls(sys, size, k, opts, work)
-                    .map_err(|e| format!("{} at {size}: {e}", sys.name))?;
-                est.push(t.elapsed().as_nanos() as f64 / k as f64);
+                let fail = |e: String| format!("{} at {size}: {e}", sys.name);
+                run_calls(sys, size, 3, opts, work).map_err(fail)?;
+                let (mut ns, mut calls) = (0u64, 0usize);
+                while ns < CALIBRATE.as_nanos() as u64 && calls < CALIBRATE_MAX {
+                    ns += run_calls(sys, size, 1, opts, work).map_err(fail)?;
+                    calls += 1;
+                }
+                est.push(ns as f64 / calls as f64);
                 bar.inc(1);
             }
+            // Within the row's budget, but never fewer than MIN_CALLS a repetition (a slow row
+            // takes longer than its budget then), nor more than the seed's 5000.
             let counts: Vec<usize> = est
                 .iter()
                 .map(|e| {
                     args.iters.unwrap_or_else(|| {
                         let per_rep = args.budget_ms as f64 * 1e6 / args.reps as f64;
-                        ((per_rep / e) as usize).clamp(10, 5000)
+                        ((per_rep / e) as usize).clamp(MIN_CALLS, 5000)
                     })
                 })
                 .collect();
