@@ -95,30 +95,72 @@ fn median(v: &mut [u64]) -> u64 {
     v[v.len() / 2]
 }
 
-/// Runs `n` calls; returns the time spent in the calls (excluding paced work), in ns.
+/// What one repetition of a row measured.
+struct Rep {
+    /// Time spent in the calls (excluding paced work), in ns.
+    ns: u64,
+    /// Per-call times, in ns: every call's, or, where calls are too short to time one by one
+    /// (`BATCHED_BELOW`), each batch of `BATCH` calls' mean, once per call of the batch.
+    per_call: Vec<u64>,
+    /// CPU time of the whole process (all threads, user + system) over the repetition, in ns.
+    cpu_ns: u64,
+}
+
+/// Sizes below which tight calls are timed in batches: a clock read (~20 ns) would weigh on a
+/// call of tens of ns.
+const BATCHED_BELOW: usize = 64 << 10;
+/// Calls per timed batch there.
+const BATCH: usize = 50;
+
+/// Runs `n` calls.
 fn run_calls(
     sys: &System,
     size: usize,
     n: usize,
     opts: CallOpts,
     work: Duration,
-) -> Result<u64, String> {
-    if work.is_zero() {
-        let t = Instant::now();
-        for _ in 0..n {
-            sys.call(size, opts)?;
+) -> Result<Rep, String> {
+    let cpu0 = measure::process_cpu_ns();
+    let mut per_call = Vec::with_capacity(n);
+    let mut total = 0u64;
+    if work.is_zero() && size < BATCHED_BELOW {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(BATCH);
+            let t = Instant::now();
+            for _ in 0..k {
+                sys.call(size, opts)?;
+            }
+            let ns = t.elapsed().as_nanos() as u64;
+            total += ns;
+            per_call.extend(std::iter::repeat_n(ns / k as u64, k));
+            left -= k;
         }
-        Ok(t.elapsed().as_nanos() as u64)
     } else {
-        let mut total = 0u64;
         for _ in 0..n {
             let t = Instant::now();
             sys.call(size, opts)?;
-            total += t.elapsed().as_nanos() as u64;
-            measure::spin(work);
+            let ns = t.elapsed().as_nanos() as u64;
+            total += ns;
+            per_call.push(ns);
+            if !work.is_zero() {
+                measure::spin(work);
+            }
         }
-        Ok(total)
     }
+    Ok(Rep {
+        ns: total,
+        per_call,
+        cpu_ns: measure::process_cpu_ns().saturating_sub(cpu0),
+    })
+}
+
+/// The value at fraction `q` of sorted `v` (0 when empty).
+fn quantile(v: &[u64], q: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
 fn main() {
@@ -262,7 +304,7 @@ fn run(args: Args) -> Result<(), String> {
                 run_calls(sys, size, 3, opts, work).map_err(fail)?;
                 let (mut ns, mut calls) = (0u64, 0usize);
                 while ns < CALIBRATE.as_nanos() as u64 && calls < CALIBRATE_MAX {
-                    ns += run_calls(sys, size, 1, opts, work).map_err(fail)?;
+                    ns += run_calls(sys, size, 1, opts, work).map_err(fail)?.ns;
                     calls += 1;
                 }
                 est.push(ns as f64 / calls as f64);
@@ -280,6 +322,8 @@ fn run(args: Args) -> Result<(), String> {
                 })
                 .collect();
             let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+            let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+            let mut calls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
             let mut peaks: Vec<Option<(u64, u64)>> = vec![None; present.len()];
             for rep in 0..args.reps {
                 for k in 0..present.len() {
@@ -287,8 +331,11 @@ fn run(args: Args) -> Result<(), String> {
                     let sys = present[i];
                     bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
                     let tracked = sys.heap().is_some() && measure::reset_peak_rss();
-                    let ns = run_calls(sys, size, counts[i], opts, work)
+                    let rep = run_calls(sys, size, counts[i], opts, work)
                         .map_err(|e| format!("{} at {size}: {e}", sys.name))?;
+                    let ns = rep.ns;
+                    cpus[i].push(rep.cpu_ns);
+                    calls[i].extend(rep.per_call);
                     if tracked {
                         let (hwm, _) = measure::rss();
                         let p = peaks[i].get_or_insert((rss_start, 0));
@@ -301,6 +348,8 @@ fn run(args: Args) -> Result<(), String> {
             for (i, sys) in present.iter().enumerate() {
                 let n = counts[i];
                 let total = median(&mut totals[i].clone());
+                let per_call = &mut calls[i];
+                per_call.sort_unstable();
                 let row = Row {
                     mode: mode.to_string(),
                     system: sys.name.to_string(),
@@ -309,6 +358,10 @@ fn run(args: Args) -> Result<(), String> {
                     reps_ns: totals[i].clone(),
                     total_ns: total,
                     ns_per_call: total as f64 / n as f64,
+                    p50_ns: quantile(per_call, 0.50),
+                    p99_ns: quantile(per_call, 0.99),
+                    max_ns: per_call.last().copied().unwrap_or(0),
+                    cpu_ns_per_call: median(&mut cpus[i].clone()) as f64 / n as f64,
                     absent: None,
                     rss_before: peaks[i].map(|p| p.0),
                     peak_rss: peaks[i].map(|p| p.1),

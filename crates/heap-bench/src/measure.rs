@@ -151,6 +151,18 @@ pub fn bandwidth(size: usize, d: Duration) -> Bandwidth {
     }
 }
 
+/// CPU time of the whole process so far (every thread, user + system), in ns.
+pub fn process_cpu_ns() -> u64 {
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF covers every thread.
+    let ru = unsafe {
+        let mut ru = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    ns(ru.ru_utime) + ns(ru.ru_stime)
+}
+
 /// Busy work that touches no heap memory, for `d`.
 pub fn spin(d: Duration) {
     let end = Instant::now() + d;

@@ -22,8 +22,18 @@ pub struct Row {
     pub reps_ns: Vec<u64>,
     /// The median repetition's total, in ns.
     pub total_ns: u64,
-    /// `total_ns / iters`.
+    /// `total_ns / iters`: the mean time per call.
     pub ns_per_call: f64,
+    /// Median time per call over every repetition's calls, in ns (tight calls under 64 KiB
+    /// are timed in batches of 50: their batch's mean).
+    pub p50_ns: u64,
+    /// 99th percentile, likewise.
+    pub p99_ns: u64,
+    /// The slowest call, likewise.
+    pub max_ns: u64,
+    /// CPU time of the whole process (all threads, user + system; the paced work included)
+    /// per call, the median repetition's.
+    pub cpu_ns_per_call: f64,
     /// Why the system could not run, if it could not.
     pub absent: Option<String>,
     /// Resident set size before the size's first call, pools empty (pagepool rows), bytes.
@@ -43,6 +53,10 @@ impl Row {
             reps_ns: Vec::new(),
             total_ns: 0,
             ns_per_call: f64::NAN,
+            p50_ns: 0,
+            p99_ns: 0,
+            max_ns: 0,
+            cpu_ns_per_call: f64::NAN,
             absent: Some(why),
             rss_before: None,
             peak_rss: None,
@@ -125,6 +139,46 @@ impl ModeReport {
             .find(|r| r.system == system && r.size == size)
     }
 
+    /// A table of one metric: one row per size, one column per system, with the ratio
+    /// peer / pagepool.
+    fn metric_table(
+        &self,
+        what: &str,
+        bw: &[(usize, Bandwidth)],
+        systems: &[&str],
+        metric: fn(&Row) -> f64,
+    ) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "-- {}: {what} ((x) = peer / pagepool) --", self.mode);
+        let _ = write!(out, "{:>8}", "size");
+        for s in systems {
+            let _ = write!(out, " {s:>20}");
+        }
+        out.push('\n');
+        for &(size, _) in bw {
+            let _ = write!(out, "{:>8}", human(size));
+            let base = self
+                .find("pagepool", size)
+                .filter(|r| r.absent.is_none())
+                .map(metric);
+            for s in systems {
+                let cell = match self.find(s, size) {
+                    Some(r) if r.absent.is_some() => "absent".to_string(),
+                    Some(r) => match base {
+                        Some(b) if *s != "pagepool" && b > 0.0 => {
+                            format!("{:.0} ({:.2}x)", metric(r), metric(r) / b)
+                        }
+                        _ => format!("{:.0}", metric(r)),
+                    },
+                    None => "-".into(),
+                };
+                let _ = write!(out, " {cell:>20}");
+            }
+            out.push('\n');
+        }
+        out
+    }
+
     /// The summary table: one row per size, one column per system (ns/call and the ratio to
     /// pagepool), then the zeroing limit (tight) or the touch floor (paced), and the worker's
     /// throughput.
@@ -200,6 +254,20 @@ impl ModeReport {
                     best.ns_per_call / f.min_ns()
                 );
             }
+        }
+        for (what, metric) in [
+            (
+                "p50 ns per call",
+                (|r: &Row| r.p50_ns as f64) as fn(&Row) -> f64,
+            ),
+            ("p99 ns per call", |r: &Row| r.p99_ns as f64),
+            ("max ns per call", |r: &Row| r.max_ns as f64),
+            (
+                "CPU ns per call, whole process (all threads; paced work included)",
+                |r: &Row| r.cpu_ns_per_call,
+            ),
+        ] {
+            out.push_str(&self.metric_table(what, bw, systems, metric));
         }
         for w in &self.worker {
             let _ = writeln!(

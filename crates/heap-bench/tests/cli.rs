@@ -56,6 +56,14 @@ fn tiny_run_prints_every_row_of_both_modes() {
         }
     }
     assert!(stdout.contains("zeroing limit"));
+    for what in [
+        "p50 ns per call",
+        "p99 ns per call",
+        "max ns per call",
+        "CPU ns per call",
+    ] {
+        assert!(stdout.contains(what), "no {what} table");
+    }
     assert!(stdout.contains("pagepool/floor") && stdout.contains("touch floor: "));
     assert!(stdout.contains("== pagepool heap statistics =="));
     assert!(stdout.contains("== memory: peak RSS of the pagepool rows =="));
@@ -70,6 +78,7 @@ fn tiny_run_prints_every_row_of_both_modes() {
     }
     let modes = report["modes"].as_array().unwrap();
     assert_eq!(modes.len(), 2);
+    let mut cpu_total = 0.0;
     for m in modes {
         assert_eq!(m["rows"].as_array().unwrap().len(), SYSTEMS.len() * 2);
         for r in m["rows"].as_array().unwrap() {
@@ -77,9 +86,22 @@ fn tiny_run_prints_every_row_of_both_modes() {
                 assert_eq!(r["iters"], 3);
                 assert_eq!(r["reps_ns"].as_array().unwrap().len(), 2);
                 assert!(r["ns_per_call"].as_f64().unwrap() > 0.0);
+                // Per-call percentiles, in order, and the process's CPU time per call.
+                let (p50, p99, max) = (
+                    r["p50_ns"].as_u64().unwrap(),
+                    r["p99_ns"].as_u64().unwrap(),
+                    r["max_ns"].as_u64().unwrap(),
+                );
+                assert!(0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+                // Process CPU time comes in the kernel's accounting granularity: a row of a few
+                // short calls may read 0, but never a negative or missing figure.
+                let cpu = r["cpu_ns_per_call"].as_f64().unwrap();
+                assert!(cpu >= 0.0, "{r}");
+                cpu_total += cpu;
             }
         }
     }
+    assert!(cpu_total > 0.0, "some CPU time was counted");
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
     assert!(chart.contains("buffer size (log scale)") && chart.contains("tight mode"));
