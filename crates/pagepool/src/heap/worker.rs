@@ -36,11 +36,12 @@ impl HeapInner {
     /// counts as landed.
     fn land(&self, list: &ReleaseQueue, run: &Run) {
         let _locking = list.locking();
+        // Pooled first, counted after: a run counted as zeroed by the worker has landed.
+        self.give_runs(std::slice::from_ref(run));
         self.counters
             .worker
             .zeroed
             .fetch_add(run.count as u64, Ordering::Relaxed);
-        self.give_runs(std::slice::from_ref(run));
         list.landed(run);
     }
 
@@ -72,11 +73,11 @@ impl HeapInner {
                         |job| {
                             let _locking = list.locking();
                             let run = job.run();
+                            self.give_runs(std::slice::from_ref(&run));
                             self.counters
                                 .worker
                                 .zeroed
                                 .fetch_add(run.count as u64, Ordering::Relaxed);
-                            self.give_runs(std::slice::from_ref(&run));
                             list.landed_adopted(&run);
                         },
                     );
