@@ -8,7 +8,7 @@
 //! |---|---|---|---|
 //! | block orders | 8, 4, 0 (1 MiB, 64 KiB, 4 KiB) | `HeapBuilder::orders` | the blocks buffers are built of, largest first |
 //! | pool limit | 256 MiB | `HeapBuilder::pool_limit` | clean memory a heap keeps pooled |
-//! | registry maximum | none (`Registry::global`) | `Registry::new`, `HeapBuilder::registry` | pooled memory of all owners together |
+//! | registry maximum | a quarter of physical memory (`Registry::global`) | `Registry::new`, `HeapBuilder::registry` | pooled memory of all owners together |
 //! | largest buffer | 1 GiB | `HeapBuilder::max_buffer` | one allocation |
 //! | arena size | 64 MiB | `HeapBuilder::arena_size` | one memfd's address space |
 //! | deferred freeing | on | `HeapBuilder::deferred` | off: every release zeroes synchronously |

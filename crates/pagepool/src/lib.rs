@@ -13,9 +13,9 @@
 //! | page allocator, `mmap` | memfd arenas, one system-call layer | `os.rs`, `arena.rs` |
 //! | `drm_page_pool` | [`PagePool`], [`Block`] | `pool.rs` |
 //! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | `registry.rs` |
-//! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred.rs` |
+//! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred/` |
 //! | shrinkers run by reclaim | [`PressureMonitor`] (PSI, cgroup watermark) | `pressure.rs` |
-//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap.rs`, `buffer.rs` |
+//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap/`, `buffer.rs`, `export.rs` |
 //! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache.rs` |
 //! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`DmaHeap`], [`DmaBuf`] | `dmabuf.rs` |
 //! | a pool of real dma-bufs | [`DmaBufPool`] | `dmapool.rs` |
