@@ -89,6 +89,17 @@ impl fmt::Debug for Block {
 /// The callback a pool calls to give a block back to the system when it shrinks.
 pub type ReleaseFn = Box<dyn Fn(Block) + Send + Sync>;
 
+/// Where a take's blocks come from (see `BlockStack::pick`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// The top of the stack, popped.
+    Top,
+    /// `n` blocks lying end to end from this address, already out of the ring.
+    Run(usize),
+    /// No `n` blocks lie end to end in the ring: popped, or nothing where that is asked for.
+    Scattered,
+}
+
 /// The free blocks: the ring (top of the stack), the intrusive list below it, the count and the
 /// give/take counts (plain fields: the lock already orders every update).
 struct BlockStack {
@@ -138,18 +149,19 @@ impl BlockStack {
         self.blocks += 1;
     }
 
-    /// Takes `n` blocks of `size` bytes that lie end to end from the ring, when popping the top
-    /// `n` would break up a set of blocks that could make a buffer without a view; returns the
-    /// first one's address, or `None` to pop. The rest of the ring keeps its order.
+    /// Chooses where `n` blocks of `size` bytes come from: [`Pick::Top`] when popping the top
+    /// `n` breaks up no set of blocks that could make a buffer without a view; else
+    /// [`Pick::Run`], `n` blocks that lie end to end, taken from the ring here (the rest of the
+    /// ring keeps its order); else [`Pick::Scattered`].
     ///
     /// - `n > 1`: if the top `n` do not lie end to end, the `n` highest that do, if any.
     /// - `n == 1`: if the top block has a neighbour in the ring (it belongs to a run of blocks
     ///   that lie end to end, such as a larger buffer's released set), the highest block with
     ///   no neighbour, else the last block of the shortest run: a one-block buffer then leaves
     ///   the other sets whole.
-    fn take_contiguous(&mut self, n: usize, size: usize) -> Option<usize> {
+    fn pick(&mut self, n: usize, size: usize) -> Pick {
         if n > self.hot_len || n == 0 {
-            return None;
+            return Pick::Scattered;
         }
         let len = self.hot_len;
         let mut ring = [0usize; HOT_BLOCKS]; // bottom first
@@ -165,7 +177,7 @@ impl BlockStack {
                     .any(|&b| b == a.wrapping_add(size) || b.wrapping_add(size) == a)
             };
             if !neighbour(top) {
-                return None; // the usual pop breaks nothing up
+                return Pick::Top; // the usual pop breaks nothing up
             }
             let sorted = &mut addrs[..len];
             sorted.sort_unstable();
@@ -189,14 +201,18 @@ impl BlockStack {
             top.copy_from_slice(&addrs[len - n..len]);
             top.sort_unstable();
             if top.windows(2).all(|w| w[0] + size == w[1]) {
-                return None; // the usual pop gives them end to end
+                return Pick::Top; // the usual pop gives them end to end
             }
             let sorted = &mut addrs[..len];
             sorted.sort_unstable();
-            sorted
+            let found = sorted
                 .windows(n)
                 .rev() // higher addresses: more likely the most recent arena
-                .find(|w| w.windows(2).all(|p| p[0] + size == p[1]))?[0]
+                .find(|w| w.windows(2).all(|p| p[0] + size == p[1]));
+            match found {
+                Some(w) => w[0],
+                None => return Pick::Scattered,
+            }
         };
         let end = first + n * size;
         let mut kept = 0;
@@ -209,30 +225,7 @@ impl BlockStack {
         }
         self.hot_len = kept;
         self.blocks -= n;
-        Some(first)
-    }
-
-    /// True if `n` blocks of `size` bytes lie end to end in the ring (the top `n`, or `n`
-    /// others that `take_contiguous` would find).
-    fn has_run(&self, n: usize, size: usize) -> bool {
-        let len = self.hot_len;
-        if n > len {
-            return false;
-        }
-        let mut addrs = [0usize; HOT_BLOCKS];
-        for (i, a) in addrs[..len].iter_mut().enumerate() {
-            *a = self.hot[(self.bottom + i) % HOT_BLOCKS];
-        }
-        let sorted = &mut addrs[..len];
-        sorted.sort_unstable();
-        let mut run = 1;
-        for w in sorted.windows(2) {
-            run = if w[0] + size == w[1] { run + 1 } else { 1 };
-            if run >= n {
-                return true;
-            }
-        }
-        n <= 1
+        Pick::Run(first)
     }
 
     /// Pops the top block. A block from the list has its link word cleared, so what comes out
@@ -453,17 +446,21 @@ impl PagePool {
         end_to_end: bool,
         mut f: impl FnMut(Block),
     ) -> usize {
-        if n == 0 || (end_to_end && !list.has_run(n, self.block_bytes)) {
+        if n == 0 {
+            return 0;
+        }
+        let pick = list.pick(n, self.block_bytes);
+        if end_to_end && pick == Pick::Scattered {
             return 0;
         }
         let mut got = 0;
-        if let Some(start) = list.take_contiguous(n, self.block_bytes) {
+        if let Pick::Run(start) = pick {
             // Blocks that lie end to end make a buffer without a view mapping: prefer them to
             // the top of the stack when the top is not (one block taken fresh elsewhere would
             // otherwise keep every later buffer of the same size scattered).
             for k in 0..n {
                 let p = start + k * (self.block_bytes);
-                // SAFETY: the block left the pool in `take_contiguous`; ownership passes to the
+                // SAFETY: the block left the pool in `pick`; ownership passes to the
                 // caller. Ring blocks carry no link word: they are all-zero.
                 f(unsafe { Block::from_raw(NonNull::new_unchecked(p as *mut u8), self.order) });
             }
