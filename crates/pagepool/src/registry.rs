@@ -14,7 +14,7 @@ use std::fmt;
 use crate::fork::ForkCell;
 use crate::pool::{PagePool, ReleaseFn, Tally};
 use crate::pressure::{PressureConfig, PressureMonitor};
-use crate::shrinker::Shrinker;
+use crate::shrinker::{Shrinker, scan_caught};
 use crate::stats::{OwnerStats, PressureStats, RegistryStats};
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
 
@@ -33,14 +33,7 @@ impl Unit {
     fn release_one(&self) -> usize {
         match self {
             Unit::Pool(p) => p.release_one(),
-            Unit::Other(s) => {
-                // A shrinker that panics frees nothing; limit enforcement goes on.
-                let scan = std::panic::AssertUnwindSafe(|| s.scan(1));
-                std::panic::catch_unwind(scan).unwrap_or_else(|_| {
-                    log::error!("pagepool: shrinker {:?} panicked", s.name());
-                    0
-                })
-            }
+            Unit::Other(s) => scan_caught(&**s, 1),
         }
     }
 }
@@ -229,12 +222,7 @@ impl Registry {
             if freed >= nr_pages {
                 break;
             }
-            // A shrinker that panics frees nothing; the others still run.
-            let scan = std::panic::AssertUnwindSafe(|| s.scan(nr_pages - freed));
-            match std::panic::catch_unwind(scan) {
-                Ok(n) => freed += n,
-                Err(_) => log::error!("pagepool: shrinker {:?} panicked", s.name()),
-            }
+            freed += scan_caught(&*s, nr_pages - freed);
         }
         if freed < nr_pages {
             freed += self.scan_pools(nr_pages - freed);

@@ -20,3 +20,13 @@ pub trait Shrinker: Send + Sync {
     /// less to free) and returns the pages freed.
     fn scan(&self, nr_pages: usize) -> usize;
 }
+
+/// `s.scan(nr_pages)`, with a shrinker that panics counted as freeing nothing (logged): whoever
+/// drives shrinkers (limit enforcement, the pressure response) goes on with the others.
+pub(crate) fn scan_caught(s: &dyn Shrinker, nr_pages: usize) -> usize {
+    let scan = std::panic::AssertUnwindSafe(|| s.scan(nr_pages));
+    std::panic::catch_unwind(scan).unwrap_or_else(|_| {
+        log::error!("pagepool: shrinker {:?} panicked", s.name());
+        0
+    })
+}
