@@ -289,8 +289,9 @@ impl HeapInner {
             .release_queue
             .as_ref()
             .map_or(&self.no_worker, |l| l.worker_locking());
-        let take_pooled = |runs: &mut Runs, n: usize| {
-            pool.take_within(n, false, HANDOFF_WAIT, worker_locking, |b| {
+        // `end_to_end`: `n` blocks that lie end to end, or none.
+        let take_pooled = |runs: &mut Runs, n: usize, end_to_end: bool| {
+            pool.take_within(n, end_to_end, HANDOFF_WAIT, worker_locking, |b| {
                 runs.push(Run::from_block(b))
             })
         };
@@ -298,13 +299,7 @@ impl HeapInner {
         // otherwise queued ones first, when there are any: a released set, part of it landed
         // in the pool and part still queued, is then taken whole rather than beside other
         // pooled blocks (which would scatter it; see `alloc_blocks`).
-        let mut pooled = if want > 1 && self.release_queue.is_some() {
-            pool.take_within(want, true, HANDOFF_WAIT, worker_locking, |b| {
-                runs.push(Run::from_block(b))
-            })
-        } else {
-            take_pooled(runs, want)
-        };
+        let mut pooled = take_pooled(runs, want, want > 1 && self.release_queue.is_some());
         let mut inline = 0;
         if let Some(list) = &self.release_queue {
             // At most one bounded wait for the worker per order: past it, fresh pages.
@@ -329,23 +324,13 @@ impl HeapInner {
                 // in the pool already or is being zeroed now.
                 let in_flight = list.in_flight(order);
                 if in_flight == 0 || waited {
-                    pooled += take_pooled(runs, want - pooled - inline);
+                    pooled += take_pooled(runs, want - pooled - inline, false);
                     break;
                 }
                 // Some of this order's blocks are in the worker's hands: the pool's blocks now
                 // only if the rest lie end to end there (else the claim, once landed, would be
                 // left out of the set it belongs to).
-                pooled += if want > 1 {
-                    pool.take_within(
-                        want - pooled - inline,
-                        true,
-                        HANDOFF_WAIT,
-                        worker_locking,
-                        |b| runs.push(Run::from_block(b)),
-                    )
-                } else {
-                    take_pooled(runs, want - pooled - inline)
-                };
+                pooled += take_pooled(runs, want - pooled - inline, want > 1);
                 if pooled + inline == want {
                     break;
                 }
@@ -361,7 +346,7 @@ impl HeapInner {
                     self.counters.waited.fetch_add(1, Ordering::Relaxed);
                 }
                 waited = true;
-                pooled += take_pooled(runs, want - pooled - inline);
+                pooled += take_pooled(runs, want - pooled - inline, false);
             }
         }
         (pooled, inline)
