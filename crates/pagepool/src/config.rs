@@ -99,7 +99,9 @@ pub(crate) const FIT_SCAN: usize = 32;
 pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The longest an allocation waits for the worker even while it makes progress (see
-/// `ReleaseQueue::wait_worker`): beyond this, fresh pages are cheaper.
+/// `ReleaseQueue::wait_worker`): beyond this, fresh pages are cheaper. (Loom's models do not
+/// time that wait.)
+#[cfg_attr(loom, allow(dead_code))]
 pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How long before the next release is due a worker napping through an idle spell wakes up to

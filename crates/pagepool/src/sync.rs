@@ -7,9 +7,11 @@
 //! registry's shrink, the deferred queue, the allocator-worker hand-off and the thread caches.
 //!
 //! Not swapped: reference counting (`Arc`, `Weak`: structure, not the concurrency under test,
-//! and loom has no `Weak`), and the clock. Loom does not model time; the idle policy reads
-//! `std::time::Instant`, and every wait bounded by time has a loom branch that yields once
-//! instead (`spin_until`, `lock_within`, `wait_timeout`).
+//! and loom has no `Weak`). Loom does not model time, and a model must behave the same way
+//! each time it replays an interleaving, so under loom the clock ([`Instant`]) stands still:
+//! the idle policy's decisions that depend on time (a late worker, a hold, a nap's length)
+//! come out the same in every replay, and every wait bounded by time has a loom branch that
+//! yields once instead (`spin_until`, `lock_within`, `wait_timeout`).
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +22,37 @@ pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
+
+#[cfg(not(loom))]
+pub(crate) use std::time::Instant;
+
+/// The clock under loom: time stands still, so that a replayed interleaving takes the same
+/// branches as the first run of it (a model that reads the real clock is not deterministic,
+/// and loom gives up on it). Every instant is the same; nothing has elapsed since any of them.
+#[cfg(loom)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Instant(std::time::Duration);
+
+#[cfg(loom)]
+impl Instant {
+    /// The one instant of a model.
+    pub(crate) fn now() -> Self {
+        Instant(std::time::Duration::ZERO)
+    }
+
+    /// How long ago `self` was: nothing has elapsed in a model.
+    pub(crate) fn elapsed(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+}
+
+#[cfg(loom)]
+impl std::ops::Add<std::time::Duration> for Instant {
+    type Output = Instant;
+    fn add(self, d: std::time::Duration) -> Instant {
+        Instant(self.0.saturating_add(d))
+    }
+}
 
 // Reference counting is structure, not the concurrency under test (and loom has no `Weak`):
 // always std's.

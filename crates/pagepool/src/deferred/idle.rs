@@ -60,9 +60,9 @@ impl ReleaseQueue {
         if ns == 0 {
             return false;
         }
-        let end = std::time::Instant::now() + std::time::Duration::from_nanos(ns);
+        let end = crate::sync::Instant::now() + std::time::Duration::from_nanos(ns);
         // When queued work was first seen: it is claimed once it has waited CLAIM_DELAY.
-        let mut seen: Option<std::time::Instant> = None;
+        let mut seen: Option<crate::sync::Instant> = None;
         loop {
             for _ in 0..64 {
                 if self.shared_hint.load(Ordering::Relaxed) {
@@ -79,7 +79,7 @@ impl ReleaseQueue {
                     match seen {
                         Some(t) if t.elapsed() >= CLAIM_DELAY && !self.holding() => return true,
                         Some(_) => {}
-                        None => seen = Some(std::time::Instant::now()),
+                        None => seen = Some(crate::sync::Instant::now()),
                     }
                 } else {
                     seen = None; // an allocation took it
@@ -90,7 +90,7 @@ impl ReleaseQueue {
             if self.holding() && self.flushing_hint.load(Ordering::Relaxed) == 0 {
                 return false; // queued work is the allocations' for now (see `next_work`)
             }
-            if seen.is_none() && std::time::Instant::now() >= end {
+            if seen.is_none() && crate::sync::Instant::now() >= end {
                 return false;
             }
         }
@@ -230,7 +230,7 @@ impl ReleaseQueue {
     /// The worker's side: waits for queued work and claims up to [`CHUNK_PAGES`] pages from the
     /// end of the oldest buffer's last run. Returns `None` once the list is stopped. The claim
     /// is *in flight* until [`landed`](Self::landed) is called with it.
-    #[cfg(any(test, loom))]
+    #[cfg(test)]
     pub(crate) fn claim(&self) -> Option<Run> {
         loop {
             match self.next_work()? {
@@ -267,7 +267,7 @@ impl ReleaseQueue {
         let mut locking = Some(self.locking());
         let mut q = lock(&self.queue);
         // When this worker went idle (for its naps).
-        let mut idle_since: Option<std::time::Instant> = None;
+        let mut idle_since: Option<crate::sync::Instant> = None;
         loop {
             if q.stopped {
                 return None;
@@ -313,7 +313,7 @@ impl ReleaseQueue {
                 // along would double the process's CPU time for a program that works between
                 // its allocations).
                 None => {
-                    idle_since = Some(std::time::Instant::now());
+                    idle_since = Some(crate::sync::Instant::now());
                     if let Some(nap) = self.until_next_release()
                         && q.flushing == 0
                     {

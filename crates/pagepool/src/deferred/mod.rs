@@ -153,7 +153,7 @@ pub(crate) struct ReleaseQueue {
     /// again (`probe_out`: asked, not answered; see `queue` and `answer_probe`).
     pub(super) probation: AtomicBool,
     pub(super) probe_out: AtomicBool,
-    pub(super) born: std::time::Instant,
+    pub(super) born: crate::sync::Instant,
     /// The rhythm of releases: when the last one came (ns since `born`), and a moving average
     /// of the gaps between them (0: none yet).
     pub(super) last_release_ns: AtomicU64,
@@ -232,7 +232,7 @@ impl ReleaseQueue {
             hold_ns: AtomicU64::new(0),
             probation: AtomicBool::new(false),
             probe_out: AtomicBool::new(false),
-            born: std::time::Instant::now(),
+            born: crate::sync::Instant::now(),
             last_release_ns: AtomicU64::new(0),
             release_gap_ns: AtomicU64::new(0),
         }

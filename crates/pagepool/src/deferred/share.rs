@@ -3,7 +3,7 @@
 //! its own run to an idle worker, and gives up on a worker the scheduler does not run
 //! (abandoning the run to it) after a bounded wait.
 
-use crate::config::{CLAIM_SHARE, HANDOFF_CAP, HANDOFF_WAIT, STRIPE_BYTES, WORKER_PIECE};
+use crate::config::{CLAIM_SHARE, HANDOFF_WAIT, STRIPE_BYTES, WORKER_PIECE};
 use crate::sync::{AtomicUsize, Ordering, lock, lock_within, try_lock};
 use crossbeam_utils::CachePadded;
 
@@ -226,7 +226,7 @@ impl ReleaseQueue {
 
     /// The job of the worker's current claim, while it is open to helpers (see
     /// [`help`](Self::help)).
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn current_job(&self) -> Option<std::sync::Arc<Job>> {
         lock(&self.job).clone()
     }
@@ -269,7 +269,7 @@ impl ReleaseQueue {
     /// Spins until `done()`, for as long as the worker is seen making progress: it renews its
     /// promise (`due_ns`) after every piece it zeroes. Gives up once it has not for
     /// [`HANDOFF_WAIT`] (the scheduler is not running it, or it is not working on what the
-    /// caller waits for), and after [`HANDOFF_CAP`] in any case. Returns `done()`'s last
+    /// caller waits for), and after [`HANDOFF_CAP`](crate::config::HANDOFF_CAP) in any case. Returns `done()`'s last
     /// answer.
     pub(crate) fn wait_worker(&self, mut done: impl FnMut() -> bool) -> bool {
         if done() {
@@ -296,7 +296,7 @@ impl ReleaseQueue {
                 if due != seen {
                     (seen, progress) = (due, now);
                 }
-                if now - progress >= HANDOFF_WAIT || now - start >= HANDOFF_CAP {
+                if now - progress >= HANDOFF_WAIT || now - start >= crate::config::HANDOFF_CAP {
                     return done();
                 }
             }
