@@ -22,8 +22,8 @@
 //! | worker piece | [`WORKER_PIECE`] stripes (256 KiB) | fixed | what the worker zeroes at once |
 //! | hand-off wait | [`HANDOFF_WAIT`] (50 us) | fixed | an allocation's wait for work in the worker's hands |
 //! | hand-off cap | [`HANDOFF_CAP`] (5 ms) | fixed | that wait while the worker makes progress |
-//! | worker grace | [`WORKER_GRACE`] (3 ms), [`WAKE_GRACE`] (500 us) | fixed | lateness before releases stop queueing |
-//! | hold | [`LATE_HOLD`] (30 ms) to [`LATE_HOLD_MAX`] (1 s) | fixed | how long releases zero their own buffers then |
+//! | worker grace | [`WORKER_GRACE`] (1 ms), [`WAKE_GRACE`] (10 ms), [`PREEMPTED`] (1 ms) | fixed | lateness before releases stop queueing |
+//! | hold | as long as the worker was late: [`LATE_HOLD`] (3 ms) to [`LATE_HOLD_MAX`] (1 s) | fixed | how long releases zero their own buffers then |
 //! | naps | [`NAP_FIRST`], [`NAP_STEADY_FOR`], [`NAP_LONGEST`] | fixed | an idle worker's nap lengths |
 //! | claim delay | [`CLAIM_DELAY`] (2 us) | fixed | a spinning worker leaves new work to a following allocation |
 //! | ring | [`HOT_BLOCKS`] (64) | fixed | pooled blocks whose addresses a pool keeps in an array |
@@ -118,23 +118,25 @@ pub(crate) const RHYTHM_MAX_NS: u64 = 10_000_000;
 /// release that zeroes its own buffer does what a synchronous heap does, at the same cost. A
 /// running worker renews its promise every few microseconds (each spin round, each stripe it
 /// zeroes), so a worker this late has lost its core.
-pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(3);
+pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// How late a worker woken by a release may be to look at the queue (see `WORKER_GRACE`).
-pub(crate) const WAKE_GRACE: std::time::Duration = std::time::Duration::from_micros(500);
+/// How late a worker woken by a release may be to look at the queue (see `WORKER_GRACE`):
+/// longer than a running worker's grace, as a woken thread waits for the scheduler, and in a
+/// VM for an idle virtual CPU to be run again (0.8 to 5 ms measured on an idle machine).
+pub(crate) const WAKE_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// How long releases keep zeroing their own buffers after the worker was found late, or found
-/// itself kept off its core: a machine that busy usually stays so, and a worker that runs for a
-/// moment meanwhile is likely to lose its core again before it is done, leaving what it took
-/// on for the next allocation.
-pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(30);
+/// The shortest time releases keep zeroing their own buffers after the worker was found late,
+/// or found itself kept off its core (a hold lasts as long as the worker was late, see
+/// `ReleaseQueue::hold`): a worker that runs for a moment meanwhile is likely to lose its core
+/// again before it is done, leaving what it took on for the next allocation.
+pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// The longest hold (see `ReleaseQueue::hold`).
 pub(crate) const LATE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How late past its promise the worker must renew it to count as having been kept off its
 /// core (see `ReleaseQueue::promise`).
-pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(3);
+pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How long a spinning worker leaves newly queued work alone before claiming it. A program that
 /// allocates right after it releases (the same buffer size, back to back) takes the dirty

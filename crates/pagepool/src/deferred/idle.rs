@@ -143,7 +143,7 @@ impl ReleaseQueue {
             .due_ns
             .swap(now.saturating_add(d.as_nanos() as u64), Ordering::Relaxed);
         if prev != u64::MAX && now > prev.saturating_add(PREEMPTED.as_nanos() as u64) {
-            self.hold(now);
+            self.hold(now, now - prev);
         }
     }
 
@@ -158,7 +158,7 @@ impl ReleaseQueue {
         let due = self.due_ns.load(Ordering::Relaxed);
         let late = due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64);
         if late {
-            self.hold(now);
+            self.hold(now, now - due);
         }
         late
     }
@@ -174,23 +174,33 @@ impl ReleaseQueue {
         self.now_ns() < self.late_until_ns.load(Ordering::Relaxed)
     }
 
-    /// Releases zero their own buffers from `now` for a while: [`LATE_HOLD`], doubled (up to
-    /// [`LATE_HOLD_MAX`]) each time the worker is found late again soon after the last hold
-    /// ended, so that a machine that stays busy queues almost nothing for a worker that gets
-    /// no core, while a single hiccup costs one short hold.
-    pub(super) fn hold(&self, now: u64) {
+    /// Releases zero their own buffers from `now` for a while, the worker having been found
+    /// `late` past its promise: as long again as that (at least [`LATE_HOLD`]), as a thread
+    /// kept off its core that long is likely to be kept off again as long; four times as long
+    /// (up to [`LATE_HOLD_MAX`]) each time the worker is found late again soon after the last hold
+    /// ended or before it showed that it runs again, so that a machine that stays busy queues almost nothing for a worker that gets
+    /// no core, while a single hiccup (another thread taking the worker's core for a few
+    /// milliseconds) costs one short hold. A worker found late while a hold runs (it comes
+    /// back, and sees how long it was away) extends the hold to as long again from now.
+    pub(super) fn hold(&self, now: u64, late: u64) {
         let until = self.late_until_ns.load(Ordering::Relaxed);
+        let floor = LATE_HOLD.as_nanos() as u64;
+        let late = late.clamp(floor, LATE_HOLD_MAX.as_nanos() as u64);
         if now < until {
-            return; // one hiccup, seen twice (by a release and by the worker): one hold
+            // One hiccup, seen twice (by a release and by the worker): one hold.
+            if now + late > until {
+                self.late_until_ns.store(now + late, Ordering::Relaxed);
+            }
+            return;
         }
-        let last = self
-            .hold_ns
-            .load(Ordering::Relaxed)
-            .max(LATE_HOLD.as_nanos() as u64);
-        let hold = if until > 0 && now < until.saturating_add(last) {
-            (last * 2).min(LATE_HOLD_MAX.as_nanos() as u64)
+        let last = self.hold_ns.load(Ordering::Relaxed).max(floor);
+        // Again soon after the last hold, or before the worker showed it runs again since
+        // (probation: see `answer_probe`).
+        let again = now < until.saturating_add(last) || self.probation.load(Ordering::Relaxed);
+        let hold = if until > 0 && again {
+            (last * 4).max(late).min(LATE_HOLD_MAX.as_nanos() as u64)
         } else {
-            LATE_HOLD.as_nanos() as u64
+            late
         };
         self.hold_ns.store(hold, Ordering::Relaxed);
         self.late_until_ns.store(now + hold, Ordering::Relaxed);
@@ -203,8 +213,10 @@ impl ReleaseQueue {
     /// within tens of microseconds), not the longer grace of a running worker.
     pub(super) fn expect_worker(&self) {
         let due = self.due_ns.load(Ordering::Relaxed);
-        let grace_gap = (WORKER_GRACE - WAKE_GRACE).as_nanos() as u64;
-        let by = self.now_ns().saturating_sub(grace_gap);
+        // Due `WAKE_GRACE - WORKER_GRACE` from now, so that it counts as late `WAKE_GRACE`
+        // from now (`worker_late` adds the grace of a running worker).
+        let by = (self.now_ns() + WAKE_GRACE.as_nanos() as u64)
+            .saturating_sub(WORKER_GRACE.as_nanos() as u64);
         if due == u64::MAX || by < due {
             self.due_ns.store(by, Ordering::Relaxed);
         }
@@ -220,7 +232,7 @@ impl ReleaseQueue {
         let now = self.now_ns();
         let due = self.due_ns.load(Ordering::Relaxed);
         if due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64) {
-            self.hold(now);
+            self.hold(now, now - due);
         } else {
             self.probation.store(false, Ordering::Relaxed);
             self.probe_out.store(false, Ordering::Relaxed);
@@ -347,7 +359,16 @@ impl ReleaseQueue {
                 continue;
             }
             let idle = idle_since.map_or(std::time::Duration::ZERO, |t| t.elapsed());
-            match nap_length(idle, self.naps_ns.load(Ordering::Relaxed)) {
+            // While releases zero their own buffers (the machine is busy), the worker sleeps
+            // until the first release after the hold asks it to show that it runs (see
+            // `queue`): a nap's timer would wake it, at its low priority, on a machine whose
+            // cores other threads want, for nothing.
+            let naps = if self.holding() {
+                0
+            } else {
+                self.naps_ns.load(Ordering::Relaxed)
+            };
+            match nap_length(idle, naps) {
                 Some(nap) => q = self.nap(q, &mut locking, nap),
                 None => {
                     q.sleeping += 1;

@@ -414,7 +414,7 @@ mod tests {
     fn after_a_hold_releases_wait_for_the_worker_to_answer_a_probe() {
         let (l, _) = list(10_000);
         let one = || smallvec::smallvec![run(0, 0, 1)];
-        l.hold(l.now_ns());
+        l.hold(l.now_ns(), 0);
         assert!(
             l.queue(one()).is_err(),
             "held: the release zeroes its buffer"
@@ -430,7 +430,7 @@ mod tests {
         assert_eq!(l.pages(), 1);
 
         // A worker that answers late starts a longer hold.
-        l.hold(l.now_ns());
+        l.hold(l.now_ns(), 0);
         let first = l.hold_ns.load(Ordering::Relaxed);
         std::thread::sleep(
             std::time::Duration::from_nanos(first) + std::time::Duration::from_millis(5),
@@ -442,6 +442,45 @@ mod tests {
         assert!(l.holding(), "late: held again");
         assert!(l.hold_ns.load(Ordering::Relaxed) > first, "for longer");
         assert!(l.queue(one()).is_err());
+    }
+
+    #[test]
+    fn a_hold_lasts_as_long_as_the_worker_was_late_and_grows_on_repeats() {
+        let (l, _) = list(10_000);
+        let ms = |n: u64| n * 1_000_000;
+        let now = l.now_ns() + ms(1000);
+        // A short hiccup: the shortest hold.
+        l.hold(now, ms(1));
+        assert_eq!(
+            l.hold_ns.load(Ordering::Relaxed),
+            LATE_HOLD.as_nanos() as u64
+        );
+        assert_eq!(l.late_until_ns.load(Ordering::Relaxed), now + ms(3));
+        // The worker comes back within the hold and saw itself away for 20 ms: the hold runs
+        // 20 ms from then.
+        l.hold(now + ms(2), ms(20));
+        assert_eq!(l.late_until_ns.load(Ordering::Relaxed), now + ms(22));
+        // Late again soon after the hold ended: four times the last hold.
+        let again = now + ms(23);
+        l.hold(again, ms(1));
+        assert_eq!(l.hold_ns.load(Ordering::Relaxed), ms(12));
+        assert_eq!(l.late_until_ns.load(Ordering::Relaxed), again + ms(12));
+        // Before the worker showed it runs again (probation): four times again.
+        let probing = again + ms(100);
+        l.hold(probing, ms(1));
+        assert_eq!(l.hold_ns.load(Ordering::Relaxed), ms(48));
+        // Long after, the worker having answered on time: a first hold again, as long as the
+        // lateness (at most LATE_HOLD_MAX).
+        l.probation.store(false, Ordering::Relaxed);
+        let later = probing + ms(5000);
+        l.hold(later, ms(40));
+        assert_eq!(l.hold_ns.load(Ordering::Relaxed), ms(40));
+        l.probation.store(false, Ordering::Relaxed);
+        l.hold(later + ms(10_000), ms(50_000));
+        assert_eq!(
+            l.hold_ns.load(Ordering::Relaxed),
+            LATE_HOLD_MAX.as_nanos() as u64
+        );
     }
 
     #[test]

@@ -412,9 +412,12 @@ impl HeapInner {
         // leaves the blocks it gathered to others; if scattering goes on anyway (a mix of sizes
         // that no fresh set helps), the count before the next one doubles, up to
         // REGATHER_LONGEST, so that fresh pages never cost more than a small share of the
-        // views they save.
+        // views they save. Not on a busy machine, where fresh pages cost the most (a fault per
+        // page, each a chance to lose the core): a view costs one system call.
+        let busy = h.release_queue.as_ref().is_some_and(|l| l.busy());
         if h.release_queue.is_some()
             && h.pooling()
+            && !busy
             && hits + inline > 0
             && scattered(&runs, &missing, h.page)
         {
