@@ -2,9 +2,15 @@
 //!
 //! The kernel's system heap zeroes every buffer on allocation. [`DmaBufPool`] keeps released
 //! dma-bufs, per size (the page-rounded length is the size class), and hands them out again
-//! after its worker thread (`pagepool-dmabuf`, nice 19) has zeroed them through a mapping,
-//! bracketed by `DMA_BUF_IOCTL_SYNC`. Its pages count against an [`Owner`] of a [`Registry`],
-//! like the page pools, and the pool is a [`Shrinker`] the registry's pressure monitor runs.
+//! after they were zeroed through a mapping, bracketed by `DMA_BUF_IOCTL_SYNC`. Releasing goes
+//! through the same deferred-free helper as the system heap's ([`crate::deferred`]): a
+//! bounded queue (at most the pool's limit), a worker thread (`pagepool-dmabuf`, nice 19) that
+//! hands each released buffer to the pool's release callback (`Reason::Normal`: check, zero,
+//! pool), and, under memory pressure, queued buffers closed unzeroed
+//! (`Reason::UnderPressure`). A release that the queue refuses (full, or its worker kept off
+//! its core by a busy machine) closes the buffer at once. Its clean buffers count against an
+//! [`Owner`] of a [`Registry`], like the page pools, which shrinks them like its own pools
+//! (limits, the registry's maximum, pressure).
 //!
 //! A dma-buf is shared by nature: another process, a duplicate descriptor or a mapping may
 //! still hold it when the [`PooledDmaBuf`] is dropped. The worker reads the file's reference
@@ -12,13 +18,14 @@
 //! descriptor is the last reference; until then the buffer is parked, checked again every
 //! 20 ms, and never handed out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::deferred::{Item, Reason, ReleaseQueue};
 use crate::dmabuf::{Access, DmaBuf, DmaBufError, DmaHeap, file_count};
 use crate::fork::ForkCell;
 use crate::registry::{Owner, Registry};
@@ -45,13 +52,37 @@ pub struct DmaBufPoolStats {
     pub held_events: u64,
     /// Buffers closed to give memory back (limit or pressure).
     pub released: u64,
+    /// Released buffers closed at once, unqueued: the queue was full, or its worker was kept
+    /// off its core (a busy machine).
+    pub refused: u64,
+    /// Pages of released buffers waiting for the worker now (queued or being zeroed).
+    pub queued_pages: usize,
 }
+
+/// A released buffer on the pool's queue, with its pages.
+struct Released {
+    buf: DmaBuf,
+    pages: usize,
+}
+
+impl Item for Released {
+    fn pages(&self) -> usize {
+        self.pages
+    }
+}
+
+/// How often the worker looks again at released buffers still referenced elsewhere.
+const HELD_POLL: Duration = Duration::from_millis(20);
+
+/// How much of a buffer the worker zeroes before it renews its promise to the queue (see
+/// `ReleaseQueue::promise`): about 50 us of work.
+const ZERO_PIECE: usize = 256 << 10;
 
 struct State {
     clean: BTreeMap<usize, Vec<DmaBuf>>,
-    dirty: VecDeque<DmaBuf>,
     held: Vec<DmaBuf>,
-    stopped: bool,
+    /// When the held buffers were last looked at.
+    held_checked: Option<std::time::Instant>,
 }
 
 struct Inner {
@@ -61,9 +92,8 @@ struct Inner {
     owner: Arc<Owner>,
     page: usize,
     state: Mutex<State>,
-    work: Condvar,
-    idle: Condvar,
-    busy: AtomicBool,
+    /// Released buffers waiting for the worker.
+    queue: Arc<ReleaseQueue<Released>>,
     hits: AtomicU64,
     misses: AtomicU64,
     zeroed: AtomicU64,
@@ -72,28 +102,119 @@ struct Inner {
 }
 
 impl Inner {
-    /// Empty pool state of this fork generation; `stopped` pools nothing (no worker).
+    /// Empty pool state of this fork generation; `stopped` pools nothing (no worker: its
+    /// queue refuses every release).
     fn new(heap: Arc<DmaHeap>, owner: Arc<Owner>, page: usize, stopped: bool) -> Arc<Inner> {
-        Arc::new(Inner {
-            heap,
-            generation: crate::fork::generation(),
-            owner,
-            page,
-            state: Mutex::new(State {
-                clean: BTreeMap::new(),
-                dirty: VecDeque::new(),
-                held: Vec::new(),
-                stopped,
-            }),
-            work: Condvar::new(),
-            idle: Condvar::new(),
-            busy: AtomicBool::new(false),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            zeroed: AtomicU64::new(0),
-            held_events: AtomicU64::new(0),
-            released: AtomicU64::new(0),
-        })
+        let max_pages = owner.limit_pages();
+        let inner = Arc::new_cyclic(|me: &std::sync::Weak<Inner>| {
+            let me = me.clone();
+            Inner {
+                heap,
+                generation: crate::fork::generation(),
+                owner,
+                page,
+                state: Mutex::new(State {
+                    clean: BTreeMap::new(),
+                    held: Vec::new(),
+                    held_checked: None,
+                }),
+                queue: Arc::new(ReleaseQueue::new(
+                    page,
+                    max_pages,
+                    Box::new(move |r: Released, why| match me.upgrade() {
+                        Some(inner) => inner.release(r.buf, why),
+                        None => close(r.buf),
+                    }),
+                )),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                zeroed: AtomicU64::new(0),
+                held_events: AtomicU64::new(0),
+                released: AtomicU64::new(0),
+            }
+        });
+        // Nothing else takes queued buffers (no allocation zeroes them inline): every release
+        // wakes a sleeping worker.
+        inner.queue.set_wake_pages(1);
+        if stopped {
+            inner.queue.stop();
+        }
+        inner
+    }
+
+    /// The release callback of the pool's queue: `Normal` (the worker) recycles the buffer,
+    /// `UnderPressure` closes it.
+    fn release(&self, b: DmaBuf, why: Reason) {
+        match why {
+            Reason::Normal => self.recycle(b),
+            Reason::UnderPressure => {
+                self.released.fetch_add(1, Ordering::Relaxed);
+                close(b);
+            }
+        }
+    }
+
+    /// The worker's `tick`: looks again at held buffers every [`HELD_POLL`] and recycles those
+    /// no longer referenced elsewhere; returns how long to wait for releases before the next
+    /// look (`None`: none held, sleep until woken).
+    fn tick(&self) -> Option<Duration> {
+        let free = {
+            let mut st = self.state();
+            if st.held.is_empty() {
+                return None;
+            }
+            let now = std::time::Instant::now();
+            if st.held_checked.is_some_and(|t| now - t < HELD_POLL) {
+                return Some(HELD_POLL);
+            }
+            st.held_checked = Some(now);
+            // Looked at in place, so that `stats` never misses a held buffer: only those whose
+            // holders are gone (or that cannot be told) leave the list.
+            let (free, held): (Vec<DmaBuf>, Vec<DmaBuf>) = std::mem::take(&mut st.held)
+                .into_iter()
+                .partition(|b| !file_count(b.as_fd()).is_ok_and(|n| n > 1));
+            st.held = held;
+            free
+        };
+        free.into_iter().for_each(|b| self.recycle(b));
+        Some(HELD_POLL)
+    }
+
+    /// Recycles a released buffer: zeroed and pooled if the pool's descriptor is the last
+    /// reference to it; parked among the held ones if another holder remains; closed if that
+    /// cannot be told or it cannot be zeroed.
+    fn recycle(&self, b: DmaBuf) {
+        match file_count(b.as_fd()) {
+            Ok(1) => {}
+            Ok(_) => {
+                self.state().held.push(b);
+                return;
+            }
+            Err(e) => {
+                log::warn!("pagepool: cannot tell who holds a dma-buf ({e}); closing it");
+                self.released.fetch_add(1, Ordering::Relaxed);
+                close(b);
+                return;
+            }
+        }
+        // SAFETY: the count just read is 1, and `b` is the pool's own descriptor (its
+        // `PooledDmaBuf` was dropped), handed to nobody.
+        if let Err(e) = unsafe { self.zero(&b) } {
+            log::warn!("pagepool: cannot zero a dma-buf ({e}); closing it");
+            self.released.fetch_add(1, Ordering::Relaxed);
+            close(b);
+            return;
+        }
+        self.zeroed.fetch_add(1, Ordering::Relaxed);
+        let pages = self.pages(&b);
+        {
+            let mut st = self.state();
+            st.clean.entry(b.len()).or_default().push(b);
+            self.owner.note_added(pages); // under the lock: see `shrink`
+        }
+        // The owner's limit, then the registry's maximum, as for any other pool: pooled
+        // dma-bufs never push the other owners' pools out.
+        self.owner.enforce_limits();
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -126,7 +247,12 @@ impl Inner {
         // no Rust code can guard against that.) The slice, not the safe atomic `fill`, because
         // zeroing is the worker's whole job: atomic stores go one word at a time, and the
         // compiler may not merge them into the vector or `rep stos` stores of `memset`.
-        unsafe { cpu.as_mut_slice() }.fill(0);
+        // A piece at a time, renewing the worker's promise after each: a release that finds
+        // the worker late frees its buffer itself (see `ReleaseQueue::queue`).
+        for piece in unsafe { cpu.as_mut_slice() }.chunks_mut(ZERO_PIECE) {
+            piece.fill(0);
+            self.queue.promise(Duration::ZERO);
+        }
         Ok(())
     }
 
@@ -158,82 +284,17 @@ impl Inner {
         closing.into_iter().for_each(close);
         freed
     }
-
-    fn work(&self) {
-        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
-            log::debug!("pagepool: cannot lower the dma-buf worker's priority: {e}");
-        }
-        loop {
-            let (dirty, parked) = {
-                let mut st = self.state();
-                while st.dirty.is_empty() && st.held.is_empty() && !st.stopped {
-                    self.busy.store(false, Ordering::Release);
-                    self.idle.notify_all();
-                    st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
-                }
-                if st.stopped {
-                    self.busy.store(false, Ordering::Release);
-                    self.idle.notify_all();
-                    return;
-                }
-                self.busy.store(true, Ordering::Release);
-                (st.dirty.pop_front(), std::mem::take(&mut st.held))
-            };
-            let mut still_held = Vec::new();
-            for b in dirty.into_iter().chain(parked) {
-                // Recycle only when the pool's descriptor is the last reference to the file.
-                match file_count(b.as_fd()) {
-                    Ok(1) => {}
-                    Ok(_) => {
-                        still_held.push(b);
-                        continue;
-                    }
-                    Err(e) => {
-                        log::warn!("pagepool: cannot tell who holds a dma-buf ({e}); closing it");
-                        self.released.fetch_add(1, Ordering::Relaxed);
-                        close(b);
-                        continue;
-                    }
-                }
-                // SAFETY: the count just read is 1, and `b` is the pool's own descriptor (its
-                // `PooledDmaBuf` was dropped), handed to nobody.
-                if let Err(e) = unsafe { self.zero(&b) } {
-                    log::warn!("pagepool: cannot zero a dma-buf ({e}); closing it");
-                    self.released.fetch_add(1, Ordering::Relaxed);
-                    close(b);
-                    continue;
-                }
-                self.zeroed.fetch_add(1, Ordering::Relaxed);
-                let pages = self.pages(&b);
-                {
-                    let mut st = self.state();
-                    st.clean.entry(b.len()).or_default().push(b);
-                    self.owner.note_added(pages); // under the lock: see `shrink`
-                }
-                // The owner's limit, then the registry's maximum, as for any other pool:
-                // pooled dma-bufs never push the other owners' pools out.
-                self.owner.enforce_limits();
-            }
-            let wait = !still_held.is_empty();
-            {
-                let mut st = self.state();
-                st.held.extend(still_held);
-                // This round is done: a flush waiting for it may return.
-                self.busy.store(false, Ordering::Release);
-                self.idle.notify_all();
-                if wait && st.dirty.is_empty() && !st.stopped {
-                    // Parked buffers only: look again in a while.
-                    let _ = self
-                        .work
-                        .wait_timeout(st, Duration::from_millis(20))
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-            }
-        }
-    }
 }
 
 /// A pool of clean dma-bufs of a kernel dma-buf heap.
+///
+/// # Releasing
+/// Dropping a [`PooledDmaBuf`] queues it for the pool's worker (`pagepool-dmabuf`, nice 19),
+/// which zeroes it and pools it by size. Released buffers waiting for the worker count against
+/// the pool's limit: a release that would pass it, or that comes while the worker is kept off
+/// its core by a busy machine, closes the buffer at once (counted in
+/// [`DmaBufPoolStats::refused`]). Under memory pressure, queued buffers are closed unzeroed.
+/// [`flush`](DmaBufPool::flush) waits for the worker.
 ///
 /// # Fork
 /// A forked child does not inherit the pool's buffers: the descriptors of pooled and queued
@@ -282,14 +343,16 @@ impl PoolCore {
         // owner's, are not counted twice by the registry's pressure response).
         let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&inner) as _;
         inner.owner.add_other(weak);
+        // Its queue, like the heaps': under pressure, queued buffers are closed unzeroed.
+        let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&inner.queue) as _;
+        registry.add_shrinker(weak);
         let w = inner.clone();
-        let worker = std::thread::Builder::new()
-            .name("pagepool-dmabuf".into())
-            .spawn(move || w.work())
-            .map_err(|e| DmaBufError::Os {
-                op: "spawn dma-buf worker",
-                source: e,
-            })?;
+        let worker =
+            crate::deferred::spawn_worker("pagepool-dmabuf", move || w.queue.serve(|| w.tick()))
+                .map_err(|e| DmaBufError::Os {
+                    op: "spawn dma-buf worker",
+                    source: e,
+                })?;
         Ok(PoolCore {
             inner,
             worker: Some(worker),
@@ -324,16 +387,14 @@ impl Drop for PoolCore {
     /// Stops the worker and closes every pooled and queued buffer (buffers still held elsewhere
     /// stay valid for their holders: closing the pool's descriptor drops only its reference).
     fn drop(&mut self) {
-        let (dirty, held) = {
-            let mut st = self.inner.state();
-            st.stopped = true;
-            (std::mem::take(&mut st.dirty), std::mem::take(&mut st.held))
-        };
-        dirty.into_iter().chain(held).for_each(close);
-        self.inner.work.notify_all();
+        for r in self.inner.queue.stop() {
+            close(r.buf);
+        }
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+        let held = std::mem::take(&mut self.inner.state().held);
+        held.into_iter().for_each(close);
         self.inner.shrink(usize::MAX);
     }
 }
@@ -345,8 +406,9 @@ fn close(b: DmaBuf) {
 }
 
 impl DmaBufPool {
-    /// A pool of buffers of `heap`, holding at most `limit_bytes` of clean buffers, counted
-    /// against `registry` as the owner `dmabuf:<heap name>`.
+    /// A pool of buffers of `heap`, holding at most `limit_bytes` of clean buffers (and at most
+    /// as much waiting for the worker), counted against `registry` as the owner
+    /// `dmabuf:<heap name>`. Starts the pool's worker thread.
     pub fn new(
         heap: DmaHeap,
         registry: &Arc<Registry>,
@@ -408,11 +470,7 @@ impl DmaBufPool {
     /// Waits until every released buffer has been zeroed and pooled, or parked because it is
     /// still referenced elsewhere.
     pub fn flush(&self) {
-        let inner = self.inner();
-        let mut st = inner.state();
-        while (!st.dirty.is_empty() || inner.busy.load(Ordering::Acquire)) && !st.stopped {
-            st = inner.idle.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+        self.inner().queue.flush();
     }
 
     /// Closes every clean pooled buffer; returns the pages freed.
@@ -433,6 +491,8 @@ impl DmaBufPool {
             zeroed: inner.zeroed.load(Ordering::Relaxed),
             held_events: inner.held_events.load(Ordering::Relaxed),
             released: inner.released.load(Ordering::Relaxed),
+            refused: inner.queue.refused(),
+            queued_pages: inner.queue.pending_pages(),
         }
     }
 }
@@ -471,14 +531,12 @@ impl Drop for PooledDmaBuf {
         if file_count(b.as_fd()).is_ok_and(|n| n > 1) {
             self.pool.held_events.fetch_add(1, Ordering::Relaxed);
         }
-        let mut st = self.pool.state();
-        if st.stopped {
-            return;
-        }
         crate::fork::record_fd(b.as_fd()); // the pool's again: a forked child closes it
-        st.dirty.push_back(b);
-        drop(st);
-        self.pool.work.notify_one();
+        let pages = self.pool.pages(&b);
+        if let Err(r) = self.pool.queue.queue(Released { buf: b, pages }) {
+            // Full, stopped, or a worker the scheduler does not run: back to the kernel now.
+            close(r.buf);
+        }
     }
 }
 

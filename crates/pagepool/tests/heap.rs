@@ -251,9 +251,23 @@ fn a_set_that_stays_scattered_is_taken_fresh_once() {
         heap.flush();
     }
     assert_eq!(heap.stats().remapped, 7);
-    // The eighth in a row takes fresh pages as one range instead; from then on the fresh set,
-    // pooled, makes every 3 MiB buffer without a view.
-    for k in 8..=20 {
+    // The eighth in a row takes fresh pages as one range instead (a later one if the machine
+    // looks busy meanwhile: the worker was found late, and fresh pages cost most then); from
+    // then on the fresh set, pooled, makes every 3 MiB buffer without a view.
+    let mut k = 8;
+    loop {
+        let buf = heap.alloc(3 << 20).unwrap();
+        if !buf.is_remapped() {
+            break;
+        }
+        assert!(k < 200, "allocation {k}: still scattered");
+        k += 1;
+        drop(buf);
+        heap.flush();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let views = heap.stats().remapped;
+    for k in k..=k + 12 {
         let mut buf = heap.alloc(3 << 20).unwrap();
         assert!(!buf.is_remapped(), "allocation {k}: end to end");
         assert!(buf.iter().all(|&x| x == 0));
@@ -262,7 +276,7 @@ fn a_set_that_stays_scattered_is_taken_fresh_once() {
         heap.flush();
     }
     let st = heap.stats();
-    assert_eq!(st.remapped, 7);
+    assert_eq!(st.remapped, views);
     assert_eq!(st.fresh_pages - fresh, (3 << 20) / page_size() as u64);
     drop(b);
 }

@@ -167,6 +167,42 @@ fn dmapool_recycles_zeroed() -> Result {
     Ok(format!("{st:?}"))
 }
 
+/// Released dma-bufs go through the deferred-free helper: bounded by the pool's limit (a
+/// release past it is closed at once, counted as refused), and under memory pressure the
+/// queue's shrinker closes queued buffers unzeroed.
+fn dmapool_queue_is_bounded_and_shrinks() -> Result {
+    let page = pagepool::page_size();
+    let registry = Registry::new(usize::MAX);
+    let heap = DmaHeap::open("system").map_err(e)?;
+    let pool = DmaBufPool::new(heap, &registry, 2 << 20).map_err(e)?;
+    // A 4 MiB buffer cannot be pooled under a 2 MiB limit: its release is refused and closed.
+    drop(pool.alloc(4 << 20).map_err(e)?);
+    pool.flush();
+    let st = pool.stats();
+    check(st.refused == 1 && st.pooled == 0 && st.zeroed == 0, || {
+        format!("past the bound: {st:?}")
+    })?;
+    // Two 1 MiB buffers fit: zeroed and pooled by the worker.
+    let a = pool.alloc(1 << 20).map_err(e)?;
+    let b = pool.alloc(1 << 20).map_err(e)?;
+    drop((a, b));
+    pool.flush();
+    let st = pool.stats();
+    check(
+        st.pooled == 2 && st.zeroed == 2 && st.queued_pages == 0,
+        || format!("within the bound: {st:?}"),
+    )?;
+    // The registry's shrinkers (what the pressure monitor runs) reach the pool.
+    let freed = registry.shrink_all(usize::MAX);
+    let st = pool.stats();
+    check(st.pooled == 0 && freed >= (2 << 20) / page, || {
+        format!("after shrink_all({freed}): {st:?}")
+    })?;
+    Ok(format!(
+        "refused past the bound, then pooled and shrunk: {st:?}"
+    ))
+}
+
 /// A dma-buf pool is one of its registry's pools like any other: the registry's maximum and
 /// its shrink reach its buffers, and its pages do not push the other owners' pools out alone.
 fn dmapool_shrinks_like_any_owner() -> Result {
@@ -620,7 +656,7 @@ fn main() {
         _ => {}
     }
     type Case = (&'static str, fn() -> Result);
-    let cases: [Case; 11] = [
+    let cases: [Case; 12] = [
         ("dmabuf_alloc_and_map_1m", dmabuf_alloc_and_map_1m),
         ("dmabuf_zeroed_after_dirty_free_4k", || {
             dmabuf_zeroed_after_dirty_free(4096)
@@ -633,6 +669,10 @@ fn main() {
             dmabuf_invalid_flags_and_lengths,
         ),
         ("dmapool_recycles_zeroed", dmapool_recycles_zeroed),
+        (
+            "dmapool_queue_is_bounded_and_shrinks",
+            dmapool_queue_is_bounded_and_shrinks,
+        ),
         (
             "dmapool_never_recycles_a_held_buffer",
             dmapool_never_recycles_a_held_buffer,

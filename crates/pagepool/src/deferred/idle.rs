@@ -8,7 +8,7 @@ use crate::config::{
 };
 use crate::sync::{MutexGuard, Ordering, lock, wait, wait_timeout};
 
-use super::{Job, Locking, Queue, ReleaseQueue, Run, Work};
+use super::{Item, Job, Locking, Queue, Reason, ReleaseQueue, Run, Runs, Work};
 
 /// The nap an idle worker takes after `idle` without work, or `None` once it has napped for
 /// `naps_ns` and should sleep until woken.
@@ -27,7 +27,7 @@ pub(super) fn nap_length(idle: std::time::Duration, naps_ns: u64) -> Option<std:
     Some(nap.min(naps - idle))
 }
 
-impl ReleaseQueue {
+impl<I: Item> ReleaseQueue<I> {
     /// How long an idle worker keeps polling for work before it sleeps (default 0). Waking a
     /// sleeping thread costs the releasing thread a system call and the worker a scheduling
     /// delay (tens of microseconds in a VM); a short poll keeps a busy heap's worker awake
@@ -239,27 +239,14 @@ impl ReleaseQueue {
         }
     }
 
-    /// The worker's side: waits for queued work and claims up to [`CHUNK_PAGES`] pages from the
-    /// end of the oldest buffer's last run. Returns `None` once the list is stopped. The claim
-    /// is *in flight* until [`landed`](Self::landed) is called with it.
-    #[cfg(test)]
-    pub(crate) fn claim(&self) -> Option<Run> {
-        loop {
-            match self.next_work()? {
-                Work::Claim(job) => return Some(job.run()),
-                Work::Assist => continue,
-            }
-        }
-    }
-
     /// The worker naps for `nap`, having promised to look at the queue when it wakes; the
     /// queue's lock and the worker-locking flag are let go meanwhile.
     fn nap<'a>(
         &'a self,
-        mut q: MutexGuard<'a, Queue>,
+        mut q: MutexGuard<'a, Queue<I>>,
         locking: &mut Option<Locking<'a>>,
         nap: std::time::Duration,
-    ) -> MutexGuard<'a, Queue> {
+    ) -> MutexGuard<'a, Queue<I>> {
         q.napping += 1;
         self.promise(nap);
         drop(locking.take());
@@ -269,11 +256,17 @@ impl ReleaseQueue {
         q
     }
 
-    /// The worker's loop step: like [`claim`](Self::claim), but also returns
-    /// [`Work::Assist`] when an allocation shared a run while the worker was idle, and gives
-    /// the size in pages of the buffer a claimed run came from (the worker zeroes runs of large
-    /// buffers with streaming stores).
-    pub(crate) fn next_work(&self) -> Option<Work> {
+    /// The worker's loop step: waits for queued work (spinning, napping or sleeping, see the
+    /// module's documentation) and takes some with `take`, which is given the queue, locked,
+    /// whenever it holds items the worker may take (not while releases free their own, see
+    /// `hold`, unless a flush waits). Also returns [`Work::Assist`] when an allocation shared a
+    /// run while the worker was idle, and [`Work::Idle`] when `poll` is given and passes
+    /// without work. Returns `None` once the list is stopped.
+    pub(crate) fn next_with<W>(
+        &self,
+        poll: Option<std::time::Duration>,
+        mut take: impl FnMut(&Self, &mut Queue<I>) -> Option<W>,
+    ) -> Option<Work<W>> {
         // Declared before the guard, so dropped after it: the flag stays set while the queue's
         // lock is held (see `sync::lock_within`).
         let mut locking = Some(self.locking());
@@ -289,35 +282,18 @@ impl ReleaseQueue {
                 self.promise(std::time::Duration::ZERO);
                 return Some(Work::Assist);
             }
-            // While releases zero their own buffers (the machine is busy, see `hold`), the
+            // While releases free their own items (the machine is busy, see `hold`), the
             // worker leaves queued work to allocations unless a flush waits for it: a nice-19
             // thread that may lose its core at any moment must not hold the pools' locks then.
             let claim = q.flushing > 0 || !self.holding();
-            if let Some((item, buffer_pages)) = q.items.front_mut().filter(|_| claim) {
-                let buffer_pages = *buffer_pages;
-                let last = item.last_mut().expect("queued items are never empty");
-                let k = last.count.min((CHUNK_PAGES >> last.order).max(1));
-                last.count -= k;
-                let run = Run {
-                    start: last.start + last.count * (self.page << last.order),
-                    order: last.order,
-                    count: k,
-                };
-                if last.count == 0 {
-                    item.pop();
-                    if item.is_empty() {
-                        q.items.pop_front();
-                    }
-                }
-                self.take(&mut q, &run);
-                q.in_flight[run.order as usize] += run.pages();
-                // Open to helpers before the queue's lock is released: whoever sees the claim
-                // in flight finds its job (see `current_job`).
-                let job = std::sync::Arc::new(Job::new(run, buffer_pages, self.page));
-                *lock(&self.job) = Some(job.clone());
-                // Zeroing a chunk takes tens of microseconds: it looks again well within this.
+            if claim
+                && !q.items.is_empty()
+                && let Some(w) = take(self, &mut q)
+            {
+                // The work takes tens of microseconds (a chunk of blocks) or the worker renews
+                // its promise as it goes (see `promise`).
                 self.promise(std::time::Duration::ZERO);
-                return Some(Work::Claim(job));
+                return Some(Work::Claim(w));
             }
             let found = match idle_since {
                 // Just out of work: spin first; but when releases come in a steady rhythm, nap
@@ -374,12 +350,97 @@ impl ReleaseQueue {
                     q.sleeping += 1;
                     self.due_ns.store(u64::MAX, Ordering::Relaxed);
                     drop(locking.take());
-                    q = wait(&self.work, q);
+                    q = match poll {
+                        Some(p) => wait_timeout(&self.work, q, p),
+                        None => wait(&self.work, q),
+                    };
                     locking = Some(self.locking());
                     q.sleeping -= 1;
                     idle_since = None;
+                    if poll.is_some()
+                        && !q.stopped
+                        && (q.items.is_empty() || (q.flushing == 0 && self.holding()))
+                    {
+                        return Some(Work::Idle);
+                    }
                 }
             }
+        }
+    }
+}
+
+impl ReleaseQueue<Runs> {
+    /// The heap worker's loop step (see [`next_with`](Self::next_with)): claims up to
+    /// [`CHUNK_PAGES`] pages from the end of the oldest buffer's last run, as a [`Job`] open to
+    /// helpers, with the size in pages of the buffer it came from (the worker zeroes runs of
+    /// large buffers with streaming stores). The claim is *in flight* until
+    /// [`landed`](Self::landed) is called with it.
+    pub(crate) fn next_work(&self) -> Option<Work<std::sync::Arc<Job>>> {
+        self.next_with(None, |l, q| {
+            let (item, buffer_pages) = q.items.front_mut()?;
+            let buffer_pages = *buffer_pages;
+            let last = item.last_mut().expect("queued items are never empty");
+            let k = last.count.min((CHUNK_PAGES >> last.order).max(1));
+            last.count -= k;
+            let run = Run {
+                start: last.start + last.count * (l.page << last.order),
+                order: last.order,
+                count: k,
+            };
+            if last.count == 0 {
+                item.pop();
+                if item.is_empty() {
+                    q.items.pop_front();
+                }
+            }
+            l.take(q, &run);
+            q.in_flight[run.order as usize] += run.pages();
+            // Open to helpers before the queue's lock is released: whoever sees the claim in
+            // flight finds its job (see `current_job`).
+            let job = std::sync::Arc::new(Job::new(run, buffer_pages, l.page));
+            *lock(&l.job) = Some(job.clone());
+            Some(job)
+        })
+    }
+
+    /// [`next_work`](Self::next_work) for the tests and models: the claimed run, or `None`
+    /// once the list is stopped.
+    #[cfg(test)]
+    pub(crate) fn claim(&self) -> Option<Run> {
+        loop {
+            match self.next_work()? {
+                Work::Claim(job) => return Some(job.run()),
+                Work::Assist | Work::Idle => continue,
+            }
+        }
+    }
+}
+
+impl<I: Item> ReleaseQueue<I> {
+    /// The worker's loop step for whole items (see [`next_with`](Self::next_with)): takes the
+    /// oldest queued item, which is *in flight* until [`land_item`](Self::land_item) is called
+    /// with its pages. With `poll`, returns [`Work::Idle`] when nothing came for that long.
+    pub(crate) fn next_item(&self, poll: Option<std::time::Duration>) -> Option<Work<(I, usize)>> {
+        self.next_with(poll, |l, q| {
+            let (item, _) = q.items.pop_front()?;
+            let pages = l.take_item(q, &item);
+            q.in_flight[0] += pages;
+            Some((item, pages))
+        })
+    }
+
+    /// The seed's worker loop for whole items, until the list stops: takes each queued item
+    /// and hands it to the release callback with [`Reason::Normal`], then lands it. After
+    /// each item, and whenever the poll time passes without one, calls `tick`, which returns
+    /// the next poll time (`None`: sleep until a release wakes the worker).
+    pub(crate) fn serve(&self, mut tick: impl FnMut() -> Option<std::time::Duration>) {
+        let mut poll = tick();
+        while let Some(work) = self.next_item(poll) {
+            if let Work::Claim((item, pages)) = work {
+                (self.release)(item, Reason::Normal);
+                self.land_item(pages);
+            }
+            poll = tick();
         }
     }
 }

@@ -1,24 +1,29 @@
 //! Deferred freeing: release queues a buffer; a low-priority worker zeroes it later.
 //!
-//! This is the kernel series' deferred-free helper. Releasing a buffer puts its blocks on a
-//! [`ReleaseQueue`] in O(1) and returns. A background worker (see [`crate::heap`]) claims runs of
-//! blocks from the oldest queued buffer, at most [`CHUNK_PAGES`] at a time, zeroes them and gives
-//! them to the pools (the kernel's `DF_NORMAL`). The release queue is a [`Shrinker`](crate::Shrinker): under memory
-//! pressure its queued blocks go straight back to the system, unzeroed, through the release
-//! callback (`DF_UNDER_PRESSURE`).
+//! This is the kernel series' deferred-free helper, generic as it is there: a released
+//! [`Item`] and the pages it holds go on a bounded [`ReleaseQueue`] in O(1); a worker at nice
+//! 19 ([`spawn_worker`]) takes queued work and makes the memory reusable (the kernel's
+//! `DF_NORMAL`); under memory pressure the queue, a [`Shrinker`](crate::Shrinker), hands queued
+//! items straight to the release callback with [`Reason::UnderPressure`], unzeroed. Both pool
+//! users run on it: [`crate::SystemHeap`] (items are a buffer's [`Runs`] of blocks, which its
+//! worker claims a chunk at a time and zeroes, sharing stripes with allocations) and
+//! [`crate::DmaBufPool`] (items are whole dma-bufs, which its worker takes one at a time).
 //!
 //! Beyond the kernel helper:
 //! - **backpressure**: queued and in-flight pages never exceed the release queue's bound;
-//!   [`ReleaseQueue::queue`] refuses a buffer that would pass it, and the releasing thread then
-//!   zeroes the buffer itself (so memory stays bounded and nothing is dropped on the floor);
-//! - **inline zeroing**: an allocation that misses its pool can [`steal`](ReleaseQueue::steal)
-//!   queued dirty blocks and zero them on its own thread, which is far cheaper than fresh pages
-//!   from the kernel; it takes them from the start of the oldest buffer while the worker works
-//!   from its end, so the two zero in parallel and the allocation ends up with that buffer's
-//!   blocks, end to end.
+//!   [`ReleaseQueue::queue`] refuses an item that would pass it, and the releasing thread then
+//!   frees it itself (so memory stays bounded and nothing is dropped on the floor);
+//! - **a worker that is not scheduled is not waited for**: the worker promises when it looks
+//!   at the queue next; while it is late (a busy machine), releases free their own items
+//!   (`idle.rs`);
+//! - **inline zeroing** (blocks): an allocation that misses its pool can
+//!   [`steal`](ReleaseQueue::steal) queued dirty blocks and zero them on its own thread, which
+//!   is far cheaper than fresh pages from the kernel; it takes them from the start of the
+//!   oldest buffer while the worker works from its end, so the two zero in parallel and the
+//!   allocation ends up with that buffer's blocks, end to end (`share.rs`).
 //!
-//! The release queue deals in [`Run`]s (address ranges); it never touches memory itself, which is
-//! what lets `tests/loom.rs` model it with plain numbers.
+//! The release queue deals in items and numbers; it never touches memory itself, which is what
+//! lets the loom models run it with plain numbers.
 
 mod idle;
 mod queue;
@@ -35,6 +40,59 @@ pub(crate) use self::share::Job;
 
 /// A buffer's runs: up to two inline (most buffers), more on the heap.
 pub(crate) type Runs = smallvec::SmallVec<[Run; 2]>;
+
+/// What a [`ReleaseQueue`] holds: a released thing and the pages it holds.
+pub(crate) trait Item: Send + 'static {
+    /// The pages it holds (what counts against the queue's bound).
+    fn pages(&self) -> usize;
+
+    /// Its blocks, as (order, count), for the queue's per-order counts (what
+    /// [`steal`](ReleaseQueue::steal) looks at). None for an item not made of blocks.
+    fn blocks(&self) -> impl Iterator<Item = (u8, usize)> {
+        std::iter::empty()
+    }
+}
+
+impl Item for Runs {
+    fn pages(&self) -> usize {
+        self.iter().map(Run::pages).sum()
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = (u8, usize)> {
+        self.iter().map(|r| (r.order, r.count))
+    }
+}
+
+/// Why the release callback of a [`ReleaseQueue`] is given an item (the kernel helper's
+/// `DF_NORMAL` and `DF_UNDER_PRESSURE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    /// The worker is done with it: make it reusable (zero and pool it).
+    Normal,
+    /// Memory is short, or the queue stops: give it back to the system, unzeroed.
+    UnderPressure,
+}
+
+/// Starts a deferred-free worker thread named `name` running `body`: at nice 19, so that it
+/// only uses cores nothing else wants, and with a timer slack of 5 us, so that its naps end on
+/// time (the default slack is 50 us).
+pub(crate) fn spawn_worker(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19)
+            {
+                log::debug!("pagepool: cannot lower the worker's priority: {e}");
+            }
+            // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects this thread
+            // only.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 5_000 as libc::c_ulong) };
+            body()
+        })
+}
 
 /// `count` blocks of one order lying end to end from address `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,14 +134,15 @@ impl Run {
     }
 }
 
-pub(super) struct Queue {
-    /// Released buffers, oldest first; each a list of runs.
-    pub(super) items: VecDeque<(Runs, usize)>,
+pub(super) struct Queue<I> {
+    /// Released items, oldest first, with the pages they were queued with (a buffer's size:
+    /// what is left of it may be less).
+    pub(super) items: VecDeque<(I, usize)>,
     /// Pages queued (not counting in-flight claims).
     pub(super) pages: usize,
     /// Queued blocks per order (lets `steal` skip a scan when there is nothing of its order).
     pub(super) blocks: [usize; MAX_ORDER as usize + 1],
-    /// Pages claimed by the worker and not yet landed, per order.
+    /// Pages claimed by the worker and not yet landed, per order (whole items: order 0).
     pub(super) in_flight: [usize; MAX_ORDER as usize + 1],
     pub(super) peak: usize,
     /// Claims landed so far (what `wait_landed` watches).
@@ -99,22 +158,22 @@ pub(super) struct Queue {
     pub(super) stopped: bool,
 }
 
-impl Queue {
+impl<I> Queue<I> {
     pub(super) fn in_flight_pages(&self) -> usize {
         self.in_flight.iter().sum()
     }
 }
 
-/// A bounded queue of released buffers waiting to be zeroed.
-pub(crate) struct ReleaseQueue {
+/// A bounded queue of released items waiting for the worker.
+pub(crate) struct ReleaseQueue<I: Item = Runs> {
     pub(super) page: usize,
     pub(super) max_pages: usize,
-    pub(super) queue: Mutex<Queue>,
+    pub(super) queue: Mutex<Queue<I>>,
     /// Signalled when work is queued or the list stops.
     pub(super) work: Condvar,
     /// Signalled when an in-flight claim lands or the queue drains.
     pub(super) landed: Condvar,
-    pub(super) release: Box<dyn Fn(Run) + Send + Sync>,
+    pub(super) release: Box<dyn Fn(I, Reason) + Send + Sync>,
     pub(super) pressure_pages: AtomicU64,
     pub(super) refused: AtomicU64,
     pub(super) waiting: AtomicUsize,
@@ -122,6 +181,8 @@ pub(crate) struct ReleaseQueue {
     /// its own: the idle worker polls them.
     pub(super) queued_hint: CachePadded<AtomicUsize>,
     pub(super) landings_hint: CachePadded<AtomicU64>,
+    /// Pages queued from which a release wakes a sleeping worker.
+    pub(super) wake_pages: AtomicUsize,
     /// How long an idle worker polls before napping, in ns (0: nap at once).
     pub(super) spin_ns: AtomicU64,
     /// How long an idle worker naps before it sleeps until woken, in ns (0: no naps).
@@ -170,31 +231,51 @@ impl Drop for Locking<'_> {
     }
 }
 
-/// What the worker should do next (see [`ReleaseQueue::next_work`]).
+/// What the worker should do next (see [`ReleaseQueue::next_work`] and
+/// [`ReleaseQueue::next_item`]).
 #[derive(Debug)]
-pub(crate) enum Work {
-    /// Zero this claimed run ([`Job::run`], from a buffer of [`Job::buffer_pages`] pages) and
-    /// land it. The job is open to helpers from the moment of the claim.
-    Claim(std::sync::Arc<Job>),
+pub(crate) enum Work<W> {
+    /// Work taken from the queue: a claimed run of blocks ([`Job`]: zero it and land it; the
+    /// job is open to helpers from the moment of the claim), or a whole item (pass it to the
+    /// release callback's owner and [`land_item`](ReleaseQueue::land_item) it).
+    Claim(W),
     /// An allocation shared a run it is zeroing: take stripes of it ([`ReleaseQueue::assist`]).
     Assist,
+    /// Nothing came within the poll time the worker asked for.
+    Idle,
 }
 
-impl ReleaseQueue {
+impl ReleaseQueue<Runs> {
     /// Removes `run`'s pages from the queue's counts (the caller has taken the run out).
-    pub(super) fn take(&self, q: &mut Queue, run: &Run) {
+    pub(super) fn take(&self, q: &mut Queue<Runs>, run: &Run) {
         q.pages -= run.pages();
         q.blocks[run.order as usize] -= run.count;
         self.queued_hint.store(q.pages, Ordering::Relaxed);
     }
+}
 
-    /// A release queue for blocks of `page`-byte pages, holding at most `max_pages` queued and
-    /// in-flight pages. `release` gives a run back to the system (pressure scans).
+impl<I: Item> ReleaseQueue<I> {
+    /// Removes a whole item's pages and blocks from the queue's counts (the caller has taken
+    /// it out). Counted from what is left of the item (the worker and allocations may have
+    /// taken part of a buffer's runs), not from the pages it was queued with. Returns them.
+    pub(super) fn take_item(&self, q: &mut Queue<I>, item: &I) -> usize {
+        let pages = item.pages();
+        q.pages -= pages;
+        for (order, count) in item.blocks() {
+            q.blocks[order as usize] -= count;
+        }
+        self.queued_hint.store(q.pages, Ordering::Relaxed);
+        pages
+    }
+
+    /// A release queue for items of `page`-byte pages, holding at most `max_pages` queued and
+    /// in-flight pages. `release` frees an item: with [`Reason::UnderPressure`] when a pressure
+    /// scan takes it (give it back to the system, unzeroed).
     pub(crate) fn new(
         page: usize,
         max_pages: usize,
-        release: Box<dyn Fn(Run) + Send + Sync>,
-    ) -> ReleaseQueue {
+        release: Box<dyn Fn(I, Reason) + Send + Sync>,
+    ) -> ReleaseQueue<I> {
         ReleaseQueue {
             page,
             max_pages,
@@ -218,6 +299,7 @@ impl ReleaseQueue {
             waiting: AtomicUsize::new(0),
             queued_hint: CachePadded::new(AtomicUsize::new(0)),
             landings_hint: CachePadded::new(AtomicU64::new(0)),
+            wake_pages: AtomicUsize::new(crate::config::CHUNK_PAGES),
             spin_ns: AtomicU64::new(0),
             naps_ns: AtomicU64::new(0),
             job: Mutex::new(None),
@@ -283,7 +365,7 @@ impl ReleaseQueue {
     }
 }
 
-impl std::fmt::Debug for ReleaseQueue {
+impl<I: Item> std::fmt::Debug for ReleaseQueue<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReleaseQueue")
             .field("max_pages", &self.max_pages)
@@ -326,7 +408,18 @@ mod tests {
         let released = Arc::new(std::sync::Mutex::new(Vec::new()));
         let r = released.clone();
         (
-            ReleaseQueue::new(4096, max, Box::new(move |run| r.lock().unwrap().push(run))),
+            ReleaseQueue::new(
+                4096,
+                max,
+                Box::new(move |runs: Runs, why| {
+                    assert_eq!(
+                        why,
+                        Reason::UnderPressure,
+                        "the queue frees only under pressure"
+                    );
+                    r.lock().unwrap().extend(runs)
+                }),
+            ),
             released,
         )
     }
@@ -445,6 +538,91 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_counts_what_is_left_of_a_partly_claimed_buffer() {
+        let (l, released) = list(10_000);
+        l.queue(smallvec::smallvec![run(0, 8, 3)]).unwrap();
+        let claimed = l.claim().unwrap();
+        assert_eq!(claimed.pages(), 256, "one chunk from the end");
+        // What is left (two blocks), not what was queued (three), goes back and is counted.
+        assert_eq!(l.scan(usize::MAX), 512);
+        assert_eq!(released.lock().unwrap().as_slice(), [run(0, 8, 2)]);
+        assert_eq!(l.pages(), 0);
+        assert_eq!(l.pending_pages(), 256, "the claim is still in flight");
+        l.landed(&claimed);
+        assert_eq!(l.pending_pages(), 0);
+    }
+
+    /// A whole item for the generic helper's tests: an id and its pages.
+    struct Thing(u32, usize);
+
+    impl Item for Thing {
+        fn pages(&self) -> usize {
+            self.1
+        }
+    }
+
+    #[test]
+    fn the_helper_serves_whole_items_normally_and_frees_them_under_pressure() {
+        type Log = Arc<std::sync::Mutex<Vec<(u32, Reason)>>>;
+        let log: Log = Arc::default();
+        let l2 = log.clone();
+        let q = Arc::new(ReleaseQueue::<Thing>::new(
+            4096,
+            10,
+            Box::new(move |t: Thing, why| {
+                // The worker's share of the work takes a while: a flush waits for it.
+                if why == Reason::Normal {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                l2.lock().unwrap().push((t.0, why));
+            }),
+        ));
+        q.set_wake_pages(1);
+        // Bounded: 10 pages in all.
+        q.queue(Thing(1, 4)).map_err(|_| ()).unwrap();
+        q.queue(Thing(2, 4)).map_err(|_| ()).unwrap();
+        let refused = q.queue(Thing(3, 4)).err().map(|t| t.0);
+        assert_eq!(refused, Some(3), "past the bound: refused, handed back");
+        assert_eq!(q.refused(), 1);
+        // Under pressure, the oldest queued item is freed unzeroed, through the callback.
+        assert_eq!(q.scan(1), 4);
+        assert_eq!(log.lock().unwrap().as_slice(), [(1, Reason::UnderPressure)]);
+        // The worker: a tick after each item and on each poll timeout.
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let worker = {
+            let (q, ticks) = (q.clone(), ticks.clone());
+            spawn_worker("test-helper", move || {
+                q.serve(|| {
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                    Some(std::time::Duration::from_millis(1))
+                })
+            })
+            .unwrap()
+        };
+        q.flush();
+        assert_eq!(
+            q.pending_pages(),
+            0,
+            "flush waits for the item in the worker's hands"
+        );
+        assert_eq!(
+            log.lock().unwrap().as_slice(),
+            [(1, Reason::UnderPressure), (2, Reason::Normal)]
+        );
+        q.queue(Thing(4, 1)).map_err(|_| ()).unwrap();
+        q.flush();
+        assert_eq!(log.lock().unwrap().last(), Some(&(4, Reason::Normal)));
+        // Polls come with nothing queued.
+        let before = ticks.load(Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(ticks.load(Ordering::Relaxed) > before, "idle polls tick");
+        // Stopped: the worker ends, later items are refused, queued ones handed back.
+        assert!(q.stop().is_empty());
+        worker.join().unwrap();
+        assert!(q.queue(Thing(5, 1)).is_err());
+    }
+
+    #[test]
     fn a_hold_lasts_as_long_as_the_worker_was_late_and_grows_on_repeats() {
         let (l, _) = list(10_000);
         let ms = |n: u64| n * 1_000_000;
@@ -542,7 +720,8 @@ mod tests {
         assert_eq!(l.scan(10), 64, "whole buffers, oldest first");
         assert_eq!(released.lock().unwrap().as_slice(), [run(0, 4, 4)]);
         assert_eq!(l.pressure_pages(), 64);
-        assert_eq!(l.stop(), [run(1 << 20, 4, 2)]);
+        let left: Vec<Run> = l.stop().into_iter().flatten().collect();
+        assert_eq!(left, [run(1 << 20, 4, 2)]);
         assert_eq!(l.claim(), None);
         assert!(
             l.queue(smallvec::smallvec![run(0, 0, 1)]).is_err(),
@@ -571,8 +750,8 @@ mod loom_tests {
             let list = Arc::new(ReleaseQueue::new(
                 4096,
                 1 << 20,
-                Box::new(move |run: Run| {
-                    r.fetch_add(run.pages(), Ordering::SeqCst);
+                Box::new(move |runs: Runs, _| {
+                    r.fetch_add(Item::pages(&runs), Ordering::SeqCst);
                 }),
             ));
             let zeroed = Arc::new(AtomicUsize::new(0));
@@ -606,7 +785,7 @@ mod loom_tests {
             releaser.join().unwrap();
             let stolen: usize = list.steal(8, 2, 2).iter().map(Run::pages).sum();
             list.flush();
-            let leftover: usize = list.stop().iter().map(Run::pages).sum();
+            let leftover: usize = list.stop().iter().map(Item::pages).sum();
             worker.join().unwrap();
             // Every queued page was zeroed by the worker, released by the scan, or stolen: once.
             assert_eq!(leftover, 0, "flush drained the queue");
@@ -624,7 +803,11 @@ mod loom_tests {
             ((1 << n) - 1) << first
         }
         loom::model(|| {
-            let list = Arc::new(ReleaseQueue::new(4096, 1 << 20, Box::new(|_| {})));
+            let list = Arc::new(ReleaseQueue::<Runs>::new(
+                4096,
+                1 << 20,
+                Box::new(|_, _| {}),
+            ));
             // Five stripes: the first claim takes two (half of what is left), then one at a time.
             let pages = 5 * STRIPE_BYTES / 4096;
             let run = Run {
@@ -681,7 +864,11 @@ mod loom_tests {
             ((1 << n) - 1) << first
         }
         loom::model(|| {
-            let list = Arc::new(ReleaseQueue::new(4096, 1 << 20, Box::new(|_| {})));
+            let list = Arc::new(ReleaseQueue::<Runs>::new(
+                4096,
+                1 << 20,
+                Box::new(|_, _| {}),
+            ));
             let block_pages = 1 << 6;
             list.queue(
                 [Run {
@@ -733,7 +920,7 @@ mod loom_tests {
             list.help(6, |job, off, len| z(job.run(), off, len));
             list.wait_landed();
             list.flush();
-            let leftover: usize = list.stop().iter().map(Run::pages).sum();
+            let leftover: usize = list.stop().iter().map(Item::pages).sum();
             worker.join().unwrap();
             let stolen_pages: usize = stolen.iter().map(Run::pages).sum();
             assert_eq!(leftover, 0, "flush drained the queue");

@@ -1,39 +1,41 @@
-//! The bounded queue of released buffers: queueing (or refusing past the bound), the
-//! allocation's steals, landing the worker's claims, flush and stop, and the queue as a
-//! shrinker (under pressure, queued buffers go straight back to the system).
+//! The bounded queue of released items: queueing (or refusing past the bound), the
+//! allocation's steals, landing the worker's claims and items, flush and stop, and the queue
+//! as a shrinker (under pressure, queued items go straight back to the system).
 
-use crate::config::{CHUNK_PAGES, FIT_SCAN, HANDOFF_WAIT};
+use crate::config::{FIT_SCAN, HANDOFF_WAIT};
 use crate::pool::MAX_ORDER;
 use crate::shrinker::Shrinker;
 use crate::sync::{Ordering, lock, lock_within, wait_timeout};
 
-use super::{ReleaseQueue, Run, Runs};
+use super::{Item, Reason, ReleaseQueue, Run, Runs};
 
-impl ReleaseQueue {
-    /// Queues a released buffer's runs in O(1). Refuses (returning the runs) when the bound
-    /// would be passed or the list has stopped: the caller then frees the buffer itself.
+impl<I: Item> ReleaseQueue<I> {
+    /// Queues a released item in O(1). Refuses (returning it) when the bound would be passed,
+    /// the list has stopped or the worker is late (see `worker_late`): the caller then frees
+    /// the item itself.
     ///
-    /// A sleeping worker is woken only once [`CHUNK_PAGES`] pages are queued: waking it costs a
-    /// system call, more than zeroing a few small blocks. Smaller releases wait for the next
-    /// wake-up, an allocation that takes them, or [`flush`](Self::flush).
-    pub(crate) fn queue(&self, runs: Runs) -> Result<(), Runs> {
+    /// A sleeping worker is woken only once [`CHUNK_PAGES`] pages are queued (by default, see
+    /// [`set_wake_pages`](Self::set_wake_pages)): waking it costs a system call, more than
+    /// zeroing a few small blocks. Smaller releases wait for the next wake-up, an allocation
+    /// that takes them, or [`flush`](Self::flush).
+    pub(crate) fn queue(&self, item: I) -> Result<(), I> {
         let now = self.now_ns();
         self.note_release(now);
-        let pages: usize = runs.iter().map(Run::pages).sum();
+        let pages = item.pages();
         let wake = {
             let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
-                // The worker holds the lock and is not running: the caller zeroes the buffer.
+                // The worker holds the lock and is not running: the caller frees the item.
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(runs);
+                return Err(item);
             };
             let pending = q.pages + q.in_flight_pages();
             if q.stopped || pending + pages > self.max_pages || self.worker_late(now) {
                 drop(q);
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(runs);
+                return Err(item);
             }
-            // After a hold, releases go on zeroing their own buffers until the worker shows
-            // it runs again: the first one asks it to (the probe), and it answers when the
+            // After a hold, releases go on freeing their own items until the worker shows it
+            // runs again: the first one asks it to (the probe), and it answers when the
             // scheduler runs it (see `answer_probe`). Queuing meanwhile would pile work up
             // for a worker that may still get no core, for allocations to zero.
             if self.probation.load(Ordering::Relaxed) {
@@ -46,16 +48,16 @@ impl ReleaseQueue {
                     self.work.notify_one();
                 }
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(runs);
+                return Err(item);
             }
-            for r in &runs {
-                q.blocks[r.order as usize] += r.count;
+            for (order, count) in item.blocks() {
+                q.blocks[order as usize] += count;
             }
             q.pages += pages;
             q.peak = q.peak.max(pending + pages);
-            q.items.push_back((runs, pages));
+            q.items.push_back((item, pages));
             self.queued_hint.store(q.pages, Ordering::Relaxed);
-            q.sleeping > 0 && (q.pages >= CHUNK_PAGES || q.flushing > 0)
+            q.sleeping > 0 && (q.pages >= self.wake_pages.load(Ordering::Relaxed) || q.flushing > 0)
         };
         if wake {
             self.expect_worker();
@@ -64,6 +66,88 @@ impl ReleaseQueue {
         Ok(())
     }
 
+    /// Pages queued from which a release wakes a sleeping worker (default [`CHUNK_PAGES`](crate::config::CHUNK_PAGES)).
+    /// A pool whose items nothing else takes (no allocation steals them) sets 1.
+    pub(crate) fn set_wake_pages(&self, pages: usize) {
+        self.wake_pages.store(pages.max(1), Ordering::Relaxed);
+    }
+
+    /// The worker's side: an item of `pages` pages taken with
+    /// [`next_item`](Self::next_item) has been dealt with.
+    pub(crate) fn land_item(&self, pages: usize) {
+        self.land_pages(0, pages);
+    }
+
+    /// `pages` of `order` in flight have landed.
+    pub(super) fn land_pages(&self, order: u8, pages: usize) {
+        let mut q = lock(&self.queue);
+        q.in_flight[order as usize] -= pages;
+        q.landings += 1;
+        self.landings_hint.store(q.landings, Ordering::Release);
+        drop(q);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.landed.notify_all();
+        }
+    }
+
+    /// Waits until nothing is queued or in flight.
+    pub(crate) fn flush(&self) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.flushing_hint.fetch_add(1, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        q.flushing += 1;
+        if q.sleeping > 0 || q.napping > 0 {
+            self.work.notify_one();
+        }
+        while (q.pages > 0 || q.in_flight_pages() > 0 || self.adopted.load(Ordering::Acquire) > 0)
+            && !q.stopped
+        {
+            // With a timeout: adopted runs land without the queue's lock held throughout.
+            q = wait_timeout(&self.landed, q, std::time::Duration::from_millis(1));
+        }
+        q.flushing -= 1;
+        drop(q);
+        self.flushing_hint.fetch_sub(1, Ordering::Relaxed);
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Stops the list: the worker's next look at the queue returns `None`, further items are
+    /// refused. Returns every queued item, for the caller to release.
+    pub(crate) fn stop(&self) -> Vec<I> {
+        self.stopped_hint.store(true, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        q.stopped = true;
+        let runs: Vec<I> = q.items.drain(..).map(|(item, _)| item).collect();
+        q.pages = 0;
+        q.blocks = [0; MAX_ORDER as usize + 1];
+        self.queued_hint.store(0, Ordering::Relaxed);
+        drop(q);
+        self.work.notify_all();
+        self.landed.notify_all();
+        runs
+    }
+
+    /// Takes queued items, oldest first, until at least `nr_pages` pages are taken.
+    pub(super) fn drain(&self, nr_pages: usize) -> Vec<(I, usize)> {
+        let mut q = lock(&self.queue);
+        let mut out = Vec::new();
+        let mut taken = 0;
+        while taken < nr_pages {
+            let Some((item, _)) = q.items.pop_front() else {
+                break;
+            };
+            let pages = self.take_item(&mut q, &item);
+            taken += pages;
+            out.push((item, pages));
+        }
+        if q.pages == 0 && q.in_flight_pages() == 0 {
+            self.landed.notify_all();
+        }
+        out
+    }
+}
+
+impl ReleaseQueue<Runs> {
     /// The worker's side: a claimed run has been zeroed and given to the pools.
     pub(crate) fn landed(&self, run: &Run) {
         {
@@ -72,14 +156,7 @@ impl ReleaseQueue {
                 *job = None;
             }
         }
-        let mut q = lock(&self.queue);
-        q.in_flight[run.order as usize] -= run.pages();
-        q.landings += 1;
-        self.landings_hint.store(q.landings, Ordering::Release);
-        drop(q);
-        if self.waiting.load(Ordering::Relaxed) > 0 {
-            self.landed.notify_all();
-        }
+        self.land_pages(run.order, run.pages());
     }
 
     /// The allocator's side: claims up to `n` queued blocks of `order`, from the start of a
@@ -152,67 +229,9 @@ impl ReleaseQueue {
         }
         out
     }
-
-    /// Waits until nothing is queued or in flight.
-    pub(crate) fn flush(&self) {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        self.flushing_hint.fetch_add(1, Ordering::Relaxed);
-        let mut q = lock(&self.queue);
-        q.flushing += 1;
-        if q.sleeping > 0 || q.napping > 0 {
-            self.work.notify_one();
-        }
-        while (q.pages > 0 || q.in_flight_pages() > 0 || self.adopted.load(Ordering::Acquire) > 0)
-            && !q.stopped
-        {
-            // With a timeout: adopted runs land without the queue's lock held throughout.
-            q = wait_timeout(&self.landed, q, std::time::Duration::from_millis(1));
-        }
-        q.flushing -= 1;
-        drop(q);
-        self.flushing_hint.fetch_sub(1, Ordering::Relaxed);
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Stops the list: the worker's next [`claim`](Self::claim) returns `None`, further
-    /// buffers are refused. Returns every queued run, for the caller to release.
-    pub(crate) fn stop(&self) -> Vec<Run> {
-        self.stopped_hint.store(true, Ordering::Relaxed);
-        let mut q = lock(&self.queue);
-        q.stopped = true;
-        let runs: Vec<Run> = q.items.drain(..).flat_map(|(runs, _)| runs).collect();
-        q.pages = 0;
-        q.blocks = [0; MAX_ORDER as usize + 1];
-        self.queued_hint.store(0, Ordering::Relaxed);
-        drop(q);
-        self.work.notify_all();
-        self.landed.notify_all();
-        runs
-    }
-
-    /// Takes queued runs, oldest buffer first, until at least `nr_pages` pages are taken.
-    pub(super) fn drain(&self, nr_pages: usize) -> Vec<Run> {
-        let mut q = lock(&self.queue);
-        let mut out = Vec::new();
-        let mut taken = 0;
-        while taken < nr_pages {
-            let Some((item, _)) = q.items.pop_front() else {
-                break;
-            };
-            for r in &item {
-                self.take(&mut q, r);
-                taken += r.pages();
-            }
-            out.extend(item);
-        }
-        if q.pages == 0 && q.in_flight_pages() == 0 {
-            self.landed.notify_all();
-        }
-        out
-    }
 }
 
-impl Shrinker for ReleaseQueue {
+impl<I: Item> Shrinker for ReleaseQueue<I> {
     fn name(&self) -> &str {
         "deferred release_queue"
     }
@@ -221,12 +240,12 @@ impl Shrinker for ReleaseQueue {
         self.pages()
     }
 
-    /// Gives whole queued buffers, oldest first, straight back to the system, unzeroed.
+    /// Gives whole queued items, oldest first, straight back to the system, unzeroed.
     fn scan(&self, nr_pages: usize) -> usize {
-        let runs = self.drain(nr_pages);
-        let freed: usize = runs.iter().map(Run::pages).sum();
-        for r in runs {
-            (self.release)(r);
+        let items = self.drain(nr_pages);
+        let freed: usize = items.iter().map(|(_, pages)| pages).sum();
+        for (item, _) in items {
+            (self.release)(item, Reason::UnderPressure);
         }
         self.pressure_pages
             .fetch_add(freed as u64, Ordering::Relaxed);

@@ -7,7 +7,7 @@ use crate::config::{CLAIM_SHARE, HANDOFF_WAIT, STRIPE_BYTES, WORKER_PIECE};
 use crate::sync::{AtomicUsize, Ordering, lock, lock_within, try_lock};
 use crossbeam_utils::CachePadded;
 
-use super::{ReleaseQueue, Run};
+use super::{ReleaseQueue, Run, Runs};
 
 /// A claimed run being zeroed, split into stripes that several threads can take: the worker
 /// publishes its current claim as a job, and an allocation that would otherwise wait for it
@@ -156,7 +156,7 @@ pub(crate) fn spin_until(bound: std::time::Duration, mut done: impl FnMut() -> b
     }
 }
 
-impl ReleaseQueue {
+impl ReleaseQueue<Runs> {
     /// The allocator's side: offers a run it is about to zero inline to the idle worker, so
     /// that two cores zero it. Returns false (and shares nothing) if another run is shared
     /// already. Call with `None` once the job is complete.

@@ -94,7 +94,7 @@ use crate::buffer::Buffer;
 use crate::cache;
 use crate::cache_slots::CacheShared;
 use crate::config::REGATHER_FIRST;
-use crate::deferred::{ReleaseQueue, Run};
+use crate::deferred::{ReleaseQueue, Runs};
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
 use crate::pool::Block;
@@ -149,7 +149,13 @@ impl Core {
             let list = Arc::new(ReleaseQueue::new(
                 page,
                 cfg.queue_limit / page,
-                Box::new(move |r: Run| arenas.release(r.ptr(), r.pages() * page)),
+                // Under pressure (or at stop), queued runs go back to the system unzeroed; the
+                // worker lands the others itself (claims, not whole items).
+                Box::new(move |runs: Runs, _| {
+                    for r in runs {
+                        arenas.release(r.ptr(), r.pages() * page)
+                    }
+                }),
             ));
             list.set_worker_spin(cfg.worker_spin);
             list.set_worker_naps(cfg.worker_naps);
@@ -206,7 +212,7 @@ impl Drop for Core {
         h.closed.store(true, Ordering::Relaxed);
         cache::forget_mine(h);
         if let Some(list) = &h.release_queue {
-            for r in list.stop() {
+            for r in list.stop().into_iter().flatten() {
                 h.release_run(&r);
             }
         }

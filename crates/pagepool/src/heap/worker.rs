@@ -9,9 +9,7 @@ use crate::sync::{Arc, Ordering};
 /// Starts the worker thread of `inner` (`pagepool-free`).
 pub(super) fn spawn(inner: &Arc<HeapInner>) -> std::io::Result<std::thread::JoinHandle<()>> {
     let h = inner.clone();
-    std::thread::Builder::new()
-        .name("pagepool-free".into())
-        .spawn(move || h.work())
+    crate::deferred::spawn_worker("pagepool-free", move || h.work())
 }
 
 impl HeapInner {
@@ -47,19 +45,13 @@ impl HeapInner {
 
     /// The worker: claims queued runs, zeroes them, gives them to the pools, until stopped.
     fn work(&self) {
-        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
-            log::debug!("pagepool: cannot lower the free worker's priority: {e}");
-        }
-        // Naps end within a few microseconds of their time, not the default 50 us late: the
-        // worker naps through idle spells and must be awake when the next release comes.
-        // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects this thread only.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 5_000 as libc::c_ulong) };
         let Some(list) = &self.release_queue else {
             return;
         };
         while let Some(work) = list.next_work() {
             let job = match work {
                 Work::Claim(job) => job,
+                Work::Idle => continue, // not asked for: no poll time
                 Work::Assist => {
                     let t = std::time::Instant::now();
                     let mut mine = 0;
