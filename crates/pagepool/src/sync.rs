@@ -7,11 +7,12 @@
 //! registry's shrink, the deferred queue, the allocator-worker hand-off and the thread caches.
 //!
 //! Not swapped: reference counting (`Arc`, `Weak`: structure, not the concurrency under test,
-//! and loom has no `Weak`). Loom does not model time, and a model must behave the same way
+//! and loom has no `Weak`), and crossbeam's `Backoff` in the heap worker's wait for helpers
+//! (`heap/worker.rs`: the models run the queue with a worker of their own). Loom does not model time, and a model must behave the same way
 //! each time it replays an interleaving, so under loom the clock ([`Instant`]) stands still:
 //! the idle policy's decisions that depend on time (a late worker, a hold, a nap's length)
 //! come out the same in every replay, and every wait bounded by time has a loom branch that
-//! yields once instead (`spin_until`, `lock_within`, `wait_timeout`).
+//! yields once instead (`lock_within`, `wait_worker`, `wait_timeout`).
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};

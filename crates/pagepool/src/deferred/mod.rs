@@ -902,7 +902,7 @@ mod loom_tests {
                             zero(job.run(), off, len);
                             assert!(!job.finish(len), "nobody abandons the worker's claim");
                         }
-                        while !job.wait_complete() {
+                        while !job.complete() {
                             thread::yield_now();
                         }
                         landed.fetch_add(job.run().pages(), Ordering::SeqCst);

@@ -109,12 +109,6 @@ impl Job {
         self.done.load(Ordering::Acquire) & !ABANDONED >= self.stripes
     }
 
-    /// Waits up to [`HANDOFF_WAIT`] for the stripes other threads are zeroing; true once the
-    /// run is complete. Spinning only: the pieces in other hands are small.
-    pub(crate) fn wait_complete(&self) -> bool {
-        spin_until(HANDOFF_WAIT, || self.complete())
-    }
-
     /// Gives up waiting for the run: whoever finishes its last stripe owns it and lands it
     /// ([`finish`](Self::finish) returns true for them). Returns false if the run completed
     /// first: the caller still owns it. Call only once every stripe is taken.
@@ -126,35 +120,6 @@ impl Job {
 
 /// The bit of [`Job::done`] that says the run's waiter gave up on it.
 pub(super) const ABANDONED: usize = 1 << (usize::BITS - 1);
-
-/// Spins until `done()` or `bound` has passed; returns `done()`'s last answer.
-#[inline]
-pub(crate) fn spin_until(bound: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
-    if done() {
-        return true;
-    }
-    #[cfg(loom)]
-    {
-        let _ = bound;
-        loom::thread::yield_now();
-        done()
-    }
-    #[cfg(not(loom))]
-    {
-        let end = std::time::Instant::now() + bound;
-        loop {
-            for _ in 0..32 {
-                crate::sync::spin_loop();
-                if done() {
-                    return true;
-                }
-            }
-            if std::time::Instant::now() >= end {
-                return done();
-            }
-        }
-    }
-}
 
 impl ReleaseQueue<Runs> {
     /// The allocator's side: offers a run it is about to zero inline to the idle worker, so

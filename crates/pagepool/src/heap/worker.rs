@@ -90,12 +90,14 @@ impl HeapInner {
                 debug_assert!(!landed_by_me, "nobody abandons the worker's claim");
                 mine += len;
             }
-            // The worker's own zeroing ends here; what follows is waiting for helpers: briefly
-            // spinning, then yielding the core (a helper is an allocation, at normal priority;
-            // nothing waits for the worker meanwhile for long, see `HANDOFF_WAIT`).
+            // The worker's own zeroing ends here; what follows is waiting for helpers (each
+            // zeroing a stripe of 64 KiB, a few microseconds): a short exponential spin, then
+            // yielding the core at each look (a helper is an allocation, at normal priority; no
+            // allocation waits for the worker meanwhile for long, see `HANDOFF_WAIT`).
             self.count_worker(mine, t.elapsed());
-            while !job.wait_complete() {
-                std::thread::yield_now();
+            let backoff = crossbeam_utils::Backoff::new();
+            while !job.complete() {
+                backoff.snooze();
             }
             self.land(list, &run);
         }
