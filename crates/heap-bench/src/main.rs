@@ -1,9 +1,12 @@
 //! `heap-bench`: the seed's `dmabuf_heap_bench` (allocate + free, many times, at 4 KiB, 1 MiB,
-//! 8 MiB and 32 MiB), run against pagepool and the allocators a user would pick instead, side by
-//! side in one run. The protocol (described in `docs/BENCHMARKS.md` with the figures it gave):
-//! two modes (`tight`: calls back to back; `paced`: busy work between calls), every system in
-//! interleaved order with a warm-up, the median of several repetitions, peak resident memory of
-//! the pagepool rows, and the heap's own statistics at the end.
+//! 8 MiB and 32 MiB), run against pagepool and the allocators a user would pick instead (with
+//! their defaults, and tuned), side by side in one run. The protocol (described in
+//! `docs/BENCHMARKS.md` with the figures it gave): four modes (`tight`: calls back to back;
+//! `paced`: busy work between calls; `loaded`: paced while one busy thread per core runs at
+//! normal priority; `threads-T`: T threads running the tight loop on one shared heap or
+//! allocator), every system in interleaved order with a warm-up, the median of several
+//! repetitions, peak resident memory of the pagepool rows, and the heap's own statistics at the
+//! end.
 
 // A binary: `pub` marks each module's interface to the others.
 #![allow(unreachable_pub)]
@@ -26,9 +29,18 @@ use crate::systems::{CallOpts, System};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Modes to run: tight, paced or both.
-    #[arg(long, default_value = "both", value_parser = ["tight", "paced", "both"])]
-    mode: String,
+    /// Modes to run, comma separated: tight, paced, loaded, threads (one mode per `--threads`
+    /// count); `both` is tight and paced.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tight,paced,loaded,threads",
+        value_parser = ["tight", "paced", "loaded", "threads", "both"]
+    )]
+    mode: Vec<String>,
+    /// Threads mode: how many threads share the heap or allocator, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    threads: Vec<usize>,
     /// Buffer sizes (bytes; K, M, G suffixes allowed), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "4K,1M,8M,32M", value_parser = parse_size)]
     sizes: Vec<usize>,
@@ -39,11 +51,11 @@ struct Args {
     /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000).
     #[arg(long)]
     iters: Option<usize>,
-    /// Repetitions per row; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Repetitions per row; the median is reported (of two: the slower).
+    #[arg(long, default_value_t = 2)]
     reps: usize,
     /// Time budget per row in milliseconds (all repetitions), used to choose the call count.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 400)]
     budget_ms: u64,
     /// Paced mode: microseconds of work between calls (default: twice the time to memset the
     /// size once on one core).
@@ -64,6 +76,16 @@ struct Args {
     /// No progress bar, even on a terminal.
     #[arg(long)]
     no_progress: bool,
+    /// Internal: this process runs the tuned peers' rows for its parent.
+    #[arg(long, hide = true)]
+    child_tuned: bool,
+    /// Internal: the paced work per size, as SIZE=NS, from the parent.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    work_ns: Vec<String>,
+    /// Internal: spin this many threads at normal priority until standard input closes (the
+    /// loaded mode's load).
+    #[arg(long, hide = true)]
+    busy_child: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -155,6 +177,101 @@ fn run_calls(
     })
 }
 
+/// What one repetition of a threads-mode row measured.
+struct ThreadsRep {
+    /// Every thread's calls, together (time in calls summed over the threads).
+    rep: Rep,
+    /// Wall time from the start to the last thread's end, in ns.
+    wall_ns: u64,
+}
+
+/// Runs `n` tight calls on each of `threads` threads at once, all on `sys`.
+fn run_threads(
+    sys: &System,
+    size: usize,
+    n: usize,
+    opts: CallOpts,
+    threads: usize,
+) -> Result<ThreadsRep, String> {
+    let cpu0 = measure::process_cpu_ns();
+    let start = std::sync::Barrier::new(threads + 1);
+    let (reps, wall) = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    run_calls(sys, size, n, opts, Duration::ZERO)
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        let reps: Vec<_> = hs
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a thread panicked".into())))
+            .collect();
+        (reps, t.elapsed())
+    });
+    let mut all = Rep {
+        ns: 0,
+        per_call: Vec::with_capacity(n * threads),
+        cpu_ns: 0,
+    };
+    for r in reps {
+        let r = r?;
+        all.ns += r.ns;
+        all.per_call.extend(r.per_call);
+    }
+    all.cpu_ns = measure::process_cpu_ns().saturating_sub(cpu0);
+    Ok(ThreadsRep {
+        rep: all,
+        wall_ns: wall.as_nanos() as u64,
+    })
+}
+
+/// The loaded mode's load: a child process spinning one thread per core at normal priority
+/// (a process of its own, so that its CPU time stays out of this one's), until dropped.
+struct BusyLoad(std::process::Child);
+
+impl BusyLoad {
+    fn start(threads: usize) -> Result<BusyLoad, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find heap-bench: {e}"))?;
+        let child = std::process::Command::new(exe)
+            .args(["--busy-child", &threads.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start the busy load: {e}"))?;
+        // Let its threads start spinning.
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(BusyLoad(child))
+    }
+}
+
+impl Drop for BusyLoad {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take()); // its cue to stop
+        let _ = self.0.wait();
+    }
+}
+
+/// `--busy-child N`: spins N threads until standard input closes.
+fn busy_child(threads: usize) -> ! {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    for _ in 0..threads.clamp(1, 1024) {
+        std::thread::spawn(|| {
+            while !STOP.load(Ordering::Relaxed) {
+                measure::spin(Duration::from_millis(1));
+            }
+        });
+    }
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    STOP.store(true, Ordering::Relaxed);
+    std::process::exit(0)
+}
+
 /// The value at fraction `q` of sorted `v` (0 when empty).
 fn quantile(v: &[u64], q: f64) -> u64 {
     if v.is_empty() {
@@ -165,10 +282,111 @@ fn quantile(v: &[u64], q: f64) -> u64 {
 
 fn main() {
     let args = Args::parse();
+    if let Some(n) = args.busy_child {
+        busy_child(n);
+    }
     if let Err(e) = run(args) {
         eprintln!("heap-bench: {e}");
         std::process::exit(1);
     }
+}
+
+/// The modes a run's arguments name, in order: `both` is tight and paced, `threads` one mode per
+/// thread count.
+fn expand_modes(args: &Args) -> Result<Vec<String>, String> {
+    let mut modes: Vec<String> = Vec::new();
+    for m in &args.mode {
+        match m.as_str() {
+            "both" => modes.extend(["tight".into(), "paced".into()]),
+            "threads" => {
+                for &t in &args.threads {
+                    if !(1..=256).contains(&t) {
+                        return Err(format!("--threads {t}: between 1 and 256"));
+                    }
+                    modes.push(format!("threads-{t}"));
+                }
+            }
+            m => modes.push(m.into()),
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    modes.retain(|m| seen.insert(m.clone()));
+    Ok(modes)
+}
+
+/// The tuned peers' rows, run by a child process whose allocators are configured (their
+/// settings are process-wide, and mimalloc's and jemalloc's are read when a process starts),
+/// with the same modes, sizes and paced work as this run.
+fn run_tuned_child(
+    args: &Args,
+    tuned: &[&str],
+    works: &[(usize, Duration)],
+) -> Result<Vec<ChildMode>, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find heap-bench: {e}"))?;
+    let json = std::env::temp_dir().join(format!("heap-bench-tuned-{}.json", std::process::id()));
+    let mut cmd = std::process::Command::new(exe);
+    let list = |v: Vec<String>| v.join(",");
+    cmd.arg("--child-tuned")
+        .args(["--mode", &args.mode.join(",")])
+        .args([
+            "--threads",
+            &list(args.threads.iter().map(usize::to_string).collect()),
+        ])
+        .args([
+            "--sizes",
+            &list(args.sizes.iter().map(usize::to_string).collect()),
+        ])
+        .args(["--systems", &tuned.join(",")])
+        .args(["--reps", &args.reps.to_string()])
+        .args(["--budget-ms", &args.budget_ms.to_string()])
+        .args([
+            "--work-ns",
+            &list(
+                works
+                    .iter()
+                    .map(|(s, w)| format!("{s}={}", w.as_nanos()))
+                    .collect(),
+            ),
+        ])
+        .arg("--no-progress")
+        .arg("--json")
+        .arg(&json)
+        .stdout(std::process::Stdio::null())
+        .envs(systems::tuned_env());
+    if let Some(n) = args.iters {
+        cmd.args(["--iters", &n.to_string()]);
+    }
+    if args.no_touch {
+        cmd.arg("--no-touch");
+    }
+    if args.verify {
+        cmd.arg("--verify");
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run the tuned peers: {e}"))?;
+    let text = std::fs::read_to_string(&json);
+    let _ = std::fs::remove_file(&json);
+    if !status.success() {
+        return Err(format!("the tuned peers' run failed: {status}"));
+    }
+    let text = text.map_err(|e| format!("the tuned peers' figures: {e}"))?;
+    let report: ChildReport =
+        serde_json::from_str(&text).map_err(|e| format!("the tuned peers' figures: {e}"))?;
+    Ok(report.modes)
+}
+
+/// What this run reads back from the tuned peers' child.
+#[derive(serde::Deserialize)]
+struct ChildReport {
+    modes: Vec<ChildMode>,
+}
+
+/// One mode's rows from the tuned peers' child.
+#[derive(serde::Deserialize)]
+struct ChildMode {
+    mode: String,
+    rows: Vec<Row>,
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -178,23 +396,31 @@ fn run(args: Args) -> Result<(), String> {
     if args.iters == Some(0) {
         return Err("--iters must be at least 1".into());
     }
+    let known = |s: &str| systems::ALL.iter().find(|n| **n == s).copied();
     let names: Vec<&'static str> = if args.systems.is_empty() {
         systems::ALL.to_vec()
     } else {
         args.systems
             .iter()
             .map(|s| {
-                systems::ALL
-                    .iter()
-                    .find(|n| **n == s.as_str())
-                    .copied()
-                    .ok_or_else(|| {
-                        format!("unknown system {s:?}; known: {}", systems::ALL.join(", "))
-                    })
+                known(s).ok_or_else(|| {
+                    format!("unknown system {s:?}; known: {}", systems::ALL.join(", "))
+                })
             })
             .collect::<Result<_, _>>()?
     };
-    let systems: Vec<System> = names
+    // The tuned peers run in a child process, unless this is it.
+    let (tuned, local): (Vec<&'static str>, Vec<&'static str>) = if args.child_tuned {
+        (Vec::new(), names.clone())
+    } else {
+        names.iter().partition(|n| systems::TUNED.contains(n))
+    };
+    let settings: Vec<(&'static str, String)> = if args.child_tuned {
+        systems::tune_this_process()
+    } else {
+        Vec::new()
+    };
+    let systems: Vec<System> = local
         .iter()
         .map(|n| System::new(n))
         .collect::<Result<_, _>>()?;
@@ -202,26 +428,26 @@ fn run(args: Args) -> Result<(), String> {
         touch: !args.no_touch,
         verify: args.verify,
     };
-    let modes: Vec<&str> = match args.mode.as_str() {
-        "both" => vec!["tight", "paced"],
-        m => vec![m],
-    };
+    let modes = expand_modes(&args)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let started = Instant::now();
     println!(
-        "heap-bench: {} cores, sizes {:?}, {} repetitions, touch {}, verify {}",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "heap-bench: {cores} cores, modes {}, sizes {:?}, {} repetitions, touch {}, verify {}",
+        modes.join(", "),
         args.sizes,
         args.reps,
         opts.touch,
         opts.verify
     );
-    // The machine's zeroing bandwidth, on resident memory.
+    // The machine's zeroing bandwidth, on resident memory (briefly in the tuned peers' child:
+    // its parent's figures are the run's).
+    let bw_time = Duration::from_millis(if args.child_tuned { 10 } else { 150 });
     let bw: Vec<(usize, Bandwidth)> = args
         .sizes
         .iter()
-        .map(|&s| (s, measure::bandwidth(s, Duration::from_millis(150))))
+        .map(|&s| (s, measure::bandwidth(s, bw_time)))
         .collect();
-    for (s, b) in &bw {
+    for (s, b) in bw.iter().filter(|_| !args.child_tuned) {
         let each: Vec<String> = b
             .methods
             .iter()
@@ -235,21 +461,45 @@ fn run(args: Args) -> Result<(), String> {
             b.limit_ns(*s)
         );
     }
+    // The paced and loaded modes' work between calls: twice a one-thread memset of the size
+    // (or --work-us; or the parent's figure, in the tuned peers' child).
+    let given: Vec<(usize, u64)> = args
+        .work_ns
+        .iter()
+        .filter_map(|w| {
+            let (s, n) = w.split_once('=')?;
+            Some((s.parse().ok()?, n.parse().ok()?))
+        })
+        .collect();
+    let works: Vec<(usize, Duration)> = bw
+        .iter()
+        .map(|(size, b)| {
+            let w = match given.iter().find(|g| g.0 == *size) {
+                Some(&(_, ns)) => Duration::from_nanos(ns),
+                None => {
+                    let us = args
+                        .work_us
+                        .unwrap_or(2.0 * *size as f64 / b.memset_single() * 1e6);
+                    Duration::from_nanos((us * 1000.0) as u64)
+                }
+            };
+            (*size, w)
+        })
+        .collect();
+    let paced_work = |size: usize| {
+        works
+            .iter()
+            .find(|w| w.0 == size)
+            .map_or(Duration::ZERO, |w| w.1)
+    };
     // What the touch alone costs, where memory is already zeroed (on this core or the other),
     // after the paced mode's work between calls.
-    let paced_work = |size: usize, b: &Bandwidth| {
-        let us = args
-            .work_us
-            .unwrap_or(2.0 * size as f64 / b.memset_single() * 1e6);
-        Duration::from_nanos((us * 1000.0) as u64)
-    };
-    let floors: Vec<(usize, TouchFloor)> = if opts.touch {
+    let floors: Vec<(usize, TouchFloor)> = if opts.touch && !args.child_tuned {
         bw.iter()
-            .map(|(s, b)| {
-                let settle = paced_work(*s, b);
+            .map(|(s, _)| {
                 (
                     *s,
-                    measure::touch_floor(*s, Duration::from_millis(100), settle),
+                    measure::touch_floor(*s, Duration::from_millis(100), paced_work(*s)),
                 )
             })
             .collect()
@@ -263,8 +513,39 @@ fn run(args: Args) -> Result<(), String> {
             f.own_ns, f.other_ns, f.other_streaming_ns
         );
     }
-    let present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
-    let rows_total = (modes.len() * args.sizes.len() * present.len() * (args.reps + 1)) as u64;
+    // The tuned peers first, in their own process; their rows join this run's tables.
+    let mut child_modes = if tuned.is_empty() {
+        Vec::new()
+    } else {
+        println!(
+            "tuned peers ({}): running in a child process, same modes, sizes and work",
+            tuned.join(", ")
+        );
+        run_tuned_child(&args, &tuned, &works)?
+    };
+    for (name, how) in child_modes
+        .iter()
+        .flat_map(|m| m.rows.iter())
+        .filter_map(|r| Some((r.system.clone(), r.settings.clone()?)))
+        .collect::<std::collections::BTreeMap<_, _>>()
+    {
+        println!("  {name}: {how}");
+    }
+    // Which systems a mode runs: all of them, but for the loaded and threads modes of a run
+    // without --systems, the general-purpose ones only (see `systems::BUSY_MODES`).
+    let runs_in = |mode: &str, name: &str| {
+        !args.systems.is_empty()
+            || !(mode == "loaded" || mode.starts_with("threads-"))
+            || systems::BUSY_MODES.contains(&name)
+    };
+    let all_present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
+    let rows_total: u64 = modes
+        .iter()
+        .map(|m| {
+            let n = all_present.iter().filter(|s| runs_in(m, s.name)).count();
+            (args.sizes.len() * n * (args.reps + 1)) as u64
+        })
+        .sum();
     let bar = if std::io::stderr().is_terminal() && !args.no_progress {
         indicatif::ProgressBar::new(rows_total)
     } else {
@@ -273,15 +554,35 @@ fn run(args: Args) -> Result<(), String> {
     let mut report = Report::new(&args.sizes, &bw, &floors, opts);
     for mode in &modes {
         println!("== mode: {mode} ==");
+        let mode = mode.as_str();
+        let threads: Option<usize> = mode.strip_prefix("threads-").and_then(|t| t.parse().ok());
+        let with_work = mode == "paced" || mode == "loaded";
         let mut mr = ModeReport::new(mode);
+        let present: Vec<&System> = all_present
+            .iter()
+            .copied()
+            .filter(|s| runs_in(mode, s.name))
+            .collect();
+        // The loaded mode's load runs for all its rows.
+        let _load = if mode == "loaded" {
+            println!("load: {cores} busy threads at normal priority, in a process of their own");
+            Some(BusyLoad::start(cores)?)
+        } else {
+            None
+        };
+        let mut child = child_modes
+            .iter_mut()
+            .find(|m| m.mode == mode)
+            .map(|m| std::mem::take(&mut m.rows))
+            .unwrap_or_default();
         for (si, &size) in args.sizes.iter().enumerate() {
             let b = bw[si].1;
-            let work = if *mode == "paced" {
-                paced_work(size, &b)
+            let work = if with_work {
+                paced_work(size)
             } else {
                 Duration::ZERO
             };
-            if *mode == "paced" {
+            if with_work {
                 println!(
                     "work between calls at {size} bytes: {:.1} us",
                     work.as_secs_f64() * 1e6
@@ -290,10 +591,11 @@ fn run(args: Args) -> Result<(), String> {
             mr.work_ns.push((size, work.as_nanos() as u64));
             // Pools were trimmed after the previous size: this is the size's baseline.
             let rss_start = measure::rss().1;
-            let before = systems[0]
-                .heap()
-                .filter(|_| systems[0].name == "pagepool")
-                .map(|h| h.stats());
+            let pagepool_heap = systems
+                .first()
+                .filter(|s| s.name == "pagepool")
+                .and_then(System::heap);
+            let before = pagepool_heap.map(|h| h.stats());
             // Warm up and calibrate each system: three calls untimed (a first call may map a
             // fresh segment), then calls timed until they add up to CALIBRATE (or
             // CALIBRATE_MAX calls): the estimate of a call's cost that sets the row's count.
@@ -311,17 +613,21 @@ fn run(args: Args) -> Result<(), String> {
                 bar.inc(1);
             }
             // Within the row's budget, but never fewer than MIN_CALLS a repetition (a slow row
-            // takes longer than its budget then), nor more than the seed's 5000.
+            // takes longer than its budget then), nor more than the seed's 5000. With several
+            // threads, each makes its share of the count.
+            let t = threads.unwrap_or(1);
             let counts: Vec<usize> = est
                 .iter()
                 .map(|e| {
                     args.iters.unwrap_or_else(|| {
                         let per_rep = args.budget_ms as f64 * 1e6 / args.reps as f64;
-                        ((per_rep / e) as usize).clamp(MIN_CALLS, 5000)
+                        ((per_rep / e / t as f64) as usize)
+                            .clamp(MIN_CALLS.div_ceil(t), 5000_usize.div_ceil(t))
                     })
                 })
                 .collect();
             let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+            let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
             let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
             let mut calls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
             let mut peaks: Vec<Option<(u64, u64)>> = vec![None; present.len()];
@@ -331,9 +637,17 @@ fn run(args: Args) -> Result<(), String> {
                     let sys = present[i];
                     bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
                     let tracked = sys.heap().is_some() && measure::reset_peak_rss();
-                    let rep = run_calls(sys, size, counts[i], opts, work)
-                        .map_err(|e| format!("{} at {size}: {e}", sys.name))?;
-                    let ns = rep.ns;
+                    let fail = |e: String| format!("{} at {size}: {e}", sys.name);
+                    let (rep, wall) = match threads {
+                        Some(t) => {
+                            let r = run_threads(sys, size, counts[i], opts, t).map_err(fail)?;
+                            (r.rep, Some(r.wall_ns))
+                        }
+                        None => (
+                            run_calls(sys, size, counts[i], opts, work).map_err(fail)?,
+                            None,
+                        ),
+                    };
                     cpus[i].push(rep.cpu_ns);
                     calls[i].extend(rep.per_call);
                     if tracked {
@@ -341,12 +655,13 @@ fn run(args: Args) -> Result<(), String> {
                         let p = peaks[i].get_or_insert((rss_start, 0));
                         p.1 = p.1.max(hwm);
                     }
-                    totals[i].push(ns);
+                    totals[i].push(rep.ns);
+                    walls[i].extend(wall);
                     bar.inc(1);
                 }
             }
             for (i, sys) in present.iter().enumerate() {
-                let n = counts[i];
+                let n = counts[i] * t;
                 let total = median(&mut totals[i].clone());
                 let per_call = &mut calls[i];
                 per_call.sort_unstable();
@@ -362,6 +677,13 @@ fn run(args: Args) -> Result<(), String> {
                     p99_ns: quantile(per_call, 0.99),
                     max_ns: per_call.last().copied().unwrap_or(0),
                     cpu_ns_per_call: median(&mut cpus[i].clone()) as f64 / n as f64,
+                    threads,
+                    calls_per_sec: (!walls[i].is_empty())
+                        .then(|| n as f64 * 1e9 / median(&mut walls[i].clone()).max(1) as f64),
+                    settings: settings
+                        .iter()
+                        .find(|s| s.0 == sys.name)
+                        .map(|s| s.1.clone()),
                     absent: None,
                     rss_before: peaks[i].map(|p| p.0),
                     peak_rss: peaks[i].map(|p| p.1),
@@ -369,16 +691,22 @@ fn run(args: Args) -> Result<(), String> {
                 bar.suspend(|| println!("{}", row.seed_line()));
                 mr.rows.push(row);
             }
-            for sys in systems.iter().filter(|s| s.absent.is_some()) {
+            // The tuned peers' rows of this size, measured by the child.
+            for row in child.iter().filter(|r| r.size == size) {
+                bar.suspend(|| println!("{}", row.seed_line()));
+                mr.rows.push(row.clone());
+            }
+            child.retain(|r| r.size != size);
+            for sys in systems
+                .iter()
+                .filter(|s| s.absent.is_some() && runs_in(mode, s.name))
+            {
                 let row = Row::absent(mode, sys.name, size, sys.absent.clone().unwrap_or_default());
                 bar.suspend(|| println!("{}", row.seed_line()));
                 mr.rows.push(row);
             }
-            // The worker's zeroing throughput during this size, beside one-thread memset.
-            if let (Some(before), Some(h)) = (
-                before,
-                systems[0].heap().filter(|_| systems[0].name == "pagepool"),
-            ) {
+            // The worker's zeroing throughput during this size, beside one-thread zeroing.
+            if let (Some(before), Some(h)) = (before, pagepool_heap) {
                 h.flush();
                 let after = h.stats();
                 let bytes = after.worker_bytes - before.worker_bytes;

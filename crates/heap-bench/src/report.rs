@@ -2,15 +2,15 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::measure::{Bandwidth, TouchFloor};
 use crate::systems::CallOpts;
 
 /// One system at one size in one mode.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
-    /// `tight` or `paced`.
+    /// `tight`, `paced`, `loaded` or `threads-T`.
     pub mode: String,
     /// The system's name.
     pub system: String,
@@ -32,8 +32,15 @@ pub struct Row {
     /// The slowest call, likewise.
     pub max_ns: u64,
     /// CPU time of the whole process (all threads, user + system; the paced work included)
-    /// per call, the median repetition's.
+    /// per call, the median repetition's. (The loaded mode's busy threads run in a process of
+    /// their own: not counted.)
     pub cpu_ns_per_call: f64,
+    /// Threads mode: how many threads ran the loop at once (`iters` counts all their calls).
+    pub threads: Option<usize>,
+    /// Threads mode: calls per second, all threads together (the median repetition's).
+    pub calls_per_sec: Option<f64>,
+    /// A tuned peer's settings, as they were in effect.
+    pub settings: Option<String>,
     /// Why the system could not run, if it could not.
     pub absent: Option<String>,
     /// Resident set size before the size's first call, pools empty (pagepool rows), bytes.
@@ -57,6 +64,9 @@ impl Row {
             p99_ns: 0,
             max_ns: 0,
             cpu_ns_per_call: f64::NAN,
+            threads: None,
+            calls_per_sec: None,
+            settings: None,
             absent: Some(why),
             rss_before: None,
             peak_rss: None,
@@ -94,7 +104,7 @@ pub struct WorkerFigure {
 /// One mode's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeReport {
-    /// `tight` or `paced`.
+    /// `tight`, `paced`, `loaded` or `threads-T`.
     pub mode: String,
     /// Work between calls per size (ns; 0 in tight mode).
     pub work_ns: Vec<(usize, u64)>,
@@ -103,6 +113,16 @@ pub struct ModeReport {
     /// The worker's throughput per size.
     pub worker: Vec<WorkerFigure>,
 }
+
+/// The general-purpose allocators a user would pick instead: the targets' "best peer".
+pub const PEERS: [&str; 6] = [
+    "calloc",
+    "mimalloc",
+    "jemalloc",
+    "calloc-tuned",
+    "mimalloc-tuned",
+    "jemalloc-tuned",
+];
 
 fn human(size: usize) -> String {
     match size {
@@ -114,6 +134,11 @@ fn human(size: usize) -> String {
 }
 
 impl ModeReport {
+    /// Whether the mode computes between calls (paced, loaded).
+    fn has_work(&self) -> bool {
+        self.mode == "paced" || self.mode == "loaded"
+    }
+
     /// An empty report for `mode`.
     pub fn new(mode: &str) -> ModeReport {
         ModeReport {
@@ -124,9 +149,9 @@ impl ModeReport {
         }
     }
 
-    /// The fastest of the general-purpose allocators at `size`.
+    /// The fastest of the general-purpose allocators at `size`, tuned ones included.
     fn fastest_peer(&self, size: usize) -> Option<&Row> {
-        ["calloc", "mimalloc", "jemalloc"]
+        PEERS
             .iter()
             .filter_map(|s| self.find(s, size))
             .filter(|r| r.absent.is_none())
@@ -201,9 +226,10 @@ impl ModeReport {
         }
         if self.mode == "tight" {
             let _ = write!(out, " {:>12} {:>14}", "limit", "pagepool/limit");
-        } else if !floors.is_empty() {
+        } else if self.has_work() && !floors.is_empty() {
             let _ = write!(out, " {:>12} {:>14}", "touch floor", "pagepool/floor");
         }
+        let _ = write!(out, " {:>24}", "best peer / pagepool");
         out.push('\n');
         for &(size, b) in bw {
             let _ = write!(out, "{:>8}", human(size));
@@ -225,13 +251,20 @@ impl ModeReport {
                 let limit = b.limit_ns(size);
                 let ratio = base.map_or(String::from("-"), |p| format!("{:.2}x", p / limit));
                 let _ = write!(out, " {limit:>12.0} {ratio:>14}");
-            } else if let Some(f) = floor(size) {
+            } else if let Some(f) = floor(size).filter(|_| self.has_work()) {
                 let ratio = base.map_or(String::from("-"), |p| format!("{:.2}x", p / f.min_ns()));
                 let _ = write!(out, " {:>12.0} {ratio:>14}", f.min_ns());
             }
+            let best = match (self.fastest_peer(size), base) {
+                (Some(r), Some(b)) if b > 0.0 => {
+                    format!("{:.2}x ({})", r.ns_per_call / b, r.system)
+                }
+                _ => "-".into(),
+            };
+            let _ = write!(out, " {best:>24}");
             out.push('\n');
         }
-        if self.mode == "paced" && !floors.is_empty() {
+        if self.has_work() && !floors.is_empty() {
             let _ = writeln!(
                 out,
                 "touch floor: the time to write one byte per page of memory already zeroed (by \
@@ -254,6 +287,15 @@ impl ModeReport {
                     best.ns_per_call / f.min_ns()
                 );
             }
+        }
+        if self.rows.iter().any(|r| r.calls_per_sec.is_some()) {
+            out.push_str(&self.metric_table(
+                "thousands of calls per second, all threads (here (x) = peer / pagepool too: \
+                 below 1 means pagepool is faster)",
+                bw,
+                systems,
+                |r| r.calls_per_sec.unwrap_or(f64::NAN) / 1e3,
+            ));
         }
         for (what, metric) in [
             (
@@ -285,6 +327,19 @@ impl ModeReport {
     }
 }
 
+/// What bounds a call at one size.
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeInfo {
+    /// Buffer size in bytes.
+    pub size: usize,
+    /// The zeroing limit: the size zeroed by every core with the fastest method, ns.
+    pub limit_ns: f64,
+    /// The method that gave it (`memset`, `streaming`, `rep stosb`).
+    pub limit_method: &'static str,
+    /// The touch floor (see `TouchFloor`), ns; none with `--no-touch`.
+    pub floor_ns: Option<f64>,
+}
+
 /// The whole run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -302,6 +357,8 @@ pub struct Report {
     pub bandwidth: Vec<(usize, Bandwidth)>,
     /// The touch floor per size (empty with `--no-touch`).
     pub touch_floor: Vec<(usize, TouchFloor)>,
+    /// Per size: the zeroing limit and the touch floor, in ns per call.
+    pub sizes: Vec<SizeInfo>,
     /// Each mode's results.
     pub modes: Vec<ModeReport>,
     /// Each pagepool heap's statistics at the end.
@@ -329,6 +386,15 @@ impl Report {
             verify: opts.verify,
             bandwidth: bw.to_vec(),
             touch_floor: floors.to_vec(),
+            sizes: bw
+                .iter()
+                .map(|(size, b)| SizeInfo {
+                    size: *size,
+                    limit_ns: b.limit_ns(*size),
+                    limit_method: b.all_method,
+                    floor_ns: floors.iter().find(|f| f.0 == *size).map(|f| f.1.min_ns()),
+                })
+                .collect(),
             modes: Vec::new(),
             heap_stats: Vec::new(),
         }
@@ -366,121 +432,82 @@ impl Report {
     }
 
     /// An SVG chart: one panel per mode, buffer size (log) against ns per call (log), one line
-    /// per system.
+    /// per system; below, a latency panel per mode with work between calls (paced, loaded):
+    /// each system's p50 (solid) and p99 (dashed) per call.
     pub fn svg(&self, systems: &[&str]) -> String {
-        const COLORS: [&str; 9] = [
-            "#d62728", "#ff9896", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf",
-            "#7f7f7f",
+        const COLORS: [&str; 12] = [
+            "#d62728", "#ff9896", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd", "#aec7e8", "#98df8a",
+            "#c5b0d5", "#8c564b", "#17becf", "#7f7f7f",
         ];
-        let (pw, ph, ml, mt, mb) = (520.0, 380.0, 80.0, 50.0, 60.0);
-        let width = ml + self.modes.len().max(1) as f64 * (pw + ml) + 170.0;
-        let height = mt + ph + mb;
+        let (pw, ph, ml, mt, mb) = (420.0, 320.0, 80.0, 50.0, 70.0);
+        let latency: Vec<&ModeReport> = self.modes.iter().filter(|m| m.has_work()).collect();
+        let panels = self.modes.len().max(1);
+        let width = ml + panels as f64 * (pw + ml) + 170.0;
+        let rows = if latency.is_empty() { 1.0 } else { 2.0 };
+        let height = rows * (mt + ph + mb);
         let mut s = String::new();
         let _ = writeln!(
             s,
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
         );
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let vals: Vec<f64> = self
-            .modes
-            .iter()
-            .flat_map(|m| m.rows.iter())
-            .map(|r| r.ns_per_call)
-            .filter(|v| v.is_finite() && *v > 0.0)
-            .collect();
-        let lo = vals
-            .iter()
-            .cloned()
-            .fold(f64::INFINITY, f64::min)
-            .max(1.0)
-            .log10()
-            .floor();
-        let hi = vals
-            .iter()
-            .cloned()
-            .fold(1.0, f64::max)
-            .log10()
-            .ceil()
-            .max(lo + 1.0);
         let sizes: Vec<usize> = self.bandwidth.iter().map(|b| b.0).collect();
-        let (smin, smax) = (
-            (*sizes.iter().min().unwrap_or(&4096) as f64).log2(),
-            (*sizes.iter().max().unwrap_or(&4096) as f64).log2(),
-        );
-        let sspan = (smax - smin).max(1.0);
+        let color = |sys: &str| {
+            let i = systems.iter().position(|x| *x == sys).unwrap_or(0);
+            COLORS[i % COLORS.len()]
+        };
         for (mi, m) in self.modes.iter().enumerate() {
+            let series: Vec<Series> = systems
+                .iter()
+                .map(|sys| Series {
+                    color: color(sys),
+                    width: if *sys == "pagepool" { 3 } else { 1 },
+                    dashed: false,
+                    points: sizes
+                        .iter()
+                        .filter_map(|&sz| m.find(sys, sz))
+                        .map(|r| (r.size, r.ns_per_call))
+                        .collect(),
+                })
+                .collect();
             let x0 = ml + mi as f64 * (pw + ml);
-            let x = |size: usize| x0 + ((size as f64).log2() - smin) / sspan * pw;
-            let y = |v: f64| mt + ph - (v.log10() - lo) / (hi - lo) * ph;
-            let _ = writeln!(
-                s,
-                r#"<text x="{}" y="{}" text-anchor="middle" font-size="15" font-weight="bold">{} mode</text>"#,
-                x0 + pw / 2.0,
-                mt - 20.0,
-                m.mode
+            panel(
+                &mut s,
+                (x0, mt, pw, ph),
+                &format!("{} mode", m.mode),
+                "ns per call (log scale, lower is better)",
+                &sizes,
+                &series,
             );
-            let _ = writeln!(
-                s,
-                r##"<rect x="{x0}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-            );
-            for d in (lo as i32)..=(hi as i32) {
-                let yy = y(10f64.powi(d));
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{x0}" y1="{yy}" x2="{}" y2="{yy}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">1e{d}</text>"##,
-                    x0 + pw,
-                    x0 - 6.0,
-                    yy + 4.0
-                );
-            }
-            for &sz in &sizes {
-                let xx = x(sz);
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{xx}" y1="{mt}" x2="{xx}" y2="{}" stroke="#eee"/><text x="{xx}" y="{}" text-anchor="middle">{}</text>"##,
-                    mt + ph,
-                    mt + ph + 16.0,
-                    human(sz)
-                );
-            }
-            let _ = writeln!(
-                s,
-                r#"<text x="{}" y="{}" text-anchor="middle">buffer size (log scale)</text>"#,
-                x0 + pw / 2.0,
-                mt + ph + 40.0
-            );
-            let _ = writeln!(
-                s,
-                r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">ns per call (log scale, lower is better)</text>"#,
-                x0 - 55.0,
-                mt + ph / 2.0
-            );
-            for (si, sys) in systems.iter().enumerate() {
-                let pts: Vec<(f64, f64)> = sizes
-                    .iter()
-                    .filter_map(|&sz| m.find(sys, sz))
-                    .filter(|r| r.ns_per_call.is_finite() && r.ns_per_call > 0.0)
-                    .map(|r| (x(r.size), y(r.ns_per_call)))
-                    .collect();
-                let color = COLORS[si % COLORS.len()];
-                let width = if *sys == "pagepool" { 3 } else { 1 };
-                let path: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
-                if pts.len() > 1 {
-                    let _ = writeln!(
-                        s,
-                        r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="{width}"/>"#,
-                        path.join(" ")
-                    );
-                }
-                for (a, b) in &pts {
-                    let _ = writeln!(
-                        s,
-                        r#"<circle cx="{a:.1}" cy="{b:.1}" r="3" fill="{color}"/>"#
-                    );
-                }
-            }
         }
-        let lx = ml + self.modes.len() as f64 * (pw + ml) - 40.0;
+        for (mi, m) in latency.iter().enumerate() {
+            let mut series = Vec::new();
+            for sys in systems {
+                for (dashed, q) in [(false, 0.5), (true, 0.99)] {
+                    series.push(Series {
+                        color: color(sys),
+                        width: if *sys == "pagepool" { 3 } else { 1 },
+                        dashed,
+                        points: sizes
+                            .iter()
+                            .filter_map(|&sz| m.find(sys, sz))
+                            .filter(|r| r.absent.is_none())
+                            .map(|r| (r.size, if q < 0.9 { r.p50_ns } else { r.p99_ns } as f64))
+                            .collect(),
+                    });
+                }
+            }
+            let x0 = ml + mi as f64 * (pw + ml);
+            panel(
+                &mut s,
+                (x0, 2.0 * mt + ph + mb, pw, ph),
+                &format!("{} mode: p50 (solid), p99 (dashed)", m.mode),
+                "ns per call (log scale)",
+                &sizes,
+                &series,
+            );
+        }
+        let lx = ml + panels as f64 * (pw + ml) - 40.0;
         for (si, sys) in systems.iter().enumerate() {
             let yy = mt + 10.0 + si as f64 * 20.0;
             let absent = self
@@ -492,7 +519,7 @@ impl Report {
                 s,
                 r#"<line x1="{lx}" y1="{yy}" x2="{}" y2="{yy}" stroke="{}" stroke-width="3"/><text x="{}" y="{}">{sys}{}</text>"#,
                 lx + 20.0,
-                COLORS[si % COLORS.len()],
+                color(sys),
                 lx + 26.0,
                 yy + 4.0,
                 if absent { " (absent)" } else { "" }
@@ -500,5 +527,123 @@ impl Report {
         }
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// One line of a chart panel.
+struct Series {
+    color: &'static str,
+    width: u32,
+    dashed: bool,
+    /// (buffer size, value) per point.
+    points: Vec<(usize, f64)>,
+}
+
+/// Draws one panel at `(x0, y0, w, h)`: buffer size (log) against the series' values (log).
+fn panel(
+    s: &mut String,
+    (x0, y0, pw, ph): (f64, f64, f64, f64),
+    title: &str,
+    ylabel: &str,
+    sizes: &[usize],
+    series: &[Series],
+) {
+    let vals: Vec<f64> = series
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.1))
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
+    let lo = vals
+        .iter()
+        .cloned()
+        .fold(f64::INFINITY, f64::min)
+        .max(1.0)
+        .log10()
+        .floor();
+    let hi = vals
+        .iter()
+        .cloned()
+        .fold(1.0, f64::max)
+        .log10()
+        .ceil()
+        .max(lo + 1.0);
+    let (smin, smax) = (
+        (*sizes.iter().min().unwrap_or(&4096) as f64).log2(),
+        (*sizes.iter().max().unwrap_or(&4096) as f64).log2(),
+    );
+    let sspan = (smax - smin).max(1.0);
+    let x = |size: usize| x0 + ((size as f64).log2() - smin) / sspan * pw;
+    let y = |v: f64| y0 + ph - (v.log10() - lo) / (hi - lo) * ph;
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>"#,
+        x0 + pw / 2.0,
+        y0 - 20.0,
+    );
+    let _ = writeln!(
+        s,
+        r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
+    );
+    for d in (lo as i32)..=(hi as i32) {
+        let yy = y(10f64.powi(d));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x0}" y1="{yy}" x2="{}" y2="{yy}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">1e{d}</text>"##,
+            x0 + pw,
+            x0 - 6.0,
+            yy + 4.0
+        );
+    }
+    for &sz in sizes {
+        let xx = x(sz);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{xx}" y1="{y0}" x2="{xx}" y2="{}" stroke="#eee"/><text x="{xx}" y="{}" text-anchor="middle">{}</text>"##,
+            y0 + ph,
+            y0 + ph + 16.0,
+            human(sz)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">buffer size (log scale)</text>"#,
+        x0 + pw / 2.0,
+        y0 + ph + 40.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">{ylabel}</text>"#,
+        x0 - 55.0,
+        y0 + ph / 2.0
+    );
+    for l in series {
+        let pts: Vec<(f64, f64)> = l
+            .points
+            .iter()
+            .filter(|p| p.1.is_finite() && p.1 > 0.0)
+            .map(|&(sz, v)| (x(sz), y(v)))
+            .collect();
+        let dash = if l.dashed {
+            r#" stroke-dasharray="6,4""#
+        } else {
+            ""
+        };
+        let path: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+        if pts.len() > 1 {
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="{}"{dash}/>"#,
+                path.join(" "),
+                l.color,
+                l.width
+            );
+        }
+        for (a, b) in &pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{a:.1}" cy="{b:.1}" r="3" fill="{}"/>"#,
+                l.color
+            );
+        }
     }
 }

@@ -13,17 +13,106 @@ use rustix::mm::{MapFlags, ProtFlags};
 use tikv_jemallocator::Jemalloc;
 
 /// Every system, in table order.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 12] = [
     "pagepool",
     "pagepool-nopool",
     "pagepool-syncfree",
     "calloc",
     "mimalloc",
     "jemalloc",
+    "calloc-tuned",
+    "mimalloc-tuned",
+    "jemalloc-tuned",
     "mmap",
     "memfd",
     "dmabuf",
 ];
+
+/// The systems the loaded and threads modes run when no `--systems` are given: pagepool, its
+/// synchronous configuration and the general-purpose allocators (default and tuned). The rows
+/// that get fresh memory from the kernel on every call (`pagepool-nopool`, `mmap`, `memfd`,
+/// `dmabuf`) are slow enough in tight and paced mode already, and would take most of the
+/// default run's time.
+pub const BUSY_MODES: [&str; 8] = [
+    "pagepool",
+    "pagepool-syncfree",
+    "calloc",
+    "mimalloc",
+    "jemalloc",
+    "calloc-tuned",
+    "mimalloc-tuned",
+    "jemalloc-tuned",
+];
+
+/// The peers configured as a performance-minded user would: each allocator's settings are
+/// process-wide (and mimalloc's and jemalloc's are read when the process starts), so these rows
+/// run in a child process of their own (see [`tuned_env`] and [`tune_this_process`]).
+pub const TUNED: [&str; 3] = ["calloc-tuned", "mimalloc-tuned", "jemalloc-tuned"];
+
+/// glibc's largest `M_MMAP_THRESHOLD` on 64-bit (`HEAP_MAX_SIZE / 2`): allocations up to it come
+/// from the heap and are kept there when freed.
+const GLIBC_MMAP_THRESHOLD_MAX: i32 = 32 << 20;
+
+/// The environment the tuned rows' child process starts with: mimalloc never purges freed
+/// memory (`purge_delay` -1; it is read at start-up), jemalloc runs its background threads
+/// (which purge dirty pages off the allocating threads).
+pub fn tuned_env() -> [(&'static str, &'static str); 2] {
+    [
+        ("MIMALLOC_PURGE_DELAY", "-1"),
+        ("_RJEM_MALLOC_CONF", "background_thread:true"),
+    ]
+}
+
+unsafe extern "C" {
+    /// mimalloc's option getter (in the library whatever the Rust binding declares).
+    fn mi_option_get(option: libc::c_int) -> libc::c_long;
+}
+
+/// `mi_option_purge_delay` in mimalloc v2's `mi_option_t`.
+const MI_OPTION_PURGE_DELAY: libc::c_int = 15;
+
+/// In the tuned rows' child: raises glibc's mmap and trim thresholds (freed memory is kept and
+/// reused), and reads back every tuned allocator's settings as they are in effect, one line
+/// per row name.
+pub fn tune_this_process() -> Vec<(&'static str, String)> {
+    // SAFETY: mallopt only changes glibc's malloc parameters; no memory is involved.
+    let mmap = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX) };
+    // SAFETY: as above.
+    let trim = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+    let glibc = format!(
+        "mallopt M_MMAP_THRESHOLD=32 MiB ({}), M_TRIM_THRESHOLD=2 GiB ({})",
+        if mmap == 1 { "set" } else { "refused" },
+        if trim == 1 { "set" } else { "refused" }
+    );
+    // SAFETY: a plain getter of mimalloc's options.
+    let purge = unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) };
+    let mimalloc = format!("MIMALLOC_PURGE_DELAY=-1 (purge_delay in effect: {purge})");
+    let mut on = false;
+    let mut len = std::mem::size_of::<bool>();
+    // SAFETY: `opt.background_thread` is a bool; `on` and `len` describe a bool-sized buffer.
+    let rc = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"opt.background_thread".as_ptr(),
+            (&raw mut on).cast(),
+            &mut len,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    let jemalloc = format!(
+        "_RJEM_MALLOC_CONF=background_thread:true (opt.background_thread in effect: {})",
+        if rc == 0 {
+            on.to_string()
+        } else {
+            format!("unreadable, error {rc}")
+        }
+    );
+    vec![
+        ("calloc-tuned", glibc),
+        ("mimalloc-tuned", mimalloc),
+        ("jemalloc-tuned", jemalloc),
+    ]
+}
 
 /// What one call does besides allocating and releasing.
 #[derive(Debug, Clone, Copy)]
@@ -73,9 +162,11 @@ impl System {
                     // Zero on release, as TTM and the v9 pool do, for every size.
                     .thread_cache(0),
             )?),
-            "calloc" => Kind::Calloc,
-            "mimalloc" => Kind::Mimalloc,
-            "jemalloc" => Kind::Jemalloc,
+            // The tuned rows are the same calls, in a process whose allocators were configured
+            // (see `tune_this_process`).
+            "calloc" | "calloc-tuned" => Kind::Calloc,
+            "mimalloc" | "mimalloc-tuned" => Kind::Mimalloc,
+            "jemalloc" | "jemalloc-tuned" => Kind::Jemalloc,
             "mmap" => Kind::Mmap,
             "memfd" => Kind::Memfd,
             "dmabuf" => match DmaHeap::open("system") {

@@ -1,22 +1,49 @@
-//! The main job runs: a tiny configuration of `heap-bench` must print every row of both modes
-//! in the seed's format, and write JSON and an SVG chart that parse.
+//! The main job runs: a tiny configuration of `heap-bench` must print every row of every mode
+//! (tight, paced, loaded, threads-2, threads-4) in the seed's format, tuned peers included, and
+//! write JSON and an SVG chart that parse.
 
 use std::process::Command;
 
-const SYSTEMS: [&str; 9] = [
+const SYSTEMS: [&str; 12] = [
     "pagepool",
     "pagepool-nopool",
     "pagepool-syncfree",
     "calloc",
     "mimalloc",
     "jemalloc",
+    "calloc-tuned",
+    "mimalloc-tuned",
+    "jemalloc-tuned",
     "mmap",
     "memfd",
     "dmabuf",
 ];
 
+const MODES: [&str; 5] = ["tight", "paced", "loaded", "threads-2", "threads-4"];
+
+/// The systems of the loaded and threads modes when no `--systems` are given.
+const BUSY_MODES: [&str; 8] = [
+    "pagepool",
+    "pagepool-syncfree",
+    "calloc",
+    "mimalloc",
+    "jemalloc",
+    "calloc-tuned",
+    "mimalloc-tuned",
+    "jemalloc-tuned",
+];
+
+/// The systems `mode` runs by default.
+fn systems_of(mode: &str) -> &'static [&'static str] {
+    if mode == "tight" || mode == "paced" {
+        &SYSTEMS
+    } else {
+        &BUSY_MODES
+    }
+}
+
 #[test]
-fn tiny_run_prints_every_row_of_both_modes() {
+fn tiny_run_prints_every_row_of_every_mode() {
     let dir = std::env::temp_dir().join(format!("heap-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (json, svg) = (dir.join("run.json"), dir.join("run.svg"));
@@ -35,23 +62,29 @@ fn tiny_run_prints_every_row_of_both_modes() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for mode in ["tight", "paced"] {
+    for mode in MODES {
+        let threads: usize = mode
+            .strip_prefix("threads-")
+            .map_or(1, |t| t.parse().unwrap());
         let section = stdout
             .split(&format!("== mode: {mode} =="))
             .nth(1)
             .unwrap_or_else(|| panic!("no {mode} section:\n{stdout}"));
         let section = section.split("== summary").next().unwrap();
         for sys in SYSTEMS {
+            let runs = systems_of(mode).contains(&sys);
             for size in [4096, 65536] {
                 let prefix = format!("{sys} heap: ");
                 let found = section.lines().any(|l| {
                     l.strip_prefix(&prefix).is_some_and(|rest| {
                         rest.starts_with("absent (")
-                            || (rest.starts_with(&format!("alloc {size} bytes 3 times in "))
-                                && rest.trim_end().ends_with("ns/call"))
+                            || (rest.starts_with(&format!(
+                                "alloc {size} bytes {} times in ",
+                                3 * threads
+                            )) && rest.trim_end().ends_with("ns/call"))
                     })
                 });
-                assert!(found, "{mode}: no line for {sys} at {size}:\n{section}");
+                assert_eq!(found, runs, "{mode}: line for {sys} at {size}:\n{section}");
             }
         }
     }
@@ -65,6 +98,19 @@ fn tiny_run_prints_every_row_of_both_modes() {
         assert!(stdout.contains(what), "no {what} table");
     }
     assert!(stdout.contains("pagepool/floor") && stdout.contains("touch floor: "));
+    assert!(stdout.contains("best peer / pagepool"));
+    assert!(stdout.contains("thousands of calls per second"));
+    // The tuned peers' settings, as read back in their process.
+    for (sys, what) in [
+        ("calloc-tuned", "M_MMAP_THRESHOLD=32 MiB (set)"),
+        ("mimalloc-tuned", "purge_delay in effect: -1"),
+        ("jemalloc-tuned", "opt.background_thread in effect: true"),
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.contains(sys) && l.contains(what)),
+            "{sys}: {what} not in effect:\n{stdout}"
+        );
+    }
     assert!(stdout.contains("== pagepool heap statistics =="));
     assert!(stdout.contains("== memory: peak RSS of the pagepool rows =="));
     let report: serde_json::Value =
@@ -76,14 +122,45 @@ fn tiny_run_prints_every_row_of_both_modes() {
             assert!(f[1][k].as_f64().unwrap() > 0.0, "{k}: {f}");
         }
     }
+    let sizes = report["sizes"].as_array().unwrap();
+    assert_eq!(sizes.len(), 2, "one object per size");
+    for s in sizes {
+        assert!(s["size"].as_u64().unwrap() > 0, "{s}");
+        assert!(s["limit_ns"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["floor_ns"].as_f64().unwrap() > 0.0, "{s}");
+        let method = s["limit_method"].as_str().unwrap();
+        assert!(
+            ["memset", "streaming", "rep stosb"].contains(&method),
+            "{s}"
+        );
+    }
     let modes = report["modes"].as_array().unwrap();
-    assert_eq!(modes.len(), 2);
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, MODES);
     let mut cpu_total = 0.0;
     for m in modes {
-        assert_eq!(m["rows"].as_array().unwrap().len(), SYSTEMS.len() * 2);
+        let threads = m["mode"]
+            .as_str()
+            .unwrap()
+            .strip_prefix("threads-")
+            .map(|t| t.parse::<u64>().unwrap());
+        let mode = m["mode"].as_str().unwrap();
+        assert_eq!(
+            m["rows"].as_array().unwrap().len(),
+            systems_of(mode).len() * 2
+        );
         for r in m["rows"].as_array().unwrap() {
             if r["absent"].is_null() {
-                assert_eq!(r["iters"], 3);
+                assert_eq!(r["iters"], 3 * threads.unwrap_or(1), "{r}");
+                match threads {
+                    Some(t) => {
+                        assert_eq!(r["threads"], t, "{r}");
+                        assert!(r["calls_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+                    }
+                    None => assert!(r["calls_per_sec"].is_null(), "{r}"),
+                }
+                let tuned = r["system"].as_str().unwrap().ends_with("-tuned");
+                assert_eq!(r["settings"].is_string(), tuned, "{r}");
                 assert_eq!(r["reps_ns"].as_array().unwrap().len(), 2);
                 assert!(r["ns_per_call"].as_f64().unwrap() > 0.0);
                 // Per-call percentiles, in order, and the process's CPU time per call.
@@ -105,6 +182,9 @@ fn tiny_run_prints_every_row_of_both_modes() {
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
     assert!(chart.contains("buffer size (log scale)") && chart.contains("tight mode"));
+    for panel in ["threads-4 mode", "paced mode: p50", "loaded mode: p50"] {
+        assert!(chart.contains(panel), "no {panel} panel");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -123,4 +203,5 @@ fn bad_arguments_are_clear_errors() {
     assert!(run(&["--systems", "nope", "--iters", "1"]).contains("unknown system"));
     assert!(run(&["--reps", "0"]).contains("--reps"));
     assert!(run(&["--mode", "fast"]).contains("invalid value"));
+    assert!(run(&["--mode", "threads", "--threads", "0"]).contains("--threads"));
 }
