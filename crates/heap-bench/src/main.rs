@@ -51,7 +51,8 @@ struct Args {
     /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000).
     #[arg(long)]
     iters: Option<usize>,
-    /// Repetitions per row; the median is reported (of two: the slower).
+    /// Repetitions per row; the median is reported (of two: the slower). A row whose fewest
+    /// calls (200) take more than its budget runs one repetition.
     #[arg(long, default_value_t = 2)]
     reps: usize,
     /// Time budget per row in milliseconds (all repetitions), used to choose the call count.
@@ -521,7 +522,10 @@ fn run(args: Args) -> Result<(), String> {
             "tuned peers ({}): running in a child process, same modes, sizes and work",
             tuned.join(", ")
         );
-        run_tuned_child(&args, &tuned, &works)?
+        let t = Instant::now();
+        let modes = run_tuned_child(&args, &tuned, &works)?;
+        println!("tuned peers: {:.1} s", t.elapsed().as_secs_f64());
+        modes
     };
     for (name, how) in child_modes
         .iter()
@@ -554,6 +558,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut report = Report::new(&args.sizes, &bw, &floors, opts);
     for mode in &modes {
         println!("== mode: {mode} ==");
+        let mode_started = Instant::now();
         let mode = mode.as_str();
         let threads: Option<usize> = mode.strip_prefix("threads-").and_then(|t| t.parse().ok());
         let with_work = mode == "paced" || mode == "loaded";
@@ -626,6 +631,20 @@ fn run(args: Args) -> Result<(), String> {
                     })
                 })
                 .collect();
+            // A row whose fewest calls take more than its whole budget runs them once: one
+            // repetition of MIN_CALLS (a slow row, e.g. fresh pages at 32 MiB, would otherwise
+            // take most of the run's time).
+            let reps: Vec<usize> = est
+                .iter()
+                .map(|e| {
+                    let slow = e * MIN_CALLS as f64 > args.budget_ms as f64 * 1e6;
+                    if args.iters.is_none() && slow {
+                        1
+                    } else {
+                        args.reps
+                    }
+                })
+                .collect();
             let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
             let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
             let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
@@ -634,6 +653,9 @@ fn run(args: Args) -> Result<(), String> {
             for rep in 0..args.reps {
                 for k in 0..present.len() {
                     let i = (k + rep) % present.len(); // interleaved, rotated each repetition
+                    if rep >= reps[i] {
+                        continue;
+                    }
                     let sys = present[i];
                     bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
                     let tracked = sys.heap().is_some() && measure::reset_peak_rss();
@@ -738,6 +760,10 @@ fn run(args: Args) -> Result<(), String> {
             }
         }
         bar.suspend(|| print!("{}", mr.summary(&bw, &floors, &names)));
+        println!(
+            "== mode {mode}: {:.1} s ==",
+            mode_started.elapsed().as_secs_f64()
+        );
         report.modes.push(mr);
     }
     bar.finish_and_clear();
