@@ -774,12 +774,18 @@ fn run(args: Args) -> Result<(), String> {
             report.heap_stats.push((sys.name.to_string(), st));
         }
     }
-    let pool_limit = systems
+    let limits = systems
         .iter()
         .find(|s| s.name == "pagepool")
         .and_then(System::heap)
-        .map(|h| h.owner().limit_pages() * pagepool::page_size());
-    print!("{}", report.memory_summary(pool_limit));
+        .map(|h| {
+            let st = h.stats();
+            (
+                h.owner().limit_pages() * st.page_size,
+                st.queue_limit_pages * st.page_size,
+            )
+        });
+    print!("{}", report.memory_summary(limits));
     println!(
         "heap-bench: done in {:.1} s",
         started.elapsed().as_secs_f64()

@@ -400,15 +400,17 @@ impl Report {
         }
     }
 
-    /// Peak resident memory of the pagepool rows against the bound: the RSS before the size's
-    /// first call (pools empty), plus the pool maximum, plus two of the row's buffers.
-    pub fn memory_summary(&self, pool_limit: Option<usize>) -> String {
+    /// Peak resident memory of the pagepool rows against the bound. The bound: the RSS before the size's first call (pools empty), plus the pool limit, plus
+    /// the deferred-free queue's bound (queued and in-flight releases), plus the live buffers
+    /// (one per thread).
+    pub fn memory_summary(&self, limits: Option<(usize, usize)>) -> String {
         let mut out = String::from("== memory: peak RSS of the pagepool rows ==\n");
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         for m in &self.modes {
             for r in m.rows.iter().filter(|r| r.peak_rss.is_some()) {
                 let (before, peak) = (r.rss_before.unwrap_or(0), r.peak_rss.unwrap_or(0));
-                let bound = pool_limit.map(|l| before + l as u64 + 2 * r.size as u64);
+                let live = r.threads.unwrap_or(1) as u64 * r.size as u64;
+                let bound = limits.map(|(pool, queue)| before + (pool + queue) as u64 + live);
                 let _ = writeln!(
                     out,
                     "{:>6} {:>18} {:>8}: peak {:8.1} MiB (+{:.1} MiB over the size's start){}",
