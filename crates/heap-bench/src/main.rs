@@ -536,11 +536,11 @@ fn run(args: Args) -> Result<(), String> {
         println!("  {name}: {how}");
     }
     // Which systems a mode runs: all of them, but for the loaded and threads modes of a run
-    // without --systems, the general-purpose ones only (see `systems::BUSY_MODES`).
+    // without --systems, the general-purpose ones only (see `systems::in_busy_modes`).
     let runs_in = |mode: &str, name: &str| {
         !args.systems.is_empty()
             || !(mode == "loaded" || mode.starts_with("threads-"))
-            || systems::BUSY_MODES.contains(&name)
+            || systems::in_busy_modes(name)
     };
     let all_present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
     let rows_total: u64 = modes

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::measure::{Bandwidth, TouchFloor};
-use crate::systems::CallOpts;
+use crate::systems::{CallOpts, PEERS};
 
 /// One system at one size in one mode.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,16 +113,6 @@ pub struct ModeReport {
     /// The worker's throughput per size.
     pub worker: Vec<WorkerFigure>,
 }
-
-/// The general-purpose allocators a user would pick instead: the targets' "best peer".
-pub const PEERS: [&str; 6] = [
-    "calloc",
-    "mimalloc",
-    "jemalloc",
-    "calloc-tuned",
-    "mimalloc-tuned",
-    "jemalloc-tuned",
-];
 
 fn human(size: usize) -> String {
     match size {

@@ -28,14 +28,9 @@ pub const ALL: [&str; 12] = [
     "dmabuf",
 ];
 
-/// The systems the loaded and threads modes run when no `--systems` are given: pagepool, its
-/// synchronous configuration and the general-purpose allocators (default and tuned). The rows
-/// that get fresh memory from the kernel on every call (`pagepool-nopool`, `mmap`, `memfd`,
-/// `dmabuf`) are slow enough in tight and paced mode already, and would take most of the
-/// default run's time.
-pub const BUSY_MODES: [&str; 8] = [
-    "pagepool",
-    "pagepool-syncfree",
+/// The general-purpose allocators a user would pick instead, with their defaults and tuned: the
+/// benchmark's "best peer" is the fastest of these.
+pub const PEERS: [&str; 6] = [
     "calloc",
     "mimalloc",
     "jemalloc",
@@ -43,6 +38,14 @@ pub const BUSY_MODES: [&str; 8] = [
     "mimalloc-tuned",
     "jemalloc-tuned",
 ];
+
+/// Whether the loaded and threads modes run `name` when no `--systems` are given: pagepool, its
+/// synchronous configuration and the [`PEERS`]. The rows that get fresh memory from the kernel
+/// on every call (`pagepool-nopool`, `mmap`, `memfd`, `dmabuf`) are slow enough in tight and
+/// paced mode already, and would take most of the default run's time.
+pub fn in_busy_modes(name: &str) -> bool {
+    name == "pagepool" || name == "pagepool-syncfree" || PEERS.contains(&name)
+}
 
 /// The peers configured as a performance-minded user would: each allocator's settings are
 /// process-wide (and mimalloc's and jemalloc's are read when the process starts), so these rows
