@@ -8,7 +8,9 @@ use crossbeam_utils::CachePadded;
 
 use crate::arena::Arenas;
 use crate::cache_slots::CacheShared;
-use crate::config::{CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST, STRIPE_BYTES};
+use crate::config::{
+    CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST, SHARE_FROM, STRIPE_BYTES,
+};
 use crate::deferred::{Job, ReleaseQueue, Run, Runs};
 use crate::error::AllocError;
 use crate::pool::{Block, PagePool};
@@ -208,15 +210,18 @@ impl HeapInner {
         unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
     }
 
-    /// Zeroes a run an allocation took from the queue; a large one is shared with the idle
-    /// worker, stripe by stripe, so that two cores zero it. Returns false if the worker did not
+    /// Zeroes a run an allocation took from the queue; one of a buffer of at least
+    /// [`SHARE_FROM`] is shared with the idle worker, stripe by stripe, so that two cores zero
+    /// it. Returns false if the worker did not
     /// finish its stripe within [`HANDOFF_WAIT`]: the run is then the worker's to land, and
     /// the caller must do without it.
     ///
     /// # Safety
     /// The caller owns the run (it left the queue).
     unsafe fn zero_stolen(&self, list: &ReleaseQueue, r: &Run, buffer_pages: usize) -> bool {
-        if r.pages() * self.page < 2 * STRIPE_BYTES {
+        // Shared only for large buffers (see `SHARE_FROM`): a smaller one is zeroed faster by
+        // this thread alone.
+        if r.pages() * self.page < 2 * STRIPE_BYTES || buffer_pages * self.page < SHARE_FROM {
             // SAFETY: forwarded.
             unsafe { self.zero_run(r, buffer_pages) };
             return true;
