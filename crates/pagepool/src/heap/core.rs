@@ -374,6 +374,9 @@ impl HeapInner {
         let mut stolen = Runs::new(); // queued blocks zeroed here (for `undo_alloc`)
         let mut missing: Vec<usize> = Vec::new(); // indices of placeholder runs
         let (mut hits, mut inline) = (0, 0);
+        // Whether the machine looks busy (see `ReleaseQueue::busy`): read only where it decides
+        // something, as it reads the clock.
+        let busy = || h.release_queue.as_ref().is_some_and(|l| l.busy());
         let mut left = pages;
         for i in 0..h.orders.len() {
             let order = h.orders[i];
@@ -384,8 +387,7 @@ impl HeapInner {
             }
             let first = runs.len();
             let (mut p, mut z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
-            let busy = h.release_queue.as_ref().is_some_and(|l| l.busy());
-            if p + z > 0 && p + z < want && !busy {
+            if p + z > 0 && p + z < want && !busy() {
                 // Blocks of one order gathered from the pools or the queue, with fresh ones
                 // beside them, would need a view; and as they circulate, so would every later
                 // buffer of this size: a single block short (the worker had not landed it in
@@ -419,12 +421,11 @@ impl HeapInner {
         // REGATHER_LONGEST, so that fresh pages never cost more than a small share of the
         // views they save. Not on a busy machine, where fresh pages cost the most (a fault per
         // page, each a chance to lose the core): a view costs one system call.
-        let busy = h.release_queue.as_ref().is_some_and(|l| l.busy());
         if h.release_queue.is_some()
             && h.pooling()
-            && !busy
             && hits + inline > 0
             && scattered(&runs, &missing, h.page)
+            && !busy()
         {
             let streak = h.scattered.fetch_add(1, Ordering::Relaxed) + 1;
             let after = h.regather_after.load(Ordering::Relaxed);
