@@ -15,7 +15,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::error::OsError;
+use crate::attrs::{HUGE_PAGE, HugeBacking, PoolType};
+use crate::error::{AllocError, OsError};
 use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering, lock};
 use crate::{fork, os};
 
@@ -48,6 +49,10 @@ struct Arena {
     /// Unused ranges: offset -> length in bytes.
     free: BTreeMap<usize, usize>,
     used: usize,
+    /// For a huge pool type: where this arena's huge pages come from.
+    huge: Option<HugeBacking>,
+    /// No more carving here (its hugetlbfs pages ran out): used ranges stay until released.
+    full: bool,
 }
 
 impl Arena {
@@ -58,6 +63,9 @@ impl Arena {
 
     /// Takes the first unused range of at least `bytes`; returns its offset.
     fn carve(&mut self, bytes: usize) -> Option<usize> {
+        if self.full {
+            return None;
+        }
         let (&off, &len) = self.free.iter().find(|&(_, &len)| len >= bytes)?;
         self.free.remove(&off);
         if len > bytes {
@@ -84,6 +92,13 @@ impl Arena {
     }
 }
 
+/// Why one attempt to carve failed.
+enum Carve {
+    /// A hugetlbfs arena could not populate: its huge pages ran out.
+    HugetlbRanOut(OsError),
+    Failed(AllocError),
+}
+
 /// Where a block lives: the arena's file and the block's offset in it.
 pub(crate) struct Location {
     pub(crate) fd: Arc<ArenaFd>,
@@ -95,6 +110,10 @@ pub(crate) struct Arenas {
     list: Mutex<Vec<Arena>>,
     name: String,
     arena_size: usize,
+    pool_type: PoolType,
+    /// For a huge pool type: the backing new arenas get (hugetlbfs falls back once its pages
+    /// run out).
+    huge: Mutex<Option<HugeBacking>>,
     pub(crate) fresh_pages: AtomicU64,
     pub(crate) released_pages: AtomicU64,
 }
@@ -106,11 +125,24 @@ unsafe impl Send for Arenas {}
 unsafe impl Sync for Arenas {}
 
 impl Arenas {
+    #[cfg(test)]
     pub(crate) fn new(name: &str, arena_size: usize) -> Arenas {
+        Arenas::typed(name, arena_size, PoolType::SYSTEM, None)
+    }
+
+    /// Arenas of a pool type; `huge` is the backing a huge type starts with.
+    pub(crate) fn typed(
+        name: &str,
+        arena_size: usize,
+        pool_type: PoolType,
+        huge: Option<HugeBacking>,
+    ) -> Arenas {
         Arenas {
             list: Mutex::new(Vec::new()),
             name: name.to_owned(),
             arena_size,
+            pool_type,
+            huge: Mutex::new(huge),
             fresh_pages: AtomicU64::new(0),
             released_pages: AtomicU64::new(0),
         }
@@ -125,22 +157,66 @@ impl Arenas {
         self.list().len()
     }
 
-    /// Gets `bytes` (a multiple of the page size) of fresh, zeroed, resident memory, contiguous
-    /// in one arena; makes a new arena if none has room.
-    pub(crate) fn carve(&self, bytes: usize) -> Result<NonNull<u8>, OsError> {
-        let (fd, off, p) = {
+    /// Gets `bytes` (a multiple of the page size; of 2 MiB for a huge pool type) of fresh,
+    /// zeroed, resident memory with the pool type's attributes, contiguous in one arena; makes
+    /// a new arena if none has room. A locked type that would pass `RLIMIT_MEMLOCK` gets
+    /// [`AllocError::MemlockLimit`], with the range given back.
+    pub(crate) fn carve(&self, bytes: usize) -> Result<NonNull<u8>, AllocError> {
+        loop {
+            match self.carve_once(bytes) {
+                Err(Carve::HugetlbRanOut(e)) => {
+                    // Fewer hugetlbfs pages than the arena wanted: later arenas take the next
+                    // best backing, and this carve tries again there.
+                    let next = if crate::attrs::shmem_thp_allowed() {
+                        HugeBacking::Thp
+                    } else {
+                        HugeBacking::Base
+                    };
+                    log::info!("pagepool: {e}: hugetlbfs pages ran out, falling back to {next}");
+                    *lock(&self.huge) = Some(next);
+                }
+                Err(Carve::Failed(e)) => return Err(e),
+                Ok(p) => return Ok(p),
+            }
+        }
+    }
+
+    /// The backing new arenas get now, for a huge pool type.
+    pub(crate) fn huge_backing(&self) -> Option<HugeBacking> {
+        *lock(&self.huge)
+    }
+
+    /// The pool type of the memory.
+    pub(crate) fn pool_type(&self) -> PoolType {
+        self.pool_type
+    }
+
+    /// Each arena's home mapping: `(address, length)`.
+    pub(crate) fn ranges(&self) -> Vec<(usize, usize)> {
+        self.list()
+            .iter()
+            .map(|a| (a.base.as_ptr() as usize, a.len))
+            .collect()
+    }
+
+    fn carve_once(&self, bytes: usize) -> Result<NonNull<u8>, Carve> {
+        let (fd, off, p, hugetlb) = {
             let mut list = self.list();
             let found = list.iter_mut().find_map(|a| {
                 let off = a.carve(bytes)?;
+                let hugetlb = a.huge == Some(HugeBacking::Hugetlb);
                 // SAFETY: `off + bytes <= a.len`, inside the home mapping.
-                Some((a.fd.clone(), off, unsafe { a.base.add(off) }))
+                Some((a.fd.clone(), off, unsafe { a.base.add(off) }, hugetlb))
             });
             match found {
                 Some(f) => f,
                 None => {
-                    let mut arena = self.map_arena(bytes.max(self.arena_size))?;
+                    let mut arena = self
+                        .map_arena(bytes.max(self.arena_size))
+                        .map_err(|e| Carve::Failed(e.into()))?;
                     let off = arena.carve(bytes).expect("a new arena has room");
-                    let found = (arena.fd.clone(), off, arena.base);
+                    let hugetlb = arena.huge == Some(HugeBacking::Hugetlb);
+                    let found = (arena.fd.clone(), off, arena.base, hugetlb);
                     let at = list.partition_point(|a| a.base < arena.base);
                     list.insert(at, arena);
                     found
@@ -149,31 +225,95 @@ impl Arenas {
         };
         // SAFETY: `p..p + bytes` is the range carved above, in the home mapping of `fd` at
         // `off`; it is marked used, so nobody else touches it.
-        match unsafe { os::populate(&*fd, off, p, bytes) } {
-            Ok(()) => {
-                let pages = bytes / os::page_size();
-                self.fresh_pages.fetch_add(pages as u64, Ordering::Relaxed);
-                Ok(p)
+        if let Err(e) = unsafe { os::populate(&*fd, off, p, bytes) } {
+            let ran_out = hugetlb
+                && matches!(
+                    e.source.raw_os_error(),
+                    Some(libc::EFAULT | libc::ENOMEM | libc::ENOSPC)
+                );
+            if ran_out {
+                // Whatever part was populated goes back; no more carving in this arena.
+                let mut list = self.list();
+                if let Some(a) = list.iter_mut().find(|a| a.contains(p)) {
+                    a.full = true;
+                }
+                drop(list);
+                self.give_back(p, bytes, true);
+                return Err(Carve::HugetlbRanOut(e));
             }
-            Err(e) => {
-                self.give_back(p, bytes, false);
-                Err(e)
+            self.give_back(p, bytes, false);
+            return Err(Carve::Failed(e.into()));
+        }
+        if self.pool_type.is_locked() {
+            // SAFETY: the range is ours (carved above).
+            if let Err(e) = unsafe { os::lock(p, bytes) } {
+                // Nothing stays locked: `mlock` checks the limit before locking anything.
+                self.give_back(p, bytes, true);
+                return Err(Carve::Failed(match e {
+                    rustix::io::Errno::NOMEM | rustix::io::Errno::PERM => {
+                        AllocError::MemlockLimit {
+                            bytes,
+                            limit: os::memlock_limit(),
+                        }
+                    }
+                    e => AllocError::Os(OsError::new("mlock", e)),
+                }));
             }
         }
+        let pages = bytes / os::page_size();
+        self.fresh_pages.fetch_add(pages as u64, Ordering::Relaxed);
+        Ok(p)
     }
 
     /// Maps a new arena of `len` bytes, followed by one inaccessible guard page so that no two
     /// arenas are ever adjacent: blocks that lie end to end in memory are then always in the
     /// same arena, at consecutive file offsets.
     fn map_arena(&self, len: usize) -> Result<Arena, OsError> {
-        let fd = os::memfd(&self.name, len)?;
+        let mut huge = self.huge_backing();
+        let len = if huge.is_some() {
+            len.next_multiple_of(HUGE_PAGE)
+        } else {
+            len
+        };
+        let (fd, align) = match huge {
+            None => (os::memfd(&self.name, len)?, os::page_size()),
+            Some(HugeBacking::Hugetlb) => match os::memfd_hugetlb(&self.name, len) {
+                Ok(fd) => (fd, HUGE_PAGE),
+                Err(e) => {
+                    log::info!("pagepool: {e}: no hugetlbfs, falling back");
+                    huge = Some(if crate::attrs::shmem_thp_allowed() {
+                        HugeBacking::Thp
+                    } else {
+                        HugeBacking::Base
+                    });
+                    *lock(&self.huge) = huge;
+                    (os::memfd(&self.name, len)?, HUGE_PAGE)
+                }
+            },
+            Some(_) => (os::memfd(&self.name, len)?, HUGE_PAGE),
+        };
         let guard = os::page_size();
         let span = len
             .checked_add(guard)
             .ok_or_else(|| OsError::new("mmap arena", rustix::io::Errno::NOMEM))?;
-        let base = os::reserve(span)?;
+        let base = os::reserve_aligned(span, align)?;
         // SAFETY: `base..base + len` is inside the reservation just made, known to nobody else.
         if let Err(e) = unsafe { os::map_fixed(&fd, 0, len, base, false) } {
+            // SAFETY: as above.
+            let _ = unsafe { os::unmap(base, span) };
+            return Err(e);
+        }
+        // The attributes that belong to the mapping, set before any page is allocated.
+        let mut advice = Ok(());
+        if huge == Some(HugeBacking::Thp) {
+            // SAFETY: the mapping was just made, ours alone.
+            advice = unsafe { os::advise_huge(base, len) };
+        }
+        if let (Ok(()), Some(node)) = (&advice, self.pool_type.node_id()) {
+            // SAFETY: as above.
+            advice = unsafe { os::bind_node(base, len, node) };
+        }
+        if let Err(e) = advice {
             // SAFETY: as above.
             let _ = unsafe { os::unmap(base, span) };
             return Err(e);
@@ -186,6 +326,8 @@ impl Arenas {
             len,
             free: BTreeMap::from([(0, len)]),
             used: 0,
+            huge,
+            full: false,
         })
     }
 
@@ -212,6 +354,15 @@ impl Arenas {
         };
         let arena = &mut list[i];
         let off = p.as_ptr() as usize - arena.base.as_ptr() as usize;
+        if self.pool_type.is_locked() {
+            // Unlocked before the hole is punched, so that the process's locked memory
+            // (`RLIMIT_MEMLOCK`) goes down with it. Unlocking a range that was never locked
+            // (a failed carve) is harmless.
+            // SAFETY: the range is used memory of this arena that its owner is giving up.
+            if let Err(e) = unsafe { os::unlock(p, bytes) } {
+                log::warn!("pagepool: {e}");
+            }
+        }
         if punch && let Err(e) = os::punch_hole(&*arena.fd, off, bytes) {
             // The pages stay resident; zero them so that the range still reads as a hole.
             log::warn!("pagepool: {e}; zeroing the range instead");

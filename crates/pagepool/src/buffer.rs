@@ -173,7 +173,9 @@ fn map_view(heap: &HeapInner, runs: &[Run], bytes: usize) -> Result<NonNull<u8>,
     let locs = heap
         .arenas
         .locate(stretches.iter().map(|&(i, _)| runs[i].ptr()));
-    let base = os::reserve(bytes)?;
+    // Aligned like the heap's smallest block, so that huge pages map as such (hugetlbfs
+    // requires it).
+    let base = os::reserve_aligned(bytes, heap.page * heap.granule)?;
     let mut at = 0; // offset in the view
     for (loc, &(_, len)) in locs.iter().zip(&stretches) {
         // SAFETY: `base + at .. + len` lies inside the reservation made above, which nobody

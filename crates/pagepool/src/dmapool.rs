@@ -467,6 +467,40 @@ impl DmaBufPool {
         })
     }
 
+    /// Warms the pool: allocates `count` dma-bufs of `len` bytes (rounded up to pages) from the
+    /// kernel heap and pools them (the kernel hands them out zeroed), as far as the pool's limit
+    /// and its registry's maximum leave room. Returns the number of buffers reserved. On an
+    /// error from the heap, the buffers reserved before it stay pooled.
+    pub fn reserve(&self, len: usize, count: usize) -> Result<usize, DmaBufError> {
+        let inner = self.inner();
+        if len == 0 {
+            return Err(DmaBufError::ZeroLength);
+        }
+        let size = len
+            .checked_next_multiple_of(inner.page)
+            .ok_or(DmaBufError::Os {
+                op: "DMA_HEAP_IOCTL_ALLOC",
+                source: std::io::Error::from_raw_os_error(12),
+            })?;
+        let pages = size / inner.page;
+        let registry = inner.owner.registry();
+        let room = (inner
+            .owner
+            .limit_pages()
+            .saturating_sub(inner.owner.count()))
+        .min(registry.max_pages().saturating_sub(registry.count()));
+        let n = count.min(room / pages);
+        for _ in 0..n {
+            let b = inner.heap.alloc(size)?;
+            crate::fork::record_fd(b.as_fd()); // the pool's: a forked child closes it
+            let mut st = inner.state();
+            st.clean.entry(b.len()).or_default().push(b);
+            inner.owner.note_added(pages); // under the lock: see `shrink`
+        }
+        inner.owner.enforce_limits();
+        Ok(n)
+    }
+
     /// Waits until every released buffer has been zeroed and pooled, or parked because it is
     /// still referenced elsewhere.
     pub fn flush(&self) {

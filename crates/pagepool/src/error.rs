@@ -21,6 +21,20 @@ pub enum AllocError {
     /// The operating system refused a request (address space, memory, or a limit ran out).
     #[error(transparent)]
     Os(#[from] OsError),
+    /// A locked pool type could not lock fresh memory: the process's locked memory would pass
+    /// `RLIMIT_MEMLOCK` (and it lacks `CAP_IPC_LOCK`). Raise the limit (`ulimit -l`,
+    /// `LimitMEMLOCK=` in a systemd unit) or lower the heap's use.
+    #[error(
+        "locking {bytes} more bytes would pass RLIMIT_MEMLOCK ({}); raise it (ulimit -l) or grant CAP_IPC_LOCK",
+        match .limit { Some(l) => format!("{l} bytes"), None => "unlimited".to_owned() }
+    )]
+    MemlockLimit {
+        /// The bytes the allocation needed to lock.
+        bytes: usize,
+        /// The soft limit at the time, in bytes (`None`: unlimited, and the kernel still
+        /// refused).
+        limit: Option<u64>,
+    },
 }
 
 /// A system call that failed, with the name of the operation pagepool was performing.
@@ -67,6 +81,25 @@ pub enum ConfigError {
     /// The maximum buffer size is zero.
     #[error("the maximum buffer size must be at least one page")]
     ZeroMaxBuffer,
+    /// A huge pool type's orders must all be at least [`HUGE_ORDER`](crate::HUGE_ORDER) (2 MiB
+    /// blocks), and include it.
+    #[error(
+        "a huge pool type needs orders of at least {min} (2 MiB blocks), including {min}; got {got:?}"
+    )]
+    HugeOrders {
+        /// The orders asked for.
+        got: Vec<u8>,
+        /// The smallest order a huge pool type serves.
+        min: u8,
+    },
+    /// The NUMA node asked for does not exist or has no memory.
+    #[error("NUMA node {node} does not exist or has no memory (nodes with memory: {available})")]
+    NoSuchNode {
+        /// The node asked for.
+        node: u32,
+        /// The nodes with memory, as the system lists them (`0-1`).
+        available: String,
+    },
     /// The arena size is smaller than the largest block.
     #[error("arena size {arena} bytes is smaller than the largest block ({block} bytes)")]
     ArenaTooSmall {

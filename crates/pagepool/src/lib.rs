@@ -11,6 +11,7 @@
 //! | kernel | pagepool | file |
 //! |---|---|---|
 //! | page allocator, `mmap` | memfd arenas, one system-call layer | `os.rs`, `arena.rs` |
+//! | TTM pool types (caching, dma32, NUMA pools) | [`PoolType`]: locked, huge, node(N) ([`HeapBuilder::pool_type`]) | `attrs.rs`, `arena.rs` |
 //! | `drm_page_pool` | [`PagePool`], [`Block`] | `pool.rs` |
 //! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | `registry.rs` |
 //! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred/` |
@@ -37,6 +38,7 @@
 //! ```
 
 mod arena;
+mod attrs;
 mod buffer;
 mod cache;
 mod cache_slots;
@@ -57,6 +59,7 @@ mod stats;
 mod sync;
 mod zero;
 
+pub use attrs::{BackingReport, HUGE_ORDER, HugeBacking, PoolType};
 pub use buffer::{BlockInfo, Buffer};
 pub use dmabuf::{
     Access, CpuAccess, DmaBuf, DmaBufError, DmaBufMap, DmaHeap, HEAP_DIR, UDMABUF_PATH, file_count,
@@ -73,7 +76,9 @@ pub use pressure::{
 };
 pub use registry::{Owner, Registry};
 pub use shrinker::Shrinker;
-pub use stats::{HeapStats, OwnerStats, PoolStats, PressureEvent, PressureStats, RegistryStats};
+pub use stats::{
+    HeapStats, OwnerStats, PoolStats, PoolTypeStats, PressureEvent, PressureStats, RegistryStats,
+};
 
 // The types a program shares between threads are `Send + Sync`; a change that loses that fails
 // to compile here rather than in users' code.

@@ -44,6 +44,115 @@ pub(crate) fn memfd(name: &str, len: usize) -> Result<OwnedFd, OsError> {
     Ok(fd)
 }
 
+/// Creates a memfd of `len` bytes (a multiple of 2 MiB) backed by 2 MiB hugetlbfs pages,
+/// sealed against shrinking like [`memfd`]. Fails where the kernel has no hugetlbfs.
+pub(crate) fn memfd_hugetlb(name: &str, len: usize) -> Result<OwnedFd, OsError> {
+    let flags = MemfdFlags::CLOEXEC
+        | MemfdFlags::ALLOW_SEALING
+        | MemfdFlags::HUGETLB
+        | MemfdFlags::HUGE_2MB;
+    let fd = rustix::fs::memfd_create(name, flags)
+        .map_err(|e| OsError::new("memfd_create hugetlb", e))?;
+    rustix::fs::ftruncate(&fd, len as u64)
+        .map_err(|e| OsError::new("ftruncate hugetlb memfd", e))?;
+    rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK)
+        .map_err(|e| OsError::new("seal memfd", e))?;
+    Ok(fd)
+}
+
+/// Reserves `len` bytes of address space aligned to `align` (a power of two, at least a page),
+/// with no access and no memory behind it; the slack taken to align it is given back.
+pub(crate) fn reserve_aligned(len: usize, align: usize) -> Result<NonNull<u8>, OsError> {
+    let page = page_size();
+    if align <= page {
+        return reserve(len);
+    }
+    let span = len
+        .checked_add(align)
+        .ok_or_else(|| OsError::new("mmap reserve", rustix::io::Errno::NOMEM))?;
+    let p = reserve(span)?;
+    let start = p.as_ptr() as usize;
+    let aligned = (start + align - 1) & !(align - 1);
+    let (head, tail) = (aligned - start, span - len - (aligned - start));
+    // SAFETY: both slack ranges lie inside the reservation just made, which nobody else knows.
+    unsafe {
+        if head > 0 {
+            unmap(p, head)?;
+        }
+        if tail > 0 {
+            unmap(NonNull::new_unchecked((aligned + len) as *mut u8), tail)?;
+        }
+        Ok(NonNull::new_unchecked(aligned as *mut u8))
+    }
+}
+
+/// Asks for transparent huge pages on `p..p + len` (`MADV_HUGEPAGE`).
+///
+/// # Safety
+/// The caller owns the range.
+pub(crate) unsafe fn advise_huge(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    // SAFETY: advice only; the caller owns the range.
+    unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, Advice::LinuxHugepage) }
+        .map_err(|e| OsError::new("madvise hugepage", e))
+}
+
+/// Binds the memory of `p..p + len` to NUMA node `node` (`mbind(MPOL_BIND)`): pages allocated
+/// for the range come from that node only. On a shared file mapping the policy belongs to the
+/// file's range, so every mapping of it gets the same placement.
+///
+/// # Safety
+/// The caller owns the range.
+pub(crate) unsafe fn bind_node(p: NonNull<u8>, len: usize, node: u32) -> Result<(), OsError> {
+    const WORDS: usize = 16; // nodes 0..1024
+    let (word, bit) = (node as usize / 64, node % 64);
+    if word >= WORDS {
+        return Err(OsError::new("mbind", rustix::io::Errno::INVAL));
+    }
+    let mut mask = [0u64; WORDS];
+    mask[word] = 1 << bit;
+    // SAFETY: `mbind` reads `mask` (WORDS * 64 bits, as `maxnode` says) and changes only the
+    // memory policy of the caller's range.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            p.as_ptr(),
+            len,
+            libc::MPOL_BIND,
+            mask.as_ptr(),
+            WORDS * 64,
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(OsError::new("mbind", std::io::Error::last_os_error()))
+    }
+}
+
+/// Locks `p..p + len` in memory (`mlock`): resident, never swapped, no fault on access.
+///
+/// # Safety
+/// The caller owns the range.
+pub(crate) unsafe fn lock(p: NonNull<u8>, len: usize) -> Result<(), rustix::io::Errno> {
+    // SAFETY: locking changes no contents; the caller owns the range.
+    unsafe { rustix::mm::mlock(p.as_ptr().cast(), len) }
+}
+
+/// Unlocks `p..p + len` (`munlock`).
+///
+/// # Safety
+/// The caller owns the range.
+pub(crate) unsafe fn unlock(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    // SAFETY: unlocking changes no contents; the caller owns the range.
+    unsafe { rustix::mm::munlock(p.as_ptr().cast(), len) }.map_err(|e| OsError::new("munlock", e))
+}
+
+/// The process's `RLIMIT_MEMLOCK` soft limit in bytes (`None`: unlimited).
+pub(crate) fn memlock_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Memlock).current
+}
+
 /// Reserves `len` bytes of address space with no access and no memory behind it.
 pub(crate) fn reserve(len: usize) -> Result<NonNull<u8>, OsError> {
     // SAFETY: a null hint without MAP_FIXED lets the kernel choose an unused range, so no
@@ -73,7 +182,10 @@ pub(crate) unsafe fn map_fixed(
     at: NonNull<u8>,
     populate: bool,
 ) -> Result<(), OsError> {
-    let mut flags = MapFlags::SHARED | MapFlags::FIXED;
+    // No reservation: memfds account their memory when it is allocated; for a hugetlbfs file
+    // a reservation would claim huge pages for the whole range at once (and fail when fewer
+    // are free), where pagepool wants them page by page, as it populates.
+    let mut flags = MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE;
     if populate {
         flags |= MapFlags::POPULATE;
     }

@@ -163,10 +163,32 @@ impl Registry {
         })
     }
 
-    /// Adds an owner with its own limit of `limit_pages` pooled pages.
+    /// Adds an owner with its own limit of `limit_pages` pooled pages, of pool type `system`.
     pub fn register(self: &Arc<Self>, name: &str, limit_pages: usize) -> Arc<Owner> {
+        self.register_typed(name, "system", limit_pages)
+    }
+
+    /// Adds an owner whose pools are of `pool_type` (its row in the registry's table, see
+    /// [`RegistryStats`]), with its own limit of `limit_pages` pooled pages.
+    ///
+    /// # Examples
+    /// ```
+    /// use pagepool::{Block, Registry};
+    ///
+    /// let registry = Registry::new(1 << 20);
+    /// let gpu = registry.register_typed("gpu", "write-combined", 1024);
+    /// let _pool = gpu.add_pool(0, Box::new(|_b: Block| {}));
+    /// assert_eq!(registry.stats().pool_types[0].name, "write-combined");
+    /// ```
+    pub fn register_typed(
+        self: &Arc<Self>,
+        name: &str,
+        pool_type: &str,
+        limit_pages: usize,
+    ) -> Arc<Owner> {
         let owner = Arc::new(Owner {
             name: name.to_owned(),
+            pool_type: pool_type.to_owned(),
             limit: AtomicUsize::new(limit_pages),
             pages: AtomicUsize::new(0),
             pools: Mutex::new(Vec::new()),
@@ -252,12 +274,18 @@ impl Registry {
         }
     }
 
-    /// A snapshot of every owner's pools and the totals.
+    /// A snapshot of every owner's pools and the totals, with one entry per pool type (the
+    /// owners' pools of that type summed, per order).
     pub fn stats(&self) -> RegistryStats {
+        let owners: Vec<OwnerStats> = self.live_owners().iter().map(|o| o.stats()).collect();
+        let total_pages = self.count();
+        let other_pages = self.count_all().saturating_sub(total_pages);
         RegistryStats {
             max_pages: self.max_pages(),
-            total_pages: self.count(),
-            owners: self.live_owners().iter().map(|o| o.stats()).collect(),
+            total_pages,
+            pool_types: crate::stats::by_pool_type(&owners),
+            other_pages,
+            owners,
         }
     }
 }
@@ -313,6 +341,7 @@ impl fmt::Debug for Registry {
 /// ```
 pub struct Owner {
     name: String,
+    pool_type: String,
     limit: AtomicUsize,
     pages: AtomicUsize,
     pools: Mutex<Vec<Weak<PagePool>>>,
@@ -337,6 +366,12 @@ impl Owner {
         pools.retain(|p| p.strong_count() > 0);
         pools.push(Arc::downgrade(&pool));
         pool
+    }
+
+    /// The pool type of the owner's pools (`system` unless registered with
+    /// [`Registry::register_typed`]).
+    pub fn pool_type(&self) -> &str {
+        &self.pool_type
     }
 
     /// The owner's name.
@@ -411,6 +446,7 @@ impl Owner {
         pools.sort_by_key(|p| p.order);
         OwnerStats {
             name: self.name.clone(),
+            pool_type: self.pool_type.clone(),
             limit_pages: self.limit_pages(),
             pages: self.count(),
             pools,

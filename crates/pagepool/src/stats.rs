@@ -2,8 +2,9 @@
 //!
 //! Pooled pages are memory the process holds: they are reported as *pooled*, separately, never
 //! as free memory (the kernel reviewers' demand, like `/proc/slabinfo` for caches).
-//! [`render_table`] draws the shape of TTM's debugfs `page_pool` file: one row per owner, one
-//! column per order, then `total : N of MAX` and a line for pages held by other owners.
+//! [`render_table`] draws the shape of TTM's debugfs `page_pool` file: one row per pool type
+//! (per owner in a heap's own stats), one column per order, then `total : N of MAX` and a line
+//! for pages held by other owners.
 
 use std::fmt::{self, Write as _};
 
@@ -33,6 +34,8 @@ pub struct PoolStats {
 pub struct OwnerStats {
     /// The owner's name.
     pub name: String,
+    /// The pool type of its pools (see [`Registry::register_typed`](crate::Registry::register_typed)).
+    pub pool_type: String,
     /// The owner's limit in pages.
     pub limit_pages: usize,
     /// Pages pooled by this owner now.
@@ -52,6 +55,63 @@ pub struct RegistryStats {
     pub total_pages: usize,
     /// Each live owner.
     pub owners: Vec<OwnerStats>,
+    /// Each pool type with live owners, in the order first registered: its owners' pools
+    /// summed per order.
+    pub pool_types: Vec<PoolTypeStats>,
+    /// Pages held by the registry's other shrinkers (buffers queued for a worker, pools of
+    /// dma-bufs): what it could free besides its page pools.
+    pub other_pages: usize,
+}
+
+/// The pools of one pool type, over all owners of that type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub struct PoolTypeStats {
+    /// The pool type's name (`system`, `locked`, `huge`, `node1`, ...).
+    pub name: String,
+    /// Owners of this type.
+    pub owners: usize,
+    /// Pages pooled now.
+    pub pages: usize,
+    /// One entry per order: the owners' pools of that order summed (counters included).
+    pub pools: Vec<PoolStats>,
+}
+
+/// Groups owners' pools by pool type, summing them per order.
+pub(crate) fn by_pool_type(owners: &[OwnerStats]) -> Vec<PoolTypeStats> {
+    let mut out: Vec<PoolTypeStats> = Vec::new();
+    for o in owners {
+        let i = match out.iter().position(|t| t.name == o.pool_type) {
+            Some(i) => i,
+            None => {
+                out.push(PoolTypeStats {
+                    name: o.pool_type.clone(),
+                    owners: 0,
+                    pages: 0,
+                    pools: Vec::new(),
+                });
+                out.len() - 1
+            }
+        };
+        let t = &mut out[i];
+        t.owners += 1;
+        t.pages += o.pages;
+        for p in &o.pools {
+            match t.pools.iter_mut().find(|q| q.order == p.order) {
+                Some(q) => {
+                    q.pages += p.pages;
+                    q.blocks += p.blocks;
+                    q.given += p.given;
+                    q.taken += p.taken;
+                    q.released += p.released;
+                }
+                None => t.pools.push(p.clone()),
+            }
+        }
+        t.pools.sort_by_key(|p| p.order);
+    }
+    out
 }
 
 /// A heap's statistics: its pools, where its blocks came from, where they went.
@@ -65,6 +125,12 @@ pub struct RegistryStats {
 pub struct HeapStats {
     /// The size of a page in bytes.
     pub page_size: usize,
+    /// The heap's pool type (see [`HeapBuilder::pool_type`](crate::HeapBuilder::pool_type)).
+    pub pool_type: crate::PoolType,
+    /// For a huge pool type, the backing new arenas get now (hugetlbfs falls back when its
+    /// pages run out); `None` otherwise. What the kernel actually gave is in
+    /// [`SystemHeap::backing`](crate::SystemHeap::backing).
+    pub huge_backing: Option<crate::HugeBacking>,
     /// This heap's pools (as an owner of the registry).
     pub owner: OwnerStats,
     /// The registry's maximum in pages.
@@ -165,20 +231,20 @@ impl HeapStats {
 /// when given, `(N in other owners' pools)`.
 ///
 pub(crate) fn render_table(
-    owners: &[OwnerStats],
+    rows: &[(&str, &[PoolStats])],
     total: usize,
     max: usize,
     others: Option<usize>,
 ) -> String {
-    let mut orders: Vec<u8> = owners
+    let mut orders: Vec<u8> = rows
         .iter()
-        .flat_map(|o| o.pools.iter().map(|p| p.order))
+        .flat_map(|(_, pools)| pools.iter().map(|p| p.order))
         .collect();
     orders.sort_unstable();
     orders.dedup();
-    let name_w = owners
+    let name_w = rows
         .iter()
-        .map(|o| o.name.len())
+        .map(|(name, _)| name.len())
         .max()
         .unwrap_or(0)
         .max(5);
@@ -188,14 +254,10 @@ pub(crate) fn render_table(
         let _ = write!(out, " ---{o:>2}---");
     }
     out.push('\n');
-    for owner in owners {
-        let _ = write!(out, "{:name_w$} :", owner.name);
+    for (name, pools) in rows {
+        let _ = write!(out, "{name:name_w$} :");
         for o in &orders {
-            let pages = owner
-                .pools
-                .iter()
-                .find(|p| p.order == *o)
-                .map_or(0, |p| p.pages);
+            let pages = pools.iter().find(|p| p.order == *o).map_or(0, |p| p.pages);
             let _ = write!(out, " {pages:>8}");
         }
         out.push('\n');
@@ -208,12 +270,19 @@ pub(crate) fn render_table(
 }
 
 impl fmt::Display for RegistryStats {
+    /// TTM's table: one row per pool type, one column per order (pages pooled), then
+    /// `total : N of MAX` and the pages the registry's other shrinkers hold.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: Vec<(&str, &[PoolStats])> = self
+            .pool_types
+            .iter()
+            .map(|t| (t.name.as_str(), t.pools.as_slice()))
+            .collect();
         f.write_str(&render_table(
-            &self.owners,
+            &rows,
             self.total_pages,
             self.max_pages,
-            None,
+            Some(self.other_pages),
         ))
     }
 }
@@ -222,7 +291,7 @@ impl fmt::Display for HeapStats {
     /// The pool table, then one line of counters.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&render_table(
-            std::slice::from_ref(&self.owner),
+            &[(self.owner.name.as_str(), self.owner.pools.as_slice())],
             self.registry_total_pages,
             self.registry_max_pages,
             Some(self.other_owners_pages),
@@ -324,24 +393,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_table_has_ttms_shape() {
-        let pool = PoolStats {
-            order: 0,
-            pages: 3,
-            blocks: 3,
-            given: 3,
+    fn the_table_has_ttms_shape_one_row_per_pool_type() {
+        let pool = |order, pages| PoolStats {
+            order,
+            pages,
+            blocks: pages >> order,
+            given: 1,
             taken: 0,
             released: 0,
         };
-        let owner = OwnerStats {
-            name: "system".into(),
-            limit_pages: 10,
-            pages: 3,
-            pools: vec![pool],
+        let owner = |name: &str, ty: &str, pools: Vec<PoolStats>| OwnerStats {
+            name: name.into(),
+            pool_type: ty.into(),
+            limit_pages: 10_000,
+            pages: pools.iter().map(|p| p.pages).sum(),
+            pools,
         };
-        let text = render_table(&[owner], 3, 100, Some(5));
-        assert!(text.contains("total"));
-        assert!(text.contains("3 of 100"));
+        let owners = [
+            owner("a", "system", vec![pool(0, 3), pool(8, 256)]),
+            owner("b", "locked", vec![pool(0, 1)]),
+            owner("c", "system", vec![pool(0, 2)]),
+            owner("d", "huge+node1", vec![pool(9, 1024)]),
+        ];
+        let types = by_pool_type(&owners);
+        let names: Vec<&str> = types.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["system", "locked", "huge+node1"]);
+        assert_eq!(types[0].owners, 2);
+        assert_eq!(types[0].pages, 261);
+        assert_eq!(types[0].pools[0].pages, 5, "order 0 summed over a and c");
+        assert_eq!(types[0].pools[0].given, 2);
+        let stats = RegistryStats {
+            max_pages: 100_000,
+            total_pages: 1286,
+            owners: owners.to_vec(),
+            pool_types: types,
+            other_pages: 5,
+        };
+        let text = stats.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("--- 0---") && lines[0].contains("--- 9---"));
+        assert!(lines[1].starts_with("system") && lines[1].contains(" 5 "));
+        assert!(lines[2].starts_with("locked"));
+        assert!(lines[3].starts_with("huge+node1") && lines[3].ends_with("1024"));
+        assert!(text.contains("1286 of 100000"));
         assert!(text.contains("(5 in other owners' pools)"));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::attrs::{HUGE_ORDER, HUGE_PAGE, PoolType};
 use crate::config::{
     DEFAULT_ARENA_SIZE, DEFAULT_MAX_BUFFER, DEFAULT_ORDERS, DEFAULT_POOL_LIMIT,
     DEFAULT_QUEUE_LIMIT, DEFAULT_THREAD_CACHE, DEFAULT_WORKER_NAPS, DEFAULT_WORKER_SPIN,
@@ -31,6 +32,9 @@ use crate::sync::Arc;
 pub struct HeapBuilder {
     name: String,
     orders: Vec<u8>,
+    /// Whether `orders` was set (a huge pool type has its own default).
+    orders_set: bool,
+    pool_type: PoolType,
     pool_limit: usize,
     max_buffer: usize,
     arena_size: usize,
@@ -48,6 +52,8 @@ impl Default for HeapBuilder {
         HeapBuilder {
             name: "system".to_owned(),
             orders: DEFAULT_ORDERS.to_vec(),
+            orders_set: false,
+            pool_type: PoolType::SYSTEM,
             pool_limit: DEFAULT_POOL_LIMIT,
             max_buffer: DEFAULT_MAX_BUFFER,
             arena_size: DEFAULT_ARENA_SIZE,
@@ -67,6 +73,7 @@ impl fmt::Debug for HeapBuilder {
         f.debug_struct("HeapBuilder")
             .field("name", &self.name)
             .field("orders", &self.orders)
+            .field("pool_type", &self.pool_type)
             .field("pool_limit", &self.pool_limit)
             .field("max_buffer", &self.max_buffer)
             .field("arena_size", &self.arena_size)
@@ -87,10 +94,42 @@ impl HeapBuilder {
         self
     }
 
-    /// The block orders buffers are built from (default `[8, 4, 0]`). Each must be at most
-    /// [`MAX_ORDER`], and 0 must be among them.
+    /// The block orders buffers are built from (default `[8, 4, 0]`; `[9]` for a huge pool
+    /// type). Each must be at most [`MAX_ORDER`], and 0 must be among them (for a huge pool
+    /// type: [`HUGE_ORDER`](crate::HUGE_ORDER), and none smaller).
     pub fn orders(mut self, orders: &[u8]) -> Self {
         self.orders = orders.to_vec();
+        self.orders_set = true;
+        self
+    }
+
+    /// The heap's pool type (default [`PoolType::SYSTEM`]): the attributes its memory carries,
+    /// applied once when memory comes from the system and kept while its blocks are pooled.
+    ///
+    /// - **locked** (`PoolType::SYSTEM.locked()`): fresh memory is `mlock`ed; allocations
+    ///   that would pass `RLIMIT_MEMLOCK` fail with
+    ///   [`AllocError::MemlockLimit`](crate::AllocError::MemlockLimit), with nothing leaked.
+    /// - **huge** (`.huge()`): 2 MiB pages. Buffers are made of 2 MiB blocks (lengths round up
+    ///   to 2 MiB), there is no thread cache, and the arena size rounds up to 2 MiB. The
+    ///   backing is chosen when the heap starts: hugetlbfs pages if some are free, else
+    ///   transparent huge pages of shared memory if the system allows them, else base pages;
+    ///   when hugetlbfs pages run out later, new arenas take the next backing.
+    ///   [`SystemHeap::backing`](crate::SystemHeap::backing) reports what the kernel gave.
+    /// - **node(N)** (`.node(n)`): memory bound to NUMA node `n` (`mbind(MPOL_BIND)`);
+    ///   [`build`](Self::build) fails if the node has no memory.
+    ///
+    /// The name of the type is the heap's row in the registry's table.
+    ///
+    /// # Examples
+    /// ```
+    /// use pagepool::{PoolType, SystemHeap};
+    ///
+    /// let heap = SystemHeap::builder().pool_type(PoolType::SYSTEM.huge()).build().unwrap();
+    /// assert_eq!(heap.alloc(4096).unwrap().len(), 2 << 20, "2 MiB blocks");
+    /// assert!(SystemHeap::builder().pool_type(PoolType::SYSTEM.node(4096)).build().is_err());
+    /// ```
+    pub fn pool_type(mut self, pool_type: PoolType) -> Self {
+        self.pool_type = pool_type;
         self
     }
 
@@ -188,7 +227,12 @@ impl HeapBuilder {
     /// Checks the configuration: the heap's [`Config`] and its pool limit in pages.
     pub(crate) fn check(self) -> Result<(Config, usize), ConfigError> {
         let page = os::page_size();
-        let mut orders = self.orders.clone();
+        let huge = self.pool_type.is_huge();
+        let mut orders = if huge && !self.orders_set {
+            vec![HUGE_ORDER]
+        } else {
+            self.orders.clone()
+        };
         orders.sort_unstable_by(|a, b| b.cmp(a));
         if orders.is_empty() {
             return Err(ConfigError::NoOrders);
@@ -202,15 +246,30 @@ impl HeapBuilder {
                 max: MAX_ORDER,
             });
         }
-        if orders.last() != Some(&0) {
+        if huge && orders.last() != Some(&HUGE_ORDER) {
+            return Err(ConfigError::HugeOrders {
+                got: self.orders.clone(),
+                min: HUGE_ORDER,
+            });
+        }
+        if !huge && orders.last() != Some(&0) {
             return Err(ConfigError::MissingOrderZero);
+        }
+        if let Some(node) = self.pool_type.node_id()
+            && !crate::attrs::node_has_memory(node)
+        {
+            return Err(ConfigError::NoSuchNode {
+                node,
+                available: crate::attrs::nodes_with_memory(),
+            });
         }
         if self.max_buffer == 0 {
             return Err(ConfigError::ZeroMaxBuffer);
         }
         // Round to pages; keep lengths well inside `isize` so page rounding cannot overflow.
         let max_buffer = self.max_buffer.min(isize::MAX as usize / 2);
-        let arena_size = self.arena_size.div_ceil(page).saturating_mul(page);
+        let unit = if huge { HUGE_PAGE } else { page };
+        let arena_size = self.arena_size.div_ceil(unit).saturating_mul(unit);
         let largest = page << orders[0];
         if arena_size < largest {
             return Err(ConfigError::ArenaTooSmall {
@@ -230,6 +289,7 @@ impl HeapBuilder {
         let config = Config {
             name: self.name,
             orders,
+            pool_type: self.pool_type,
             page,
             max_buffer,
             arena_size,
@@ -238,7 +298,8 @@ impl HeapBuilder {
             queue_limit: self.queue_limit,
             worker_spin: self.worker_spin,
             worker_naps: self.worker_naps,
-            thread_cache: self.thread_cache,
+            // The thread caches keep buffers of 4 KiB blocks; a huge type has none.
+            thread_cache: if huge { 0 } else { self.thread_cache },
             pressure: self.pressure,
         };
         let limit_pages = self.pool_limit / page;
@@ -251,6 +312,7 @@ pub(crate) struct Config {
     pub(crate) name: String,
     /// Descending.
     pub(crate) orders: Vec<u8>,
+    pub(crate) pool_type: PoolType,
     pub(crate) page: usize,
     pub(crate) max_buffer: usize,
     pub(crate) arena_size: usize,

@@ -69,6 +69,8 @@ pub(crate) struct HeapInner {
     pub(crate) page: usize,
     /// log2 of `page`.
     pub(crate) page_shift: u32,
+    /// Pages in the smallest block (a power of two): buffers are a whole number of them.
+    pub(crate) granule: usize,
     pub(crate) max_buffer: usize,
     /// The fork generation this heap state belongs to (see [`crate::fork`]).
     pub(crate) generation: u64,
@@ -481,7 +483,7 @@ impl HeapInner {
                         runs.remove(i);
                     }
                     h.undo_alloc(&runs, &stolen, None);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }

@@ -128,10 +128,18 @@ impl Core {
     fn start(cfg: &Config, limit_pages: usize) -> Core {
         let page = cfg.page;
         let registry = &cfg.registry;
-        let owner = registry.register(&cfg.name, limit_pages);
-        let arenas = std::sync::Arc::new(Arenas::new(
+        let owner = registry.register_typed(&cfg.name, &cfg.pool_type.name(), limit_pages);
+        // A huge type's backing is what the system offers when (and where: a forked child
+        // looks again) the heap starts.
+        let huge = cfg
+            .pool_type
+            .is_huge()
+            .then(crate::attrs::probe_huge_backing);
+        let arenas = std::sync::Arc::new(Arenas::typed(
             &format!("pagepool:{}", cfg.name),
             cfg.arena_size,
+            cfg.pool_type,
+            huge,
         ));
         let pools = cfg
             .orders
@@ -171,6 +179,7 @@ impl Core {
             orders: cfg.orders.clone(),
             page,
             page_shift: page.trailing_zeros(),
+            granule: 1 << cfg.orders.last().copied().unwrap_or(0),
             max_buffer: cfg.max_buffer,
             generation: crate::fork::generation(),
             owner,
@@ -297,8 +306,10 @@ impl SystemHeap {
         if len == 0 || len > h.max_buffer {
             return Err(self.refuse(len));
         }
-        // Pages are a power of two: shifts, not divisions, on the hot path.
+        // Pages are a power of two: shifts, not divisions, on the hot path; a whole number of
+        // the smallest blocks (one page, or 2 MiB for a huge pool type).
         let pages = (len + h.page - 1) >> h.page_shift;
+        let pages = (pages + h.granule - 1) & !(h.granule - 1);
         let bytes = pages << h.page_shift;
         if pages <= h.cache.max_buffer_pages
             && let Some((run, heap)) = cache::take(h, pages)
@@ -362,6 +373,82 @@ impl SystemHeap {
     /// A snapshot of the heap's statistics.
     pub fn stats(&self) -> HeapStats {
         stats::assemble(self.inner())
+    }
+
+    /// Warms the pools: adds fresh blocks for `count` more buffers of `len` bytes (each
+    /// buffer's blocks end to end, with the heap's [pool type](HeapBuilder::pool_type)
+    /// applied), as far as this heap's limit and its registry's maximum leave room, so that
+    /// the first allocations of a program find them pooled instead of paying for fresh pages.
+    /// Returns the number of buffers reserved (fewer than `count` when a limit stops it).
+    ///
+    /// The reserved blocks are pooled like any others: counted against the limits, shrunk
+    /// under memory pressure. Fails like [`alloc`](Self::alloc) on a bad length, or when the
+    /// system refuses memory (a locked type past `RLIMIT_MEMLOCK`:
+    /// [`AllocError::MemlockLimit`]); the buffers reserved before the failure stay pooled.
+    ///
+    /// # Examples
+    /// ```
+    /// let heap = pagepool::SystemHeap::builder().pool_limit(16 << 20).build().unwrap();
+    /// assert_eq!(heap.reserve(1 << 20, 4).unwrap(), 4);
+    /// assert_eq!(heap.stats().owner.pages, 4 * 256);
+    /// assert_eq!(heap.reserve(1 << 20, 100).unwrap(), 12, "up to the 16 MiB limit");
+    /// let buf = heap.alloc(1 << 20).unwrap();
+    /// assert_eq!(heap.stats().hits, 1, "pooled, not fresh");
+    /// # drop(buf);
+    /// ```
+    pub fn reserve(&self, len: usize, count: usize) -> Result<usize, AllocError> {
+        let h = self.inner();
+        if len == 0 || len > h.max_buffer {
+            return Err(self.refuse(len));
+        }
+        if !h.pooling() {
+            return Ok(0);
+        }
+        let pages = ((len + h.page - 1) >> h.page_shift).next_multiple_of(h.granule);
+        let registry = h.owner.registry();
+        let room = (h.owner.limit_pages().saturating_sub(h.owner.count()))
+            .min(registry.max_pages().saturating_sub(registry.count()));
+        let n = count.min(room / pages);
+        for _ in 0..n {
+            let p = h.arenas.carve(pages * h.page)?;
+            let mut at = p.as_ptr() as usize;
+            let mut left = pages;
+            let mut runs = Runs::new();
+            for &order in &h.orders {
+                let count = left >> order;
+                left &= (1 << order) - 1;
+                if count > 0 {
+                    runs.push(crate::deferred::Run {
+                        start: at,
+                        order,
+                        count,
+                    });
+                    at += (count << order) * h.page;
+                }
+            }
+            // Fresh pages read zero: pooled as they are.
+            h.give_runs(&runs);
+        }
+        Ok(n)
+    }
+
+    /// What the kernel backs this heap's memory with now, read from `/proc/self/smaps` and
+    /// `/proc/self/numa_maps`: resident, transparent-huge and hugetlbfs bytes, locked bytes,
+    /// bytes per NUMA node, over the heap's arenas (pooled blocks and live buffers). Checks a
+    /// [pool type](HeapBuilder::pool_type) against what the system actually gave.
+    ///
+    /// # Examples
+    /// ```
+    /// use pagepool::{PoolType, SystemHeap};
+    ///
+    /// let heap = SystemHeap::builder().pool_type(PoolType::SYSTEM.locked()).build().unwrap();
+    /// let buf = heap.alloc(1 << 20).unwrap();
+    /// let report = heap.backing().unwrap();
+    /// assert!(report.resident_bytes >= 1 << 20);
+    /// # drop(buf);
+    /// ```
+    pub fn backing(&self) -> std::io::Result<crate::attrs::BackingReport> {
+        crate::attrs::BackingReport::read(&self.inner().arenas.ranges())
     }
 
     /// Gives about `nr_pages` pooled pages back to the system (whole blocks, round robin over

@@ -56,6 +56,8 @@ pub(super) fn assemble(h: &HeapInner) -> HeapStats {
         pressure_freed_pages: h.release_queue.as_ref().map_or(0, |l| l.pressure_pages()),
         pressure: registry.pressure_stats(),
         arenas: h.arenas.count(),
+        pool_type: h.arenas.pool_type(),
+        huge_backing: h.arenas.huge_backing(),
         owner,
     }
 }

@@ -1,0 +1,414 @@
+//! Pool types (TTM's second pool user): locked, huge and node(N) heaps, checked against what
+//! the kernel reports (`/proc/self/smaps`, `numa_maps`, `status`), one registry table for all
+//! of them, `reserve`, `RLIMIT_MEMLOCK` refusals, and fork.
+//!
+//! What this machine cannot show (hugetlbfs pages, shared-memory THP, a second NUMA node) is
+//! skipped here with the reason printed; the VM suite (`vm/run`) boots a kernel that has them
+//! and runs these tests there.
+//!
+//! Tests that change process-wide state (`RLIMIT_MEMLOCK`, capabilities) run in a child: the
+//! test binary re-runs itself with `PAGEPOOL_POOL_TYPES_CHILD` naming the case.
+
+use std::process::Command;
+
+use pagepool::{AllocError, ConfigError, HugeBacking, PoolType, Registry, SystemHeap};
+
+/// A field of `/proc/self/status` in bytes (`VmLck`, `VmRSS`, ...).
+fn status_bytes(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn heap(ty: PoolType) -> SystemHeap {
+    SystemHeap::builder()
+        .name(&format!("test-{ty}"))
+        .pool_type(ty)
+        .registry(Registry::new(usize::MAX / 2))
+        .pressure(None)
+        .build()
+        .unwrap()
+}
+
+/// Runs this test binary again for one case, in a child process; returns its output, and
+/// panics with it if the child failed.
+fn run_child(case: &str) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .env("PAGEPOOL_POOL_TYPES_CHILD", case)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child {case} failed:\n{text}");
+    assert!(
+        text.contains(&format!("case {case} done")),
+        "child {case} did not run:\n{text}"
+    );
+    text
+}
+
+/// The entry of the child cases (does nothing in a normal run).
+#[test]
+fn child_entry() {
+    let Ok(case) = std::env::var("PAGEPOOL_POOL_TYPES_CHILD") else {
+        return;
+    };
+    match case.as_str() {
+        "memlock" => memlock_child(),
+        other => panic!("unknown case {other}"),
+    }
+    println!("case {case} done");
+}
+
+#[test]
+fn locked_memory_is_locked_on_carving_stays_locked_in_the_pool_and_unlocks_on_trim() {
+    let heap = heap(PoolType::SYSTEM.locked());
+    let mut b = heap.alloc(3 << 20).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    let r = heap.backing().unwrap();
+    assert!(r.locked_bytes >= 3 << 20, "locked after carving: {r}");
+    assert!(r.resident_bytes >= 3 << 20, "{r}");
+    b.fill(7);
+    drop(b);
+    heap.flush();
+    let pooled = heap.backing().unwrap();
+    assert!(
+        pooled.locked_bytes >= 3 << 20,
+        "still locked in the pool: {pooled}"
+    );
+    let again = heap.alloc(3 << 20).unwrap();
+    assert!(again.iter().all(|&x| x == 0), "zeroed on reuse");
+    let s = heap.stats();
+    assert_eq!(s.fresh_pages, 768, "reused, not fresh: {s}");
+    assert_eq!(s.pool_type, PoolType::SYSTEM.locked());
+    assert!(heap.backing().unwrap().locked_bytes >= 3 << 20);
+    drop(again);
+    heap.flush();
+    heap.trim();
+    let r = heap.backing().unwrap();
+    assert_eq!(r.locked_bytes, 0, "unlocked when given back: {r}");
+    assert_eq!(r.mapped_bytes, 0, "no arena left: {r}");
+}
+
+#[test]
+fn reserve_warms_the_pools_within_the_limit() {
+    let heap = SystemHeap::builder()
+        .pool_type(PoolType::SYSTEM.locked())
+        .pool_limit(6 << 20)
+        .registry(Registry::new(usize::MAX / 2))
+        .pressure(None)
+        .build()
+        .unwrap();
+    assert_eq!(
+        heap.reserve(2 << 20, 10).unwrap(),
+        3,
+        "up to the 6 MiB limit"
+    );
+    let s = heap.stats();
+    assert_eq!(s.owner.pages, 3 * 512);
+    assert_eq!(s.fresh_pages, 3 * 512);
+    assert!(heap.backing().unwrap().locked_bytes >= 6 << 20);
+    let bufs: Vec<_> = (0..3).map(|_| heap.alloc(2 << 20).unwrap()).collect();
+    let s = heap.stats();
+    assert_eq!(s.misses, 0, "every block was reserved: {s}");
+    assert_eq!(
+        s.remapped, 0,
+        "each reserved buffer's blocks lie end to end: {s}"
+    );
+    assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0)));
+    assert!(matches!(heap.reserve(0, 1), Err(AllocError::ZeroLength)));
+    assert!(matches!(
+        heap.reserve(usize::MAX, 1),
+        Err(AllocError::TooLarge { .. })
+    ));
+    assert_eq!(heap.reserve(2 << 20, 0).unwrap(), 0);
+}
+
+#[test]
+fn past_rlimit_memlock_a_locked_heap_fails_clearly_and_leaks_nothing() {
+    let out = run_child("memlock");
+    println!("{out}");
+}
+
+/// In a child: without `CAP_IPC_LOCK` and with `RLIMIT_MEMLOCK` at 4 MiB, a locked heap
+/// refuses what would pass the limit with `MemlockLimit`, takes nothing, and still serves
+/// what fits.
+fn memlock_child() {
+    drop_ipc_lock();
+    let limit = 4u64 << 20;
+    rustix::process::setrlimit(
+        rustix::process::Resource::Memlock,
+        rustix::process::Rlimit {
+            current: Some(limit),
+            maximum: Some(limit),
+        },
+    )
+    .unwrap();
+    let base_lck = status_bytes("VmLck");
+    let heap = heap(PoolType::SYSTEM.locked());
+    let e = heap.alloc(8 << 20).unwrap_err();
+    assert!(
+        matches!(e, AllocError::MemlockLimit { bytes, limit: Some(l) } if bytes == 8 << 20 && l == limit),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("RLIMIT_MEMLOCK") && msg.contains("ulimit -l"),
+        "{msg}"
+    );
+    let s = heap.stats();
+    assert_eq!(s.fresh_pages, 0, "nothing counted: {s}");
+    assert_eq!(s.live_buffers, 0);
+    assert_eq!(s.arenas, 0, "the arena made for it is gone: {s}");
+    assert_eq!(status_bytes("VmLck"), base_lck, "nothing stays locked");
+    // What fits is served, and locked.
+    let b = heap.alloc(2 << 20).unwrap();
+    assert_eq!(status_bytes("VmLck"), base_lck + (2 << 20));
+    // Reserving past the limit stops with the same error; what was reserved stays pooled.
+    let e = heap.reserve(1 << 20, 4).unwrap_err();
+    assert!(matches!(e, AllocError::MemlockLimit { .. }), "{e:?}");
+    assert_eq!(
+        heap.stats().owner.pages,
+        512,
+        "two 1 MiB buffers fitted beside the live 2 MiB"
+    );
+    drop(b);
+    heap.flush();
+    heap.trim();
+    assert_eq!(status_bytes("VmLck"), base_lck, "all unlocked after trim");
+    println!("refused: {msg}");
+}
+
+/// Removes `CAP_IPC_LOCK` from this process's capabilities (root bypasses `RLIMIT_MEMLOCK`
+/// with it).
+fn drop_ipc_lock() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_IPC_LOCK: u32 = 14;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget writes two `Data` entries for version 3, as provided.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    assert_eq!(r, 0, "capget");
+    for x in &mut d[..1] {
+        x.effective &= !(1 << CAP_IPC_LOCK);
+        x.permitted &= !(1 << CAP_IPC_LOCK);
+    }
+    // SAFETY: capset reads the header and two `Data` entries.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
+    assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_huge_heap_hands_out_2_mib_blocks_and_reports_its_backing() {
+    let heap = heap(PoolType::SYSTEM.huge());
+    let planned = heap
+        .stats()
+        .huge_backing
+        .expect("a huge heap has a backing");
+    let mut b = heap.alloc(5000).unwrap();
+    assert_eq!(b.len(), 2 << 20, "rounded up to one 2 MiB block");
+    assert_eq!(b.as_ptr() as usize % (2 << 20), 0, "2 MiB aligned");
+    b.fill(1);
+    let big = heap.alloc(6 << 20).unwrap();
+    assert_eq!(big.len(), 6 << 20);
+    let r = heap.backing().unwrap();
+    let got = heap.stats().huge_backing.unwrap();
+    println!("planned {planned}, now {got}: {r}");
+    match got {
+        HugeBacking::Hugetlb => assert!(r.hugetlb_bytes >= 8 << 20, "{r}"),
+        HugeBacking::Thp => assert!(
+            r.thp_bytes > 0,
+            "shared-memory THP allowed but none mapped: {r}"
+        ),
+        HugeBacking::Base => {
+            println!(
+                "skipped: this system offers neither hugetlbfs pages nor shared-memory THP \
+                 (shmem_enabled); blocks are 2 MiB of base pages"
+            );
+            assert_eq!(r.thp_bytes + r.hugetlb_bytes, 0, "{r}");
+            assert!(r.resident_bytes >= 8 << 20, "{r}");
+        }
+    }
+    // Pooled blocks keep their backing across reuse.
+    drop(b);
+    heap.flush();
+    let again = heap.alloc(2 << 20).unwrap();
+    assert!(again.iter().all(|&x| x == 0));
+    assert_eq!(heap.stats().fresh_pages, 4 * 512, "reused, not fresh");
+    let r2 = heap.backing().unwrap();
+    assert_eq!(r2.hugetlb_bytes, r.hugetlb_bytes, "{r2}");
+    assert_eq!(r2.thp_bytes, r.thp_bytes, "{r2}");
+}
+
+#[test]
+fn huge_and_node_configurations_are_checked() {
+    let e = SystemHeap::builder()
+        .pool_type(PoolType::SYSTEM.huge())
+        .orders(&[9, 0])
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::HugeOrders { min: 9, .. }), "{e:?}");
+    assert!(
+        SystemHeap::builder()
+            .pool_type(PoolType::SYSTEM.huge())
+            .orders(&[10, 9])
+            .build()
+            .is_ok()
+    );
+    let e = SystemHeap::builder()
+        .pool_type(PoolType::SYSTEM.node(4000))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(e, ConfigError::NoSuchNode { node: 4000, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("nodes with memory"), "{e}");
+}
+
+#[test]
+fn a_node_heap_places_its_memory_on_that_node() {
+    let nodes = std::fs::read_to_string("/sys/devices/system/node/has_memory")
+        .unwrap_or_else(|_| "0".into());
+    let last: u32 = nodes
+        .trim()
+        .rsplit([',', '-'])
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if last == 0 {
+        println!(
+            "one NUMA node here ({}): placement checked on node 0 only",
+            nodes.trim()
+        );
+    }
+    for node in [0, last] {
+        let heap = heap(PoolType::SYSTEM.node(node));
+        let b = heap.alloc(4 << 20).unwrap();
+        let r = heap.backing().unwrap();
+        assert!(r.bound_to.iter().any(|&(n, _)| n == node), "{r:?}");
+        let on: u64 = r.node_bytes.iter().map(|&(_, b)| b).sum();
+        assert!(on >= 4 << 20, "{r:?}");
+        assert!(
+            r.node_bytes.iter().all(|&(n, _)| n == node),
+            "every page on node {node}: {r:?}"
+        );
+        drop(b);
+    }
+}
+
+#[test]
+fn combinations_carry_every_attribute() {
+    let heap = heap(PoolType::SYSTEM.locked().huge().node(0));
+    let b = heap.alloc(4 << 20).unwrap();
+    let r = heap.backing().unwrap();
+    let backing = heap.stats().huge_backing.unwrap();
+    if backing == HugeBacking::Hugetlb {
+        // The kernel does not mark hugetlbfs mappings locked (their pages are never swapped).
+        assert!(r.hugetlb_bytes >= 4 << 20, "{r}");
+    } else {
+        assert!(r.locked_bytes >= 4 << 20, "{r}");
+    }
+    assert!(r.node_bytes.iter().all(|&(n, _)| n == 0), "{r:?}");
+    assert_eq!(b.as_ptr() as usize % (2 << 20), 0);
+}
+
+#[test]
+fn one_registry_table_has_a_row_per_pool_type() {
+    let registry = Registry::new(1 << 30);
+    let build = |name: &str, ty: PoolType| {
+        SystemHeap::builder()
+            .name(name)
+            .pool_type(ty)
+            .registry(registry.clone())
+            .pressure(None)
+            .deferred(false)
+            .build()
+            .unwrap()
+    };
+    let a = build("a", PoolType::SYSTEM);
+    let b = build("b", PoolType::SYSTEM);
+    let l = build("l", PoolType::SYSTEM.locked());
+    let h = build("h", PoolType::SYSTEM.huge());
+    drop(a.alloc(1 << 20).unwrap());
+    drop(b.alloc(4096 * 3).unwrap());
+    b.flush();
+    drop(l.alloc(64 << 10).unwrap());
+    drop(h.alloc(2 << 20).unwrap());
+    let stats = registry.stats();
+    let names: Vec<&str> = stats.pool_types.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["system", "locked", "huge"]);
+    assert_eq!(stats.pool_types[0].owners, 2);
+    assert_eq!(stats.pool_types[0].pages, 256 + 3);
+    assert_eq!(stats.pool_types[1].pages, 16);
+    assert_eq!(stats.pool_types[2].pages, 512);
+    let text = stats.to_string();
+    println!("{text}");
+    let rows: Vec<&str> = text.lines().collect();
+    assert!(rows[0].contains("--- 9---"), "{text}");
+    assert!(rows[1].starts_with("system"), "{text}");
+    assert!(rows[2].starts_with("locked"), "{text}");
+    assert!(rows[3].starts_with("huge"), "{text}");
+    assert!(text.contains(&format!("{} of {}", 256 + 3 + 16 + 512, 1 << 30)));
+    let owner_types: Vec<&str> = stats.owners.iter().map(|o| o.pool_type.as_str()).collect();
+    assert_eq!(owner_types, ["system", "system", "locked", "huge"]);
+}
+
+#[test]
+fn a_huge_heap_falls_back_when_hugetlbfs_pages_run_out() {
+    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    if free == 0 || free > 256 {
+        println!("skipped: {free} free hugetlbfs pages here (this test needs 1 to 256)");
+        return;
+    }
+    let heap = SystemHeap::builder()
+        .pool_type(PoolType::SYSTEM.huge())
+        .arena_size(4 << 20)
+        .registry(Registry::new(usize::MAX / 2))
+        .pressure(None)
+        .build()
+        .unwrap();
+    assert_eq!(heap.stats().huge_backing, Some(HugeBacking::Hugetlb));
+    // More 2 MiB buffers than there are free huge pages: every one is served.
+    let bufs: Vec<_> = (0..free + 3)
+        .map(|_| heap.alloc(2 << 20).unwrap())
+        .collect();
+    assert!(bufs.iter().all(|b| b[0] == 0 && b[b.len() - 1] == 0));
+    let s = heap.stats();
+    assert_ne!(s.huge_backing, Some(HugeBacking::Hugetlb), "fell back: {s}");
+    let r = heap.backing().unwrap();
+    println!("{free} free huge pages, then {:?}: {r}", s.huge_backing);
+    assert!(r.hugetlb_bytes <= (free as u64) << 21, "{r}");
+    assert!(
+        r.hugetlb_bytes + r.resident_bytes >= ((free + 3) as u64) << 21,
+        "{r}"
+    );
+    drop(bufs);
+    heap.flush();
+    heap.trim();
+    assert_eq!(heap.backing().unwrap().mapped_bytes, 0);
+}
