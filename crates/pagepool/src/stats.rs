@@ -271,7 +271,8 @@ pub(crate) fn render_table(
 
 impl fmt::Display for RegistryStats {
     /// TTM's table: one row per pool type, one column per order (pages pooled), then
-    /// `total : N of MAX` and the pages the registry's other shrinkers hold.
+    /// `total : N of MAX` and the pages the registry's other shrinkers hold; then one line
+    /// naming each owner with its pool type, pages and limit.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rows: Vec<(&str, &[PoolStats])> = self
             .pool_types
@@ -283,7 +284,21 @@ impl fmt::Display for RegistryStats {
             self.total_pages,
             self.max_pages,
             Some(self.other_pages),
-        ))
+        ))?;
+        if !self.owners.is_empty() {
+            let owners: Vec<String> = self
+                .owners
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{} ({}) {} of {} pages",
+                        o.name, o.pool_type, o.pages, o.limit_pages
+                    )
+                })
+                .collect();
+            writeln!(f, "owners: {}", owners.join("; "))?;
+        }
+        Ok(())
     }
 }
 
@@ -437,5 +452,6 @@ mod tests {
         assert!(lines[3].starts_with("huge+node1") && lines[3].ends_with("1024"));
         assert!(text.contains("1286 of 100000"));
         assert!(text.contains("(5 in other owners' pools)"));
+        assert!(text.contains("owners: a (system) 259 of 10000 pages; b (locked)"));
     }
 }

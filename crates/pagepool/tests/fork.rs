@@ -288,3 +288,66 @@ fn a_deferred_heap_and_a_sync_heap_in_a_grandchild() {
     assert_eq!(end, End::Exit(0));
     assert!(all(&keep, 4));
 }
+
+#[test]
+fn every_pool_type_behaves_the_same_across_fork() {
+    use pagepool::PoolType;
+    let types = [
+        PoolType::SYSTEM,
+        PoolType::SYSTEM.locked(),
+        PoolType::SYSTEM.huge(),
+        PoolType::SYSTEM.node(0),
+        PoolType::SYSTEM.locked().huge().node(0),
+    ];
+    for ty in types {
+        let heap = SystemHeap::builder().pool_type(ty).build().unwrap();
+        let mut live = heap.alloc(4 << 20).unwrap();
+        fill(&mut live, 0x5a);
+        let mut pooled = heap.alloc(2 << 20).unwrap();
+        fill(&mut pooled, 0x6b);
+        drop(pooled); // queued or pooled, dirty or clean: none of it is the child's
+        let p = live.as_ptr() as usize;
+        // The inherited buffer faults in the child.
+        let end = in_child(10, || {
+            // SAFETY: none: meant to fault.
+            let v = unsafe { std::ptr::read_volatile(p as *const u8) };
+            v == 0x5a
+        });
+        assert_eq!(end, End::Signal(libc::SIGSEGV), "{ty}");
+        // The heap starts afresh in the child, with its attribute, and the parent sees none of
+        // what the child does.
+        let end = in_child(20, || {
+            let s = heap.stats();
+            if s.allocs != 0 || s.owner.pages != 0 || s.pool_type != ty {
+                return false;
+            }
+            let mut b = heap.alloc(4 << 20).unwrap();
+            if !all(&b, 0) {
+                return false;
+            }
+            b.fill(0x77);
+            let r = heap.backing().unwrap();
+            let attributed = (!ty.is_locked() || r.locked_bytes + r.hugetlb_bytes >= 4 << 20)
+                && ty
+                    .node_id()
+                    .is_none_or(|n| r.node_bytes.iter().all(|&(m, _)| m == n));
+            drop(b);
+            heap.flush();
+            let again = heap.alloc(4 << 20).unwrap();
+            let clean = all(&again, 0);
+            drop(again);
+            heap.trim();
+            attributed && clean
+        });
+        assert_eq!(end, End::Exit(0), "{ty}");
+        assert!(all(&live, 0x5a), "{ty}: the parent's buffer is untouched");
+        heap.flush();
+        let next = heap.alloc(2 << 20).unwrap();
+        assert!(all(&next, 0), "{ty}");
+        let s = heap.stats();
+        assert_eq!(
+            s.fresh_pages, 1536,
+            "{ty}: the parent's pooled block is still its own: {s}"
+        );
+    }
+}
