@@ -1,11 +1,12 @@
 //! A tour of pagepool: allocate, use and free buffers of the benchmark's sizes, share a registry
-//! between two heaps, shrink, and print the statistics after each step.
+//! between heaps of several pool types (system, locked, huge), warm one with `reserve`, shrink,
+//! and print the statistics after each step.
 //!
 //! Run with `cargo run --release -p pagepool --example tour`.
 
 use std::time::Instant;
 
-use pagepool::{Registry, SystemHeap};
+use pagepool::{PoolType, Registry, SystemHeap};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let registry = Registry::new((512 << 20) / pagepool::page_size());
@@ -38,6 +39,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     drop(other.alloc(16 << 20)?);
+    // Pool types: memory whose attribute is applied once, when it comes from the system, and
+    // kept while its blocks are pooled. `reserve` pays for it at start.
+    let locked = SystemHeap::builder()
+        .name("locked")
+        .pool_type(PoolType::SYSTEM.locked())
+        .registry(registry.clone())
+        .build()?;
+    match locked.reserve(1 << 20, 4) {
+        Ok(n) => println!("locked: reserved {n} buffers of 1 MiB"),
+        // Past RLIMIT_MEMLOCK without CAP_IPC_LOCK: a clear error, nothing leaked.
+        Err(e) => println!("locked: {e}"),
+    }
+    let huge = SystemHeap::builder()
+        .name("huge")
+        .pool_type(PoolType::SYSTEM.huge())
+        .registry(registry.clone())
+        .build()?;
+    let big = huge.alloc(4 << 20)?;
+    println!(
+        "huge: backing {}; {}",
+        huge.stats()
+            .huge_backing
+            .map_or("-".into(), |b| b.to_string()),
+        huge.backing()?
+    );
+    drop(big);
+    huge.flush();
     println!("\n{}", heap.stats());
     println!("registry:\n{}", registry.stats());
     println!("shrink(1000) freed {} pages", heap.shrink(1000));
