@@ -412,3 +412,78 @@ fn a_huge_heap_falls_back_when_hugetlbfs_pages_run_out() {
     heap.trim();
     assert_eq!(heap.backing().unwrap().mapped_bytes, 0);
 }
+
+#[test]
+fn many_threads_on_typed_heaps_with_statistics_read_meanwhile() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for ty in [
+        PoolType::SYSTEM.locked(),
+        PoolType::SYSTEM.huge(),
+        PoolType::SYSTEM.locked().huge().node(0),
+    ] {
+        let heap = SystemHeap::builder()
+            .pool_type(ty)
+            .pool_limit(32 << 20)
+            .registry(Registry::new(usize::MAX / 2))
+            .pressure(None)
+            .build()
+            .unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let readers = s.spawn(|| {
+                let mut reads = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let st = heap.stats();
+                    assert_eq!(st.pool_type, ty);
+                    // A released batch is pooled, then trimmed to the limit: while threads
+                    // run, at most one buffer (6 MiB) per thread over it.
+                    let slack = 4 * (6 << 20) / 4096;
+                    assert!(st.owner.pages <= st.owner.limit_pages + slack, "{st}");
+                    heap.backing().unwrap();
+                    reads += 1;
+                }
+                reads
+            });
+            let workers: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let heap = &heap;
+                    s.spawn(move || {
+                        let mut x = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                        for _ in 0..200 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let len = 1 + (x % (6 << 20)) as usize;
+                            let mut b = heap.alloc(len).unwrap();
+                            assert!(b.len() >= len);
+                            assert!(b.iter().step_by(4096).all(|&v| v == 0), "{ty}");
+                            assert_eq!(b[b.len() - 1], 0);
+                            b.iter_mut().step_by(4096).for_each(|v| *v = 0xaa);
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(readers.join().unwrap() > 0);
+        });
+        heap.flush();
+        let s = heap.stats();
+        assert!(
+            s.owner.pages <= s.owner.limit_pages,
+            "{ty}: at rest, within the limit: {s}"
+        );
+        assert_eq!(s.live_pages, 0, "{ty}: {s}");
+        assert_eq!(
+            s.fresh_pages,
+            s.owner.pages as u64 + s.released_pages,
+            "{ty}: every fresh page is pooled or given back: {s}"
+        );
+        heap.trim();
+        let r = heap.backing().unwrap();
+        assert_eq!(r.locked_bytes, 0, "{ty}: {r}");
+        assert_eq!(r.mapped_bytes, 0, "{ty}: {r}");
+    }
+}
