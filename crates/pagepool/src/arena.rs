@@ -200,13 +200,12 @@ impl Arenas {
     }
 
     fn carve_once(&self, bytes: usize) -> Result<NonNull<u8>, Carve> {
-        let (fd, off, p, hugetlb) = {
+        let (fd, off, p, backing) = {
             let mut list = self.list();
             let found = list.iter_mut().find_map(|a| {
                 let off = a.carve(bytes)?;
-                let hugetlb = a.huge == Some(HugeBacking::Hugetlb);
                 // SAFETY: `off + bytes <= a.len`, inside the home mapping.
-                Some((a.fd.clone(), off, unsafe { a.base.add(off) }, hugetlb))
+                Some((a.fd.clone(), off, unsafe { a.base.add(off) }, a.huge))
             });
             match found {
                 Some(f) => f,
@@ -215,8 +214,7 @@ impl Arenas {
                         .map_arena(bytes.max(self.arena_size))
                         .map_err(|e| Carve::Failed(e.into()))?;
                     let off = arena.carve(bytes).expect("a new arena has room");
-                    let hugetlb = arena.huge == Some(HugeBacking::Hugetlb);
-                    let found = (arena.fd.clone(), off, arena.base, hugetlb);
+                    let found = (arena.fd.clone(), off, arena.base, arena.huge);
                     let at = list.partition_point(|a| a.base < arena.base);
                     list.insert(at, arena);
                     found
@@ -226,7 +224,7 @@ impl Arenas {
         // SAFETY: `p..p + bytes` is the range carved above, in the home mapping of `fd` at
         // `off`; it is marked used, so nobody else touches it.
         if let Err(e) = unsafe { os::populate(&*fd, off, p, bytes) } {
-            let ran_out = hugetlb
+            let ran_out = backing == Some(HugeBacking::Hugetlb)
                 && matches!(
                     e.source.raw_os_error(),
                     Some(libc::EFAULT | libc::ENOMEM | libc::ENOSPC)
@@ -243,6 +241,12 @@ impl Arenas {
             }
             self.give_back(p, bytes, false);
             return Err(Carve::Failed(e.into()));
+        }
+        if backing == Some(HugeBacking::Thp) {
+            // Populating gives base pages where no free 2 MiB page was at hand; collapsing
+            // compacts memory to make one. Best effort: the range is usable either way.
+            // SAFETY: the range is ours (carved above).
+            unsafe { os::collapse(p, bytes) };
         }
         if self.pool_type.is_locked() {
             // SAFETY: the range is ours (carved above).

@@ -7,8 +7,9 @@
 //! - **locked**: `mlock`ed on carving (resident, never swapped, no fault on access), unlocked
 //!   only when given back to the system;
 //! - **huge**: 2 MiB pages, from hugetlbfs (`MFD_HUGETLB`) where huge pages are reserved, else
-//!   transparent huge pages of shared memory (`MADV_HUGEPAGE` on 2 MiB-aligned arenas) where
-//!   the system allows them, else base pages; blocks are 2 MiB or larger;
+//!   transparent huge pages of shared memory (`MADV_HUGEPAGE` on 2 MiB-aligned arenas, and
+//!   `MADV_COLLAPSE` where populating left base pages) where the system allows them, else base
+//!   pages; blocks are 2 MiB or larger;
 //! - **node(N)**: bound to one NUMA node (`mbind(MPOL_BIND)` on each arena).
 //!
 //! [`BackingReport`] reads back what the kernel actually gave (`/proc/self/smaps`,

@@ -96,6 +96,18 @@ pub(crate) unsafe fn advise_huge(p: NonNull<u8>, len: usize) -> Result<(), OsErr
         .map_err(|e| OsError::new("madvise hugepage", e))
 }
 
+/// Asks the kernel to back `p..p + len` (populated, 2 MiB aligned) with transparent huge pages
+/// now, where populating left base pages (`MADV_COLLAPSE`, Linux 6.1+). Best effort: false
+/// where the kernel lacks it or could not collapse.
+///
+/// # Safety
+/// The caller owns the range.
+pub(crate) unsafe fn collapse(p: NonNull<u8>, len: usize) -> bool {
+    const MADV_COLLAPSE: i32 = 25;
+    // SAFETY: collapsing keeps the range's contents; the caller owns it.
+    unsafe { libc::madvise(p.as_ptr().cast(), len, MADV_COLLAPSE) == 0 }
+}
+
 /// Binds the memory of `p..p + len` to NUMA node `node` (`mbind(MPOL_BIND)`): pages allocated
 /// for the range come from that node only. On a shared file mapping the policy belongs to the
 /// file's range, so every mapping of it gets the same placement.
