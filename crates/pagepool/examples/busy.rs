@@ -22,7 +22,9 @@
 //! the machine's load hit both. The run prints, per heap and size, the calls and the mean, p50,
 //! p99 and max of the allocation, of the drop and of both, the deferred/sync ratios, whether
 //! the deferred heap's worst allocation is within 2x and its mean within 1.1x of the
-//! synchronous heap's, and the heaps' counters over the measured rounds.
+//! synchronous heap's, the allocations the scheduler preempted (off the CPU for 100 us or
+//! more: wall time minus the thread's CPU time) with their share of the allocation time and
+//! the mean of the others, and the heaps' counters over the measured rounds.
 //!
 //! ## Paced mode (`--paced`)
 //! CPU cost: one thread allocates, touches and drops a buffer, then computes for a fixed amount
@@ -547,6 +549,9 @@ struct HeapRun {
     /// Per allocating thread (size): each allocation's time, and each drop's.
     alloc: Vec<Vec<u64>>,
     drop: Vec<Vec<u64>>,
+    /// Per allocating thread: each allocation's time off the CPU (wall time minus the thread's
+    /// CPU time): waiting for the scheduler, or for anything else.
+    off_cpu: Vec<Vec<u64>>,
     counts: Counts,
     refused: u64,
     rounds: Vec<Value>,
@@ -556,11 +561,26 @@ struct HeapRun {
 struct Segment {
     alloc: Vec<Vec<u64>>,
     drop: Vec<Vec<u64>>,
+    off_cpu: Vec<Vec<u64>>,
     bad: usize,
 }
 
-/// One allocating thread's allocation and drop times, and its zero-check failures.
-type ThreadResult = Result<(Vec<u64>, Vec<u64>, usize), String>;
+/// One allocating thread's allocation, drop and off-CPU times, and its zero-check failures.
+type ThreadResult = Result<(Vec<u64>, Vec<u64>, Vec<u64>, usize), String>;
+
+/// The calling thread's CPU time in ns (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// An allocation counts as preempted when it spent this long off the CPU.
+const PREEMPTED_NS: u64 = 100_000;
 
 /// Runs the allocating threads on `heap` for `secs`.
 fn segment(
@@ -582,17 +602,20 @@ fn segment(
                     .spawn_scoped(s, move || {
                         let mut alloc = Vec::with_capacity(1 << 16);
                         let mut drops = Vec::with_capacity(1 << 16);
+                        let mut off = Vec::with_capacity(1 << 16);
                         let mut bad = 0;
                         let mut salt = k * 17;
                         barrier.wait();
                         let end = Instant::now() + Duration::from_secs_f64(secs);
                         loop {
+                            let c0 = thread_cpu_ns();
                             let t0 = Instant::now();
                             if t0 >= end {
                                 break;
                             }
                             let got = heap.alloc(size);
                             let t1 = Instant::now();
+                            let c1 = thread_cpu_ns();
                             let mut buf = got.map_err(|e| format!("alloc({size}): {e}"))?;
                             bad += touch(&mut buf, page, salt);
                             salt = salt.wrapping_add(1);
@@ -602,8 +625,9 @@ fn segment(
                             let t3 = Instant::now();
                             alloc.push(as_ns(t1 - t0));
                             drops.push(as_ns(t3 - t2));
+                            off.push(as_ns(t1 - t0).saturating_sub(c1.saturating_sub(c0)));
                         }
-                        Ok((alloc, drops, bad))
+                        Ok((alloc, drops, off, bad))
                     })
             })
             .collect();
@@ -620,12 +644,14 @@ fn segment(
     let mut seg = Segment {
         alloc: Vec::new(),
         drop: Vec::new(),
+        off_cpu: Vec::new(),
         bad: 0,
     };
     for r in results {
-        let (a, d, bad) = r?;
+        let (a, d, off, bad) = r?;
         seg.alloc.push(a);
         seg.drop.push(d);
+        seg.off_cpu.push(off);
         seg.bad += bad;
     }
     Ok(seg)
@@ -676,6 +702,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
             heap: build("deferred", true)?,
             alloc: vec![Vec::new(); sizes.len()],
             drop: vec![Vec::new(); sizes.len()],
+            off_cpu: vec![Vec::new(); sizes.len()],
             counts: Counts::default(),
             refused: 0,
             rounds: Vec::new(),
@@ -685,6 +712,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
             heap: build("sync", false)?,
             alloc: vec![Vec::new(); sizes.len()],
             drop: vec![Vec::new(); sizes.len()],
+            off_cpu: vec![Vec::new(); sizes.len()],
             counts: Counts::default(),
             refused: 0,
             rounds: Vec::new(),
@@ -787,6 +815,52 @@ fn busy(o: &Opts) -> Result<usize, String> {
         fmt_ns(sa.mean),
         verdict(mean_ok)
     );
+    // What sets the mean: the few allocations the scheduler took the core from (a 4 ms slice
+    // given to a busy thread costs as much as thousands of pool hits). Both heaps' alone.
+    println!(
+        "\nallocations off the CPU for {} us or more (preempted), and the mean without them:",
+        PREEMPTED_NS / 1000
+    );
+    let mut preempt_json = serde_json::Map::new();
+    for h in &heaps {
+        let pairs: Vec<(u64, u64)> = h
+            .alloc
+            .iter()
+            .flatten()
+            .copied()
+            .zip(h.off_cpu.iter().flatten().copied())
+            .collect();
+        let preempted: Vec<u64> = pairs
+            .iter()
+            .filter(|&&(_, o)| o >= PREEMPTED_NS)
+            .map(|&(a, _)| a)
+            .collect();
+        let rest: Vec<u64> = pairs
+            .iter()
+            .filter(|&&(_, o)| o < PREEMPTED_NS)
+            .map(|&(a, _)| a)
+            .collect();
+        let in_preempted: u64 = preempted.iter().sum();
+        let total: u64 = pairs.iter().map(|&(a, _)| a).sum();
+        let s = Summary::of(&rest);
+        println!(
+            "  {:<9} {} of {} allocations, {:.0}% of all allocation time; mean of the others {}, max {}",
+            h.name,
+            preempted.len(),
+            pairs.len(),
+            100.0 * in_preempted as f64 / total.max(1) as f64,
+            fmt_ns(s.mean),
+            fmt_ns(s.max as f64)
+        );
+        preempt_json.insert(
+            h.name.into(),
+            json!({
+                "preempted_allocs": preempted.len(),
+                "preempted_share_of_alloc_time": in_preempted as f64 / total.max(1) as f64,
+                "others": s.json(),
+            }),
+        );
+    }
     println!("\ncounters over the measured rounds:");
     for h in &heaps {
         println!("  {}:", h.name);
@@ -818,6 +892,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
                 "alloc_drop_mean": rb_mean,
                 "alloc_drop_max": rb_max,
             },
+            "preempted": Value::Object(preempt_json),
             "requirements": {
                 "worst_alloc_within_2x": max_ok,
                 "mean_alloc_within_1_1x": mean_ok,
@@ -883,6 +958,9 @@ fn run_rounds(
             for (k, (a, d)) in seg.alloc.into_iter().zip(seg.drop).enumerate() {
                 h.alloc[k].extend(a);
                 h.drop[k].extend(d);
+            }
+            for (k, o) in seg.off_cpu.into_iter().enumerate() {
+                h.off_cpu[k].extend(o);
             }
         }
     }

@@ -264,6 +264,25 @@ pub(crate) unsafe fn populate(
     }
 }
 
+/// Whether more threads want to run, machine-wide, than the machine has cores: the running and
+/// runnable count of `/proc/loadavg` (the caller included) above the online CPUs. A nice-19
+/// thread then gets almost no time. `false` where it cannot be read.
+pub(crate) fn cores_oversubscribed() -> bool {
+    let Ok(s) = std::fs::read_to_string("/proc/loadavg") else {
+        return false;
+    };
+    // "0.52 0.58 0.59 3/467 12345": the fourth field is running/total.
+    let running = s
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split('/').next())
+        .and_then(|r| r.parse::<usize>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let cores = usize::try_from(online).unwrap_or(1).max(1);
+    running.is_some_and(|r| r > cores)
+}
+
 /// The number of mappings of this process (lines of `/proc/self/maps`).
 ///
 /// The kernel caps it (`vm.max_map_count`, 65530 by default); pagepool keeps its share bounded,

@@ -14,6 +14,9 @@ fn heap(name: &str, queue_limit: usize) -> SystemHeap {
         .worker_spin(std::time::Duration::ZERO) // an idle worker sleeps at once
         .worker_naps(std::time::Duration::ZERO)
         .thread_cache(0) // small releases go to the worker's queue too
+        // These tests are about the worker: the other tests running beside them load the
+        // machine, which would keep releases synchronous (see `HeapBuilder::load_check`).
+        .load_check(false)
         .build()
         .unwrap()
 }
@@ -234,6 +237,8 @@ fn a_napping_worker_finds_small_releases_without_a_wake_up() {
         .worker_spin(std::time::Duration::ZERO)
         .worker_naps(std::time::Duration::from_secs(30))
         .thread_cache(0)
+        // This tests the worker's naps: other tests beside it load the machine.
+        .load_check(false)
         .build()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100)); // the worker is idle by now

@@ -233,6 +233,11 @@ impl<I: Item> ReleaseQueue<I> {
         let due = self.due_ns.load(Ordering::Relaxed);
         if due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64) {
             self.hold(now, now - due);
+        } else if (self.oversubscribed)() {
+            // On time this once, but more threads want the cores than there are: a nice-19
+            // worker that got a moment now will soon wait again. Another hold (longer, as a
+            // repeat) rather than queueing work for it.
+            self.hold(now, self.hold_ns.load(Ordering::Relaxed));
         } else {
             self.probation.store(false, Ordering::Relaxed);
             self.probe_out.store(false, Ordering::Relaxed);

@@ -45,6 +45,7 @@ pub struct HeapBuilder {
     worker_naps: std::time::Duration,
     thread_cache: usize,
     pressure: Option<PressureConfig>,
+    load_check: bool,
 }
 
 impl Default for HeapBuilder {
@@ -64,6 +65,7 @@ impl Default for HeapBuilder {
             worker_naps: DEFAULT_WORKER_NAPS,
             thread_cache: DEFAULT_THREAD_CACHE,
             pressure: Some(PressureConfig::default()),
+            load_check: true,
         }
     }
 }
@@ -83,6 +85,7 @@ impl fmt::Debug for HeapBuilder {
             .field("worker_naps", &self.worker_naps)
             .field("thread_cache", &self.thread_cache)
             .field("pressure", &self.pressure)
+            .field("load_check", &self.load_check)
             .finish_non_exhaustive()
     }
 }
@@ -224,6 +227,18 @@ impl HeapBuilder {
         self
     }
 
+    /// Whether the worker, found late once (releases then zero their own buffers for a while,
+    /// see [`SystemHeap`](crate::SystemHeap)), also looks at the machine's load before releases
+    /// queue for it again (default `true`): while more threads want to run than the machine has
+    /// CPUs (the running count of `/proc/loadavg`), a nice-19 worker gets almost no time, so
+    /// releases go on zeroing their own buffers, as with `deferred(false)`. `false` trusts the
+    /// worker's punctuality alone: for a process in a container that sees the host's load
+    /// average but has cores of its own, or for tests of the worker itself.
+    pub fn load_check(mut self, on: bool) -> Self {
+        self.load_check = on;
+        self
+    }
+
     /// Checks the configuration: the heap's [`Config`] and its pool limit in pages.
     pub(crate) fn check(self) -> Result<(Config, usize), ConfigError> {
         let page = os::page_size();
@@ -301,6 +316,7 @@ impl HeapBuilder {
             // The thread caches keep buffers of 4 KiB blocks; a huge type has none.
             thread_cache: if huge { 0 } else { self.thread_cache },
             pressure: self.pressure,
+            load_check: self.load_check,
         };
         let limit_pages = self.pool_limit / page;
         Ok((config, limit_pages))
@@ -323,4 +339,5 @@ pub(crate) struct Config {
     pub(crate) worker_naps: std::time::Duration,
     pub(crate) thread_cache: usize,
     pub(crate) pressure: Option<PressureConfig>,
+    pub(crate) load_check: bool,
 }

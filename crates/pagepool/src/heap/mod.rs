@@ -154,7 +154,7 @@ impl Core {
             .collect();
         let release_queue = cfg.deferred.then(|| {
             let arenas = arenas.clone();
-            let list = Arc::new(ReleaseQueue::new(
+            let mut queue = ReleaseQueue::new(
                 page,
                 cfg.queue_limit / page,
                 // Under pressure (or at stop), queued runs go back to the system unzeroed; the
@@ -164,7 +164,11 @@ impl Core {
                         arenas.release(r.ptr(), r.pages() * page)
                     }
                 }),
-            ));
+            );
+            if !cfg.load_check {
+                queue.set_oversubscribed(|| false);
+            }
+            let list = Arc::new(queue);
             list.set_worker_spin(cfg.worker_spin);
             list.set_worker_naps(cfg.worker_naps);
             let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&list) as _;
