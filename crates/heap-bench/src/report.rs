@@ -10,7 +10,7 @@ use crate::systems::{CallOpts, PEERS};
 /// One system at one size in one mode.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
-    /// `tight`, `paced`, `loaded` or `threads-T`.
+    /// `tight`, `paced`, `loaded`, `threads-T` or `attrs`.
     pub mode: String,
     /// The system's name.
     pub system: String,
@@ -39,7 +39,8 @@ pub struct Row {
     pub threads: Option<usize>,
     /// Threads mode: calls per second, all threads together (the median repetition's).
     pub calls_per_sec: Option<f64>,
-    /// A tuned peer's settings, as they were in effect.
+    /// A tuned peer's settings, as they were in effect; an attrs mode row's: what it does per
+    /// call and what its memory got (checked outside the timed calls).
     pub settings: Option<String>,
     /// Why the system could not run, if it could not.
     pub absent: Option<String>,
@@ -104,7 +105,7 @@ pub struct WorkerFigure {
 /// One mode's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeReport {
-    /// `tight`, `paced`, `loaded` or `threads-T`.
+    /// `tight`, `paced`, `loaded`, `threads-T` or `attrs`.
     pub mode: String,
     /// Work between calls per size (ns; 0 in tight mode).
     pub work_ns: Vec<(usize, u64)>,
@@ -137,6 +138,65 @@ impl ModeReport {
             rows: Vec::new(),
             worker: Vec::new(),
         }
+    }
+
+    /// The attrs mode's summary: one row per size, one column per system, each pagepool pool
+    /// type beside its peer, (x) = peer / pagepool within a pair; then the same for p50, p99,
+    /// the slowest call and CPU time.
+    pub fn pairs_summary(&self, sizes: &[usize], pairs: &[(&str, &str)]) -> String {
+        let mut out = String::new();
+        for (i, (what, metric)) in [
+            ("ns/call", (|r: &Row| r.ns_per_call) as fn(&Row) -> f64),
+            ("p50 ns per call", |r: &Row| r.p50_ns as f64),
+            ("p99 ns per call", |r: &Row| r.p99_ns as f64),
+            ("max ns per call", |r: &Row| r.max_ns as f64),
+            ("CPU ns per call, whole process (all threads)", |r: &Row| {
+                r.cpu_ns_per_call
+            }),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if i == 0 {
+                let _ = writeln!(
+                    out,
+                    "== summary: {} ({what}; (x) = peer / its pagepool row: above 1 means \
+                     pagepool is faster) ==",
+                    self.mode
+                );
+            } else {
+                let _ = writeln!(out, "-- {}: {what} ((x) = peer / pagepool) --", self.mode);
+            }
+            let _ = write!(out, "{:>8}", "size");
+            for (a, b) in pairs {
+                let _ = write!(out, " {a:>20} {b:>20}");
+            }
+            out.push('\n');
+            for &size in sizes {
+                let _ = write!(out, "{:>8}", human(size));
+                for (a, b) in pairs {
+                    let base = self
+                        .find(a, size)
+                        .filter(|r| r.absent.is_none())
+                        .map(metric);
+                    for (s, peer) in [(a, false), (b, true)] {
+                        let cell = match self.find(s, size) {
+                            Some(r) if r.absent.is_some() => "absent".to_string(),
+                            Some(r) => match base {
+                                Some(b) if peer && b > 0.0 => {
+                                    format!("{:.0} ({:.2}x)", metric(r), metric(r) / b)
+                                }
+                                _ => format!("{:.0}", metric(r)),
+                            },
+                            None => "-".into(),
+                        };
+                        let _ = write!(out, " {cell:>20}");
+                    }
+                }
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// The fastest of the general-purpose allocators at `size`, tuned ones included.
@@ -432,8 +492,19 @@ impl Report {
             "#c5b0d5", "#8c564b", "#17becf", "#7f7f7f",
         ];
         let (pw, ph, ml, mt, mb) = (420.0, 320.0, 80.0, 50.0, 70.0);
-        let latency: Vec<&ModeReport> = self.modes.iter().filter(|m| m.has_work()).collect();
-        let panels = self.modes.len().max(1);
+        // The modes with rows, and the systems in them.
+        let modes: Vec<&ModeReport> = self.modes.iter().filter(|m| !m.rows.is_empty()).collect();
+        let systems: Vec<&str> = systems
+            .iter()
+            .copied()
+            .filter(|sys| {
+                modes
+                    .iter()
+                    .any(|m| m.rows.iter().any(|r| r.system == *sys))
+            })
+            .collect();
+        let latency: Vec<&ModeReport> = modes.iter().copied().filter(|m| m.has_work()).collect();
+        let panels = modes.len().max(1);
         let width = ml + panels as f64 * (pw + ml) + 170.0;
         let rows = if latency.is_empty() { 1.0 } else { 2.0 };
         let height = rows * (mt + ph + mb);
@@ -443,12 +514,17 @@ impl Report {
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
         );
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let sizes: Vec<usize> = self.bandwidth.iter().map(|b| b.0).collect();
+        let mut sizes: Vec<usize> = modes
+            .iter()
+            .flat_map(|m| m.rows.iter().map(|r| r.size))
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
         let color = |sys: &str| {
             let i = systems.iter().position(|x| *x == sys).unwrap_or(0);
             COLORS[i % COLORS.len()]
         };
-        for (mi, m) in self.modes.iter().enumerate() {
+        for (mi, m) in modes.iter().enumerate() {
             let series: Vec<Series> = systems
                 .iter()
                 .map(|sys| Series {
@@ -474,7 +550,7 @@ impl Report {
         }
         for (mi, m) in latency.iter().enumerate() {
             let mut series = Vec::new();
-            for sys in systems {
+            for sys in &systems {
                 for (dashed, q) in [(false, 0.5), (true, 0.99)] {
                     series.push(Series {
                         color: color(sys),
