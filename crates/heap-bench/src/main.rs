@@ -6,13 +6,16 @@
 //! normal priority; `threads-T`: T threads running the tight loop on one shared heap or
 //! allocator), every system in interleaved order with a warm-up, the median of several
 //! repetitions, peak resident memory of the pagepool rows, and the heap's own statistics at the
-//! end. One more mode runs only when asked for: `attrs` (pagepool's pool types, locked, huge
-//! and node 0, each beside the system calls a user would make instead, tight).
+//! end. Two more modes run only when asked for: `attrs` (pagepool's pool types, locked, huge
+//! and node 0, each beside the system calls a user would make instead, tight) and `random`
+//! (random dependent reads over one large buffer: what huge pages buy, and over a small one:
+//! when they do not).
 
 // A binary: `pub` marks each module's interface to the others.
 #![allow(unreachable_pub)]
 
 mod measure;
+mod random;
 mod report;
 mod systems;
 
@@ -22,12 +25,13 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use crate::measure::{Bandwidth, TouchFloor};
-use crate::report::{ModeReport, Report, Row, WorkerFigure};
+use crate::report::{ModeReport, ReadRow, Report, Row, WorkerFigure};
 use crate::systems::{CallOpts, System};
 
 /// Benchmarks pagepool against calloc, mimalloc, jemalloc, mmap, memfd and the kernel's dma-buf
-/// heap: allocate, write one byte per page, free; ns per call. Asked for (`--mode attrs`):
-/// pagepool's pool types against mmap with mlock, THP or mbind per call.
+/// heap: allocate, write one byte per page, free; ns per call. Asked for (`--mode attrs`,
+/// `--mode random`): pagepool's pool types against mmap with mlock, THP or mbind per call, and
+/// random reads over huge and base pages.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -36,12 +40,16 @@ struct Args {
     /// beside what a user would do per call instead, tight (pagepool-locked vs mmap-mlock:
     /// mmap + mlock + munmap; pagepool-huge vs mmap-thp: mmap 2 MiB-aligned + MADV_HUGEPAGE +
     /// MADV_POPULATE_WRITE + munmap; pagepool-node0 vs mmap-mbind: mmap + mbind(MPOL_BIND,
-    /// node 0) + MADV_POPULATE_WRITE + munmap; at `--sizes`).
+    /// node 0) + MADV_POPULATE_WRITE + munmap; at `--sizes`); and `random`, random dependent
+    /// 8-byte reads (a pointer chase through every 64-byte line in random order) over one buffer
+    /// of `--random-bytes` and one of `--random-small`, for a pagepool buffer (4 KiB pages), a
+    /// pagepool huge buffer, an anonymous mmap with MADV_HUGEPAGE and one without: ns per read,
+    /// and the huge pages each got.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "tight,paced,loaded,threads",
-        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs"]
+        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random"]
     )]
     mode: Vec<String>,
     /// Threads mode: how many threads share the heap or allocator, comma separated.
@@ -55,11 +63,12 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// Calls per repetition for every row (default: as many as fit the row's budget by the mean
-    /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000).
+    /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000). Random mode: reads
+    /// per repetition (default: as many as fit the row's budget, at least 20 ms of reads).
     #[arg(long)]
     iters: Option<usize>,
-    /// Repetitions per row (default 2); the median is reported (of two: the slower). A row
-    /// whose fewest calls (200) take more than its budget runs one repetition.
+    /// Repetitions per row (default 2; random mode 5); the median is reported (of two: the
+    /// slower). A row whose fewest calls (200) take more than its budget runs one repetition.
     #[arg(long)]
     reps: Option<usize>,
     /// Time budget per row in milliseconds (all repetitions), used to choose the call count.
@@ -75,6 +84,14 @@ struct Args {
     /// Check that every buffer reads all-zero before it is written (slow: a correctness run).
     #[arg(long)]
     verify: bool,
+    /// Random mode: the large buffer's size (bytes; K, M, G suffixes allowed; rounded up to
+    /// 2 MiB). Four buffers of it are held at once: they must fit in available memory.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    random_bytes: usize,
+    /// Random mode: the small buffer's size, whose reads huge pages should not speed up much
+    /// (its page tables stay in the caches).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    random_small: usize,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -100,6 +117,11 @@ impl Args {
     /// Repetitions per row of the modes of calls.
     fn reps(&self) -> usize {
         self.reps.unwrap_or(2)
+    }
+
+    /// Repetitions per row of the random mode.
+    fn random_reps(&self) -> usize {
+        self.reps.unwrap_or(5)
     }
 }
 
@@ -501,12 +523,12 @@ fn run_tuned_child(
     let json = std::env::temp_dir().join(format!("heap-bench-tuned-{}.json", std::process::id()));
     let mut cmd = std::process::Command::new(exe);
     let list = |v: Vec<String>| v.join(",");
-    // The modes of calls whose rows the child runs (not attrs).
+    // The modes of calls whose rows the child runs (not attrs, not random).
     let modes: Vec<&str> = args
         .mode
         .iter()
         .map(String::as_str)
-        .filter(|m| *m != "attrs")
+        .filter(|m| !matches!(*m, "attrs" | "random"))
         .collect();
     cmd.arg("--child-tuned")
         .args(["--mode", &modes.join(",")])
@@ -579,13 +601,14 @@ fn run(args: Args) -> Result<(), String> {
         return Err("--iters must be at least 1".into());
     }
     let modes = expand_modes(&args)?;
-    // The modes of calls of the default run, then attrs, which runs after them.
+    // The modes of calls of the default run, then attrs and random, which run after them.
     let call_modes: Vec<String> = modes
         .iter()
-        .filter(|m| m.as_str() != "attrs")
+        .filter(|m| !matches!(m.as_str(), "attrs" | "random"))
         .cloned()
         .collect();
     let attrs = modes.iter().any(|m| m == "attrs");
+    let random = modes.iter().any(|m| m == "random");
     for s in &args.systems {
         if !systems::ALL.contains(&s.as_str()) && !systems::ATTRS.contains(&s.as_str()) {
             return Err(format!(
@@ -624,6 +647,38 @@ fn run(args: Args) -> Result<(), String> {
             systems::ATTRS.join(", ")
         ));
     }
+    // The random mode's buffers, smallest first; all four of a size are held at once.
+    let mut random_sizes: Vec<usize> = Vec::new();
+    if random {
+        for (flag, bytes) in [
+            ("--random-small", args.random_small),
+            ("--random-bytes", args.random_bytes),
+        ] {
+            random_sizes.push(random::buffer_len(bytes).ok_or_else(|| {
+                format!(
+                    "{flag} {bytes}: at most {}",
+                    measure::bytes(random::MAX_BYTES as u64)
+                )
+            })?);
+        }
+        random_sizes.sort_unstable();
+        random_sizes.dedup();
+        let largest = *random_sizes.last().unwrap_or(&0);
+        let need = random::memory_needed(largest);
+        if let Some(avail) = measure::mem_available()
+            && need + (256 << 20) > avail
+        {
+            return Err(format!(
+                "--random-bytes {}: the random mode holds four buffers of {} at once ({} in \
+                 all, with its chain), more than this machine's available memory ({} with \
+                 256 MiB to spare); choose a smaller --random-bytes",
+                args.random_bytes,
+                measure::bytes(largest as u64),
+                measure::bytes(need),
+                measure::bytes(avail)
+            ));
+        }
+    }
     // The tuned peers run in a child process, unless this is it.
     let (tuned, local): (Vec<&'static str>, Vec<&'static str>) = if args.child_tuned {
         (Vec::new(), names.clone())
@@ -645,14 +700,28 @@ fn run(args: Args) -> Result<(), String> {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let started = Instant::now();
-    println!(
-        "heap-bench: {cores} cores, modes {}, sizes {:?}, {} repetitions, touch {}, verify {}",
-        modes.join(", "),
-        args.sizes,
-        args.reps(),
-        opts.touch,
-        opts.verify
-    );
+    if !call_modes.is_empty() || attrs {
+        println!(
+            "heap-bench: {cores} cores, modes {}, sizes {:?}, {} repetitions, touch {}, verify {}",
+            modes.join(", "),
+            args.sizes,
+            args.reps(),
+            opts.touch,
+            opts.verify
+        );
+    }
+    if random {
+        println!(
+            "heap-bench: {cores} cores, {}random mode buffers {:?}, {} repetitions",
+            if call_modes.is_empty() && !attrs {
+                format!("modes {}, ", modes.join(", "))
+            } else {
+                String::new()
+            },
+            random_sizes,
+            args.random_reps()
+        );
+    }
     // The machine's zeroing bandwidth, on resident memory (briefly in the tuned peers' child:
     // its parent's figures are the run's); the modes of calls' limit and paced work.
     let bw_time = Duration::from_millis(if args.child_tuned { 10 } else { 150 });
@@ -764,7 +833,8 @@ fn run(args: Args) -> Result<(), String> {
             (args.sizes.len() * n * (args.reps() + 1)) as u64
         })
         .sum::<u64>()
-        + (args.sizes.len() * attrs_names.len() * (args.reps() + 1)) as u64;
+        + (args.sizes.len() * attrs_names.len() * (args.reps() + 1)) as u64
+        + (random_sizes.len() * random::ROWS.len() * (args.random_reps() + 1)) as u64;
     let bar = if std::io::stderr().is_terminal() && !args.no_progress {
         indicatif::ProgressBar::new(rows_total)
     } else {
@@ -890,6 +960,9 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         Vec::new()
     };
+    if random {
+        run_random(&args, &random_sizes, &bar, &mut report)?;
+    }
     bar.finish_and_clear();
     for sys in systems.iter().chain(&attrs_systems) {
         if let Some(h) = sys.heap() {
@@ -909,7 +982,9 @@ fn run(args: Args) -> Result<(), String> {
                 st.queue_limit_pages * st.page_size,
             )
         });
-    print!("{}", report.memory_summary(limits));
+    if !call_modes.is_empty() || attrs {
+        print!("{}", report.memory_summary(limits));
+    }
     println!(
         "heap-bench: done in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -1029,4 +1104,124 @@ fn run_attrs(
     println!("== mode attrs: {:.1} s ==", started.elapsed().as_secs_f64());
     report.modes.push(mr);
     Ok(systems)
+}
+
+/// The random mode: per buffer size, one buffer per row ([`random::ROWS`]), all holding the
+/// same chain, all alive at once; each row warmed up and calibrated, then the repetitions in
+/// interleaved order (rotated each repetition), each continuing the row's chain where the last
+/// stopped. A row's figure is the median repetition's mean ns per read, beside the range.
+fn run_random(
+    args: &Args,
+    sizes: &[usize],
+    bar: &indicatif::ProgressBar,
+    report: &mut Report,
+) -> Result<(), String> {
+    println!("== mode: random ==");
+    let started = Instant::now();
+    let reps = args.random_reps();
+    println!(
+        "random: dependent 8-byte reads, one per 64-byte line, through every line of the buffer \
+         in one random cyclic order (seed {:#x}, the same for every row); {reps} repetitions per \
+         row, interleaved, of at least {} ms each; THP enabled [{}], defrag [{}], \
+         shmem_enabled [{}]; free 2 MiB hugetlb pages {}",
+        random::SEED,
+        random::MIN_REP.as_millis(),
+        measure::thp_setting("enabled"),
+        measure::thp_setting("defrag"),
+        measure::thp_setting("shmem_enabled"),
+        measure::free_hugetlb_pages()
+    );
+    let mut mr = ModeReport::new("random");
+    for &size in sizes {
+        let t = Instant::now();
+        bar.set_message(format!("random {size} chain"));
+        let lines = size / random::LINE;
+        let succ = random::cycle(lines, random::SEED);
+        let bufs: Vec<random::ReadBuffer> = random::ROWS
+            .iter()
+            .map(|n| random::ReadBuffer::new(n, size, &succ))
+            .collect::<Result<_, _>>()?;
+        drop(succ);
+        let huge_before: Vec<u64> = bufs.iter().map(|b| b.pages().huge()).collect();
+        bar.suspend(|| {
+            println!(
+                "buffers of {}: {lines} lines; chain and buffers ready in {:.1} s",
+                measure::bytes(size as u64),
+                t.elapsed().as_secs_f64()
+            )
+        });
+        // Warm up (through up to 100,000 lines) and calibrate each row: its reads per
+        // repetition fit its share of the budget, but last at least MIN_REP.
+        let mut pos = vec![0usize; bufs.len()];
+        let mut reads = vec![0u64; bufs.len()];
+        for (i, b) in bufs.iter().enumerate() {
+            bar.set_message(format!("random {size} {} warm-up", b.name));
+            let p = b.chase(0, lines.min(100_000) as u64);
+            let (est, p) = random::calibrate(b, p);
+            pos[i] = p;
+            reads[i] = match args.iters {
+                Some(n) => n as u64,
+                None => {
+                    let per_rep = (args.budget_ms as f64 * 1e6 / reps as f64)
+                        .max(random::MIN_REP.as_nanos() as f64);
+                    (per_rep / est.max(0.1)).ceil() as u64
+                }
+            };
+            bar.inc(1);
+        }
+        let mut ns: Vec<Vec<f64>> = vec![Vec::new(); bufs.len()];
+        for rep in 0..reps {
+            for k in 0..bufs.len() {
+                let i = (k + rep) % bufs.len(); // interleaved, rotated each repetition
+                bar.set_message(format!("random {size} {} rep {}", bufs[i].name, rep + 1));
+                let t = Instant::now();
+                pos[i] = bufs[i].chase(pos[i], reads[i]);
+                ns[i].push(t.elapsed().as_nanos() as f64 / reads[i] as f64);
+                bar.inc(1);
+            }
+        }
+        let med = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let base = med(&ns[0]);
+        for (i, b) in bufs.iter().enumerate() {
+            let pages = b.pages();
+            let mut backing = format!("{}; {}", b.how, pages.describe(b.bytes()));
+            if huge_before[i] != pages.huge() {
+                backing.push_str(&format!(
+                    " (before the reads: {} in 2 MiB pages)",
+                    measure::bytes(huge_before[i])
+                ));
+            }
+            let row = ReadRow {
+                mode: "random".into(),
+                system: b.name.into(),
+                size,
+                reads: reads[i],
+                reps_ns_per_read: ns[i].clone(),
+                ns_per_read: med(&ns[i]),
+                vs_pagepool: (base > 0.0).then(|| med(&ns[i]) / base),
+                backing,
+                huge_bytes: pages.huge(),
+                resident_bytes: pages.rss,
+            };
+            bar.suspend(|| {
+                println!("{}", row.seed_line());
+                println!("  backing: {}", row.backing);
+            });
+            mr.reads.push(row);
+        }
+        for b in bufs.iter().filter_map(random::ReadBuffer::heap) {
+            b.flush();
+        }
+    }
+    bar.suspend(|| print!("{}", mr.random_summary(&random::ROWS)));
+    println!(
+        "== mode random: {:.1} s ==",
+        started.elapsed().as_secs_f64()
+    );
+    report.modes.push(mr);
+    Ok(())
 }

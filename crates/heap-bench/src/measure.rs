@@ -522,6 +522,19 @@ pub fn free_hugetlb_pages() -> u64 {
         .unwrap_or(0)
 }
 
+/// `MemAvailable` of `/proc/meminfo`, in bytes (`None` where it cannot be read).
+pub fn mem_available() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
 /// The process's `RLIMIT_MEMLOCK` soft limit, for people (`unlimited`, `8.0 MiB`), and whether
 /// it binds: a process with `CAP_IPC_LOCK` (root, usually) may lock past it.
 pub fn memlock_limit() -> String {

@@ -86,6 +86,45 @@ impl Row {
     }
 }
 
+/// One row of the random mode: random dependent 8-byte reads over one buffer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadRow {
+    /// `random`.
+    pub mode: String,
+    /// The row's name.
+    pub system: String,
+    /// The buffer's bytes, which the reads range over.
+    pub size: usize,
+    /// Reads per repetition.
+    pub reads: u64,
+    /// Each repetition's mean ns per read, in the order they ran.
+    pub reps_ns_per_read: Vec<f64>,
+    /// The median repetition's mean ns per read (of two: the slower).
+    pub ns_per_read: f64,
+    /// `ns_per_read` over the `pagepool` row's (4 KiB pages) at the same size.
+    pub vs_pagepool: Option<f64>,
+    /// What the buffer is and what backs it (smaps of its range after the reads).
+    pub backing: String,
+    /// Bytes of the buffer mapped by 2 MiB pages of any kind, after the reads.
+    pub huge_bytes: u64,
+    /// Resident bytes of the buffer, after the reads.
+    pub resident_bytes: u64,
+}
+
+impl ReadRow {
+    /// The seed-format line: `NAME heap: read 8 bytes N times over SIZE bytes in T ns`.
+    pub fn seed_line(&self) -> String {
+        format!(
+            "{} heap: read 8 bytes {} times over {} bytes in {:.0} ns \t {:.1} ns/read",
+            self.system,
+            self.reads,
+            self.size,
+            self.ns_per_read * self.reads as f64,
+            self.ns_per_read
+        )
+    }
+}
+
 /// The worker's zeroing throughput while one size ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerFigure {
@@ -105,7 +144,7 @@ pub struct WorkerFigure {
 /// One mode's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeReport {
-    /// `tight`, `paced`, `loaded`, `threads-T` or `attrs`.
+    /// `tight`, `paced`, `loaded`, `threads-T`, `attrs` or `random`.
     pub mode: String,
     /// Work between calls per size (ns; 0 in tight mode).
     pub work_ns: Vec<(usize, u64)>,
@@ -113,6 +152,9 @@ pub struct ModeReport {
     pub rows: Vec<Row>,
     /// The worker's throughput per size.
     pub worker: Vec<WorkerFigure>,
+    /// The random mode's rows (none in the other modes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reads: Vec<ReadRow>,
 }
 
 fn human(size: usize) -> String {
@@ -137,6 +179,7 @@ impl ModeReport {
             work_ns: Vec::new(),
             rows: Vec::new(),
             worker: Vec::new(),
+            reads: Vec::new(),
         }
     }
 
@@ -195,6 +238,74 @@ impl ModeReport {
                 }
                 out.push('\n');
             }
+        }
+        out
+    }
+
+    /// The random mode's summary: one row per buffer size, one column per row, ns per read
+    /// (median of the repetitions, their range, and the ratio to `pagepool`); then the share of
+    /// each buffer in 2 MiB pages.
+    pub fn random_summary(&self, systems: &[&str]) -> String {
+        let mut sizes: Vec<usize> = self.reads.iter().map(|r| r.size).collect();
+        sizes.dedup();
+        let find =
+            |s: &str, size: usize| self.reads.iter().find(|r| r.system == s && r.size == size);
+        let reps = self.reads.first().map_or(0, |r| r.reps_ns_per_read.len());
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "== summary: {} (ns per read: median of {reps} repetitions [lowest-highest]; (x) = \
+             row / pagepool, 4 KiB pages: below 1 means fewer ns per read) ==",
+            self.mode
+        );
+        let _ = write!(out, "{:>8}", "size");
+        for s in systems {
+            let _ = write!(out, " {s:>26}");
+        }
+        out.push('\n');
+        for &size in &sizes {
+            let _ = write!(out, "{:>8}", human(size));
+            for s in systems {
+                let cell = match find(s, size) {
+                    Some(r) => {
+                        let lo = r
+                            .reps_ns_per_read
+                            .iter()
+                            .copied()
+                            .fold(f64::INFINITY, f64::min);
+                        let hi = r.reps_ns_per_read.iter().copied().fold(0.0, f64::max);
+                        match r.vs_pagepool.filter(|_| *s != "pagepool") {
+                            Some(x) => {
+                                format!("{:.1} [{lo:.1}-{hi:.1}] ({x:.2}x)", r.ns_per_read)
+                            }
+                            None => format!("{:.1} [{lo:.1}-{hi:.1}]", r.ns_per_read),
+                        }
+                    }
+                    None => "-".into(),
+                };
+                let _ = write!(out, " {cell:>26}");
+            }
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "-- {}: share of each buffer mapped by 2 MiB pages, after the reads --",
+            self.mode
+        );
+        let _ = write!(out, "{:>8}", "size");
+        for s in systems {
+            let _ = write!(out, " {s:>26}");
+        }
+        out.push('\n');
+        for &size in &sizes {
+            let _ = write!(out, "{:>8}", human(size));
+            for s in systems {
+                let cell = find(s, size).map_or("-".into(), |r| {
+                    format!("{:.1}%", 100.0 * r.huge_bytes as f64 / r.size.max(1) as f64)
+                });
+                let _ = write!(out, " {cell:>26}");
+            }
+            out.push('\n');
         }
         out
     }
@@ -492,7 +603,7 @@ impl Report {
             "#c5b0d5", "#8c564b", "#17becf", "#7f7f7f",
         ];
         let (pw, ph, ml, mt, mb) = (420.0, 320.0, 80.0, 50.0, 70.0);
-        // The modes with rows, and the systems in them.
+        // The modes of calls (the random mode's reads are not drawn), and the systems in them.
         let modes: Vec<&ModeReport> = self.modes.iter().filter(|m| !m.rows.is_empty()).collect();
         let systems: Vec<&str> = systems
             .iter()

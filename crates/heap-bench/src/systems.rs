@@ -544,7 +544,7 @@ fn mapped_call(
 }
 
 /// Faults in `p..p + len` for writing (`MADV_POPULATE_WRITE`, Linux 5.14+).
-fn populate(p: *mut u8, len: usize) -> Result<(), String> {
+pub fn populate(p: *mut u8, len: usize) -> Result<(), String> {
     // SAFETY: the callers own the range (a mapping of theirs); populating faults in zeroed
     // pages and changes no contents.
     unsafe { rustix::mm::madvise(p.cast(), len, Advice::LinuxPopulateWrite) }
