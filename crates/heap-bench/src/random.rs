@@ -184,7 +184,8 @@ impl ReadBuffer {
                     unsafe { rustix::mm::madvise(base.cast(), len, Advice::LinuxHugepage) }
                         .map_err(|e| fail(format!("madvise(MADV_HUGEPAGE): {e}")))?;
                 }
-                crate::systems::populate(base, len).map_err(fail)?;
+                // SAFETY: the range made writable above, ours.
+                unsafe { crate::systems::populate(base, len) }.map_err(fail)?;
                 rb.how = format!(
                     "anonymous mmap, 2 MiB-aligned, {}MADV_POPULATE_WRITE (THP enabled [{}], \
                      defrag [{}])",

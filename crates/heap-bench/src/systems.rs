@@ -525,12 +525,14 @@ fn mapped_call(
                 // ours; it changes no contents.
                 unsafe { rustix::mm::madvise(a.cast(), len, Advice::LinuxHugepage) }
                     .map_err(|e| format!("madvise(MADV_HUGEPAGE): {e}"))?;
-                populate(a, len)?;
+                // SAFETY: as above; the mapping is writable.
+                unsafe { populate(a, len) }?;
             }
             _ => {
                 // SAFETY: the mapping made above, ours until `munmap`.
                 unsafe { bind_node0(a, len) }?;
-                populate(a, len)?;
+                // SAFETY: the mapping made above, writable, ours until `munmap`.
+                unsafe { populate(a, len) }?;
             }
         }
         // SAFETY: `a..a + len` (`len >= size`) lies in the mapping made above, ours until
@@ -544,9 +546,12 @@ fn mapped_call(
 }
 
 /// Faults in `p..p + len` for writing (`MADV_POPULATE_WRITE`, Linux 5.14+).
-pub fn populate(p: *mut u8, len: usize) -> Result<(), String> {
-    // SAFETY: the callers own the range (a mapping of theirs); populating faults in zeroed
-    // pages and changes no contents.
+///
+/// # Safety
+/// The caller owns the range: a writable mapping of its own.
+pub unsafe fn populate(p: *mut u8, len: usize) -> Result<(), String> {
+    // SAFETY: the caller owns the range; populating faults in its pages (zeroed where none
+    // were) and changes no contents.
     unsafe { rustix::mm::madvise(p.cast(), len, Advice::LinuxPopulateWrite) }
         .map_err(|e| format!("madvise(MADV_POPULATE_WRITE): {e} (needs Linux 5.14)"))
 }
