@@ -6,12 +6,16 @@
 //! normal priority; `threads-T`: T threads running the tight loop on one shared heap or
 //! allocator), every system in interleaved order with a warm-up, the median of several
 //! repetitions, peak resident memory of the pagepool rows, and the heap's own statistics at the
-//! end.
+//! end. Two more modes run only when asked for: `attrs` (pagepool's pool types, locked, huge
+//! and node 0, each beside the system calls a user would make instead, tight) and `random`
+//! (random dependent reads over one large buffer: what huge pages buy, and over a small one:
+//! when they do not).
 
 // A binary: `pub` marks each module's interface to the others.
 #![allow(unreachable_pub)]
 
 mod measure;
+mod random;
 mod report;
 mod systems;
 
@@ -21,21 +25,31 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use crate::measure::{Bandwidth, TouchFloor};
-use crate::report::{ModeReport, Report, Row, WorkerFigure};
+use crate::report::{ModeReport, ReadRow, Report, Row, WorkerFigure};
 use crate::systems::{CallOpts, System};
 
 /// Benchmarks pagepool against calloc, mimalloc, jemalloc, mmap, memfd and the kernel's dma-buf
-/// heap: allocate, write one byte per page, free; ns per call.
+/// heap: allocate, write one byte per page, free; ns per call. Asked for (`--mode attrs`,
+/// `--mode random`): pagepool's pool types against mmap with mlock, THP or mbind per call, and
+/// random reads over huge and base pages.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// Modes to run, comma separated: tight, paced, loaded, threads (one mode per `--threads`
-    /// count); `both` is tight and paced.
+    /// count); `both` is tight and paced. Not in the default run: `attrs`, pagepool's pool types
+    /// beside what a user would do per call instead, tight (pagepool-locked vs mmap-mlock:
+    /// mmap + mlock + munmap; pagepool-huge vs mmap-thp: mmap 2 MiB-aligned + MADV_HUGEPAGE +
+    /// MADV_POPULATE_WRITE + munmap; pagepool-node0 vs mmap-mbind: mmap + mbind(MPOL_BIND,
+    /// node 0) + MADV_POPULATE_WRITE + munmap; at `--sizes`); and `random`, random dependent
+    /// 8-byte reads (a pointer chase through every 64-byte line in random order) over one buffer
+    /// of `--random-bytes` and one of `--random-small`, for a pagepool buffer (4 KiB pages), a
+    /// pagepool huge buffer, an anonymous mmap with MADV_HUGEPAGE and one without: ns per read,
+    /// and the huge pages each got.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "tight,paced,loaded,threads",
-        value_parser = ["tight", "paced", "loaded", "threads", "both"]
+        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random"]
     )]
     mode: Vec<String>,
     /// Threads mode: how many threads share the heap or allocator, comma separated.
@@ -44,17 +58,19 @@ struct Args {
     /// Buffer sizes (bytes; K, M, G suffixes allowed), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "4K,1M,8M,32M", value_parser = parse_size)]
     sizes: Vec<usize>,
-    /// Systems to run, comma separated (default: all).
+    /// Systems to run, comma separated (default: all); the attrs mode's rows are named here
+    /// too (pagepool-locked, mmap-mlock, pagepool-huge, mmap-thp, pagepool-node0, mmap-mbind).
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// Calls per repetition for every row (default: as many as fit the row's budget by the mean
-    /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000).
+    /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000). Random mode: reads
+    /// per repetition (default: as many as fit the row's budget, at least 20 ms of reads).
     #[arg(long)]
     iters: Option<usize>,
-    /// Repetitions per row; the median is reported (of two: the slower). A row whose fewest
-    /// calls (200) take more than its budget runs one repetition.
-    #[arg(long, default_value_t = 2)]
-    reps: usize,
+    /// Repetitions per row (default 2; random mode 5); the median is reported (of two: the
+    /// slower). A row whose fewest calls (200) take more than its budget runs one repetition.
+    #[arg(long)]
+    reps: Option<usize>,
     /// Time budget per row in milliseconds (all repetitions), used to choose the call count.
     #[arg(long, default_value_t = 400)]
     budget_ms: u64,
@@ -68,6 +84,14 @@ struct Args {
     /// Check that every buffer reads all-zero before it is written (slow: a correctness run).
     #[arg(long)]
     verify: bool,
+    /// Random mode: the large buffer's size (bytes; K, M, G suffixes allowed; rounded up to
+    /// 2 MiB). Four buffers of it are held at once: they must fit in available memory.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    random_bytes: usize,
+    /// Random mode: the small buffer's size, whose reads huge pages should not speed up much
+    /// (its page tables stay in the caches).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    random_small: usize,
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -87,6 +111,18 @@ struct Args {
     /// loaded mode's load).
     #[arg(long, hide = true)]
     busy_child: Option<usize>,
+}
+
+impl Args {
+    /// Repetitions per row of the modes of calls.
+    fn reps(&self) -> usize {
+        self.reps.unwrap_or(2)
+    }
+
+    /// Repetitions per row of the random mode.
+    fn random_reps(&self) -> usize {
+        self.reps.unwrap_or(5)
+    }
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -176,6 +212,166 @@ fn run_calls(
         per_call,
         cpu_ns: measure::process_cpu_ns().saturating_sub(cpu0),
     })
+}
+
+/// What a size's rows share, in every mode of calls.
+struct SizePlan<'a> {
+    mode: &'a str,
+    size: usize,
+    opts: CallOpts,
+    /// Work between calls (zero but in the paced and loaded modes).
+    work: Duration,
+    /// Threads mode: how many threads share each system.
+    threads: Option<usize>,
+    /// Resident set size before the size's first call, pools empty.
+    rss_start: u64,
+}
+
+/// Measures every system of `present` at one size, by the benchmark's rules: each warmed up and
+/// calibrated, then the repetitions in interleaved order, rotated each repetition. One row per
+/// system, in `present`'s order, without settings. With `absent_on_failure`, a system whose
+/// warm-up fails (e.g. `mlock` past `RLIMIT_MEMLOCK`) gets an absent row saying why, instead of
+/// failing the run.
+fn measure_size(
+    args: &Args,
+    plan: &SizePlan<'_>,
+    present: &[&System],
+    bar: &indicatif::ProgressBar,
+    absent_on_failure: bool,
+) -> Result<Vec<Row>, String> {
+    let SizePlan {
+        mode,
+        size,
+        opts,
+        work,
+        threads,
+        rss_start,
+    } = *plan;
+    let reps_all = args.reps();
+    // Warm up and calibrate each system: three calls untimed (a first call may map a fresh
+    // segment), then calls timed until they add up to CALIBRATE (or CALIBRATE_MAX calls): the
+    // estimate of a call's cost that sets the row's count.
+    let mut est = Vec::new();
+    let mut failed: Vec<Option<String>> = vec![None; present.len()];
+    for (i, sys) in present.iter().enumerate() {
+        bar.set_message(format!("{mode} {size} {} warm-up", sys.name));
+        let fail = |e: String| format!("{} at {size}: {e}", sys.name);
+        let warmed = run_calls(sys, size, 3, opts, work).and_then(|_| {
+            let (mut ns, mut calls) = (0u64, 0usize);
+            while ns < CALIBRATE.as_nanos() as u64 && calls < CALIBRATE_MAX {
+                ns += run_calls(sys, size, 1, opts, work)?.ns;
+                calls += 1;
+            }
+            Ok(ns as f64 / calls as f64)
+        });
+        match warmed {
+            Ok(e) => est.push(e),
+            Err(e) if absent_on_failure => {
+                failed[i] = Some(e);
+                est.push(f64::NAN);
+                bar.inc(reps_all as u64);
+            }
+            Err(e) => return Err(fail(e)),
+        }
+        bar.inc(1);
+    }
+    // Within the row's budget, but never fewer than MIN_CALLS a repetition (a slow row takes
+    // longer than its budget then), nor more than the seed's 5000. With several threads, each
+    // makes its share of the count.
+    let t = threads.unwrap_or(1);
+    let counts: Vec<usize> = est
+        .iter()
+        .map(|e| {
+            args.iters.unwrap_or_else(|| {
+                let per_rep = args.budget_ms as f64 * 1e6 / reps_all as f64;
+                ((per_rep / e / t as f64) as usize)
+                    .clamp(MIN_CALLS.div_ceil(t), 5000_usize.div_ceil(t))
+            })
+        })
+        .collect();
+    // A row whose fewest calls take more than its whole budget runs them once: one repetition
+    // of MIN_CALLS (a slow row, e.g. fresh pages at 32 MiB, would otherwise take most of the
+    // run's time).
+    let reps: Vec<usize> = est
+        .iter()
+        .map(|e| {
+            let slow = e * MIN_CALLS as f64 > args.budget_ms as f64 * 1e6;
+            if args.iters.is_none() && slow {
+                1
+            } else {
+                reps_all
+            }
+        })
+        .collect();
+    let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+    let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+    let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+    let mut calls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+    let mut peaks: Vec<Option<(u64, u64)>> = vec![None; present.len()];
+    for rep in 0..reps_all {
+        for k in 0..present.len() {
+            let i = (k + rep) % present.len(); // interleaved, rotated each repetition
+            if rep >= reps[i] || failed[i].is_some() {
+                continue;
+            }
+            let sys = present[i];
+            bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
+            let tracked = sys.heap().is_some() && measure::reset_peak_rss();
+            let fail = |e: String| format!("{} at {size}: {e}", sys.name);
+            let (rep, wall) = match threads {
+                Some(t) => {
+                    let r = run_threads(sys, size, counts[i], opts, t).map_err(fail)?;
+                    (r.rep, Some(r.wall_ns))
+                }
+                None => (
+                    run_calls(sys, size, counts[i], opts, work).map_err(fail)?,
+                    None,
+                ),
+            };
+            cpus[i].push(rep.cpu_ns);
+            calls[i].extend(rep.per_call);
+            if tracked {
+                let (hwm, _) = measure::rss();
+                let p = peaks[i].get_or_insert((rss_start, 0));
+                p.1 = p.1.max(hwm);
+            }
+            totals[i].push(rep.ns);
+            walls[i].extend(wall);
+            bar.inc(1);
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, sys) in present.iter().enumerate() {
+        if let Some(why) = failed[i].take() {
+            rows.push(Row::absent(mode, sys.name, size, why));
+            continue;
+        }
+        let n = counts[i] * t;
+        let total = median(&mut totals[i].clone());
+        let per_call = &mut calls[i];
+        per_call.sort_unstable();
+        rows.push(Row {
+            mode: mode.to_string(),
+            system: sys.name.to_string(),
+            size,
+            iters: n,
+            reps_ns: totals[i].clone(),
+            total_ns: total,
+            ns_per_call: total as f64 / n as f64,
+            p50_ns: quantile(per_call, 0.50),
+            p99_ns: quantile(per_call, 0.99),
+            max_ns: per_call.last().copied().unwrap_or(0),
+            cpu_ns_per_call: median(&mut cpus[i].clone()) as f64 / n as f64,
+            threads,
+            calls_per_sec: (!walls[i].is_empty())
+                .then(|| n as f64 * 1e9 / median(&mut walls[i].clone()).max(1) as f64),
+            settings: None,
+            absent: None,
+            rss_before: peaks[i].map(|p| p.0),
+            peak_rss: peaks[i].map(|p| p.1),
+        });
+    }
+    Ok(rows)
 }
 
 /// What one repetition of a threads-mode row measured.
@@ -327,8 +523,15 @@ fn run_tuned_child(
     let json = std::env::temp_dir().join(format!("heap-bench-tuned-{}.json", std::process::id()));
     let mut cmd = std::process::Command::new(exe);
     let list = |v: Vec<String>| v.join(",");
+    // The modes of calls whose rows the child runs (not attrs, not random).
+    let modes: Vec<&str> = args
+        .mode
+        .iter()
+        .map(String::as_str)
+        .filter(|m| !matches!(*m, "attrs" | "random"))
+        .collect();
     cmd.arg("--child-tuned")
-        .args(["--mode", &args.mode.join(",")])
+        .args(["--mode", &modes.join(",")])
         .args([
             "--threads",
             &list(args.threads.iter().map(usize::to_string).collect()),
@@ -338,7 +541,7 @@ fn run_tuned_child(
             &list(args.sizes.iter().map(usize::to_string).collect()),
         ])
         .args(["--systems", &tuned.join(",")])
-        .args(["--reps", &args.reps.to_string()])
+        .args(["--reps", &args.reps().to_string()])
         .args(["--budget-ms", &args.budget_ms.to_string()])
         .args([
             "--work-ns",
@@ -391,25 +594,91 @@ struct ChildMode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    if args.reps == 0 {
+    if args.reps == Some(0) {
         return Err("--reps must be at least 1".into());
     }
     if args.iters == Some(0) {
         return Err("--iters must be at least 1".into());
     }
-    let known = |s: &str| systems::ALL.iter().find(|n| **n == s).copied();
-    let names: Vec<&'static str> = if args.systems.is_empty() {
-        systems::ALL.to_vec()
-    } else {
-        args.systems
-            .iter()
-            .map(|s| {
-                known(s).ok_or_else(|| {
-                    format!("unknown system {s:?}; known: {}", systems::ALL.join(", "))
-                })
-            })
-            .collect::<Result<_, _>>()?
+    let modes = expand_modes(&args)?;
+    // The modes of calls of the default run, then attrs and random, which run after them.
+    let call_modes: Vec<String> = modes
+        .iter()
+        .filter(|m| !matches!(m.as_str(), "attrs" | "random"))
+        .cloned()
+        .collect();
+    let attrs = modes.iter().any(|m| m == "attrs");
+    let random = modes.iter().any(|m| m == "random");
+    for s in &args.systems {
+        if !systems::ALL.contains(&s.as_str()) && !systems::ATTRS.contains(&s.as_str()) {
+            return Err(format!(
+                "unknown system {s:?}; known: {}; attrs mode: {}",
+                systems::ALL.join(", "),
+                systems::ATTRS.join(", ")
+            ));
+        }
+    }
+    let chosen = |all: &[&'static str]| -> Vec<&'static str> {
+        all.iter()
+            .copied()
+            .filter(|n| args.systems.is_empty() || args.systems.iter().any(|s| s == n))
+            .collect()
     };
+    let names: Vec<&'static str> = if call_modes.is_empty() {
+        Vec::new()
+    } else {
+        chosen(&systems::ALL)
+    };
+    if !call_modes.is_empty() && names.is_empty() {
+        return Err(format!(
+            "--systems names none of the systems of mode {} (known: {})",
+            call_modes.join(", "),
+            systems::ALL.join(", ")
+        ));
+    }
+    let attrs_names: Vec<&'static str> = if attrs {
+        chosen(&systems::ATTRS)
+    } else {
+        Vec::new()
+    };
+    if attrs && attrs_names.is_empty() {
+        return Err(format!(
+            "--systems names none of the attrs mode's rows ({})",
+            systems::ATTRS.join(", ")
+        ));
+    }
+    // The random mode's buffers, smallest first; all four of a size are held at once.
+    let mut random_sizes: Vec<usize> = Vec::new();
+    if random {
+        for (flag, bytes) in [
+            ("--random-small", args.random_small),
+            ("--random-bytes", args.random_bytes),
+        ] {
+            random_sizes.push(random::buffer_len(bytes).ok_or_else(|| {
+                format!(
+                    "{flag} {bytes}: at most {}",
+                    measure::bytes(random::MAX_BYTES as u64)
+                )
+            })?);
+        }
+        random_sizes.sort_unstable();
+        random_sizes.dedup();
+        let largest = *random_sizes.last().unwrap_or(&0);
+        let need = random::memory_needed(largest);
+        if let Some(avail) = measure::mem_available()
+            && need + (256 << 20) > avail
+        {
+            return Err(format!(
+                "--random-bytes {}: the random mode holds four buffers of {} at once ({} in \
+                 all, with its chain), more than this machine's available memory ({} with \
+                 256 MiB to spare); choose a smaller --random-bytes",
+                args.random_bytes,
+                measure::bytes(largest as u64),
+                measure::bytes(need),
+                measure::bytes(avail)
+            ));
+        }
+    }
     // The tuned peers run in a child process, unless this is it.
     let (tuned, local): (Vec<&'static str>, Vec<&'static str>) = if args.child_tuned {
         (Vec::new(), names.clone())
@@ -429,23 +698,37 @@ fn run(args: Args) -> Result<(), String> {
         touch: !args.no_touch,
         verify: args.verify,
     };
-    let modes = expand_modes(&args)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let started = Instant::now();
-    println!(
-        "heap-bench: {cores} cores, modes {}, sizes {:?}, {} repetitions, touch {}, verify {}",
-        modes.join(", "),
-        args.sizes,
-        args.reps,
-        opts.touch,
-        opts.verify
-    );
+    if !call_modes.is_empty() || attrs {
+        println!(
+            "heap-bench: {cores} cores, modes {}, sizes {:?}, {} repetitions, touch {}, verify {}",
+            modes.join(", "),
+            args.sizes,
+            args.reps(),
+            opts.touch,
+            opts.verify
+        );
+    }
+    if random {
+        println!(
+            "heap-bench: {cores} cores, {}random mode buffers {:?}, {} repetitions",
+            if call_modes.is_empty() && !attrs {
+                format!("modes {}, ", modes.join(", "))
+            } else {
+                String::new()
+            },
+            random_sizes,
+            args.random_reps()
+        );
+    }
     // The machine's zeroing bandwidth, on resident memory (briefly in the tuned peers' child:
-    // its parent's figures are the run's).
+    // its parent's figures are the run's); the modes of calls' limit and paced work.
     let bw_time = Duration::from_millis(if args.child_tuned { 10 } else { 150 });
     let bw: Vec<(usize, Bandwidth)> = args
         .sizes
         .iter()
+        .filter(|_| !call_modes.is_empty())
         .map(|&s| (s, measure::bandwidth(s, bw_time)))
         .collect();
     for (s, b) in bw.iter().filter(|_| !args.child_tuned) {
@@ -543,20 +826,22 @@ fn run(args: Args) -> Result<(), String> {
             || systems::in_busy_modes(name)
     };
     let all_present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
-    let rows_total: u64 = modes
+    let rows_total: u64 = call_modes
         .iter()
         .map(|m| {
             let n = all_present.iter().filter(|s| runs_in(m, s.name)).count();
-            (args.sizes.len() * n * (args.reps + 1)) as u64
+            (args.sizes.len() * n * (args.reps() + 1)) as u64
         })
-        .sum();
+        .sum::<u64>()
+        + (args.sizes.len() * attrs_names.len() * (args.reps() + 1)) as u64
+        + (random_sizes.len() * random::ROWS.len() * (args.random_reps() + 1)) as u64;
     let bar = if std::io::stderr().is_terminal() && !args.no_progress {
         indicatif::ProgressBar::new(rows_total)
     } else {
         indicatif::ProgressBar::hidden()
     };
     let mut report = Report::new(&args.sizes, &bw, &floors, opts);
-    for mode in &modes {
+    for mode in &call_modes {
         println!("== mode: {mode} ==");
         let mode_started = Instant::now();
         let mode = mode.as_str();
@@ -601,115 +886,19 @@ fn run(args: Args) -> Result<(), String> {
                 .filter(|s| s.name == "pagepool")
                 .and_then(System::heap);
             let before = pagepool_heap.map(|h| h.stats());
-            // Warm up and calibrate each system: three calls untimed (a first call may map a
-            // fresh segment), then calls timed until they add up to CALIBRATE (or
-            // CALIBRATE_MAX calls): the estimate of a call's cost that sets the row's count.
-            let mut est = Vec::new();
-            for sys in &present {
-                bar.set_message(format!("{mode} {size} {} warm-up", sys.name));
-                let fail = |e: String| format!("{} at {size}: {e}", sys.name);
-                run_calls(sys, size, 3, opts, work).map_err(fail)?;
-                let (mut ns, mut calls) = (0u64, 0usize);
-                while ns < CALIBRATE.as_nanos() as u64 && calls < CALIBRATE_MAX {
-                    ns += run_calls(sys, size, 1, opts, work).map_err(fail)?.ns;
-                    calls += 1;
-                }
-                est.push(ns as f64 / calls as f64);
-                bar.inc(1);
-            }
-            // Within the row's budget, but never fewer than MIN_CALLS a repetition (a slow row
-            // takes longer than its budget then), nor more than the seed's 5000. With several
-            // threads, each makes its share of the count.
-            let t = threads.unwrap_or(1);
-            let counts: Vec<usize> = est
-                .iter()
-                .map(|e| {
-                    args.iters.unwrap_or_else(|| {
-                        let per_rep = args.budget_ms as f64 * 1e6 / args.reps as f64;
-                        ((per_rep / e / t as f64) as usize)
-                            .clamp(MIN_CALLS.div_ceil(t), 5000_usize.div_ceil(t))
-                    })
-                })
-                .collect();
-            // A row whose fewest calls take more than its whole budget runs them once: one
-            // repetition of MIN_CALLS (a slow row, e.g. fresh pages at 32 MiB, would otherwise
-            // take most of the run's time).
-            let reps: Vec<usize> = est
-                .iter()
-                .map(|e| {
-                    let slow = e * MIN_CALLS as f64 > args.budget_ms as f64 * 1e6;
-                    if args.iters.is_none() && slow {
-                        1
-                    } else {
-                        args.reps
-                    }
-                })
-                .collect();
-            let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
-            let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
-            let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
-            let mut calls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
-            let mut peaks: Vec<Option<(u64, u64)>> = vec![None; present.len()];
-            for rep in 0..args.reps {
-                for k in 0..present.len() {
-                    let i = (k + rep) % present.len(); // interleaved, rotated each repetition
-                    if rep >= reps[i] {
-                        continue;
-                    }
-                    let sys = present[i];
-                    bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
-                    let tracked = sys.heap().is_some() && measure::reset_peak_rss();
-                    let fail = |e: String| format!("{} at {size}: {e}", sys.name);
-                    let (rep, wall) = match threads {
-                        Some(t) => {
-                            let r = run_threads(sys, size, counts[i], opts, t).map_err(fail)?;
-                            (r.rep, Some(r.wall_ns))
-                        }
-                        None => (
-                            run_calls(sys, size, counts[i], opts, work).map_err(fail)?,
-                            None,
-                        ),
-                    };
-                    cpus[i].push(rep.cpu_ns);
-                    calls[i].extend(rep.per_call);
-                    if tracked {
-                        let (hwm, _) = measure::rss();
-                        let p = peaks[i].get_or_insert((rss_start, 0));
-                        p.1 = p.1.max(hwm);
-                    }
-                    totals[i].push(rep.ns);
-                    walls[i].extend(wall);
-                    bar.inc(1);
-                }
-            }
-            for (i, sys) in present.iter().enumerate() {
-                let n = counts[i] * t;
-                let total = median(&mut totals[i].clone());
-                let per_call = &mut calls[i];
-                per_call.sort_unstable();
-                let row = Row {
-                    mode: mode.to_string(),
-                    system: sys.name.to_string(),
-                    size,
-                    iters: n,
-                    reps_ns: totals[i].clone(),
-                    total_ns: total,
-                    ns_per_call: total as f64 / n as f64,
-                    p50_ns: quantile(per_call, 0.50),
-                    p99_ns: quantile(per_call, 0.99),
-                    max_ns: per_call.last().copied().unwrap_or(0),
-                    cpu_ns_per_call: median(&mut cpus[i].clone()) as f64 / n as f64,
-                    threads,
-                    calls_per_sec: (!walls[i].is_empty())
-                        .then(|| n as f64 * 1e9 / median(&mut walls[i].clone()).max(1) as f64),
-                    settings: settings
-                        .iter()
-                        .find(|s| s.0 == sys.name)
-                        .map(|s| s.1.clone()),
-                    absent: None,
-                    rss_before: peaks[i].map(|p| p.0),
-                    peak_rss: peaks[i].map(|p| p.1),
-                };
+            let plan = SizePlan {
+                mode,
+                size,
+                opts,
+                work,
+                threads,
+                rss_start,
+            };
+            for mut row in measure_size(&args, &plan, &present, &bar, false)? {
+                row.settings = settings
+                    .iter()
+                    .find(|s| s.0 == row.system)
+                    .map(|s| s.1.clone());
                 bar.suspend(|| println!("{}", row.seed_line()));
                 mr.rows.push(row);
             }
@@ -766,8 +955,16 @@ fn run(args: Args) -> Result<(), String> {
         );
         report.modes.push(mr);
     }
+    let attrs_systems = if attrs {
+        run_attrs(&args, &attrs_names, opts, &bar, &mut report)?
+    } else {
+        Vec::new()
+    };
+    if random {
+        run_random(&args, &random_sizes, &bar, &mut report)?;
+    }
     bar.finish_and_clear();
-    for sys in &systems {
+    for sys in systems.iter().chain(&attrs_systems) {
         if let Some(h) = sys.heap() {
             let st = h.stats();
             println!("== {} heap statistics ==\n{st}", sys.name);
@@ -785,7 +982,9 @@ fn run(args: Args) -> Result<(), String> {
                 st.queue_limit_pages * st.page_size,
             )
         });
-    print!("{}", report.memory_summary(limits));
+    if !call_modes.is_empty() || attrs {
+        print!("{}", report.memory_summary(limits));
+    }
     println!(
         "heap-bench: done in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -795,7 +994,234 @@ fn run(args: Args) -> Result<(), String> {
         std::fs::write(path, json).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        std::fs::write(path, report.svg(&names)).map_err(|e| format!("{}: {e}", path.display()))?;
+        let drawn: Vec<&str> = names.iter().chain(&attrs_names).copied().collect();
+        std::fs::write(path, report.svg(&drawn)).map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    Ok(())
+}
+
+/// The attrs mode: each pagepool pool type beside what a user would do per call instead for the
+/// same memory, tight (alloc, touch, free back to back), at every size, by the same rules as the
+/// other modes. Each row's settings are checked outside its timed calls: an mmap row's by one
+/// call of its own before them (what its mapping got, from smaps and numa_maps), a heap's after
+/// them (its huge backing, what its arenas hold). A row that cannot run here (no memory on node
+/// 0, `mlock` past `RLIMIT_MEMLOCK`, a kernel without `MADV_POPULATE_WRITE`) is absent, saying
+/// why. Returns the rows' systems, whose heaps' statistics end the run.
+fn run_attrs(
+    args: &Args,
+    names: &[&'static str],
+    opts: CallOpts,
+    bar: &indicatif::ProgressBar,
+    report: &mut Report,
+) -> Result<Vec<System>, String> {
+    println!("== mode: attrs ==");
+    let started = Instant::now();
+    let systems: Vec<System> = names
+        .iter()
+        .map(|n| System::new(n))
+        .collect::<Result<_, _>>()?;
+    println!(
+        "attrs: each pool type beside what a user would do per call instead, tight; \
+         (x) = peer / its pagepool row; THP enabled [{}], defrag [{}], shmem_enabled [{}]; \
+         free 2 MiB hugetlb pages {}; RLIMIT_MEMLOCK {}",
+        measure::thp_setting("enabled"),
+        measure::thp_setting("defrag"),
+        measure::thp_setting("shmem_enabled"),
+        measure::free_hugetlb_pages(),
+        measure::memlock_limit()
+    );
+    let mut mr = ModeReport::new("attrs");
+    for &size in &args.sizes {
+        // Pools were trimmed after the previous size: this is the size's baseline.
+        let rss_start = measure::rss().1;
+        let mut absent: Vec<Option<String>> = systems.iter().map(|s| s.absent.clone()).collect();
+        let mut settings: Vec<Option<String>> = vec![None; systems.len()];
+        for (i, sys) in systems.iter().enumerate() {
+            if absent[i].is_none() && sys.heap().is_none() {
+                bar.set_message(format!("attrs {size} {} check", sys.name));
+                match sys.attrs_settings(size, opts) {
+                    Ok(s) => settings[i] = s,
+                    Err(e) => absent[i] = Some(e),
+                }
+            }
+        }
+        let present: Vec<&System> = systems
+            .iter()
+            .zip(&absent)
+            .filter(|(_, a)| a.is_none())
+            .map(|(s, _)| s)
+            .collect();
+        for _ in 0..systems.len() - present.len() {
+            bar.inc(args.reps() as u64 + 1);
+        }
+        let plan = SizePlan {
+            mode: "attrs",
+            size,
+            opts,
+            work: Duration::ZERO,
+            threads: None,
+            rss_start,
+        };
+        let mut rows = measure_size(args, &plan, &present, bar, true)?;
+        for (i, sys) in systems.iter().enumerate() {
+            let mut row = match &absent[i] {
+                Some(why) => Row::absent("attrs", sys.name, size, why.clone()),
+                None => {
+                    let k = rows.iter().position(|r| r.system == sys.name);
+                    match k {
+                        Some(k) => rows.remove(k),
+                        None => return Err(format!("{}: no row at {size}", sys.name)),
+                    }
+                }
+            };
+            if row.absent.is_none() {
+                row.settings = match settings[i].take() {
+                    Some(s) => Some(s),
+                    // A heap: what its arenas hold after the row's calls.
+                    None => sys.attrs_settings(size, opts).unwrap_or_else(Some),
+                };
+            }
+            bar.suspend(|| {
+                println!("{}", row.seed_line());
+                if let Some(s) = &row.settings {
+                    println!("  settings: {s}");
+                }
+            });
+            mr.rows.push(row);
+        }
+        // Start every size from empty pools.
+        for h in systems.iter().filter_map(System::heap) {
+            h.flush();
+            h.trim();
+        }
+    }
+    let pairs: Vec<(&str, &str)> = systems::ATTRS_PAIRS
+        .iter()
+        .copied()
+        .filter(|(a, b)| names.contains(a) || names.contains(b))
+        .collect();
+    bar.suspend(|| print!("{}", mr.pairs_summary(&args.sizes, &pairs)));
+    println!("== mode attrs: {:.1} s ==", started.elapsed().as_secs_f64());
+    report.modes.push(mr);
+    Ok(systems)
+}
+
+/// The random mode: per buffer size, one buffer per row ([`random::ROWS`]), all holding the
+/// same chain, all alive at once; each row warmed up and calibrated, then the repetitions in
+/// interleaved order (rotated each repetition), each continuing the row's chain where the last
+/// stopped. A row's figure is the median repetition's mean ns per read, beside the range.
+fn run_random(
+    args: &Args,
+    sizes: &[usize],
+    bar: &indicatif::ProgressBar,
+    report: &mut Report,
+) -> Result<(), String> {
+    println!("== mode: random ==");
+    let started = Instant::now();
+    let reps = args.random_reps();
+    println!(
+        "random: dependent 8-byte reads, one per 64-byte line, through every line of the buffer \
+         in one random cyclic order (seed {:#x}, the same for every row); {reps} repetitions per \
+         row, interleaved, of at least {} ms each; THP enabled [{}], defrag [{}], \
+         shmem_enabled [{}]; free 2 MiB hugetlb pages {}",
+        random::SEED,
+        random::MIN_REP.as_millis(),
+        measure::thp_setting("enabled"),
+        measure::thp_setting("defrag"),
+        measure::thp_setting("shmem_enabled"),
+        measure::free_hugetlb_pages()
+    );
+    let mut mr = ModeReport::new("random");
+    for &size in sizes {
+        let t = Instant::now();
+        bar.set_message(format!("random {size} chain"));
+        let lines = size / random::LINE;
+        let succ = random::cycle(lines, random::SEED);
+        let bufs: Vec<random::ReadBuffer> = random::ROWS
+            .iter()
+            .map(|n| random::ReadBuffer::new(n, size, &succ))
+            .collect::<Result<_, _>>()?;
+        drop(succ);
+        let huge_before: Vec<u64> = bufs.iter().map(|b| b.pages().huge()).collect();
+        bar.suspend(|| {
+            println!(
+                "buffers of {}: {lines} lines; chain and buffers ready in {:.1} s",
+                measure::bytes(size as u64),
+                t.elapsed().as_secs_f64()
+            )
+        });
+        // Warm up (through up to 100,000 lines) and calibrate each row: its reads per
+        // repetition fit its share of the budget, but last at least MIN_REP.
+        let mut pos = vec![0usize; bufs.len()];
+        let mut reads = vec![0u64; bufs.len()];
+        for (i, b) in bufs.iter().enumerate() {
+            bar.set_message(format!("random {size} {} warm-up", b.name));
+            let p = b.chase(0, lines.min(100_000) as u64);
+            let (est, p) = random::calibrate(b, p);
+            pos[i] = p;
+            reads[i] = match args.iters {
+                Some(n) => n as u64,
+                None => {
+                    let per_rep = (args.budget_ms as f64 * 1e6 / reps as f64)
+                        .max(random::MIN_REP.as_nanos() as f64);
+                    (per_rep / est.max(0.1)).ceil() as u64
+                }
+            };
+            bar.inc(1);
+        }
+        let mut ns: Vec<Vec<f64>> = vec![Vec::new(); bufs.len()];
+        for rep in 0..reps {
+            for k in 0..bufs.len() {
+                let i = (k + rep) % bufs.len(); // interleaved, rotated each repetition
+                bar.set_message(format!("random {size} {} rep {}", bufs[i].name, rep + 1));
+                let t = Instant::now();
+                pos[i] = bufs[i].chase(pos[i], reads[i]);
+                ns[i].push(t.elapsed().as_nanos() as f64 / reads[i] as f64);
+                bar.inc(1);
+            }
+        }
+        let med = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let base = med(&ns[0]);
+        for (i, b) in bufs.iter().enumerate() {
+            let pages = b.pages();
+            let mut backing = format!("{}; {}", b.how, pages.describe(b.bytes()));
+            if huge_before[i] != pages.huge() {
+                backing.push_str(&format!(
+                    " (before the reads: {} in 2 MiB pages)",
+                    measure::bytes(huge_before[i])
+                ));
+            }
+            let row = ReadRow {
+                mode: "random".into(),
+                system: b.name.into(),
+                size,
+                reads: reads[i],
+                reps_ns_per_read: ns[i].clone(),
+                ns_per_read: med(&ns[i]),
+                vs_pagepool: (base > 0.0).then(|| med(&ns[i]) / base),
+                backing,
+                huge_bytes: pages.huge(),
+                resident_bytes: pages.rss,
+            };
+            bar.suspend(|| {
+                println!("{}", row.seed_line());
+                println!("  backing: {}", row.backing);
+            });
+            mr.reads.push(row);
+        }
+        for b in bufs.iter().filter_map(random::ReadBuffer::heap) {
+            b.flush();
+        }
+    }
+    bar.suspend(|| print!("{}", mr.random_summary(&random::ROWS)));
+    println!(
+        "== mode random: {:.1} s ==",
+        started.elapsed().as_secs_f64()
+    );
+    report.modes.push(mr);
     Ok(())
 }

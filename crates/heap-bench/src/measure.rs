@@ -333,3 +333,269 @@ pub fn touch_floor(size: usize, d: Duration, settle: Duration) -> TouchFloor {
         other_streaming_ns: median_f64(streaming),
     }
 }
+
+/// What `/proc/self/smaps` and `/proc/self/numa_maps` say about the mappings that overlap one
+/// address range: how its memory is backed. Figures are per mapping (the kernel gives no finer
+/// ones), so a mapping that reaches past the range counts whole: `span` says how far they go.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RangePages {
+    /// Bytes of the mappings overlapping the range (their whole extent).
+    pub span: u64,
+    /// Resident bytes (`Rss`).
+    pub rss: u64,
+    /// Anonymous memory in transparent huge pages (`AnonHugePages`).
+    pub anon_huge: u64,
+    /// Shared memory (shmem, memfd) mapped as transparent huge pages (`ShmemPmdMapped`).
+    pub shmem_pmd: u64,
+    /// File memory mapped as transparent huge pages (`FilePmdMapped`).
+    pub file_pmd: u64,
+    /// hugetlbfs memory (`Shared_Hugetlb` + `Private_Hugetlb`).
+    pub hugetlb: u64,
+    /// Locked bytes (`Locked`).
+    pub locked: u64,
+    /// Pages per NUMA node, in bytes (`N<n>=` of `numa_maps`), ascending by node.
+    pub nodes: Vec<(u32, u64)>,
+    /// The memory policies of the mappings (`default`, `bind:0`, ...), each once.
+    pub policies: Vec<String>,
+}
+
+impl RangePages {
+    /// Bytes mapped by 2 MiB pages of any kind (transparent or hugetlbfs).
+    pub fn huge(&self) -> u64 {
+        self.anon_huge + self.shmem_pmd + self.file_pmd + self.hugetlb
+    }
+
+    /// One line: resident bytes, bytes in huge pages (and of which kind), locked bytes, nodes
+    /// and policies; and the mappings' extent where it is wider than the range.
+    pub fn describe(&self, len: usize) -> String {
+        let mut s = format!(
+            "resident {}, in 2 MiB pages {}",
+            bytes(self.rss),
+            bytes(self.huge())
+        );
+        for (name, b) in [
+            ("AnonHugePages", self.anon_huge),
+            ("ShmemPmdMapped", self.shmem_pmd),
+            ("FilePmdMapped", self.file_pmd),
+            ("hugetlb", self.hugetlb),
+        ] {
+            if b > 0 {
+                s.push_str(&format!(" ({name} {})", bytes(b)));
+            }
+        }
+        s.push_str(&format!(", locked {}", bytes(self.locked)));
+        for (n, b) in &self.nodes {
+            s.push_str(&format!(", node{n} {}", bytes(*b)));
+        }
+        if !self.policies.is_empty() {
+            s.push_str(&format!(", policy {}", self.policies.join("/")));
+        }
+        if self.span > len as u64 {
+            s.push_str(&format!(
+                " (figures of mappings spanning {}, wider than the {} range)",
+                bytes(self.span),
+                bytes(len as u64)
+            ));
+        }
+        s
+    }
+}
+
+/// `b` bytes for people: `4 KiB`, `2.0 MiB`, `1.00 GiB`.
+pub fn bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// Reads [`RangePages`] for `start..start + len` from this process's `smaps` and `numa_maps`
+/// (zeroes where they cannot be read).
+pub fn range_pages(start: usize, len: usize) -> RangePages {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let numa = std::fs::read_to_string("/proc/self/numa_maps").unwrap_or_default();
+    parse_range_pages(start, len, &smaps, &numa)
+}
+
+/// [`range_pages`] from the text of `smaps` and `numa_maps`.
+fn parse_range_pages(start: usize, len: usize, smaps: &str, numa: &str) -> RangePages {
+    let end = start.saturating_add(len);
+    let mut r = RangePages::default();
+    let mut starts = Vec::new();
+    let mut current = false;
+    for line in smaps.lines() {
+        if let Some((a, b)) = vma_range(line) {
+            current = a < end && b > start;
+            if current {
+                r.span += (b - a) as u64;
+                starts.push(a);
+            }
+            continue;
+        }
+        if !current {
+            continue;
+        }
+        let Some((key, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let kb = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024;
+        match key {
+            "Rss" => r.rss += kb,
+            "AnonHugePages" => r.anon_huge += kb,
+            "ShmemPmdMapped" => r.shmem_pmd += kb,
+            "FilePmdMapped" => r.file_pmd += kb,
+            "Shared_Hugetlb" | "Private_Hugetlb" => r.hugetlb += kb,
+            "Locked" => r.locked += kb,
+            _ => {}
+        }
+    }
+    let mut nodes = std::collections::BTreeMap::<u32, u64>::new();
+    for line in numa.lines() {
+        let mut words = line.split_whitespace();
+        let Some(a) = words.next().and_then(|a| usize::from_str_radix(a, 16).ok()) else {
+            continue;
+        };
+        if !starts.contains(&a) {
+            continue;
+        }
+        let words: Vec<&str> = words.collect();
+        if let Some(policy) = words.first()
+            && !r.policies.iter().any(|p| p == policy)
+        {
+            r.policies.push((*policy).to_owned());
+        }
+        let page_kb: u64 = words
+            .iter()
+            .find_map(|w| w.strip_prefix("kernelpagesize_kB="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        for w in &words {
+            if let Some((n, pages)) = w.strip_prefix('N').and_then(|x| x.split_once('='))
+                && let (Ok(n), Ok(pages)) = (n.parse::<u32>(), pages.parse::<u64>())
+            {
+                *nodes.entry(n).or_default() += pages * page_kb * 1024;
+            }
+        }
+    }
+    r.nodes = nodes.into_iter().collect();
+    r
+}
+
+/// The address range of a `smaps` mapping header line (`7f..-7f.. rw-p 00000000 00:00 0`).
+fn vma_range(line: &str) -> Option<(usize, usize)> {
+    let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+    if a.is_empty() || !a.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((
+        usize::from_str_radix(a, 16).ok()?,
+        usize::from_str_radix(b, 16).ok()?,
+    ))
+}
+
+/// The selected value of a transparent-huge-page setting
+/// (`/sys/kernel/mm/transparent_hugepage/NAME`, `always [madvise] never` -> `madvise`), or
+/// `absent`.
+pub fn thp_setting(name: &str) -> String {
+    std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{name}"))
+        .ok()
+        .and_then(|s| {
+            let a = s.find('[')? + 1;
+            let b = a + s[a..].find(']')?;
+            Some(s[a..b].to_owned())
+        })
+        .unwrap_or_else(|| "absent".into())
+}
+
+/// Free 2 MiB hugetlbfs pages (0 where there are none).
+pub fn free_hugetlb_pages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (`None` where it cannot be read).
+pub fn mem_available() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+/// The process's `RLIMIT_MEMLOCK` soft limit, for people (`unlimited`, `8.0 MiB`), and whether
+/// it binds: a process with `CAP_IPC_LOCK` (root, usually) may lock past it.
+pub fn memlock_limit() -> String {
+    let limit = match rustix::process::getrlimit(rustix::process::Resource::Memlock).current {
+        None => "unlimited".into(),
+        Some(b) => bytes(b),
+    };
+    // CAP_IPC_LOCK is capability 14 (linux/capability.h).
+    let ipc_lock = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 14) != 0);
+    if ipc_lock {
+        format!("{limit}, not binding (CAP_IPC_LOCK)")
+    } else {
+        limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_pages_sum_the_overlapping_mappings_only() {
+        let smaps = "\
+7f0000000000-7f0000200000 rw-p 00000000 00:00 0
+Rss:                2048 kB
+AnonHugePages:      2048 kB
+Locked:             2048 kB
+7f0000200000-7f0000400000 rw-p 00000000 00:00 0
+Rss:                   8 kB
+AnonHugePages:         0 kB
+7f1000000000-7f1000200000 rw-s 00000000 00:0f 11 /memfd:x (deleted)
+Rss:                2048 kB
+ShmemPmdMapped:     2048 kB
+";
+        let numa = "\
+7f0000000000 bind:0 anon=512 dirty=512 N0=1 kernelpagesize_kB=2048
+7f0000200000 default anon=2 N0=2 kernelpagesize_kB=4
+7f1000000000 default file=/memfd:x N0=512 kernelpagesize_kB=4
+";
+        let r = parse_range_pages(0x7f00_0000_0000, 2 << 20, smaps, numa);
+        assert_eq!(r.span, 2 << 20);
+        assert_eq!((r.rss, r.anon_huge, r.locked), (2 << 20, 2 << 20, 2 << 20));
+        assert_eq!(r.huge(), 2 << 20);
+        assert_eq!(r.nodes, [(0, 2 << 20)]);
+        assert_eq!(r.policies, ["bind:0"]);
+        let both = parse_range_pages(0x7f00_0010_0000, 2 << 20, smaps, numa);
+        assert_eq!(both.span, 4 << 20, "both mappings overlap");
+        assert!(both.describe(2 << 20).contains("wider than"));
+        let shm = parse_range_pages(0x7f10_0000_0000, 4096, smaps, numa);
+        assert_eq!((shm.shmem_pmd, shm.anon_huge), (2 << 20, 0));
+        assert_eq!(bytes(4096), "4 KiB");
+        assert_eq!(bytes(3 << 20), "3.0 MiB");
+    }
+}

@@ -10,7 +10,7 @@ use crate::systems::{CallOpts, PEERS};
 /// One system at one size in one mode.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
-    /// `tight`, `paced`, `loaded` or `threads-T`.
+    /// `tight`, `paced`, `loaded`, `threads-T` or `attrs`.
     pub mode: String,
     /// The system's name.
     pub system: String,
@@ -39,7 +39,8 @@ pub struct Row {
     pub threads: Option<usize>,
     /// Threads mode: calls per second, all threads together (the median repetition's).
     pub calls_per_sec: Option<f64>,
-    /// A tuned peer's settings, as they were in effect.
+    /// A tuned peer's settings, as they were in effect; an attrs mode row's: what it does per
+    /// call and what its memory got (checked outside the timed calls).
     pub settings: Option<String>,
     /// Why the system could not run, if it could not.
     pub absent: Option<String>,
@@ -85,6 +86,45 @@ impl Row {
     }
 }
 
+/// One row of the random mode: random dependent 8-byte reads over one buffer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadRow {
+    /// `random`.
+    pub mode: String,
+    /// The row's name.
+    pub system: String,
+    /// The buffer's bytes, which the reads range over.
+    pub size: usize,
+    /// Reads per repetition.
+    pub reads: u64,
+    /// Each repetition's mean ns per read, in the order they ran.
+    pub reps_ns_per_read: Vec<f64>,
+    /// The median repetition's mean ns per read (of two: the slower).
+    pub ns_per_read: f64,
+    /// `ns_per_read` over the `pagepool` row's (4 KiB pages) at the same size.
+    pub vs_pagepool: Option<f64>,
+    /// What the buffer is and what backs it (smaps of its range after the reads).
+    pub backing: String,
+    /// Bytes of the buffer mapped by 2 MiB pages of any kind, after the reads.
+    pub huge_bytes: u64,
+    /// Resident bytes of the buffer, after the reads.
+    pub resident_bytes: u64,
+}
+
+impl ReadRow {
+    /// The seed-format line: `NAME heap: read 8 bytes N times over SIZE bytes in T ns`.
+    pub fn seed_line(&self) -> String {
+        format!(
+            "{} heap: read 8 bytes {} times over {} bytes in {:.0} ns \t {:.1} ns/read",
+            self.system,
+            self.reads,
+            self.size,
+            self.ns_per_read * self.reads as f64,
+            self.ns_per_read
+        )
+    }
+}
+
 /// The worker's zeroing throughput while one size ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerFigure {
@@ -104,7 +144,7 @@ pub struct WorkerFigure {
 /// One mode's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeReport {
-    /// `tight`, `paced`, `loaded` or `threads-T`.
+    /// `tight`, `paced`, `loaded`, `threads-T`, `attrs` or `random`.
     pub mode: String,
     /// Work between calls per size (ns; 0 in tight mode).
     pub work_ns: Vec<(usize, u64)>,
@@ -112,6 +152,9 @@ pub struct ModeReport {
     pub rows: Vec<Row>,
     /// The worker's throughput per size.
     pub worker: Vec<WorkerFigure>,
+    /// The random mode's rows (none in the other modes).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reads: Vec<ReadRow>,
 }
 
 fn human(size: usize) -> String {
@@ -136,7 +179,135 @@ impl ModeReport {
             work_ns: Vec::new(),
             rows: Vec::new(),
             worker: Vec::new(),
+            reads: Vec::new(),
         }
+    }
+
+    /// The attrs mode's summary: one row per size, one column per system, each pagepool pool
+    /// type beside its peer, (x) = peer / pagepool within a pair; then the same for p50, p99,
+    /// the slowest call and CPU time.
+    pub fn pairs_summary(&self, sizes: &[usize], pairs: &[(&str, &str)]) -> String {
+        let mut out = String::new();
+        for (i, (what, metric)) in [
+            ("ns/call", (|r: &Row| r.ns_per_call) as fn(&Row) -> f64),
+            ("p50 ns per call", |r: &Row| r.p50_ns as f64),
+            ("p99 ns per call", |r: &Row| r.p99_ns as f64),
+            ("max ns per call", |r: &Row| r.max_ns as f64),
+            ("CPU ns per call, whole process (all threads)", |r: &Row| {
+                r.cpu_ns_per_call
+            }),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if i == 0 {
+                let _ = writeln!(
+                    out,
+                    "== summary: {} ({what}; (x) = peer / its pagepool row: above 1 means \
+                     pagepool is faster) ==",
+                    self.mode
+                );
+            } else {
+                let _ = writeln!(out, "-- {}: {what} ((x) = peer / pagepool) --", self.mode);
+            }
+            let _ = write!(out, "{:>8}", "size");
+            for (a, b) in pairs {
+                let _ = write!(out, " {a:>20} {b:>20}");
+            }
+            out.push('\n');
+            for &size in sizes {
+                let _ = write!(out, "{:>8}", human(size));
+                for (a, b) in pairs {
+                    let base = self
+                        .find(a, size)
+                        .filter(|r| r.absent.is_none())
+                        .map(metric);
+                    for (s, peer) in [(a, false), (b, true)] {
+                        let cell = match self.find(s, size) {
+                            Some(r) if r.absent.is_some() => "absent".to_string(),
+                            Some(r) => match base {
+                                Some(b) if peer && b > 0.0 => {
+                                    format!("{:.0} ({:.2}x)", metric(r), metric(r) / b)
+                                }
+                                _ => format!("{:.0}", metric(r)),
+                            },
+                            None => "-".into(),
+                        };
+                        let _ = write!(out, " {cell:>20}");
+                    }
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The random mode's summary: one row per buffer size, one column per row, ns per read
+    /// (median of the repetitions, their range, and the ratio to `pagepool`); then the share of
+    /// each buffer in 2 MiB pages.
+    pub fn random_summary(&self, systems: &[&str]) -> String {
+        let mut sizes: Vec<usize> = self.reads.iter().map(|r| r.size).collect();
+        sizes.dedup();
+        let find =
+            |s: &str, size: usize| self.reads.iter().find(|r| r.system == s && r.size == size);
+        let reps = self.reads.first().map_or(0, |r| r.reps_ns_per_read.len());
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "== summary: {} (ns per read: median of {reps} repetitions [lowest-highest]; (x) = \
+             row / pagepool, 4 KiB pages: below 1 means fewer ns per read) ==",
+            self.mode
+        );
+        let _ = write!(out, "{:>8}", "size");
+        for s in systems {
+            let _ = write!(out, " {s:>26}");
+        }
+        out.push('\n');
+        for &size in &sizes {
+            let _ = write!(out, "{:>8}", human(size));
+            for s in systems {
+                let cell = match find(s, size) {
+                    Some(r) => {
+                        let lo = r
+                            .reps_ns_per_read
+                            .iter()
+                            .copied()
+                            .fold(f64::INFINITY, f64::min);
+                        let hi = r.reps_ns_per_read.iter().copied().fold(0.0, f64::max);
+                        match r.vs_pagepool.filter(|_| *s != "pagepool") {
+                            Some(x) => {
+                                format!("{:.1} [{lo:.1}-{hi:.1}] ({x:.2}x)", r.ns_per_read)
+                            }
+                            None => format!("{:.1} [{lo:.1}-{hi:.1}]", r.ns_per_read),
+                        }
+                    }
+                    None => "-".into(),
+                };
+                let _ = write!(out, " {cell:>26}");
+            }
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "-- {}: share of each buffer mapped by 2 MiB pages, after the reads --",
+            self.mode
+        );
+        let _ = write!(out, "{:>8}", "size");
+        for s in systems {
+            let _ = write!(out, " {s:>26}");
+        }
+        out.push('\n');
+        for &size in &sizes {
+            let _ = write!(out, "{:>8}", human(size));
+            for s in systems {
+                let cell = find(s, size).map_or("-".into(), |r| {
+                    format!("{:.1}%", 100.0 * r.huge_bytes as f64 / r.size.max(1) as f64)
+                });
+                let _ = write!(out, " {cell:>26}");
+            }
+            out.push('\n');
+        }
+        out
     }
 
     /// The fastest of the general-purpose allocators at `size`, tuned ones included.
@@ -432,8 +603,19 @@ impl Report {
             "#c5b0d5", "#8c564b", "#17becf", "#7f7f7f",
         ];
         let (pw, ph, ml, mt, mb) = (420.0, 320.0, 80.0, 50.0, 70.0);
-        let latency: Vec<&ModeReport> = self.modes.iter().filter(|m| m.has_work()).collect();
-        let panels = self.modes.len().max(1);
+        // The modes of calls (the random mode's reads are not drawn), and the systems in them.
+        let modes: Vec<&ModeReport> = self.modes.iter().filter(|m| !m.rows.is_empty()).collect();
+        let systems: Vec<&str> = systems
+            .iter()
+            .copied()
+            .filter(|sys| {
+                modes
+                    .iter()
+                    .any(|m| m.rows.iter().any(|r| r.system == *sys))
+            })
+            .collect();
+        let latency: Vec<&ModeReport> = modes.iter().copied().filter(|m| m.has_work()).collect();
+        let panels = modes.len().max(1);
         let width = ml + panels as f64 * (pw + ml) + 170.0;
         let rows = if latency.is_empty() { 1.0 } else { 2.0 };
         let height = rows * (mt + ph + mb);
@@ -443,12 +625,17 @@ impl Report {
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
         );
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let sizes: Vec<usize> = self.bandwidth.iter().map(|b| b.0).collect();
+        let mut sizes: Vec<usize> = modes
+            .iter()
+            .flat_map(|m| m.rows.iter().map(|r| r.size))
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
         let color = |sys: &str| {
             let i = systems.iter().position(|x| *x == sys).unwrap_or(0);
             COLORS[i % COLORS.len()]
         };
-        for (mi, m) in self.modes.iter().enumerate() {
+        for (mi, m) in modes.iter().enumerate() {
             let series: Vec<Series> = systems
                 .iter()
                 .map(|sys| Series {
@@ -474,7 +661,7 @@ impl Report {
         }
         for (mi, m) in latency.iter().enumerate() {
             let mut series = Vec::new();
-            for sys in systems {
+            for sys in &systems {
                 for (dashed, q) in [(false, 0.5), (true, 0.99)] {
                     series.push(Series {
                         color: color(sys),

@@ -1,15 +1,17 @@
 //! The rows of the benchmark: pagepool in three configurations and the allocators a user would
-//! pick instead. One call obtains a buffer, optionally checks it reads all-zero, writes one byte
-//! in every 4 KiB page (so every row delivers resident, zeroed, usable memory), and releases it.
+//! pick instead; and the attrs mode's rows, pagepool's pool types (locked, huge, node 0) beside
+//! the system calls a user would make for the same memory instead. One call obtains a buffer,
+//! optionally checks it reads all-zero, writes one byte in every 4 KiB page (so every row
+//! delivers resident, zeroed, usable memory), and releases it.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::{self, NonNull};
 
 use mimalloc::MiMalloc;
 use pagepool::{Access, DmaHeap};
-use pagepool::{Registry, SystemHeap};
+use pagepool::{PoolType, Registry, SystemHeap};
 use rustix::fs::{FallocateFlags, MemfdFlags};
-use rustix::mm::{MapFlags, ProtFlags};
+use rustix::mm::{Advice, MapFlags, ProtFlags};
 use tikv_jemallocator::Jemalloc;
 
 /// Every system, in table order.
@@ -27,6 +29,28 @@ pub const ALL: [&str; 12] = [
     "memfd",
     "dmabuf",
 ];
+
+/// The attrs mode's rows, in table order: each pagepool pool type, then what a user would do
+/// per call instead for the same memory.
+pub const ATTRS: [&str; 6] = [
+    "pagepool-locked",
+    "mmap-mlock",
+    "pagepool-huge",
+    "mmap-thp",
+    "pagepool-node0",
+    "mmap-mbind",
+];
+
+/// The attrs mode's pairs, `(pagepool row, peer row)`: its ratios are peer / pagepool within a
+/// pair.
+pub const ATTRS_PAIRS: [(&str, &str); 3] = [
+    ("pagepool-locked", "mmap-mlock"),
+    ("pagepool-huge", "mmap-thp"),
+    ("pagepool-node0", "mmap-mbind"),
+];
+
+/// A huge page: 2 MiB (x86-64, and arm64 with 4 KiB base pages).
+pub const HUGE: usize = 2 << 20;
 
 /// The general-purpose allocators a user would pick instead, with their defaults and tuned: the
 /// benchmark's "best peer" is the fastest of these.
@@ -134,6 +158,12 @@ enum Kind {
     Mmap,
     Memfd,
     Dmabuf(DmaHeap),
+    /// `mmap` + `mlock` + `munmap`.
+    MmapLock,
+    /// `mmap` (2 MiB-aligned) + `MADV_HUGEPAGE` + `MADV_POPULATE_WRITE` + `munmap`.
+    MmapThp,
+    /// `mmap` + `mbind(MPOL_BIND, node 0)` + `MADV_POPULATE_WRITE` + `munmap`.
+    MmapBind,
 }
 
 /// One row: a name and how to call it, or why it cannot run here.
@@ -172,6 +202,36 @@ impl System {
             "jemalloc" | "jemalloc-tuned" => Kind::Jemalloc,
             "mmap" => Kind::Mmap,
             "memfd" => Kind::Memfd,
+            // The pool types: default heaps (on the global registry, as a program's would be)
+            // but for their type.
+            "pagepool-locked" => Kind::Heap(heap(
+                SystemHeap::builder()
+                    .name("locked")
+                    .pool_type(PoolType::SYSTEM.locked()),
+            )?),
+            "pagepool-huge" => Kind::Heap(heap(
+                SystemHeap::builder()
+                    .name("huge")
+                    .pool_type(PoolType::SYSTEM.huge()),
+            )?),
+            // Node 0 exists on every machine, but may have no memory (a few NUMA systems).
+            "pagepool-node0" => match heap(
+                SystemHeap::builder()
+                    .name("node0")
+                    .pool_type(PoolType::SYSTEM.node(0)),
+            ) {
+                Ok(h) => Kind::Heap(h),
+                Err(e) => {
+                    return Ok(System {
+                        name,
+                        kind: None,
+                        absent: Some(e),
+                    });
+                }
+            },
+            "mmap-mlock" => Kind::MmapLock,
+            "mmap-thp" => Kind::MmapThp,
+            "mmap-mbind" => Kind::MmapBind,
             "dmabuf" => match DmaHeap::open("system") {
                 Ok(h) => Kind::Dmabuf(h),
                 Err(e) => {
@@ -184,8 +244,9 @@ impl System {
             },
             other => {
                 return Err(format!(
-                    "unknown system {other:?}; known: {}",
-                    ALL.join(", ")
+                    "unknown system {other:?}; known: {}, {}",
+                    ALL.join(", "),
+                    ATTRS.join(", ")
                 ));
             }
         };
@@ -288,8 +349,211 @@ impl System {
                 let bytes = unsafe { cpu.as_mut_slice() };
                 use_buffer(&mut bytes[..size], opts)
             }
+            Kind::MmapLock | Kind::MmapThp | Kind::MmapBind => {
+                mapped_call(kind, size, opts, false).map(drop)
+            }
         }
     }
+
+    /// What an attrs mode row does per call and what its memory got, checked outside the timed
+    /// calls: for a pool-type heap, its type, its huge backing (`stats().huge_backing`) and
+    /// what the kernel backs its arenas with while one buffer is held (`backing()`; call it
+    /// after the row's calls, when the pools are warm);
+    /// for an mmap row, what one call's mapping got, read from `/proc/self/smaps` and
+    /// `numa_maps` while it is mapped (it makes that call). `None` for the other rows.
+    pub fn attrs_settings(&self, size: usize, opts: CallOpts) -> Result<Option<String>, String> {
+        let Some(kind) = &self.kind else {
+            return Ok(None);
+        };
+        let what = match (self.name, kind) {
+            ("pagepool-locked" | "pagepool-huge" | "pagepool-node0", Kind::Heap(h)) => {
+                let st = h.stats();
+                let how = match self.name {
+                    "pagepool-locked" => format!(
+                        "mlock on carving, kept locked while pooled; RLIMIT_MEMLOCK {}",
+                        crate::measure::memlock_limit()
+                    ),
+                    "pagepool-huge" => format!(
+                        "2 MiB blocks (lengths rounded up to 2 MiB); huge backing: {}",
+                        st.huge_backing
+                            .map_or("none".to_string(), |b| b.to_string())
+                    ),
+                    _ => "mbind(MPOL_BIND) to node 0 on each arena".to_string(),
+                };
+                // One buffer held (pooled memory, after the row's calls), touched as a call
+                // does, while the arenas are read.
+                let mut buf = h.alloc(size).map_err(|e| e.to_string())?;
+                use_buffer(&mut buf[..size], opts)?;
+                let b = h.backing().map_err(|e| format!("backing: {e}"))?;
+                drop(buf);
+                let bytes = |v: u64| crate::measure::bytes(v);
+                let mut got = format!(
+                    "mapped {}, resident {}, thp {}, hugetlb {}, locked {}",
+                    bytes(b.mapped_bytes),
+                    bytes(b.resident_bytes),
+                    bytes(b.thp_bytes),
+                    bytes(b.hugetlb_bytes),
+                    bytes(b.locked_bytes)
+                );
+                for (n, v) in &b.node_bytes {
+                    got.push_str(&format!(", node{n} {}", bytes(*v)));
+                }
+                for (n, arenas) in &b.bound_to {
+                    got.push_str(&format!(", {arenas} arenas bound to node{n}"));
+                }
+                format!(
+                    "pool type {}: {how}; arenas after the row, one buffer held: {got}",
+                    st.pool_type
+                )
+            }
+            (_, Kind::MmapLock) => format!(
+                "mmap + mlock + munmap per call (RLIMIT_MEMLOCK {}); one call's mapping: {}",
+                crate::measure::memlock_limit(),
+                checked(kind, size, opts)?
+            ),
+            (_, Kind::MmapThp) => {
+                let got = mapped_call(kind, size, opts, true)?.unwrap_or_default();
+                // The call succeeded: the rounded length fits.
+                let len = size.div_ceil(HUGE) * HUGE;
+                let huge = match got.huge() {
+                    0 => "no",
+                    h if h >= len as u64 => "yes",
+                    _ => "partly",
+                };
+                format!(
+                    "mmap of {} + 2 MiB, its 2 MiB-aligned {} madvise(MADV_HUGEPAGE) + \
+                     madvise(MADV_POPULATE_WRITE), munmap per call (THP enabled [{}], defrag \
+                     [{}]); one call's mapping got huge pages: {huge}: {}",
+                    crate::measure::bytes(len as u64),
+                    crate::measure::bytes(len as u64),
+                    crate::measure::thp_setting("enabled"),
+                    crate::measure::thp_setting("defrag"),
+                    got.describe(len)
+                )
+            }
+            (_, Kind::MmapBind) => format!(
+                "mmap + mbind(MPOL_BIND, node 0) + madvise(MADV_POPULATE_WRITE) + munmap per \
+                 call; one call's mapping: {}",
+                checked(kind, size, opts)?
+            ),
+            _ => return Ok(None),
+        };
+        Ok(Some(what))
+    }
+}
+
+/// One call of an attrs mmap row, with what its mapping got.
+fn checked(kind: &Kind, size: usize, opts: CallOpts) -> Result<String, String> {
+    let got = mapped_call(kind, size, opts, true)?.unwrap_or_default();
+    Ok(got.describe(size))
+}
+
+/// Binds `p..p + len` to NUMA node 0 (`mbind(MPOL_BIND)`).
+///
+/// # Safety
+/// The caller owns the range.
+unsafe fn bind_node0(p: *mut u8, len: usize) -> Result<(), String> {
+    let mask: [libc::c_ulong; 1] = [1];
+    // SAFETY: `mbind` reads `mask` (one word: `maxnode` 64 bits) and changes only the memory
+    // policy of the range, which the caller owns; no memory is read or written.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            p,
+            len,
+            libc::MPOL_BIND,
+            mask.as_ptr(),
+            libc::c_ulong::BITS as libc::c_ulong,
+            0 as libc::c_uint,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!("mbind: {}", std::io::Error::last_os_error()))
+    }
+}
+
+/// One call of an attrs mode mmap row: a fresh private mapping, the row's attribute applied
+/// and its pages populated as the row says, used (see [`use_buffer`]), unmapped. With
+/// `inspect`, returns what the mapping got (read while it is still mapped, after the use).
+fn mapped_call(
+    kind: &Kind,
+    size: usize,
+    opts: CallOpts,
+    inspect: bool,
+) -> Result<Option<crate::measure::RangePages>, String> {
+    // For huge pages: the length rounded up to 2 MiB (as the huge heap rounds it), at a 2 MiB
+    // boundary inside a mapping 2 MiB longer (the rest is never touched).
+    let (len, map_len) = match kind {
+        Kind::MmapThp => {
+            let len = size
+                .checked_next_multiple_of(HUGE)
+                .filter(|l| l.checked_add(HUGE).is_some())
+                .ok_or("size past the address space")?;
+            (len, len + HUGE)
+        }
+        _ => (size, size),
+    };
+    // SAFETY: a fresh private mapping at an address the kernel picks.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            ptr::null_mut(),
+            map_len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }
+    .map_err(|e| format!("mmap: {e}"))?;
+    let p = p.cast::<u8>();
+    let a = match kind {
+        Kind::MmapThp => p.wrapping_add((p as usize).next_multiple_of(HUGE) - p as usize),
+        _ => p,
+    };
+    let r = (|| {
+        match kind {
+            // SAFETY: `a..a + len` lies in the mapping made above, ours until `munmap`;
+            // locking changes no contents.
+            Kind::MmapLock => unsafe { rustix::mm::mlock(a.cast(), len) }.map_err(|e| {
+                format!(
+                    "mlock: {e} (RLIMIT_MEMLOCK {})",
+                    crate::measure::memlock_limit()
+                )
+            })?,
+            Kind::MmapThp => {
+                // SAFETY: advice on `a..a + len`, inside the mapping made above, which is
+                // ours; it changes no contents.
+                unsafe { rustix::mm::madvise(a.cast(), len, Advice::LinuxHugepage) }
+                    .map_err(|e| format!("madvise(MADV_HUGEPAGE): {e}"))?;
+                // SAFETY: as above; the mapping is writable.
+                unsafe { populate(a, len) }?;
+            }
+            _ => {
+                // SAFETY: the mapping made above, ours until `munmap`.
+                unsafe { bind_node0(a, len) }?;
+                // SAFETY: the mapping made above, writable, ours until `munmap`.
+                unsafe { populate(a, len) }?;
+            }
+        }
+        // SAFETY: `a..a + len` (`len >= size`) lies in the mapping made above, ours until
+        // `munmap`; nothing else refers to it.
+        use_buffer(unsafe { std::slice::from_raw_parts_mut(a, size) }, opts)?;
+        Ok(inspect.then(|| crate::measure::range_pages(a as usize, len)))
+    })();
+    // SAFETY: the mapping made above; the slice is gone.
+    unsafe { rustix::mm::munmap(p.cast(), map_len) }.map_err(|e| format!("munmap: {e}"))?;
+    r
+}
+
+/// Faults in `p..p + len` for writing (`MADV_POPULATE_WRITE`, Linux 5.14+).
+///
+/// # Safety
+/// The caller owns the range: a writable mapping of its own.
+pub unsafe fn populate(p: *mut u8, len: usize) -> Result<(), String> {
+    // SAFETY: the caller owns the range; populating faults in its pages (zeroed where none
+    // were) and changes no contents.
+    unsafe { rustix::mm::madvise(p.cast(), len, Advice::LinuxPopulateWrite) }
+        .map_err(|e| format!("madvise(MADV_POPULATE_WRITE): {e} (needs Linux 5.14)"))
 }
 
 fn with_global(a: &dyn GlobalAlloc, size: usize, opts: CallOpts) -> Result<(), String> {

@@ -1,6 +1,7 @@
 //! The main job runs: a tiny configuration of `heap-bench` must print every row of every mode
 //! (tight, paced, loaded, threads-2, threads-4) in the seed's format, tuned peers included, and
-//! write JSON and an SVG chart that parse.
+//! write JSON and an SVG chart that parse; so must the modes run only when asked for (attrs,
+//! random).
 
 use std::process::Command;
 
@@ -204,4 +205,248 @@ fn bad_arguments_are_clear_errors() {
     assert!(run(&["--reps", "0"]).contains("--reps"));
     assert!(run(&["--mode", "fast"]).contains("invalid value"));
     assert!(run(&["--mode", "threads", "--threads", "0"]).contains("--threads"));
+    // The attrs and random modes' arguments.
+    let clear = |args: &[&str], what: &str| {
+        let err = run(args);
+        assert!(err.contains(what), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    };
+    clear(&["--mode", "attrs", "--systems", "nope"], "unknown system");
+    clear(
+        &["--mode", "attrs", "--systems", "pagepool"],
+        "none of the attrs mode's rows",
+    );
+    clear(
+        &["--mode", "tight", "--systems", "mmap-thp"],
+        "none of the systems of mode tight",
+    );
+    clear(&["--mode", "attrs", "--sizes", "0"], "bad size");
+    clear(&["--mode", "random", "--random-bytes", "0"], "bad size");
+    clear(&["--mode", "random", "--random-small", "1X"], "bad size");
+    clear(
+        &["--mode", "random", "--random-bytes", "255G"],
+        "available memory",
+    );
+    clear(
+        &["--mode", "random", "--random-bytes", "300G"],
+        "at most 256",
+    );
+    clear(
+        &["--mode", "random", "--random-bytes", "18446744073709551615"],
+        "at most 256",
+    );
+    clear(&["--mode", "random", "--reps", "0"], "--reps");
+    clear(&["--mode", "random", "--iters", "0"], "--iters");
+    clear(&["--mode", "attrs,bogus"], "invalid value");
+}
+
+/// The attrs mode's rows, in table order.
+const ATTRS: [&str; 6] = [
+    "pagepool-locked",
+    "mmap-mlock",
+    "pagepool-huge",
+    "mmap-thp",
+    "pagepool-node0",
+    "mmap-mbind",
+];
+
+#[test]
+fn attrs_mode_prints_every_pair_with_its_settings() {
+    let json = std::env::temp_dir().join(format!("heap-bench-attrs-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_heap-bench"))
+        .args([
+            "--mode",
+            "attrs",
+            "--sizes",
+            "4K,64K",
+            "--iters",
+            "3",
+            "--reps",
+            "2",
+            "--verify",
+            "--no-progress",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("NaN"), "{stdout}");
+    assert!(
+        !stdout.contains("== mode: tight =="),
+        "attrs only:\n{stdout}"
+    );
+    let section = stdout
+        .split("== mode: attrs ==")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no attrs section:\n{stdout}"));
+    let (rows, summary) = section.split_once("== summary: attrs").unwrap();
+    let lines: Vec<&str> = rows.lines().collect();
+    for sys in ATTRS {
+        for size in [4096, 65536] {
+            let prefix = format!("{sys} heap: ");
+            let at = lines
+                .iter()
+                .position(|l| {
+                    l.strip_prefix(&prefix).is_some_and(|rest| {
+                        rest.starts_with("absent (")
+                            || (rest.starts_with(&format!("alloc {size} bytes 3 times in "))
+                                && rest.trim_end().ends_with("ns/call"))
+                    })
+                })
+                .unwrap_or_else(|| panic!("no line for {sys} at {size}:\n{rows}"));
+            if lines[at].contains("absent (") {
+                continue;
+            }
+            // Every row names its settings, checked outside the timed calls.
+            let settings = lines[at + 1]
+                .strip_prefix("  settings: ")
+                .unwrap_or_else(|| panic!("{sys} at {size}: no settings:\n{rows}"));
+            let expect = match sys {
+                "pagepool-locked" => "pool type locked",
+                "pagepool-huge" => "huge backing: ",
+                "pagepool-node0" => "pool type node0",
+                "mmap-mlock" => "mlock",
+                "mmap-thp" => "got huge pages: ",
+                _ => "mbind(MPOL_BIND, node 0)",
+            };
+            assert!(settings.contains(expect), "{sys}: {settings}");
+        }
+    }
+    for what in [
+        "(x) = peer / its pagepool row",
+        "p50 ns per call",
+        "p99 ns per call",
+        "max ns per call",
+        "CPU ns per call",
+    ] {
+        assert!(summary.contains(what), "no {what} table:\n{summary}");
+    }
+    for sys in ATTRS {
+        assert!(summary.contains(sys), "{sys} not in the summary");
+    }
+    assert!(stdout.contains("== pagepool-huge heap statistics =="));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let modes = report["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 1);
+    assert_eq!(modes[0]["mode"], "attrs");
+    let rows = modes[0]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), ATTRS.len() * 2);
+    for r in rows {
+        assert_eq!(r["mode"], "attrs", "{r}");
+        assert!(ATTRS.contains(&r["system"].as_str().unwrap()), "{r}");
+        assert!([4096, 65536].contains(&r["size"].as_u64().unwrap()), "{r}");
+        if !r["absent"].is_null() {
+            continue;
+        }
+        assert_eq!(r["iters"], 3, "{r}");
+        assert!(r["ns_per_call"].as_f64().unwrap() > 0.0, "{r}");
+        let (p50, p99, max) = (
+            r["p50_ns"].as_u64().unwrap(),
+            r["p99_ns"].as_u64().unwrap(),
+            r["max_ns"].as_u64().unwrap(),
+        );
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+        assert!(r["cpu_ns_per_call"].as_f64().unwrap() >= 0.0, "{r}");
+        assert!(r["settings"].is_string(), "{r}");
+    }
+}
+
+/// The random mode's rows.
+const RANDOM: [&str; 4] = ["pagepool", "pagepool-huge", "mmap-thp", "mmap"];
+
+#[test]
+fn random_mode_reports_every_row_and_its_backing() {
+    let json = std::env::temp_dir().join(format!("heap-bench-random-{}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_heap-bench"))
+        .args([
+            "--mode",
+            "random",
+            "--random-bytes",
+            "4M",
+            "--random-small",
+            "2M",
+            "--iters",
+            "2000",
+            "--reps",
+            "2",
+            "--no-progress",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("NaN"), "{stdout}");
+    let section = stdout
+        .split("== mode: random ==")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no random section:\n{stdout}"));
+    let (rows, summary) = section.split_once("== summary: random").unwrap();
+    let lines: Vec<&str> = rows.lines().collect();
+    for sys in RANDOM {
+        for size in [2 << 20, 4 << 20] {
+            let head = format!("{sys} heap: read 8 bytes 2000 times over {size} bytes in ");
+            let at = lines
+                .iter()
+                .position(|l| l.starts_with(&head) && l.trim_end().ends_with("ns/read"))
+                .unwrap_or_else(|| panic!("no line for {sys} at {size}:\n{rows}"));
+            assert!(
+                lines[at + 1].starts_with("  backing: "),
+                "{sys} at {size}: no backing:\n{rows}"
+            );
+        }
+    }
+    assert!(summary.contains("(x) = row / pagepool"), "{summary}");
+    assert!(summary.contains("2 MiB pages"), "{summary}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).unwrap();
+    let modes = report["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 1);
+    assert_eq!(modes[0]["mode"], "random");
+    let reads = modes[0]["reads"].as_array().unwrap();
+    assert_eq!(reads.len(), RANDOM.len() * 2);
+    for r in reads {
+        let sys = r["system"].as_str().unwrap();
+        assert_eq!(r["mode"], "random", "{r}");
+        assert!(RANDOM.contains(&sys), "{r}");
+        assert!(
+            [2 << 20, 4 << 20].contains(&r["size"].as_u64().unwrap()),
+            "{r}"
+        );
+        assert_eq!(r["reads"], 2000, "{r}");
+        let ns = r["ns_per_read"].as_f64().unwrap();
+        assert!(ns.is_finite() && ns > 0.0, "{r}");
+        assert_eq!(r["reps_ns_per_read"].as_array().unwrap().len(), 2, "{r}");
+        let ratio = r["vs_pagepool"].as_f64().unwrap();
+        assert!(ratio.is_finite() && ratio > 0.0, "{r}");
+        if sys == "pagepool" {
+            assert_eq!(ratio, 1.0, "{r}");
+        }
+        let backing = r["backing"].as_str().unwrap();
+        assert!(backing.contains("resident "), "{r}");
+        match sys {
+            "pagepool-huge" => assert!(backing.contains("huge backing: "), "{r}"),
+            "mmap-thp" => assert!(backing.contains("MADV_HUGEPAGE"), "{r}"),
+            _ => {}
+        }
+        assert!(
+            r["resident_bytes"].as_u64().unwrap() >= r["size"].as_u64().unwrap(),
+            "{r}"
+        );
+        assert!(r["huge_bytes"].as_u64().is_some(), "{r}");
+    }
 }
