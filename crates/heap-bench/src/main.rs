@@ -679,6 +679,22 @@ fn run(args: Args) -> Result<(), String> {
             ));
         }
     }
+    // Every row holds at least one buffer of each size at once (threads mode one per thread,
+    // pools and queues a few more): a size that cannot fit is refused here, clearly, rather
+    // than by an allocation failure that aborts the process mid-run.
+    if let (Some(&largest), Some(avail)) = (args.sizes.iter().max(), measure::mem_available()) {
+        let threads = args.threads.iter().copied().max().unwrap_or(1).max(1);
+        let need = (largest as u64).saturating_mul(4 + threads as u64);
+        if need > avail {
+            return Err(format!(
+                "--sizes: a buffer of {} needs about {} at once (4 + threads buffers), more \
+                 than this machine's available memory ({}); choose smaller sizes",
+                measure::bytes(largest as u64),
+                measure::bytes(need),
+                measure::bytes(avail)
+            ));
+        }
+    }
     // The tuned peers run in a child process, unless this is it.
     let (tuned, local): (Vec<&'static str>, Vec<&'static str>) = if args.child_tuned {
         (Vec::new(), names.clone())

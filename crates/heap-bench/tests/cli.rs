@@ -221,6 +221,15 @@ fn bad_arguments_are_clear_errors() {
         "none of the systems of mode tight",
     );
     clear(&["--mode", "attrs", "--sizes", "0"], "bad size");
+    // Sizes that cannot fit in memory: refused before any row runs, in every mode.
+    clear(
+        &["--mode", "tight", "--sizes", "18446744073709551615"],
+        "available memory",
+    );
+    clear(
+        &["--mode", "threads", "--sizes", "10000G"],
+        "available memory",
+    );
     clear(&["--mode", "random", "--random-bytes", "0"], "bad size");
     clear(&["--mode", "random", "--random-small", "1X"], "bad size");
     clear(
