@@ -125,7 +125,7 @@ unsafe impl Send for Arenas {}
 unsafe impl Sync for Arenas {}
 
 impl Arenas {
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn new(name: &str, arena_size: usize) -> Arenas {
         Arenas::typed(name, arena_size, PoolType::SYSTEM, None)
     }

@@ -267,6 +267,7 @@ pub(crate) unsafe fn populate(
 /// Whether more threads want to run, machine-wide, than the machine has cores: the running and
 /// runnable count of `/proc/loadavg` (the caller included) above the online CPUs. A nice-19
 /// thread then gets almost no time. `false` where it cannot be read.
+#[cfg(not(loom))]
 pub(crate) fn cores_oversubscribed() -> bool {
     let Ok(s) = std::fs::read_to_string("/proc/loadavg") else {
         return false;
