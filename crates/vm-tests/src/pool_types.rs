@@ -678,17 +678,19 @@ pub(crate) fn dmapool_reserve_prefills_within_the_limit() -> Result {
     check(st.hits == 4 && st.misses == 0 && st.pooled == 0, || {
         format!("after 4 allocations: {st:?}")
     })?;
-    drop(bufs);
-    pool.flush();
-    // 4 MiB pooled again: the 8 MiB limit leaves room for four more.
+    // The four live buffers do not count against the limit: the 8 MiB limit leaves room for
+    // eight more, no more. (The four are not released first: under TCG a release that comes
+    // while the worker handles another is often closed, see
+    // `dmapool_queue_is_bounded_and_shrinks`.)
     let more = pool.reserve(1 << 20, 10).map_err(e)?;
     let st = pool.stats();
-    check(more == 4 && st.pooled == 8, || {
+    check(more == 8 && st.pooled == 8, || {
         format!("reserved {more} up to the limit: {st:?}")
     })?;
     check(pool.reserve(1 << 20, 1).map_err(e)? == 0, || {
         "past the limit".into()
     })?;
+    drop(bufs);
     check(
         matches!(pool.reserve(0, 1), Err(DmaBufError::ZeroLength)),
         || "zero length".into(),
