@@ -4,7 +4,7 @@
 //!
 //! What this machine cannot show (hugetlbfs pages, shared-memory THP, a second NUMA node) is
 //! skipped here with the reason printed; the VM suite (`vm/run`) boots a kernel that has them
-//! and runs these tests there.
+//! (two NUMA nodes, reserved huge pages) and checks them there (`pool_type_*` in `vm-tests`).
 //!
 //! Tests that change process-wide state (`RLIMIT_MEMLOCK`, capabilities) run in a child: the
 //! test binary re-runs itself with `PAGEPOOL_POOL_TYPES_CHILD` naming the case.
