@@ -74,6 +74,11 @@ impl Item for Released {
 /// How often the worker looks again at released buffers still referenced elsewhere.
 const HELD_POLL: Duration = Duration::from_millis(20);
 
+/// How long the worker promises to take, before it looks at the queue again, for the system
+/// calls that prepare a buffer for zeroing (counting its holders, mapping it, announcing CPU
+/// access): a release finds it late only past this (plus the grace of a running worker).
+const SETUP_ALLOWANCE: Duration = Duration::from_millis(10);
+
 /// How much of a buffer the worker zeroes before it renews its promise to the queue (see
 /// `ReleaseQueue::promise`): about 50 us of work.
 const ZERO_PIECE: usize = 256 << 10;
@@ -184,6 +189,10 @@ impl Inner {
     /// reference to it; parked among the held ones if another holder remains; closed if that
     /// cannot be told or it cannot be zeroed.
     fn recycle(&self, b: DmaBuf) {
+        // The checks and the mapping below are system calls that may take milliseconds (the
+        // VM's emulated CPU took 1-5 ms to map one): the worker is running, not kept off its
+        // core, so it promises that long rather than be found late in the middle of them.
+        self.queue.promise(SETUP_ALLOWANCE);
         match file_count(b.as_fd()) {
             Ok(1) => {}
             Ok(_) => {
