@@ -226,6 +226,19 @@ impl Inner {
         self.owner.enforce_limits();
     }
 
+    /// The size of a buffer of `len` bytes: rounded up to pages; a zero or too large length is
+    /// refused.
+    fn buffer_size(&self, len: usize) -> Result<usize, DmaBufError> {
+        if len == 0 {
+            return Err(DmaBufError::ZeroLength);
+        }
+        len.checked_next_multiple_of(self.page)
+            .ok_or(DmaBufError::Os {
+                op: "DMA_HEAP_IOCTL_ALLOC",
+                source: std::io::Error::from_raw_os_error(12),
+            })
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -439,15 +452,7 @@ impl DmaBufPool {
     /// size if there is one, else a new one from the kernel heap.
     pub fn alloc(&self, len: usize) -> Result<PooledDmaBuf, DmaBufError> {
         let inner = self.inner();
-        if len == 0 {
-            return Err(DmaBufError::ZeroLength);
-        }
-        let size = len
-            .checked_next_multiple_of(inner.page)
-            .ok_or(DmaBufError::Os {
-                op: "DMA_HEAP_IOCTL_ALLOC",
-                source: std::io::Error::from_raw_os_error(12),
-            })?;
+        let size = inner.buffer_size(len)?;
         let pooled = {
             let mut st = inner.state();
             let b = st.clean.get_mut(&size).and_then(Vec::pop);
@@ -482,15 +487,7 @@ impl DmaBufPool {
     /// error from the heap, the buffers reserved before it stay pooled.
     pub fn reserve(&self, len: usize, count: usize) -> Result<usize, DmaBufError> {
         let inner = self.inner();
-        if len == 0 {
-            return Err(DmaBufError::ZeroLength);
-        }
-        let size = len
-            .checked_next_multiple_of(inner.page)
-            .ok_or(DmaBufError::Os {
-                op: "DMA_HEAP_IOCTL_ALLOC",
-                source: std::io::Error::from_raw_os_error(12),
-            })?;
+        let size = inner.buffer_size(len)?;
         let pages = size / inner.page;
         let registry = inner.owner.registry();
         let room = (inner

@@ -99,6 +99,15 @@ impl HeapInner {
         !self.closed.load(Ordering::Relaxed) && self.owner.limit_pages() > 0
     }
 
+    /// The pages of a buffer of `len` bytes (at most the maximum buffer): a whole number of
+    /// the smallest blocks (one page, or 2 MiB for a huge pool type). Pages and blocks are
+    /// powers of two: shifts and masks, not divisions, on the hot path.
+    #[inline]
+    pub(crate) fn pages_for(&self, len: usize) -> usize {
+        let pages = (len + self.page - 1) >> self.page_shift;
+        (pages + self.granule - 1) & !(self.granule - 1)
+    }
+
     /// Gives runs of zeroed blocks to their pools, last block first so that the pools, being
     /// LIFO, hand them out again in the same order, end to end; then enforces the limits.
     pub(crate) fn give_runs(&self, runs: &[Run]) {

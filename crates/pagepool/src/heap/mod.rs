@@ -310,10 +310,7 @@ impl SystemHeap {
         if len == 0 || len > h.max_buffer {
             return Err(self.refuse(len));
         }
-        // Pages are a power of two: shifts, not divisions, on the hot path; a whole number of
-        // the smallest blocks (one page, or 2 MiB for a huge pool type).
-        let pages = (len + h.page - 1) >> h.page_shift;
-        let pages = (pages + h.granule - 1) & !(h.granule - 1);
+        let pages = h.pages_for(len);
         let bytes = pages << h.page_shift;
         if pages <= h.cache.max_buffer_pages
             && let Some((run, heap)) = cache::take(h, pages)
@@ -408,7 +405,7 @@ impl SystemHeap {
         if !h.pooling() {
             return Ok(0);
         }
-        let pages = ((len + h.page - 1) >> h.page_shift).next_multiple_of(h.granule);
+        let pages = h.pages_for(len);
         let registry = h.owner.registry();
         let room = (h.owner.limit_pages().saturating_sub(h.owner.count()))
             .min(registry.max_pages().saturating_sub(registry.count()));
