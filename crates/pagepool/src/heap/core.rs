@@ -398,13 +398,22 @@ impl HeapInner {
             }
             let first = runs.len();
             let (mut p, mut z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
-            if p + z > 0 && p + z < want && !busy() {
+            // The blocks still missing are in the worker's hands (it did not land them within
+            // the bound): they will land in the pool beside the ones gathered here, and the
+            // set is whole again there for the next buffer. Only they come fresh, then.
+            let landing = |short: usize| {
+                h.release_queue
+                    .as_ref()
+                    .is_some_and(|l| l.in_flight(order) >= short << order)
+            };
+            if whole_order_fresh(p + z, want, landing, busy) {
                 // Blocks of one order gathered from the pools or the queue, with fresh ones
                 // beside them, would need a view; and as they circulate, so would every later
-                // buffer of this size: a single block short (the worker had not landed it in
-                // time) would scatter the set for good. So this order's blocks are all taken
-                // fresh, as one range, and what was gathered goes back to the pools, clean.
-                // Not on a busy machine (fresh pages cost most there): only what is missing.
+                // buffer of this size: a single block short (taken by another buffer) would
+                // scatter the set for good. So this order's blocks are all taken fresh, as one
+                // range, and what was gathered goes back to the pools, clean. Not on a busy
+                // machine (fresh pages cost most there), nor when the missing blocks are the
+                // worker's, landing soon: only what is missing.
                 h.undo_alloc(&runs[first..], &stolen, None);
                 stolen.retain(|r| r.order != order);
                 runs.truncate(first);
@@ -532,6 +541,20 @@ impl HeapInner {
     }
 }
 
+/// Whether an allocation that gathered `got` of the `want` blocks of an order takes all of
+/// them fresh instead (see `gather`): when it got some but not all, unless the missing ones
+/// are in the worker's hands (`landing(missing)`: they land beside the others and the set is
+/// whole again) or the machine is busy (`busy()`). Each question is asked only if the answer
+/// matters: `landing` takes a lock, `busy` reads the clock.
+fn whole_order_fresh(
+    got: usize,
+    want: usize,
+    landing: impl FnOnce(usize) -> bool,
+    busy: impl FnOnce() -> bool,
+) -> bool {
+    got > 0 && got < want && !landing(want - got) && !busy()
+}
+
 /// True if an allocation's blocks, as gathered (`missing`: the placeholders for blocks still to
 /// come fresh, as one range), need a view: more than one piece once blocks that lie end to end
 /// are joined.
@@ -545,4 +568,40 @@ fn scattered(runs: &[Run], missing: &[usize], page: usize) -> bool {
     have.sort_unstable();
     let pieces = 1 + have.windows(2).filter(|w| w[0].1 != w[1].0).count();
     pieces + usize::from(!missing.is_empty()) > 1
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_set_short_of_blocks_is_taken_fresh_unless_they_are_landing_or_the_machine_is_busy() {
+        let never = |_: usize| false;
+        let idle = || false;
+        assert!(
+            !whole_order_fresh(0, 4, never, idle),
+            "nothing gathered: fresh anyway"
+        );
+        assert!(!whole_order_fresh(4, 4, never, idle), "all gathered");
+        assert!(
+            whole_order_fresh(3, 4, never, idle),
+            "one short, taken by another buffer"
+        );
+        assert!(
+            !whole_order_fresh(3, 4, |missing| missing == 1, idle),
+            "one short, in the worker's hands: only it comes fresh"
+        );
+        assert!(
+            !whole_order_fresh(3, 4, never, || true),
+            "busy: only what is missing"
+        );
+        // The lock and the clock are read only when they decide something.
+        let asked = std::cell::Cell::new(0);
+        let count = |_: usize| {
+            asked.set(asked.get() + 1);
+            false
+        };
+        whole_order_fresh(4, 4, count, || panic!("not asked"));
+        assert_eq!(asked.get(), 0);
+    }
 }
