@@ -26,6 +26,11 @@
 //! more: wall time minus the thread's CPU time) with their share of the allocation time and
 //! the mean of the others, and the heaps' counters over the measured rounds.
 //!
+//! `--control` runs the same program with a second synchronous heap (`sync-a`) in the
+//! deferred heap's place: the ratios it prints are what the order of rounds, the heaps' places
+//! in memory and the machine make of two heaps that do the same work, the noise floor against
+//! which the deferred heap's ratios are read.
+//!
 //! ## Paced mode (`--paced`)
 //! CPU cost: one thread allocates, touches and drops a buffer, then computes for a fixed amount
 //! of work (by default about twice the time one `memset` of the size takes on this machine;
@@ -72,6 +77,8 @@ options:
                   default twice one memset of the size)
   --warmup S      busy: seconds each heap runs before the measured rounds (default 0.5)
   --calls N       paced: calls per row per round (default: about --secs worth)
+  --control       busy: the noise floor of the comparison: the first heap is a second
+                  synchronous heap (\"sync-a\" against \"sync\"), otherwise the same run
   --json FILE     also write the figures as JSON
   -h, --help      this text";
 
@@ -85,6 +92,7 @@ struct Opts {
     work_us: Option<f64>,
     warmup: f64,
     calls: Option<usize>,
+    control: bool,
     json: Option<String>,
 }
 
@@ -99,6 +107,7 @@ impl Opts {
             work_us: None,
             warmup: 0.5,
             calls: None,
+            control: false,
             json: None,
         };
         let mut it = args.into_iter();
@@ -115,6 +124,7 @@ impl Opts {
             };
             match key.as_str() {
                 "--paced" => o.paced = true,
+                "--control" => o.control = true,
                 "--secs" => o.secs = Some(positive(&key, &value()?)?),
                 "--rounds" => o.rounds = Some(count(&key, &value()?)?),
                 "--sizes" => {
@@ -696,10 +706,13 @@ fn busy(o: &Opts) -> Result<usize, String> {
             .build()
             .map_err(|e| format!("cannot build the {name} heap: {e}"))
     };
+    // The control run: two heaps that do the same thing, so that the ratios below show what
+    // the order of rounds, the heaps' places in memory and the machine alone make of it.
+    let first = if o.control { "sync-a" } else { "deferred" };
     let mut heaps = [
         HeapRun {
-            name: "deferred",
-            heap: build("deferred", true)?,
+            name: first,
+            heap: build(first, !o.control)?,
             alloc: vec![Vec::new(); sizes.len()],
             drop: vec![Vec::new(); sizes.len()],
             off_cpu: vec![Vec::new(); sizes.len()],
@@ -797,20 +810,28 @@ fn busy(o: &Opts) -> Result<usize, String> {
     let rb_mean = ratio(db.mean, sb.mean);
     let rb_max = ratio(db.max as f64, sb.max as f64);
     println!(
-        "\ndeferred/sync, all sizes: alloc mean {r_mean:.2}x, p99 {r_p99:.2}x, max {r_max:.2}x; \
+        "\n{first}/sync, all sizes: alloc mean {r_mean:.2}x, p99 {r_p99:.2}x, max {r_max:.2}x; \
          alloc+drop mean {rb_mean:.2}x, max {rb_max:.2}x"
     );
-    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    // In a control run the same bounds say how often noise alone would fail them.
+    let verdict = |ok: bool| match (ok, o.control) {
+        (true, false) => "met",
+        (false, false) => "NOT met",
+        (true, true) => "within (control: two synchronous heaps)",
+        (false, true) => "NOT within (control: two synchronous heaps)",
+    };
     let max_ok = r_max <= 2.0;
     let mean_ok = r_mean <= 1.1;
     println!(
-        "requirement: worst allocation within 2x of deferred(false): {} vs {} = {r_max:.2}x: {}",
+        "requirement: worst allocation within 2x of deferred(false): {first} {} vs {} = \
+         {r_max:.2}x: {}",
         fmt_ns(da.max as f64),
         fmt_ns(sa.max as f64),
         verdict(max_ok)
     );
     println!(
-        "requirement: mean allocation within 1.1x of deferred(false): {} vs {} = {r_mean:.2}x: {}",
+        "requirement: mean allocation within 1.1x of deferred(false): {first} {} vs {} = \
+         {r_mean:.2}x: {}",
         fmt_ns(da.mean),
         fmt_ns(sa.mean),
         verdict(mean_ok)
@@ -883,6 +904,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
                 "rounds": rounds,
                 "warmup_secs": o.warmup,
                 "heaps": "one of each for the whole run",
+                "control": o.control,
             },
             "heaps": Value::Object(out_heaps),
             "ratios_deferred_over_sync": {

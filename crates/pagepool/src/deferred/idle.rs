@@ -135,28 +135,55 @@ impl<I: Item> ReleaseQueue<I> {
     /// The worker's promise: it looks at the queue again within `d` (see `due_ns`).
     ///
     /// Called by the worker only (and by a release that wakes it). A worker that renews its
-    /// promise more than [`PREEMPTED`] after it fell due was kept off its core meanwhile: the
-    /// machine is busy, and releases zero their own buffers for the next [`LATE_HOLD`].
+    /// promise more than [`PREEMPTED`] after it fell due was kept off its core meanwhile: on a
+    /// loaded machine (see [`loaded`](Self::loaded)), releases then zero their own buffers for
+    /// at least the next [`LATE_HOLD`].
     pub(crate) fn promise(&self, d: std::time::Duration) {
         let now = self.now_ns();
         let prev = self
             .due_ns
             .swap(now.saturating_add(d.as_nanos() as u64), Ordering::Relaxed);
-        if prev != u64::MAX && now > prev.saturating_add(PREEMPTED.as_nanos() as u64) {
+        if prev != u64::MAX
+            && now > prev.saturating_add(PREEMPTED.as_nanos() as u64)
+            && self.loaded(now)
+        {
             self.hold(now, now - prev);
         }
     }
 
-    /// True when the worker is late by more than [`WORKER_GRACE`] on its promise, or was so
-    /// within the last [`LATE_HOLD`]: a machine busy enough to leave the worker without a core
-    /// usually stays so, and a worker that runs for a moment meanwhile is likely to lose its
-    /// core again before it is done.
+    /// Whether a worker found late `now` is held against (a hold starts): always without a
+    /// load check; with one, only while more threads want the cores than the machine has. A
+    /// worker late on a machine with idle cores was kept away by something passing (a virtual
+    /// CPU the host did not run, a timer that fired late), not by other work that will keep it
+    /// away: releases go on queueing for it, and the machine is not looked at again for
+    /// [`LATE_HOLD`] (a late worker is noticed by every release until it comes back).
+    pub(super) fn loaded(&self, now: u64) -> bool {
+        let Some(check) = self.load_check else {
+            return true;
+        };
+        if now < self.calm_until_ns.load(Ordering::Relaxed) {
+            return false;
+        }
+        if check() {
+            return true;
+        }
+        self.calm_until_ns
+            .store(now + LATE_HOLD.as_nanos() as u64, Ordering::Relaxed);
+        false
+    }
+
+    /// True when the worker is late by more than [`WORKER_GRACE`] on its promise on a loaded
+    /// machine (see [`loaded`](Self::loaded)), or was so within the last [`LATE_HOLD`]: a
+    /// machine busy enough to leave the worker without a core usually stays so, and a worker
+    /// that runs for a moment meanwhile is likely to lose its core again before it is done.
     pub(super) fn worker_late(&self, now: u64) -> bool {
         if now < self.late_until_ns.load(Ordering::Relaxed) {
             return true;
         }
         let due = self.due_ns.load(Ordering::Relaxed);
-        let late = due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64);
+        let late = due != u64::MAX
+            && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64)
+            && self.loaded(now);
         if late {
             self.hold(now, now - due);
         }
@@ -223,17 +250,20 @@ impl<I: Item> ReleaseQueue<I> {
     }
 
     /// The worker, running: ends the probation after a hold (see `queue`) if it runs on time
-    /// (within its grace of its promise, or of a probe's wake-up), or starts a longer hold if
-    /// it is late.
+    /// (within its grace of its promise, or of a probe's wake-up) or the machine has idle
+    /// cores, or starts a longer hold if it is late on a loaded machine or the load check says
+    /// the cores are oversubscribed.
     pub(super) fn answer_probe(&self) {
         if !self.probation.load(Ordering::Relaxed) || self.holding() {
             return;
         }
         let now = self.now_ns();
         let due = self.due_ns.load(Ordering::Relaxed);
-        if due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64) {
+        let late = due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64);
+        let loaded = self.load_check.map(|check| check());
+        if late && loaded != Some(false) {
             self.hold(now, now - due);
-        } else if (self.oversubscribed)() {
+        } else if loaded == Some(true) {
             // On time this once, but more threads want the cores than there are: a nice-19
             // worker that got a moment now will soon wait again. Another hold (longer, as a
             // repeat) rather than queueing work for it.

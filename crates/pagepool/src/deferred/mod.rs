@@ -219,18 +219,20 @@ pub(crate) struct ReleaseQueue<I: Item = Runs> {
     /// of the gaps between them (0: none yet).
     pub(super) last_release_ns: AtomicU64,
     pub(super) release_gap_ns: AtomicU64,
-    /// Whether more threads want the cores than there are (see `answer_probe`); the machine's
-    /// answer, or a test's.
-    pub(super) oversubscribed: fn() -> bool,
+    /// Whether more threads want the cores than there are (see `loaded`); the machine's
+    /// answer, or a test's; `None`: no load check, the worker's punctuality alone decides.
+    pub(super) load_check: Option<fn() -> bool>,
+    /// Until when a worker found late is not held against (see `loaded`), in ns since `born`.
+    pub(super) calm_until_ns: AtomicU64,
 }
 
-/// Whether the machine's cores are oversubscribed (see [`crate::os::cores_oversubscribed`]);
-/// never under loom, whose models must not depend on the machine.
-fn machine_oversubscribed() -> bool {
+/// The machine's load check (see [`crate::os::cores_oversubscribed`]); none under loom, whose
+/// models must not depend on the machine.
+fn machine_load_check() -> Option<fn() -> bool> {
     #[cfg(loom)]
-    return false;
+    return None;
     #[cfg(not(loom))]
-    crate::os::cores_oversubscribed()
+    Some(crate::os::cores_oversubscribed)
 }
 
 /// A section of the worker's in which it may hold locks the allocation side takes (see
@@ -329,14 +331,15 @@ impl<I: Item> ReleaseQueue<I> {
             born: crate::sync::Instant::now(),
             last_release_ns: AtomicU64::new(0),
             release_gap_ns: AtomicU64::new(0),
-            oversubscribed: machine_oversubscribed,
+            load_check: machine_load_check(),
+            calm_until_ns: AtomicU64::new(0),
         }
     }
 
-    /// Replaces the check of whether the machine's cores are oversubscribed (see
-    /// `answer_probe`).
-    pub(crate) fn set_oversubscribed(&mut self, check: fn() -> bool) {
-        self.oversubscribed = check;
+    /// Replaces the check of whether the machine's cores are oversubscribed (see `loaded`);
+    /// `None` turns it off.
+    pub(crate) fn set_load_check(&mut self, check: Option<fn() -> bool>) {
+        self.load_check = check;
     }
 
     /// The flag the allocation side checks before it waits for a busy lock (see
@@ -525,7 +528,7 @@ mod tests {
     #[test]
     fn after_a_hold_releases_wait_for_the_worker_to_answer_a_probe() {
         let (mut l, _) = list(10_000);
-        l.set_oversubscribed(|| false);
+        l.set_load_check(None); // the worker's punctuality alone
         let one = || smallvec::smallvec![run(0, 0, 1)];
         l.hold(l.now_ns(), 0);
         assert!(
@@ -560,7 +563,7 @@ mod tests {
     #[test]
     fn a_worker_on_time_on_an_oversubscribed_machine_starts_another_hold() {
         let (mut l, _) = list(10_000);
-        l.set_oversubscribed(|| true);
+        l.set_load_check(Some(|| true));
         let one = || smallvec::smallvec![run(0, 0, 1)];
         l.hold(l.now_ns(), 0);
         let first = l.hold_ns.load(Ordering::Relaxed);
@@ -579,6 +582,54 @@ mod tests {
         );
         assert!(l.queue(one()).is_err());
         assert_eq!(l.pages(), 0);
+    }
+
+    #[test]
+    fn a_late_worker_is_held_against_only_on_a_loaded_machine() {
+        static CHECKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let one = || smallvec::smallvec![run(0, 0, 1)];
+        let late = |l: &ReleaseQueue| {
+            l.promise(std::time::Duration::ZERO); // "I look at once"; then it does not
+            std::thread::sleep(WORKER_GRACE + std::time::Duration::from_millis(1));
+        };
+
+        // Idle cores: a late worker was kept away by something passing; releases queue.
+        let (mut l, _) = list(10_000);
+        l.set_load_check(Some(|| {
+            CHECKS.fetch_add(1, Ordering::Relaxed);
+            false
+        }));
+        late(&l);
+        assert!(l.queue(one()).is_ok(), "queued for the late worker");
+        assert!(l.queue(one()).is_ok());
+        assert!(!l.holding() && !l.probation.load(Ordering::Relaxed));
+        assert_eq!(l.pages(), 2);
+        assert_eq!(
+            CHECKS.load(Ordering::Relaxed),
+            1,
+            "the machine is looked at once per LATE_HOLD, not once per release"
+        );
+        // Its own lateness, found when it comes back, is not held against it either.
+        l.promise(std::time::Duration::ZERO);
+        std::thread::sleep(LATE_HOLD + PREEMPTED + std::time::Duration::from_millis(1));
+        l.promise(std::time::Duration::ZERO);
+        assert!(!l.holding());
+        assert_eq!(CHECKS.load(Ordering::Relaxed), 2, "looked at again");
+
+        // Oversubscribed cores: a hold, releases zero their own buffers.
+        let (mut l, _) = list(10_000);
+        l.set_load_check(Some(|| true));
+        late(&l);
+        assert!(l.queue(one()).is_err(), "held");
+        assert!(l.holding());
+        assert_eq!(l.pages(), 0);
+
+        // No load check: punctuality alone.
+        let (mut l, _) = list(10_000);
+        l.set_load_check(None);
+        late(&l);
+        assert!(l.queue(one()).is_err(), "held");
+        assert!(l.holding());
     }
 
     #[test]
@@ -623,7 +674,7 @@ mod tests {
         ));
         q.set_wake_pages(1);
         // The machine's load is not this test's subject.
-        Arc::get_mut(&mut q).unwrap().set_oversubscribed(|| false);
+        Arc::get_mut(&mut q).unwrap().set_load_check(None);
         // Bounded: 10 pages in all.
         q.queue(Thing(1, 4)).map_err(|_| ()).unwrap();
         q.queue(Thing(2, 4)).map_err(|_| ()).unwrap();

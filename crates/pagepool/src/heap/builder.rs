@@ -227,13 +227,16 @@ impl HeapBuilder {
         self
     }
 
-    /// Whether the worker, found late once (releases then zero their own buffers for a while,
-    /// see [`SystemHeap`](crate::SystemHeap)), also looks at the machine's load before releases
-    /// queue for it again (default `true`): while more threads want to run than the machine has
-    /// CPUs (the running count of `/proc/loadavg`), a nice-19 worker gets almost no time, so
-    /// releases go on zeroing their own buffers, as with `deferred(false)`. `false` trusts the
-    /// worker's punctuality alone: for a process in a container that sees the host's load
-    /// average but has cores of its own, or for tests of the worker itself.
+    /// Whether the machine's load decides, beside the worker's punctuality, when releases zero
+    /// their own buffers rather than queue them (default `true`; see
+    /// [`SystemHeap`](crate::SystemHeap)). With it, a worker found late starts a hold (releases
+    /// zero their own buffers for a while, as with `deferred(false)`) only while more threads
+    /// want to run than the machine has CPUs (the running count of `/proc/loadavg`), and
+    /// releases go on zeroing their own buffers for as long as that lasts: a nice-19 worker
+    /// gets almost no time then. A worker late on a machine with idle cores was kept away by a
+    /// passing stall, and releases keep queueing for it. `false` trusts the worker's
+    /// punctuality alone: for a process in a container that sees the host's load average but
+    /// has cores of its own, or for tests of the worker itself.
     pub fn load_check(mut self, on: bool) -> Self {
         self.load_check = on;
         self

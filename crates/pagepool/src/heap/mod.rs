@@ -61,6 +61,9 @@
 //!   buffer itself, as a synchronous heap would: queued work would otherwise wait for the next
 //!   allocation, which would zero it on its own time. Releases go on doing so after such a
 //!   hold until the worker, asked by the first of them, shows that the scheduler runs it again.
+//!   With the load check ([`HeapBuilder::load_check`]) a hold starts only while more threads
+//!   want to run than the machine has CPUs, and lasts while they do: a worker late on a
+//!   machine with idle cores was held up by a passing stall, and releases keep queueing.
 //! - allocations keep released sets of blocks whole: one that needs several blocks of an order
 //!   takes pooled ones only if they lie end to end, else a queued set first; the pools hand a
 //!   single block out of the shortest run they hold; and after a few allocations in a row that
@@ -166,7 +169,7 @@ impl Core {
                 }),
             );
             if !cfg.load_check {
-                queue.set_oversubscribed(|| false);
+                queue.set_load_check(None);
             }
             let list = Arc::new(queue);
             list.set_worker_spin(cfg.worker_spin);
@@ -259,8 +262,9 @@ impl Drop for Core {
 /// # A busy machine
 /// The worker runs at nice 19. No allocation waits for it more than a small fixed bound
 /// (50 us): past that it takes other memory and leaves the worker's work to the worker; and
-/// while the scheduler does not run the worker, releases zero their buffers themselves. Under
-/// full CPU load the heap then behaves like a synchronous one ([`HeapBuilder::deferred`]).
+/// while the scheduler does not run the worker because other threads want the cores,
+/// releases zero their buffers themselves. Under full CPU load the heap then behaves like a
+/// synchronous one ([`HeapBuilder::deferred`]).
 ///
 /// # Examples
 /// ```
