@@ -378,7 +378,7 @@ fn measure_size(
 struct ThreadsRep {
     /// Every thread's calls, together (time in calls summed over the threads).
     rep: Rep,
-    /// Wall time from the start to the last thread's end, in ns.
+    /// Wall time from the first thread's start to the last thread's end, in ns.
     wall_ns: u64,
 }
 
@@ -391,35 +391,44 @@ fn run_threads(
     threads: usize,
 ) -> Result<ThreadsRep, String> {
     let cpu0 = measure::process_cpu_ns();
-    let start = std::sync::Barrier::new(threads + 1);
-    let (reps, wall) = std::thread::scope(|s| {
+    let start = std::sync::Barrier::new(threads);
+    // Each thread notes when it started and ended its calls: the wall time runs from the first
+    // start to the last end. (Timed from the main thread, it would start whenever the
+    // scheduler ran that thread again after the barrier, possibly after the threads had done
+    // their calls: short loops at 4 KiB then showed absurd rates.)
+    let reps: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
                     start.wait();
-                    run_calls(sys, size, n, opts, Duration::ZERO)
+                    let t0 = Instant::now();
+                    let r = run_calls(sys, size, n, opts, Duration::ZERO);
+                    r.map(|r| (r, t0, Instant::now()))
                 })
             })
             .collect();
-        start.wait();
-        let t = Instant::now();
-        let reps: Vec<_> = hs
-            .into_iter()
+        hs.into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err("a thread panicked".into())))
-            .collect();
-        (reps, t.elapsed())
+            .collect()
     });
     let mut all = Rep {
         ns: 0,
         per_call: Vec::with_capacity(n * threads),
         cpu_ns: 0,
     };
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
     for r in reps {
-        let r = r?;
+        let (r, t0, t1) = r?;
         all.ns += r.ns;
         all.per_call.extend(r.per_call);
+        first = Some(first.map_or(t0, |f| f.min(t0)));
+        last = Some(last.map_or(t1, |l| l.max(t1)));
     }
     all.cpu_ns = measure::process_cpu_ns().saturating_sub(cpu0);
+    let wall = match (first, last) {
+        (Some(f), Some(l)) => l.duration_since(f),
+        _ => Duration::ZERO,
+    };
     Ok(ThreadsRep {
         rep: all,
         wall_ns: wall.as_nanos() as u64,
