@@ -451,11 +451,11 @@ impl ModeReport {
         }
         if self.rows.iter().any(|r| r.calls_per_sec.is_some()) {
             out.push_str(&self.metric_table(
-                "thousands of calls per second, all threads (here (x) = peer / pagepool too: \
-                 below 1 means pagepool is faster)",
+                "calls per second, all threads (here (x) = peer / pagepool too: below 1 means \
+                 pagepool is faster)",
                 bw,
                 systems,
-                |r| r.calls_per_sec.unwrap_or(f64::NAN) / 1e3,
+                |r| r.calls_per_sec.unwrap_or(f64::NAN),
             ));
         }
         for (what, metric) in [
