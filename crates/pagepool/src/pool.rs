@@ -154,12 +154,15 @@ impl BlockStack {
     /// [`Pick::Run`], `n` blocks that lie end to end, taken from the ring here (the rest of the
     /// ring keeps its order); else [`Pick::Scattered`].
     ///
+    /// - `near` (the address range of blocks the caller already holds, of the same buffer):
+    ///   first, `n` blocks that continue it, end to end, just after it or just before it: a
+    ///   buffer gathered partly from elsewhere (the queue) is then whole.
     /// - `n > 1`: if the top `n` do not lie end to end, the `n` highest that do, if any.
     /// - `n == 1`: if the top block has a neighbour in the ring (it belongs to a run of blocks
     ///   that lie end to end, such as a larger buffer's released set), the highest block with
     ///   no neighbour, else the last block of the shortest run: a one-block buffer then leaves
     ///   the other sets whole.
-    fn pick(&mut self, n: usize, size: usize) -> Pick {
+    fn pick(&mut self, n: usize, size: usize, near: Option<(usize, usize)>) -> Pick {
         if n > self.hot_len || n == 0 {
             return Pick::Scattered;
         }
@@ -169,7 +172,14 @@ impl BlockStack {
             *a = self.hot[(self.bottom + i) % HOT_BLOCKS];
         }
         let mut addrs = ring;
-        let first = if n == 1 {
+        let held = |first: usize| (0..n).all(|k| ring[..len].contains(&(first + k * size)));
+        let continues = near.and_then(|(lo, hi)| {
+            let before = lo.checked_sub(n * size);
+            [Some(hi), before].into_iter().flatten().find(|&f| held(f))
+        });
+        let first = if let Some(first) = continues {
+            first
+        } else if n == 1 {
             let top = ring[len - 1];
             let neighbour = |a: usize| {
                 ring[..len]
@@ -413,18 +423,20 @@ impl PagePool {
     ///
     /// [`take`]: Self::take
     pub fn take_many(&self, n: usize, f: impl FnMut(Block)) -> usize {
-        self.take_from(n, lock(&self.list), false, f)
+        self.take_from(n, lock(&self.list), false, None, f)
     }
 
     /// [`take_many`](Self::take_many), but takes nothing if the pool's lock stays busy for
     /// `bound` while a low-priority thread is inside its locked sections (`worker_locking`;
     /// see `sync::lock_within`): such a holder may not run again for a long time. With
     /// `end_to_end`, takes `n` blocks that lie end to end (among the most recent
-    /// [`HOT_BLOCKS`]) or nothing.
+    /// [`HOT_BLOCKS`]) or nothing. `near`: the address range (start, end) of blocks of the
+    /// same buffer the caller holds already; blocks that continue it are preferred.
     pub(crate) fn take_within(
         &self,
         n: usize,
         end_to_end: bool,
+        near: Option<(usize, usize)>,
         bound: std::time::Duration,
         worker_locking: &crate::sync::AtomicBool,
         f: impl FnMut(Block),
@@ -433,23 +445,25 @@ impl PagePool {
             return 0;
         }
         match lock_within(&self.list, bound, worker_locking) {
-            Some(list) => self.take_from(n, list, end_to_end, f),
+            Some(list) => self.take_from(n, list, end_to_end, near, f),
             None => 0,
         }
     }
 
-    /// Takes up to `n` blocks under the lock (`end_to_end`: `n` that lie end to end, or none).
+    /// Takes up to `n` blocks under the lock (`end_to_end`: `n` that lie end to end, or none;
+    /// `near`: see [`take_within`](Self::take_within)).
     fn take_from(
         &self,
         n: usize,
         mut list: crate::sync::MutexGuard<'_, BlockStack>,
         end_to_end: bool,
+        near: Option<(usize, usize)>,
         mut f: impl FnMut(Block),
     ) -> usize {
         if n == 0 {
             return 0;
         }
-        let pick = list.pick(n, self.block_bytes);
+        let pick = list.pick(n, self.block_bytes, near);
         if end_to_end && pick == Pick::Scattered {
             return 0;
         }
@@ -621,6 +635,51 @@ mod tests {
         let mut two = Vec::new();
         p.take_many(2, |b| two.push(b.into_raw().as_ptr() as usize));
         assert_eq!(two, [a + 4 * page, a + 5 * page]);
+        drop(p);
+        // SAFETY: the allocation made above, no block of it pooled any more.
+        unsafe { dealloc(base, layout) };
+    }
+
+    #[test]
+    fn blocks_that_continue_what_the_caller_holds_come_first() {
+        let page = crate::os::page_size();
+        let layout = Layout::from_size_align(16 * page, page).unwrap();
+        // SAFETY: sixteen fresh zeroed pages, given to the pool below and freed here once the
+        // pool (whose callback leaks) is gone.
+        let base = unsafe { alloc_zeroed(layout) };
+        let a = base as usize;
+        let block = |i: usize| {
+            // SAFETY: page `i` of the allocation above, owned by the pool from the give on.
+            unsafe { Block::from_raw(NonNull::new(base.add(i * page)).unwrap(), 0) }
+        };
+        let p = PagePool::new(0, Box::new(|_: Block| {}));
+        let never = crate::sync::AtomicBool::new(false);
+        let wait = std::time::Duration::from_millis(10);
+        let take = |n: usize, near: Option<(usize, usize)>| {
+            let mut got = Vec::new();
+            p.take_within(n, true, near, wait, &never, |b| {
+                got.push((b.into_raw().as_ptr() as usize - a) / page)
+            });
+            got
+        };
+        // Two runs of three, 2..5 and 10..13, the higher one on top.
+        for i in [2, 3, 4, 10, 11, 12] {
+            p.give(block(i)).unwrap();
+        }
+        // The caller holds pages 0..2 of its buffer: 2..5 continue them.
+        assert_eq!(take(3, Some((a, a + 2 * page))), [2, 3, 4]);
+        for i in [2, 3, 4] {
+            p.give(block(i)).unwrap();
+        }
+        // It holds 5..8: 2..5 lie just before.
+        assert_eq!(take(3, Some((a + 5 * page, a + 8 * page))), [2, 3, 4]);
+        for i in [2, 3, 4] {
+            p.give(block(i)).unwrap();
+        }
+        // Nothing continues 6..8: the top three, end to end, as without a range.
+        assert_eq!(take(3, Some((a + 6 * page, a + 8 * page))), [4, 3, 2]);
+        assert_eq!(take(3, None), [12, 11, 10]);
+        assert_eq!(p.blocks(), 0);
         drop(p);
         // SAFETY: the allocation made above, no block of it pooled any more.
         unsafe { dealloc(base, layout) };

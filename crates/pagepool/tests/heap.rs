@@ -288,6 +288,70 @@ fn a_set_that_stays_scattered_is_taken_fresh_once() {
 }
 
 #[test]
+fn a_scattered_set_taking_turns_with_a_whole_one_is_replaced_once() {
+    // A whole 3 MiB set and a scattered one (pooled 1 MiB blocks with live ones between
+    // them), both in circulation: each round takes the whole one, then the scattered one
+    // (a view). Whole allocations in between do not keep the scattered set from being
+    // replaced: it is taken fresh once, as one range, and its blocks go back to the system.
+    let heap = SystemHeap::builder()
+        .name("turns")
+        .registry(Registry::new(usize::MAX))
+        .load_check(false)
+        .build()
+        .unwrap();
+    let mut b: Vec<Option<_>> = (0..5).map(|_| Some(heap.alloc(1 << 20).unwrap())).collect();
+    let whole = heap.alloc(3 << 20).unwrap();
+    assert!(!whole.is_remapped());
+    drop(whole);
+    for i in [0, 2, 4] {
+        b[i] = None;
+    }
+    heap.flush();
+    let before = heap.stats();
+    let mut rounds = 0;
+    loop {
+        let w = heap.alloc(3 << 20).unwrap();
+        let s = heap.alloc(3 << 20).unwrap();
+        assert!(!w.is_remapped(), "round {rounds}: the whole set");
+        let scattered = s.is_remapped();
+        assert!(w.iter().all(|&x| x == 0) && s.iter().all(|&x| x == 0));
+        drop((w, s));
+        heap.flush();
+        if !scattered {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 100, "still scattered after {rounds} rounds");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(
+        rounds >= 7,
+        "views are not replaced at once: {rounds} rounds"
+    );
+    let after = heap.stats();
+    let pages = ((3 << 20) / page_size()) as u64;
+    assert_eq!(
+        after.fresh_pages - before.fresh_pages,
+        pages,
+        "one fresh set"
+    );
+    assert_eq!(
+        after.released_pages - before.released_pages,
+        pages,
+        "the scattered blocks went back to the system"
+    );
+    // From then on, both sets are whole.
+    for k in 0..10 {
+        let w = heap.alloc(3 << 20).unwrap();
+        let s = heap.alloc(3 << 20).unwrap();
+        assert!(!w.is_remapped() && !s.is_remapped(), "round {k} after");
+        drop((w, s));
+        heap.flush();
+    }
+    drop(b);
+}
+
+#[test]
 fn owner_limits_are_separate() {
     let registry = Registry::new(usize::MAX);
     let small = SystemHeap::builder()

@@ -84,9 +84,9 @@ pub(crate) struct HeapInner {
     /// Never set: the worker-locking flag of a heap without a worker (see
     /// `sync::lock_within`).
     pub(crate) no_worker: crate::sync::AtomicBool,
-    /// Allocations in a row whose pooled blocks did not lie end to end (each needed a view),
-    /// and how many of those make the next one take fresh pages instead (see
-    /// `alloc_blocks`).
+    /// Allocations whose pooled blocks did not lie end to end (each needed a view), two per
+    /// such allocation less one per allocation of several blocks that needed none, and half
+    /// how many make the next one take fresh pages instead (see `gather`).
     pub(crate) scattered: AtomicUsize,
     pub(crate) regather_after: AtomicUsize,
     /// The per-thread caches of small buffers.
@@ -305,9 +305,21 @@ impl HeapInner {
             .release_queue
             .as_ref()
             .map_or(&self.no_worker, |l| l.worker_locking());
-        // `end_to_end`: `n` blocks that lie end to end, or none.
+        let page = self.page;
+        // `end_to_end`: `n` blocks that lie end to end, or none. Blocks that continue the ones
+        // of this order gathered so far (stolen from the queue, or landed earlier), when those
+        // lie end to end, are preferred: the buffer is then whole, without a view.
         let take_pooled = |runs: &mut Runs, n: usize, end_to_end: bool| {
-            pool.take_within(n, end_to_end, HANDOFF_WAIT, worker_locking, |b| {
+            let (mut lo, mut hi, mut bytes) = (usize::MAX, 0, 0);
+            for r in runs.iter().filter(|r| r.order == order) {
+                (lo, hi, bytes) = (
+                    lo.min(r.start),
+                    hi.max(r.end(page)),
+                    bytes + r.pages() * page,
+                );
+            }
+            let near = (bytes > 0 && hi - lo == bytes).then_some((lo, hi));
+            pool.take_within(n, end_to_end, near, HANDOFF_WAIT, worker_locking, |b| {
                 runs.push(Run::from_block(b))
             })
         };
@@ -434,22 +446,31 @@ impl HeapInner {
         // circulate, so do later buffers of the same size: with a worker, whose claims land
         // while allocations take what is queued, two threads that share a pool can keep a set
         // scattered for good (each takes what the other left; without a worker the pools'
-        // choice of blocks keeps sets whole, see `PagePool::take_many`). After
-        // REGATHER_FIRST such allocations in a row, one takes fresh pages as one range and
-        // leaves the blocks it gathered to others; if scattering goes on anyway (a mix of sizes
+        // choice of blocks keeps sets whole, see `PagePool::take_many`); so can one thread
+        // with two buffers in circulation, when a set the worker had in its hands once came
+        // back beside a fresh block: the pooled set has a hole and the queued one a stray
+        // block, and each allocation takes the queued set whole. After REGATHER_FIRST such
+        // allocations in a row, one takes fresh pages as one range and gives the blocks it
+        // gathered back to the system; if scattering goes on anyway (a mix of sizes
         // that no fresh set helps), the count before the next one doubles, up to
         // REGATHER_LONGEST, so that fresh pages never cost more than a small share of the
         // views they save. Not on a busy machine, where fresh pages cost the most (a fault per
         // page, each a chance to lose the core): a view costs one system call.
+        //
+        // The count goes up by two per such allocation and down by one per allocation of
+        // several blocks that needed no view, so that it also grows while a scattered set and a
+        // whole one take turns (two buffers in circulation, one of them scattered for good: a
+        // count reset by every whole allocation would never get there), but not while views
+        // are the exception.
         if h.release_queue.is_some()
             && h.pooling()
             && hits + inline > 0
             && scattered(&runs, &missing, h.page)
             && !busy()
         {
-            let streak = h.scattered.fetch_add(1, Ordering::Relaxed) + 1;
+            let streak = h.scattered.fetch_add(2, Ordering::Relaxed) + 2;
             let after = h.regather_after.load(Ordering::Relaxed);
-            if streak >= after {
+            if streak >= 2 * after {
                 h.scattered.store(0, Ordering::Relaxed);
                 h.regather_after
                     .store((after * 2).min(REGATHER_LONGEST), Ordering::Relaxed);
@@ -459,7 +480,9 @@ impl HeapInner {
                     .filter(|(i, _)| !missing.contains(i))
                     .map(|(_, r)| *r)
                     .collect();
-                h.undo_alloc(&gathered, &stolen, None);
+                // The scattered blocks go back to the system rather than to the pools: pooled,
+                // they would stay in circulation beside the fresh set and scatter it in turn.
+                gathered.iter().for_each(|r| h.release_run(r));
                 stolen.clear();
                 runs.clear();
                 missing.clear();
@@ -479,8 +502,12 @@ impl HeapInner {
                 }
             }
         } else if runs.len() > 1 && h.scattered.load(Ordering::Relaxed) > 0 {
-            h.scattered.store(0, Ordering::Relaxed);
-            h.regather_after.store(REGATHER_FIRST, Ordering::Relaxed);
+            let before = h
+                .scattered
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            if before == Ok(1) {
+                h.regather_after.store(REGATHER_FIRST, Ordering::Relaxed);
+            }
         }
         // The misses come from the system as one range, split in order.
         let misses: usize = missing.iter().map(|&i| runs[i].count).sum();
