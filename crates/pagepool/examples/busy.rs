@@ -16,8 +16,10 @@
 //!   allocate (timed: `Instant` around `heap.alloc`), check and write one byte per page, a
 //!   little fixed work (`--work-us`, default 50 us), drop (timed separately).
 //!
-//! Both heaps live for the whole run (one of each, warmed up first, `--warmup` seconds each),
-//! and take turns: `--rounds` rounds (default 4) of `--secs` seconds (default 2) per heap, in
+//! The two kinds of heap take turns: `--rounds` rounds (default 4) of `--secs` seconds
+//! (default 2) per heap, each on a fresh heap warmed up for `--warmup` seconds first (where a
+//! heap's blocks lie in memory moves its times for as long as it lives; fresh heaps average
+//! that out), in
 //! the order deferred, sync in odd rounds and sync, deferred in even ones, so that changes in
 //! the machine's load hit both. The run prints, per heap and size, the calls and the mean, p50,
 //! p99 and max of the allocation, of the drop and of both, the deferred/sync ratios, whether
@@ -75,7 +77,8 @@ options:
   --no-busy       no busy threads (same as --busy 0)
   --work-us US    work between touch and drop (busy, default 50) or between calls (paced,
                   default twice one memset of the size)
-  --warmup S      busy: seconds each heap runs before the measured rounds (default 0.5)
+  --warmup S      busy: seconds each round's fresh heap runs before it is measured
+                  (default 0.5)
   --calls N       paced: calls per row per round (default: about --secs worth)
   --control       busy: the noise floor of the comparison: the first heap is a second
                   synchronous heap (\"sync-a\" against \"sync\"), otherwise the same run
@@ -555,6 +558,7 @@ fn refused(heap: &SystemHeap) -> u64 {
 /// One heap's measurements over the run.
 struct HeapRun {
     name: &'static str,
+    deferred: bool,
     heap: SystemHeap,
     /// Per allocating thread (size): each allocation's time, and each drop's.
     alloc: Vec<Vec<u64>>,
@@ -694,7 +698,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
         labels.join(", ")
     );
     println!(
-        "one heap of each kind for the whole run, warmed up {} s each; {rounds} rounds x 2 heaps \
+        "a fresh heap per round, warmed up {} s each; {rounds} rounds x 2 heaps \
          x {secs} s, order alternating; load average at start {}",
         o.warmup,
         loadavg()
@@ -712,6 +716,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
     let mut heaps = [
         HeapRun {
             name: first,
+            deferred: !o.control,
             heap: build(first, !o.control)?,
             alloc: vec![Vec::new(); sizes.len()],
             drop: vec![Vec::new(); sizes.len()],
@@ -722,6 +727,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
         },
         HeapRun {
             name: "sync",
+            deferred: false,
             heap: build("sync", false)?,
             alloc: vec![Vec::new(); sizes.len()],
             drop: vec![Vec::new(); sizes.len()],
@@ -903,7 +909,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
                 "secs_per_segment": secs,
                 "rounds": rounds,
                 "warmup_secs": o.warmup,
-                "heaps": "one of each for the whole run",
+                "heaps": "a fresh one per round, warmed up",
                 "control": o.control,
             },
             "heaps": Value::Object(out_heaps),
@@ -937,15 +943,23 @@ fn run_rounds(
     page: usize,
 ) -> Result<usize, String> {
     let mut bad = 0;
-    if warmup > 0.0 {
-        for h in heaps.iter() {
-            bad += segment(&h.heap, sizes, warmup, iters, page)?.bad;
-        }
-    }
     for r in 0..rounds {
         let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let h = &mut heaps[i];
+            // A fresh heap each round, warmed up: where a heap's blocks lie in memory moves its
+            // times by as much as 15% for a whole run (two synchronous heaps, `--control`,
+            // differed so); fresh heaps average that out over the rounds.
+            if r > 0 {
+                h.heap = SystemHeap::builder()
+                    .name(h.name)
+                    .deferred(h.deferred)
+                    .build()
+                    .map_err(|e| format!("cannot build the {} heap: {e}", h.name))?;
+            }
+            if warmup > 0.0 {
+                bad += segment(&h.heap, sizes, warmup, iters, page)?.bad;
+            }
             let (before, ref0) = (h.heap.stats(), refused(&h.heap));
             let seg = segment(&h.heap, sizes, secs, iters, page)?;
             let counts = Counts::between(&before, &h.heap.stats());
