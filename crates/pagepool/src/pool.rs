@@ -594,17 +594,50 @@ mod tests {
         )
     }
 
+    /// Fresh zeroed pages to give to a pool of order-0 blocks whose release callback leaks
+    /// them; freed on drop, so a test declares them before its pool.
+    struct Pages {
+        base: *mut u8,
+        layout: Layout,
+        page: usize,
+    }
+
+    impl Pages {
+        fn new(n: usize) -> Pages {
+            let page = crate::os::page_size();
+            let layout = Layout::from_size_align(n * page, page).unwrap();
+            // SAFETY: a non-zero size; freed with the same layout in `drop`.
+            let base = unsafe { alloc_zeroed(layout) };
+            assert!(!base.is_null());
+            Pages { base, layout, page }
+        }
+
+        /// The address of page `i`.
+        fn at(&self, i: usize) -> usize {
+            self.base as usize + i * self.page
+        }
+
+        /// Page `i` as a block, to give to the pool: each page is given at most once at a time.
+        fn block(&self, i: usize) -> Block {
+            assert!(i * self.page < self.layout.size());
+            // SAFETY: page `i` of the allocation, zeroed (or given back clean by the pool),
+            // owned by the pool from the give on; the pool's callback never frees it.
+            unsafe { Block::from_raw(NonNull::new(self.base.add(i * self.page)).unwrap(), 0) }
+        }
+    }
+
+    impl Drop for Pages {
+        fn drop(&mut self) {
+            // SAFETY: the allocation made in `new`; the pool that held its pages is gone (it
+            // was declared after this, and is dropped first).
+            unsafe { dealloc(self.base, self.layout) };
+        }
+    }
+
     #[test]
     fn a_batch_prefers_blocks_that_lie_end_to_end() {
-        let page = crate::os::page_size();
-        let layout = Layout::from_size_align(8 * page, page).unwrap();
-        // SAFETY: eight fresh zeroed pages, given to the pool one by one below and freed here
-        // once the pool (which never releases them: its callback leaks) is gone.
-        let base = unsafe { alloc_zeroed(layout) };
-        let block = |i: usize| {
-            // SAFETY: page `i` of the allocation above, owned by the pool from the give on.
-            unsafe { Block::from_raw(NonNull::new(base.add(i * page)).unwrap(), 0) }
-        };
+        let pages = Pages::new(8);
+        let (page, block) = (pages.page, |i| pages.block(i));
         let p = PagePool::new(0, Box::new(|_: Block| {}));
         // Pages 0..3 end to end, then 7 and 5 on top: the top three do not lie end to end.
         for i in [0, 1, 2, 3, 7, 5] {
@@ -615,7 +648,7 @@ mod tests {
             p.take_many(3, |b| got.push(b.into_raw().as_ptr() as usize)),
             3
         );
-        let a = base as usize;
+        let a = pages.at(0);
         assert_eq!(
             got,
             [a + page, a + 2 * page, a + 3 * page],
@@ -635,23 +668,12 @@ mod tests {
         let mut two = Vec::new();
         p.take_many(2, |b| two.push(b.into_raw().as_ptr() as usize));
         assert_eq!(two, [a + 4 * page, a + 5 * page]);
-        drop(p);
-        // SAFETY: the allocation made above, no block of it pooled any more.
-        unsafe { dealloc(base, layout) };
     }
 
     #[test]
     fn blocks_that_continue_what_the_caller_holds_come_first() {
-        let page = crate::os::page_size();
-        let layout = Layout::from_size_align(16 * page, page).unwrap();
-        // SAFETY: sixteen fresh zeroed pages, given to the pool below and freed here once the
-        // pool (whose callback leaks) is gone.
-        let base = unsafe { alloc_zeroed(layout) };
-        let a = base as usize;
-        let block = |i: usize| {
-            // SAFETY: page `i` of the allocation above, owned by the pool from the give on.
-            unsafe { Block::from_raw(NonNull::new(base.add(i * page)).unwrap(), 0) }
-        };
+        let pages = Pages::new(16);
+        let (page, a, block) = (pages.page, pages.at(0), |i| pages.block(i));
         let p = PagePool::new(0, Box::new(|_: Block| {}));
         let never = crate::sync::AtomicBool::new(false);
         let wait = std::time::Duration::from_millis(10);
@@ -680,23 +702,12 @@ mod tests {
         assert_eq!(take(3, Some((a + 6 * page, a + 8 * page))), [4, 3, 2]);
         assert_eq!(take(3, None), [12, 11, 10]);
         assert_eq!(p.blocks(), 0);
-        drop(p);
-        // SAFETY: the allocation made above, no block of it pooled any more.
-        unsafe { dealloc(base, layout) };
     }
 
     #[test]
     fn a_single_take_leaves_sets_whole() {
-        let page = crate::os::page_size();
-        let layout = Layout::from_size_align(8 * page, page).unwrap();
-        // SAFETY: eight fresh zeroed pages, given to the pool below and freed here once the
-        // pool (whose callback leaks) is gone.
-        let base = unsafe { alloc_zeroed(layout) };
-        let block = |i: usize| {
-            // SAFETY: page `i` of the allocation above, owned by the pool from the give on.
-            unsafe { Block::from_raw(NonNull::new(base.add(i * page)).unwrap(), 0) }
-        };
-        let a = base as usize;
+        let pages = Pages::new(8);
+        let (page, a, block) = (pages.page, pages.at(0), |i| pages.block(i));
         let p = PagePool::new(0, Box::new(|_: Block| {}));
         // Page 6 alone, then a released set of four (3, 2, 1, 0: page 0 on top).
         for i in [6, 3, 2, 1, 0] {
@@ -715,9 +726,6 @@ mod tests {
         assert_eq!(take(), a + 4 * page);
         assert_eq!(take(), a + page, "the end of the run 0..2");
         assert_eq!(take(), a);
-        drop(p);
-        // SAFETY: the allocation made above, no block of it pooled any more.
-        unsafe { dealloc(base, layout) };
     }
 
     #[test]

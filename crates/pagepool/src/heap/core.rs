@@ -462,12 +462,14 @@ impl HeapInner {
         // whole one take turns (two buffers in circulation, one of them scattered for good: a
         // count reset by every whole allocation would never get there), but not while views
         // are the exception.
-        if h.release_queue.is_some()
+        //
+        // On a busy machine the count stands still: neither scattered allocations nor whole
+        // ones move it.
+        let needs_view = h.release_queue.is_some()
             && h.pooling()
             && hits + inline > 0
-            && scattered(&runs, &missing, h.page)
-            && !busy()
-        {
+            && scattered(&runs, &missing, h.page);
+        if needs_view && !busy() {
             let streak = h.scattered.fetch_add(2, Ordering::Relaxed) + 2;
             let after = h.regather_after.load(Ordering::Relaxed);
             if streak >= 2 * after {
@@ -501,7 +503,11 @@ impl HeapInner {
                     }
                 }
             }
-        } else if runs.len() > 1 && h.scattered.load(Ordering::Relaxed) > 0 {
+        } else if !needs_view
+            && runs.len() > 1
+            && h.scattered.load(Ordering::Relaxed) > 0
+            && !busy()
+        {
             let before = h
                 .scattered
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
