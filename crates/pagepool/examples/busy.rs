@@ -703,13 +703,6 @@ fn busy(o: &Opts) -> Result<usize, String> {
         o.warmup,
         loadavg()
     );
-    let build = |name: &str, deferred: bool| {
-        SystemHeap::builder()
-            .name(name)
-            .deferred(deferred)
-            .build()
-            .map_err(|e| format!("cannot build the {name} heap: {e}"))
-    };
     // The control run: two heaps that do the same thing, so that the ratios below show what
     // the order of rounds, the heaps' places in memory and the machine alone make of it.
     let first = if o.control { "sync-a" } else { "deferred" };
@@ -717,7 +710,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
         HeapRun {
             name: first,
             deferred: !o.control,
-            heap: build(first, !o.control)?,
+            heap: build_heap(first, !o.control)?,
             alloc: vec![Vec::new(); sizes.len()],
             drop: vec![Vec::new(); sizes.len()],
             off_cpu: vec![Vec::new(); sizes.len()],
@@ -728,7 +721,7 @@ fn busy(o: &Opts) -> Result<usize, String> {
         HeapRun {
             name: "sync",
             deferred: false,
-            heap: build("sync", false)?,
+            heap: build_heap("sync", false)?,
             alloc: vec![Vec::new(); sizes.len()],
             drop: vec![Vec::new(); sizes.len()],
             off_cpu: vec![Vec::new(); sizes.len()],
@@ -932,6 +925,15 @@ fn busy(o: &Opts) -> Result<usize, String> {
     Ok(bad)
 }
 
+/// A busy-mode heap: the default configuration, deferred or not.
+fn build_heap(name: &str, deferred: bool) -> Result<SystemHeap, String> {
+    SystemHeap::builder()
+        .name(name)
+        .deferred(deferred)
+        .build()
+        .map_err(|e| format!("cannot build the {name} heap: {e}"))
+}
+
 /// The warm-up and the measured rounds; returns the zero-check failures.
 fn run_rounds(
     heaps: &mut [HeapRun; 2],
@@ -951,11 +953,7 @@ fn run_rounds(
             // times by as much as 15% for a whole run (two synchronous heaps, `--control`,
             // differed so); fresh heaps average that out over the rounds.
             if r > 0 {
-                h.heap = SystemHeap::builder()
-                    .name(h.name)
-                    .deferred(h.deferred)
-                    .build()
-                    .map_err(|e| format!("cannot build the {} heap: {e}", h.name))?;
+                h.heap = build_heap(h.name, h.deferred)?;
             }
             if warmup > 0.0 {
                 bad += segment(&h.heap, sizes, warmup, iters, page)?.bad;

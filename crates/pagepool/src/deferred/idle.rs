@@ -180,14 +180,21 @@ impl<I: Item> ReleaseQueue<I> {
         if now < self.late_until_ns.load(Ordering::Relaxed) {
             return true;
         }
-        let due = self.due_ns.load(Ordering::Relaxed);
-        let late = due != u64::MAX
-            && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64)
-            && self.loaded(now);
-        if late {
-            self.hold(now, now - due);
+        match self.past_grace(now) {
+            Some(late) if self.loaded(now) => {
+                self.hold(now, late);
+                true
+            }
+            _ => false,
         }
-        late
+    }
+
+    /// How late the worker is on its promise `now`, if by more than [`WORKER_GRACE`] (never
+    /// while it sleeps until woken).
+    fn past_grace(&self, now: u64) -> Option<u64> {
+        let due = self.due_ns.load(Ordering::Relaxed);
+        (due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64))
+            .then(|| now - due)
     }
 
     /// True while the machine looks busy: the worker was found late or kept off its core
@@ -258,11 +265,10 @@ impl<I: Item> ReleaseQueue<I> {
             return;
         }
         let now = self.now_ns();
-        let due = self.due_ns.load(Ordering::Relaxed);
-        let late = due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64);
+        let late = self.past_grace(now);
         let loaded = self.load_check.map(|check| check());
-        if late && loaded != Some(false) {
-            self.hold(now, now - due);
+        if let Some(late) = late.filter(|_| loaded != Some(false)) {
+            self.hold(now, late);
         } else if loaded == Some(true) {
             // On time this once, but more threads want the cores than there are: a nice-19
             // worker that got a moment now will soon wait again. Another hold (longer, as a
