@@ -518,6 +518,13 @@ impl PagePool {
         }
     }
 
+    /// Counts `n` blocks taken from this pool that its owner gave back to the system rather
+    /// than to a buffer, as [`release_one`](Self::release_one) counts its own: every block that
+    /// leaves a pool is a hit or a release.
+    pub(crate) fn count_released(&self, n: usize) {
+        self.released.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// Releases blocks to the system until at least `nr_pages` pages are freed or the pool is
     /// empty; returns the pages freed. Whole blocks are freed, so the result can exceed
     /// `nr_pages` by less than one block.

@@ -345,6 +345,10 @@ fn a_scattered_set_taking_turns_with_a_whole_one_is_replaced_once() {
         pages,
         "the scattered blocks went back to the system"
     );
+    // Every block that left a pool went to a buffer (a hit) or to the system (a release).
+    let taken: u64 = after.owner.pools.iter().map(|p| p.taken).sum();
+    let released: u64 = after.owner.pools.iter().map(|p| p.released).sum();
+    assert_eq!(taken, after.hits + released, "{after}");
     // From then on, both sets are whole.
     for k in 0..10 {
         let w = heap.alloc(3 << 20).unwrap();

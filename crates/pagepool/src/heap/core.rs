@@ -484,7 +484,16 @@ impl HeapInner {
                     .collect();
                 // The scattered blocks go back to the system rather than to the pools: pooled,
                 // they would stay in circulation beside the fresh set and scatter it in turn.
-                gathered.iter().for_each(|r| h.release_run(r));
+                // Those taken from a pool count as its releases (queued ones never entered it).
+                for r in &gathered {
+                    let queued = stolen
+                        .iter()
+                        .any(|s| r.start >= s.start && r.start < s.end(h.page));
+                    if !queued {
+                        h.pools[h.pool_index(r.order)].count_released(r.count);
+                    }
+                    h.release_run(r);
+                }
                 stolen.clear();
                 runs.clear();
                 missing.clear();
