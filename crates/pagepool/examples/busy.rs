@@ -1387,9 +1387,6 @@ fn paced(o: &Opts) -> Result<usize, String> {
                     bad += paced_segment(&mut rows[0], calls, iters, pp_call, || heap.flush())?;
                     rows[0].counts.add(&Counts::between(&before, &heap.stats()));
                     rows[0].refused += refused(&heap) - ref0;
-                    if std::env::var_os("BUSY_DEBUG").is_some() {
-                        eprintln!("{:?}", Counts::between(&before, &heap.stats()).pairs());
-                    }
                     drop(heap);
                 } else {
                     for k in 0..warm {
