@@ -62,9 +62,10 @@ struct Args {
     /// too (pagepool-locked, mmap-mlock, pagepool-huge, mmap-thp, pagepool-node0, mmap-mbind).
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
-    /// Calls per repetition for every row (default: as many as fit the row's budget by the mean
-    /// of 20 ms of warmed calls, at least 200 and at most the seed's 5000). Random mode: reads
-    /// per repetition (default: as many as fit the row's budget, at least 20 ms of reads).
+    /// Calls per repetition for every row, per thread in threads mode (default: as many as fit
+    /// the row's budget by the mean of 20 ms of warmed calls, at least 200 and at most the
+    /// seed's 5000, per thread in threads mode). Random mode: reads per repetition (default: as
+    /// many as fit the row's budget, at least 20 ms of reads).
     #[arg(long)]
     iters: Option<usize>,
     /// Repetitions per row (default 2; random mode 5); the median is reported (of two: the
@@ -277,15 +278,17 @@ fn measure_size(
     }
     // Within the row's budget, but never fewer than MIN_CALLS a repetition (a slow row takes
     // longer than its budget then), nor more than the seed's 5000. With several threads, each
-    // makes its share of the count.
+    // runs the seed's loop: up to 5000 calls per thread, as many as fit the budget counting
+    // the threads' calls as if made one after another, and together at least MIN_CALLS. (A
+    // thread's share of 5000 was 1,250 calls of ~60 ns at 4 KiB with four threads: 75 us,
+    // the order of one wake-up of a thread, and the rates of one system ranged 30-fold.)
     let t = threads.unwrap_or(1);
     let counts: Vec<usize> = est
         .iter()
         .map(|e| {
             args.iters.unwrap_or_else(|| {
                 let per_rep = args.budget_ms as f64 * 1e6 / reps_all as f64;
-                ((per_rep / e / t as f64) as usize)
-                    .clamp(MIN_CALLS.div_ceil(t), 5000_usize.div_ceil(t))
+                ((per_rep / e / t as f64) as usize).clamp(MIN_CALLS.div_ceil(t), 5000)
             })
         })
         .collect();
@@ -308,38 +311,57 @@ fn measure_size(
     let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut calls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut peaks: Vec<Option<(u64, u64)>> = vec![None; present.len()];
-    for rep in 0..reps_all {
-        for k in 0..present.len() {
-            let i = (k + rep) % present.len(); // interleaved, rotated each repetition
-            if rep >= reps[i] || failed[i].is_some() {
-                continue;
-            }
-            let sys = present[i];
-            bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
-            let tracked = sys.heap().is_some() && measure::reset_peak_rss();
-            let fail = |e: String| format!("{} at {size}: {e}", sys.name);
-            let (rep, wall) = match threads {
-                Some(t) => {
-                    let r = run_threads(sys, size, counts[i], opts, t).map_err(fail)?;
-                    (r.rep, Some(r.wall_ns))
+    std::thread::scope(|scope| -> Result<(), String> {
+        // Threads mode: each system's team, warmed by a quarter of a repetition's calls per thread
+        // (at least three) before the first timed one.
+        let mut teams: Vec<Option<Team>> = Vec::new();
+        for (i, sys) in present.iter().enumerate() {
+            let team = match threads {
+                Some(t) if failed[i].is_none() => {
+                    bar.set_message(format!("{mode} {size} {} threads warm-up", sys.name));
+                    let team = Team::start(scope, sys, size, opts, t);
+                    team.run(counts[i].div_ceil(4).max(3))
+                        .map_err(|e| format!("{} at {size}: {e}", sys.name))?;
+                    Some(team)
                 }
-                None => (
-                    run_calls(sys, size, counts[i], opts, work).map_err(fail)?,
-                    None,
-                ),
+                _ => None,
             };
-            cpus[i].push(rep.cpu_ns);
-            calls[i].extend(rep.per_call);
-            if tracked {
-                let (hwm, _) = measure::rss();
-                let p = peaks[i].get_or_insert((rss_start, 0));
-                p.1 = p.1.max(hwm);
-            }
-            totals[i].push(rep.ns);
-            walls[i].extend(wall);
-            bar.inc(1);
+            teams.push(team);
         }
-    }
+        for rep in 0..reps_all {
+            for k in 0..present.len() {
+                let i = (k + rep) % present.len(); // interleaved, rotated each repetition
+                if rep >= reps[i] || failed[i].is_some() {
+                    continue;
+                }
+                let sys = present[i];
+                bar.set_message(format!("{mode} {size} {} rep {}", sys.name, rep + 1));
+                let tracked = sys.heap().is_some() && measure::reset_peak_rss();
+                let fail = |e: String| format!("{} at {size}: {e}", sys.name);
+                let (rep, wall) = match &teams[i] {
+                    Some(team) => {
+                        let (r, _) = team.run(counts[i]).map_err(fail)?;
+                        (r.rep, Some(r.wall_ns))
+                    }
+                    None => (
+                        run_calls(sys, size, counts[i], opts, work).map_err(fail)?,
+                        None,
+                    ),
+                };
+                cpus[i].push(rep.cpu_ns);
+                calls[i].extend(rep.per_call);
+                if tracked {
+                    let (hwm, _) = measure::rss();
+                    let p = peaks[i].get_or_insert((rss_start, 0));
+                    p.1 = p.1.max(hwm);
+                }
+                totals[i].push(rep.ns);
+                walls[i].extend(wall);
+                bar.inc(1);
+            }
+        }
+        Ok(())
+    })?;
     let mut rows = Vec::new();
     for (i, sys) in present.iter().enumerate() {
         if let Some(why) = failed[i].take() {
@@ -382,57 +404,110 @@ struct ThreadsRep {
     wall_ns: u64,
 }
 
-/// Runs `n` tight calls on each of `threads` threads at once, all on `sys`.
-fn run_threads(
-    sys: &System,
-    size: usize,
-    n: usize,
-    opts: CallOpts,
-    threads: usize,
-) -> Result<ThreadsRep, String> {
-    let cpu0 = measure::process_cpu_ns();
-    let start = std::sync::Barrier::new(threads);
-    // Each thread notes when it started and ended its calls: the wall time runs from the first
-    // start to the last end. (Timed from the main thread, it would start whenever the
-    // scheduler ran that thread again after the barrier, possibly after the threads had done
-    // their calls: short loops at 4 KiB then showed absurd rates.)
-    let reps: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
+/// What a team thread sends back for one repetition: its calls, when it started and ended
+/// them, and which thread it is.
+type TeamResult = Result<(Rep, Instant, Instant, std::thread::ThreadId), String>;
+
+/// Threads mode's threads for one system at one size, kept for the whole row: each thread's
+/// state in the system (glibc's tcache and arena, mimalloc's and jemalloc's thread caches,
+/// pagepool's thread cache) is warmed before the first repetition and stays warm, as in a
+/// program whose threads live long, and no thread starts or exits inside a repetition.
+struct Team {
+    /// One per thread: a repetition's call count.
+    go: Vec<std::sync::mpsc::Sender<usize>>,
+    done: std::sync::mpsc::Receiver<TeamResult>,
+}
+
+impl Team {
+    /// Starts `threads` threads in `scope`, each waiting for a call count.
+    fn start<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        sys: &'scope System,
+        size: usize,
+        opts: CallOpts,
+        threads: usize,
+    ) -> Team {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let go = (0..threads)
             .map(|_| {
-                s.spawn(|| {
-                    start.wait();
-                    let t0 = Instant::now();
-                    let r = run_calls(sys, size, n, opts, Duration::ZERO);
-                    r.map(|r| (r, t0, Instant::now()))
-                })
+                let (tx, rx) = std::sync::mpsc::channel::<usize>();
+                let (start, done_tx) = (start.clone(), done_tx.clone());
+                scope.spawn(move || {
+                    // Until the team is dropped (its senders with it).
+                    while let Ok(n) = rx.recv() {
+                        start.wait();
+                        let t0 = Instant::now();
+                        let r = run_calls(sys, size, n, opts, Duration::ZERO);
+                        let id = std::thread::current().id();
+                        if done_tx
+                            .send(r.map(|r| (r, t0, Instant::now(), id)))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                tx
             })
             .collect();
-        hs.into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a thread panicked".into())))
-            .collect()
-    });
-    let mut all = Rep {
-        ns: 0,
-        per_call: Vec::with_capacity(n * threads),
-        cpu_ns: 0,
-    };
-    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
-    for r in reps {
-        let (r, t0, t1) = r?;
-        all.ns += r.ns;
-        all.per_call.extend(r.per_call);
-        first = Some(first.map_or(t0, |f| f.min(t0)));
-        last = Some(last.map_or(t1, |l| l.max(t1)));
+        Team { go, done }
     }
-    all.cpu_ns = measure::process_cpu_ns().saturating_sub(cpu0);
-    let wall = match (first, last) {
-        (Some(f), Some(l)) => l.duration_since(f),
-        _ => Duration::ZERO,
-    };
-    Ok(ThreadsRep {
-        rep: all,
-        wall_ns: wall.as_nanos() as u64,
-    })
+
+    /// Runs `n` tight calls on each of the team's threads at once. Each thread notes when it
+    /// started and ended its calls: the wall time runs from the first start to the last end.
+    /// (Timed from the main thread, it would start whenever the scheduler ran that thread
+    /// again, possibly after the threads had done their calls: short loops at 4 KiB then
+    /// showed absurd rates.) Also returns the threads that ran, in no particular order.
+    fn run(&self, n: usize) -> Result<(ThreadsRep, Vec<std::thread::ThreadId>), String> {
+        let cpu0 = measure::process_cpu_ns();
+        for g in &self.go {
+            g.send(n)
+                .map_err(|_| "a thread of the team exited".to_string())?;
+        }
+        let threads = self.go.len();
+        let mut all = Rep {
+            ns: 0,
+            per_call: Vec::with_capacity(n * threads),
+            cpu_ns: 0,
+        };
+        let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+        let mut ids = Vec::with_capacity(threads);
+        let mut failed = None;
+        // Every thread's answer, even after a failure: the next repetition must not find a
+        // stale one.
+        for _ in 0..threads {
+            let answer = self
+                .done
+                .recv()
+                .map_err(|_| "a thread of the team panicked".to_string())?;
+            match answer {
+                Ok((r, t0, t1, id)) => {
+                    all.ns += r.ns;
+                    all.per_call.extend(r.per_call);
+                    first = Some(first.map_or(t0, |f| f.min(t0)));
+                    last = Some(last.map_or(t1, |l| l.max(t1)));
+                    ids.push(id);
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        all.cpu_ns = measure::process_cpu_ns().saturating_sub(cpu0);
+        let wall = match (first, last) {
+            (Some(f), Some(l)) => l.duration_since(f),
+            _ => Duration::ZERO,
+        };
+        Ok((
+            ThreadsRep {
+                rep: all,
+                wall_ns: wall.as_nanos() as u64,
+            },
+            ids,
+        ))
+    }
 }
 
 /// The loaded mode's load: a child process spinning one thread per core at normal priority
@@ -1249,4 +1324,56 @@ fn run_random(
     );
     report.modes.push(mr);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A team's threads live for the whole row: every repetition runs on the same threads,
+    /// each making its calls, and the wall time covers no more than the calls' span.
+    #[test]
+    fn a_team_runs_every_repetition_on_the_same_threads() {
+        let sys = System::new("calloc").unwrap();
+        let opts = CallOpts {
+            touch: true,
+            verify: true,
+        };
+        std::thread::scope(|scope| {
+            let team = Team::start(scope, &sys, 64 << 10, opts, 3);
+            let (first, mut before) = team.run(40).unwrap();
+            assert_eq!(first.rep.per_call.len(), 120);
+            before.sort_unstable_by_key(|id| format!("{id:?}"));
+            before.dedup();
+            assert_eq!(before.len(), 3, "three distinct threads");
+            assert!(!before.contains(&std::thread::current().id()));
+            for _ in 0..3 {
+                let (rep, mut ids) = team.run(25).unwrap();
+                assert_eq!(rep.rep.per_call.len(), 75);
+                let slowest_thread = rep.rep.per_call.iter().sum::<u64>() / 3;
+                assert!(rep.wall_ns > 0 && rep.rep.ns >= slowest_thread);
+                ids.sort_unstable_by_key(|id| format!("{id:?}"));
+                assert_eq!(ids, before, "the same threads, warm");
+            }
+        });
+    }
+
+    /// A failing call fails the repetition with the call's error, and the team still answers
+    /// the next one (no thread stuck at the start barrier).
+    #[test]
+    fn a_failed_repetition_is_an_error_and_the_team_goes_on() {
+        let sys = System::new("calloc").unwrap();
+        let opts = CallOpts {
+            touch: true,
+            verify: false,
+        };
+        std::thread::scope(|scope| {
+            // Larger than any allocation can be: every call fails.
+            let bad = Team::start(scope, &sys, usize::MAX / 2, opts, 2);
+            for _ in 0..2 {
+                let e = bad.run(5).err().expect("every call fails");
+                assert!(e.contains("calloc"), "{e}");
+            }
+        });
+    }
 }
