@@ -787,6 +787,51 @@ mod tests {
         assert_eq!(l.in_flight(8), 0);
     }
 
+    /// Allocations zero a job from the front and the worker from the back, whichever asks
+    /// first, so that a block that circulates is zeroed by the same core piece by piece; the
+    /// two meet without a gap or an overlap, the last stripe short when the run is not a
+    /// whole number of stripes.
+    #[test]
+    fn a_job_is_zeroed_from_the_front_by_allocations_and_from_the_back_by_the_worker() {
+        let page = 4096;
+        // 20 stripes and a short one: 1.3 MiB.
+        let pages = (20 * STRIPE_BYTES + 3 * page) / page;
+        let job = Job::new(run(0, 0, pages), pages, page);
+        let bytes = pages * page;
+        let mut covered = vec![0u8; bytes / page];
+        let (mut front, mut back) = (0, bytes);
+        let mut turn = 0;
+        loop {
+            turn += 1;
+            let worker = turn % 3 == 0; // the worker asks once for every two allocations
+            let piece = if worker {
+                job.next_worker_piece(page)
+            } else {
+                job.next_stripe(page)
+            };
+            let Some((off, len)) = piece else { break };
+            if worker {
+                assert_eq!(
+                    off + len,
+                    back,
+                    "the worker's pieces end where its last began"
+                );
+                back = off;
+            } else {
+                assert_eq!(off, front, "an allocation's pieces follow its last");
+                front = off + len;
+            }
+            for c in &mut covered[off / page..(off + len).div_ceil(page)] {
+                *c += 1;
+            }
+            assert!(!job.finish(len));
+        }
+        assert_eq!(front, back, "the two ends meet");
+        assert!(covered.iter().all(|&c| c == 1), "every page once");
+        assert!(job.taken() && job.complete());
+        assert!(job.next_stripe(page).is_none() && job.next_worker_piece(page).is_none());
+    }
+
     #[test]
     fn a_shared_run_is_offered_to_the_idle_worker() {
         let (l, _) = list(10_000);
@@ -801,8 +846,8 @@ mod tests {
         );
         assert_eq!(
             stripes,
-            [(0, 131072), (131072, 65536), (196608, 65536)],
-            "half of what is left per claim, whole stripes, at least one"
+            [(131072, 131072), (65536, 65536), (0, 65536)],
+            "from the back, half of what is left per claim, whole stripes, at least one"
         );
         assert!(job.complete());
         l.share(None);
@@ -1055,9 +1100,9 @@ mod loom_tests {
             };
             let job = Arc::new(Job::new(run, pages, 4096));
             let owners = Arc::new(AtomicUsize::new(0));
-            // The worker holds one stripe (half of the two).
+            // The worker holds one stripe (half of the two: the last).
             let (off, len) = job.next_worker_piece(4096).unwrap();
-            assert_eq!(off, 0);
+            assert_eq!(off, STRIPE_BYTES);
             let worker = {
                 let (job, owners) = (job.clone(), owners.clone());
                 thread::spawn(move || {
