@@ -20,7 +20,7 @@
 //! | claim chunk | [`CHUNK_PAGES`] (1 MiB) | fixed | the worker's largest claim |
 //! | stripe | [`STRIPE_BYTES`] (64 KiB) | fixed | the smallest piece two threads split a run into |
 //! | worker piece | [`WORKER_PIECE`] stripes (256 KiB) | fixed | what the worker zeroes at once |
-//! | shared zeroing | [`SHARE_FROM`] (1 MiB) | fixed | the smallest buffer whose stolen blocks an allocation shares with the worker |
+//! | shared zeroing | [`SHARE_FROM`] (16 MiB, and any buffer taken whole in one run) | fixed | the smallest buffer whose stolen blocks an allocation shares with the worker |
 //! | hand-off wait | [`HANDOFF_WAIT`] (50 us) | fixed | an allocation's wait for work in the worker's hands |
 //! | hand-off cap | [`HANDOFF_CAP`] (5 ms) | fixed | that wait while the worker makes progress |
 //! | worker grace | [`WORKER_GRACE`] (1 ms), [`WAKE_GRACE`] (10 ms), [`PREEMPTED`] (1 ms) | fixed | lateness before releases stop queueing |
@@ -100,14 +100,16 @@ pub(crate) const FIT_SCAN: usize = 32;
 pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The smallest buffer whose queued blocks an allocation that takes them shares with the idle
-/// worker (1 MiB): the allocation zeroes the run from the front and the worker from the back
-/// (see `Job::next_worker_piece`), so that two cores zero it and, as the buffer circulates,
-/// each zeroes the same part of it every time, in its own cache. Smaller buffers are zeroed
-/// by the allocation alone: a hand-off costs about as much as zeroing them. (With pieces
-/// handed out from one end, to whoever asked first, the lines moved between the cores' caches
-/// at every zeroing and sharing made a tight loop of 1 MiB buffers slower, 37 us a call
-/// against 24 us alone, so it was kept for 16 MiB and more; zeroed from both ends, 16-19 us.)
-pub(crate) const SHARE_FROM: usize = 1 << 20;
+/// worker (16 MiB), besides a buffer taken whole in one run (a 1 MiB buffer of one block): the
+/// allocation zeroes the run from the front and the worker from the back (see
+/// `Job::next_worker_piece`), so that two cores zero it and, as the buffer circulates, each
+/// zeroes the same part of it every time, in its own cache. Other runs are zeroed by the
+/// allocation alone, while the worker zeroes the buffer's other end: sharing each 1 MiB chunk
+/// of an 8 MiB buffer as well was slower (tight loop, three runs alternating: 361-469 us a call
+/// against 268-368 us). (With pieces handed out from one end, to whoever asked first, a shared
+/// block's lines moved between the cores' caches at every zeroing: a tight loop of 1 MiB
+/// buffers took 37 us a call shared against 24 us alone; zeroed from both ends, 16-19 us.)
+pub(crate) const SHARE_FROM: usize = 16 << 20;
 
 /// The longest an allocation waits for the worker even while it makes progress (see
 /// `ReleaseQueue::wait_worker`): beyond this, fresh pages are cheaper. (Loom's models do not

@@ -830,6 +830,10 @@ mod tests {
         assert!(covered.iter().all(|&c| c == 1), "every page once");
         assert!(job.taken() && job.complete());
         assert!(job.next_stripe(page).is_none() && job.next_worker_piece(page).is_none());
+        // A chunk of a larger buffer: both from the front.
+        let chunk = Job::new(run(0, 0, pages), 4 * pages, page);
+        assert_eq!(chunk.next_worker_piece(page), Some((0, 4 * STRIPE_BYTES)));
+        assert_eq!(chunk.next_stripe(page).map(|p| p.0), Some(4 * STRIPE_BYTES));
     }
 
     #[test]

@@ -67,14 +67,18 @@ impl Job {
     /// and what it holds when the scheduler leaves it waiting is at most that, which nobody
     /// waits for longer than [`HANDOFF_WAIT`].
     ///
-    /// Allocations always zero a run from the front and the worker from the back, whichever
-    /// of them took the run: a buffer that circulates is then zeroed piece by piece by the same
-    /// core each time, and its lines stay in that core's cache. (Handed out from one end, the
-    /// pieces fell to whoever asked first, and a buffer's lines moved between the cores'
-    /// caches at every zeroing: a tight loop of 1 MiB buffers shared with the worker took
-    /// 37-43 us a call, against 23-27 us zeroed by the allocating thread alone.)
+    /// For a run that is a whole buffer (a 1 MiB buffer of one block), allocations always zero
+    /// it from the front and the worker from the back, whichever of them took the run: a
+    /// buffer that circulates is then zeroed piece by piece by the same core each time, and
+    /// its lines stay in that core's cache. (Handed out from one end, the pieces fell to
+    /// whoever asked first, and a buffer's lines moved between the cores' caches at every
+    /// zeroing: a tight loop of 1 MiB buffers shared with the worker took 37-43 us a call,
+    /// against 23-27 us zeroed by the allocating thread alone.) A chunk of a larger buffer,
+    /// whose allocation zeroes the buffer's other chunks from its other end, is zeroed from
+    /// the front by both, as before.
     pub(crate) fn next_worker_piece(&self, page: usize) -> Option<(usize, usize)> {
-        self.next_piece(page, true, |left| {
+        let from_back = self.run.pages() == self.buffer_pages;
+        self.next_piece(page, from_back, |left| {
             (left / CLAIM_SHARE).clamp(1, WORKER_PIECE)
         })
     }

@@ -222,7 +222,7 @@ impl HeapInner {
     }
 
     /// Zeroes a run an allocation took from the queue; one of a buffer of at least
-    /// [`SHARE_FROM`] is shared with the idle worker, stripe by stripe, so that two cores zero
+    /// [`SHARE_FROM`], or a whole buffer, is shared with the idle worker, stripe by stripe, so that two cores zero
     /// it. Returns false if the worker did not
     /// finish its stripe within [`HANDOFF_WAIT`]: the run is then the worker's to land, and
     /// the caller must do without it.
@@ -230,9 +230,12 @@ impl HeapInner {
     /// # Safety
     /// The caller owns the run (it left the queue).
     unsafe fn zero_stolen(&self, list: &ReleaseQueue, r: &Run, buffer_pages: usize) -> bool {
-        // Shared only for large buffers (see `SHARE_FROM`): a smaller one is zeroed faster by
-        // this thread alone.
-        if r.pages() * self.page < 2 * STRIPE_BYTES || buffer_pages * self.page < SHARE_FROM {
+        // Shared for large buffers and for a buffer taken whole (see `SHARE_FROM`): a chunk
+        // of a smaller one is zeroed faster by this thread alone.
+        let whole = r.pages() == buffer_pages;
+        if r.pages() * self.page < 2 * STRIPE_BYTES
+            || (buffer_pages * self.page < SHARE_FROM && !whole)
+        {
             // SAFETY: forwarded.
             unsafe { self.zero_run(r, buffer_pages) };
             return true;
