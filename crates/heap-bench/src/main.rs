@@ -1330,8 +1330,6 @@ fn run_random(
 mod tests {
     use super::*;
 
-    /// A team's threads live for the whole row: every repetition runs on the same threads,
-    /// each making its calls, and the wall time spans them.
     /// glibc's calloc, writing a byte per page and checking buffers read zero.
     fn calloc() -> (System, CallOpts) {
         let opts = CallOpts {
@@ -1341,6 +1339,8 @@ mod tests {
         (System::new("calloc").unwrap(), opts)
     }
 
+    /// A team's threads live for the whole row: every repetition runs on the same threads,
+    /// each making its calls, and the wall time spans them.
     #[test]
     fn a_team_runs_every_repetition_on_the_same_threads() {
         let (sys, opts) = calloc();

@@ -105,8 +105,8 @@ pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_m
 /// `Job::next_worker_piece`), so that two cores zero it and, as the buffer circulates, each
 /// zeroes the same part of it every time, in its own cache. Other runs are zeroed by the
 /// allocation alone, while the worker zeroes the buffer's other end: sharing each 1 MiB chunk
-/// of an 8 MiB buffer as well was slower (tight loop, three runs alternating: 361-469 us a call
-/// against 268-368 us). (With pieces handed out from one end, to whoever asked first, a shared
+/// of an 8 MiB buffer as well was slower (tight loop, three pairs alternating: 378, 593 and
+/// 241 us a call against 236-279 us). (With pieces handed out from one end, to whoever asked first, a shared
 /// block's lines moved between the cores' caches at every zeroing: a tight loop of 1 MiB
 /// buffers took 37 us a call shared against 24 us alone; zeroed from both ends, 16-19 us.)
 pub(crate) const SHARE_FROM: usize = 16 << 20;

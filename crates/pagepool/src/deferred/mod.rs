@@ -112,6 +112,14 @@ impl Run {
         self.count << self.order
     }
 
+    /// Whether the run is a whole buffer of `buffer_pages` pages (a 1 MiB buffer of one
+    /// block), not a chunk of a larger one: such a run is shared with the worker and zeroed from
+    /// both ends (see `Job::next_worker_piece`).
+    #[inline]
+    pub(crate) fn is_whole(&self, buffer_pages: usize) -> bool {
+        self.pages() == buffer_pages
+    }
+
     /// The address just past the run, with `page`-byte pages.
     pub(crate) fn end(&self, page: usize) -> usize {
         self.start + (page << self.order) * self.count
@@ -787,10 +795,10 @@ mod tests {
         assert_eq!(l.in_flight(8), 0);
     }
 
-    /// Allocations zero a job from the front and the worker from the back, whichever asks
-    /// first, so that a block that circulates is zeroed by the same core piece by piece; the
-    /// two meet without a gap or an overlap, the last stripe short when the run is not a
-    /// whole number of stripes.
+    /// Allocations zero a job that is a whole buffer from the front and the worker from the
+    /// back, whichever asks first, so that a block that circulates is zeroed by the same core
+    /// piece by piece; the two meet without a gap or an overlap, the last stripe short when the
+    /// run is not a whole number of stripes. A chunk of a larger buffer: both from the front.
     #[test]
     fn a_job_is_zeroed_from_the_front_by_allocations_and_from_the_back_by_the_worker() {
         let page = 4096;

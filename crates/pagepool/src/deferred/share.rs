@@ -77,7 +77,7 @@ impl Job {
     /// whose allocation zeroes the buffer's other chunks from its other end, is zeroed from
     /// the front by both, as before.
     pub(crate) fn next_worker_piece(&self, page: usize) -> Option<(usize, usize)> {
-        let from_back = self.run.pages() == self.buffer_pages;
+        let from_back = self.run.is_whole(self.buffer_pages);
         self.next_piece(page, from_back, |left| {
             (left / CLAIM_SHARE).clamp(1, WORKER_PIECE)
         })

@@ -222,19 +222,18 @@ impl HeapInner {
     }
 
     /// Zeroes a run an allocation took from the queue; one of a buffer of at least
-    /// [`SHARE_FROM`], or a whole buffer, is shared with the idle worker, stripe by stripe, so that two cores zero
-    /// it. Returns false if the worker did not
-    /// finish its stripe within [`HANDOFF_WAIT`]: the run is then the worker's to land, and
-    /// the caller must do without it.
+    /// [`SHARE_FROM`], or a whole buffer, is shared with the idle worker, stripe by stripe, so
+    /// that two cores zero it. Returns false if the worker did not finish its stripe within
+    /// [`HANDOFF_WAIT`]: the run is then the worker's to land, and the caller must do without
+    /// it.
     ///
     /// # Safety
     /// The caller owns the run (it left the queue).
     unsafe fn zero_stolen(&self, list: &ReleaseQueue, r: &Run, buffer_pages: usize) -> bool {
         // Shared for large buffers and for a buffer taken whole (see `SHARE_FROM`): a chunk
         // of a smaller one is zeroed faster by this thread alone.
-        let whole = r.pages() == buffer_pages;
         if r.pages() * self.page < 2 * STRIPE_BYTES
-            || (buffer_pages * self.page < SHARE_FROM && !whole)
+            || (buffer_pages * self.page < SHARE_FROM && !r.is_whole(buffer_pages))
         {
             // SAFETY: forwarded.
             unsafe { self.zero_run(r, buffer_pages) };
@@ -292,7 +291,8 @@ impl HeapInner {
     }
 
     /// Takes up to `want` clean blocks of pool `i` for an allocation, appending them to `runs`:
-    /// from the pool; then queued dirty blocks, zeroed here; then, while the worker is zeroing
+    /// from the pool; for a single block, then the worker's claim of this order, helped with
+    /// and waited for; then queued dirty blocks, zeroed here; then, while the worker is zeroing
     /// blocks of this order, waiting for them. Returns (from pool, zeroed inline).
     fn take_clean(
         &self,
@@ -340,9 +340,9 @@ impl HeapInner {
             // that circulates is then zeroed by both cores each time, this thread's share from
             // the front and the worker's from the back (see `Job::next_worker_piece`), and its
             // lines stay where they were zeroed; a queued block is shared the same way (see
-            // `zero_stolen`). (Taking the queued one, two blocks in
-            // circulation were each zeroed whole by one core and the next time by the other:
-            // 35-40 us a call in a tight loop of 1 MiB buffers, against 17-21 us.)
+            // `zero_stolen`). (Taking the queued one, two blocks in circulation were each
+            // zeroed whole by one core and the next time by the other: 35-40 us a call in a
+            // tight loop of 1 MiB buffers, against 17-21 us.)
             if want == 1 && pooled == 0 && self.help_worker(list, order, true) {
                 waited = true;
                 pooled += take_pooled(runs, want, false);
