@@ -524,6 +524,8 @@ pub struct Report {
     pub modes: Vec<ModeReport>,
     /// Each pagepool heap's statistics at the end.
     pub heap_stats: Vec<(String, pagepool::HeapStats)>,
+    /// What the run found wrong with its own measurements (a row beating the zeroing limit).
+    pub warnings: Vec<String>,
 }
 
 impl Report {
@@ -545,20 +547,34 @@ impl Report {
                 .to_owned(),
             touch: opts.touch,
             verify: opts.verify,
-            bandwidth: bw.to_vec(),
+            bandwidth: Vec::new(),
             touch_floor: floors.to_vec(),
-            sizes: bw
-                .iter()
-                .map(|(size, b)| SizeInfo {
-                    size: *size,
-                    limit_ns: b.limit_ns(*size),
-                    limit_method: b.all_method,
-                    floor_ns: floors.iter().find(|f| f.0 == *size).map(|f| f.1.min_ns()),
-                })
-                .collect(),
+            sizes: Vec::new(),
             modes: Vec::new(),
             heap_stats: Vec::new(),
+            warnings: Vec::new(),
         }
+        .with_bandwidth(bw)
+    }
+
+    /// The report with the zeroing bandwidth and limits of `bw` (measured again during the run
+    /// where a row beat the first measurement).
+    pub fn with_bandwidth(mut self, bw: &[(usize, Bandwidth)]) -> Report {
+        self.bandwidth = bw.to_vec();
+        self.sizes = bw
+            .iter()
+            .map(|(size, b)| SizeInfo {
+                size: *size,
+                limit_ns: b.limit_ns(*size),
+                limit_method: b.all_method,
+                floor_ns: self
+                    .touch_floor
+                    .iter()
+                    .find(|f| f.0 == *size)
+                    .map(|f| f.1.min_ns()),
+            })
+            .collect();
+        self
     }
 
     /// Peak resident memory of the pagepool rows against the bound. The bound: the RSS before the size's first call (pools empty), plus the pool limit, plus
