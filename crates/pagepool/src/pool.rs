@@ -94,10 +94,22 @@ pub type ReleaseFn = Box<dyn Fn(Block) + Send + Sync>;
 enum Pick {
     /// The top of the stack, popped.
     Top,
-    /// `n` blocks lying end to end from this address, already out of the ring.
-    Run(usize),
+    /// The `n` ring blocks within this address range (start, end), to be taken out of the ring
+    /// ([`BlockStack::take_span`]): blocks that lie end to end, or that make the caller's
+    /// blocks (see [`Near`]) lie end to end.
+    Span(usize, usize),
     /// No `n` blocks lie end to end in the ring: popped, or nothing where that is asked for.
     Scattered,
+}
+
+/// The blocks of one order a caller already holds for a buffer, for [`PagePool::take_within`]
+/// to prefer blocks that make the buffer whole: the address range they span, `lo..hi`, and how
+/// many bytes of it they are (`held`; the rest are holes between them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Near {
+    pub(crate) lo: usize,
+    pub(crate) hi: usize,
+    pub(crate) held: usize,
 }
 
 /// The free blocks: the ring (top of the stack), the intrusive list below it, the count and the
@@ -151,18 +163,22 @@ impl BlockStack {
 
     /// Chooses where `n` blocks of `size` bytes come from: [`Pick::Top`] when popping the top
     /// `n` breaks up no set of blocks that could make a buffer without a view; else
-    /// [`Pick::Run`], `n` blocks that lie end to end, taken from the ring here (the rest of the
-    /// ring keeps its order); else [`Pick::Scattered`].
+    /// [`Pick::Span`], a range holding the `n` blocks to take from the ring (see
+    /// [`take_span`](Self::take_span)); else [`Pick::Scattered`].
     ///
-    /// - `near` (the address range of blocks the caller already holds, of the same buffer):
-    ///   first, `n` blocks that continue it, end to end, just after it or just before it: a
-    ///   buffer gathered partly from elsewhere (the queue) is then whole.
+    /// - `near` (the blocks the caller already holds, of the same buffer): first (with `whole`,
+    ///   only), the blocks
+    ///   that fill the holes between them, if the ring has all of them, with the rest of the
+    ///   `n` continuing them end to end just after or just before: a buffer gathered partly
+    ///   from elsewhere (the queue) is then whole. (A set that once lost a block to a late
+    ///   worker and came back with a stray one beside it is then made whole again by the next
+    ///   buffer that takes the hole, where taking the top would keep it scattered for good.)
     /// - `n > 1`: if the top `n` do not lie end to end, the `n` highest that do, if any.
     /// - `n == 1`: if the top block has a neighbour in the ring (it belongs to a run of blocks
     ///   that lie end to end, such as a larger buffer's released set), the highest block with
     ///   no neighbour, else the last block of the shortest run: a one-block buffer then leaves
     ///   the other sets whole.
-    fn pick(&mut self, n: usize, size: usize, near: Option<(usize, usize)>) -> Pick {
+    fn pick(&mut self, n: usize, size: usize, near: Option<Near>, whole: bool) -> Pick {
         if n > self.hot_len || n == 0 {
             return Pick::Scattered;
         }
@@ -172,14 +188,37 @@ impl BlockStack {
             *a = self.hot[(self.bottom + i) % HOT_BLOCKS];
         }
         let mut addrs = ring;
-        let held = |first: usize| (0..n).all(|k| ring[..len].contains(&(first + k * size)));
-        let continues = near.and_then(|(lo, hi)| {
-            let before = lo.checked_sub(n * size);
-            [Some(hi), before].into_iter().flatten().find(|&f| held(f))
+        let run_of =
+            |first: usize, k: usize| (0..k).all(|j| ring[..len].contains(&(first + j * size)));
+        let continues = near.and_then(|near| {
+            // The holes: every ring block wholly inside the range fills one (the caller's
+            // blocks are not in the pool), and if as many do as the holes' bytes make, they
+            // and the caller's blocks tile the range exactly.
+            let gap = near.hi.checked_sub(near.lo)?.checked_sub(near.held)?;
+            if gap % size != 0 || gap / size > n {
+                return None;
+            }
+            let inside = ring[..len]
+                .iter()
+                .filter(|&&a| a >= near.lo && a.saturating_add(size) <= near.hi)
+                .count();
+            if inside != gap / size {
+                return None;
+            }
+            let more = n - inside;
+            if run_of(near.hi, more) {
+                return Some((near.lo, near.hi + more * size));
+            }
+            let before = near.lo.checked_sub(more * size)?;
+            run_of(before, more).then_some((before, near.hi))
         });
-        let first = if let Some(first) = continues {
-            first
-        } else if n == 1 {
+        if let Some((lo, hi)) = continues {
+            return Pick::Span(lo, hi);
+        }
+        if near.is_some() && whole {
+            return Pick::Scattered;
+        }
+        let first = if n == 1 {
             let top = ring[len - 1];
             let neighbour = |a: usize| {
                 ring[..len]
@@ -224,18 +263,30 @@ impl BlockStack {
                 None => return Pick::Scattered,
             }
         };
-        let end = first + n * size;
-        let mut kept = 0;
-        for &a in &ring[..len] {
-            if a < first || a >= end {
+        Pick::Span(first, first + n * size)
+    }
+
+    /// Takes the ring's blocks that start within `lo..hi` out of it (the rest keep their
+    /// order), handing each to `f`, lowest address first; returns how many.
+    fn take_span(&mut self, lo: usize, hi: usize, mut f: impl FnMut(usize)) -> usize {
+        let mut taken = [0usize; HOT_BLOCKS];
+        let (mut kept, mut n) = (0, 0);
+        for i in 0..self.hot_len {
+            let a = self.hot[(self.bottom + i) % HOT_BLOCKS];
+            if a < lo || a >= hi {
                 let slot = (self.bottom + kept) % HOT_BLOCKS;
                 self.hot[slot] = a;
                 kept += 1;
+            } else {
+                taken[n] = a;
+                n += 1;
             }
         }
         self.hot_len = kept;
         self.blocks -= n;
-        Pick::Run(first)
+        taken[..n].sort_unstable();
+        taken[..n].iter().for_each(|&a| f(a));
+        n
     }
 
     /// Pops the top block. A block from the list has its link word cleared, so what comes out
@@ -430,13 +481,15 @@ impl PagePool {
     /// `bound` while a low-priority thread is inside its locked sections (`worker_locking`;
     /// see `sync::lock_within`): such a holder may not run again for a long time. With
     /// `end_to_end`, takes `n` blocks that lie end to end (among the most recent
-    /// [`HOT_BLOCKS`]) or nothing. `near`: the address range (start, end) of blocks of the
-    /// same buffer the caller holds already; blocks that continue it are preferred.
+    /// [`HOT_BLOCKS`]) or nothing. `near`: the blocks of the same buffer the caller holds
+    /// already; blocks that fill the holes between them and continue them are preferred, and
+    /// with `end_to_end` required (blocks that lie end to end among themselves but not with the
+    /// caller's would still leave its buffer in pieces).
     pub(crate) fn take_within(
         &self,
         n: usize,
         end_to_end: bool,
-        near: Option<(usize, usize)>,
+        near: Option<Near>,
         bound: std::time::Duration,
         worker_locking: &crate::sync::AtomicBool,
         f: impl FnMut(Block),
@@ -457,28 +510,28 @@ impl PagePool {
         n: usize,
         mut list: crate::sync::MutexGuard<'_, BlockStack>,
         end_to_end: bool,
-        near: Option<(usize, usize)>,
+        near: Option<Near>,
         mut f: impl FnMut(Block),
     ) -> usize {
         if n == 0 {
             return 0;
         }
-        let pick = list.pick(n, self.block_bytes, near);
+        let pick = list.pick(n, self.block_bytes, near, end_to_end);
         if end_to_end && pick == Pick::Scattered {
             return 0;
         }
         let mut got = 0;
-        if let Pick::Run(start) = pick {
+        if let Pick::Span(lo, hi) = pick {
             // Blocks that lie end to end make a buffer without a view mapping: prefer them to
             // the top of the stack when the top is not (one block taken fresh elsewhere would
             // otherwise keep every later buffer of the same size scattered).
-            for k in 0..n {
-                let p = start + k * (self.block_bytes);
-                // SAFETY: the block left the pool in `pick`; ownership passes to the
-                // caller. Ring blocks carry no link word: they are all-zero.
-                f(unsafe { Block::from_raw(NonNull::new_unchecked(p as *mut u8), self.order) });
-            }
-            got = n;
+            let order = self.order;
+            got = list.take_span(lo, hi, |p| {
+                // SAFETY: the block left the pool's ring in `take_span` (ring addresses are
+                // pooled blocks, never null); ownership passes to the caller. Ring blocks
+                // carry no link word: they are all-zero.
+                f(unsafe { Block::from_raw(NonNull::new_unchecked(p as *mut u8), order) })
+            });
         }
         while got < n {
             let Some(ptr) = list.pop() else { break };
@@ -684,9 +737,15 @@ mod tests {
         let p = PagePool::new(0, Box::new(|_: Block| {}));
         let never = crate::sync::AtomicBool::new(false);
         let wait = std::time::Duration::from_millis(10);
-        let take = |n: usize, near: Option<(usize, usize)>| {
+        // The caller holds pages lo..hi, all of them.
+        let take = |n: usize, end_to_end: bool, near: Option<(usize, usize)>| {
             let mut got = Vec::new();
-            p.take_within(n, true, near, wait, &never, |b| {
+            let near = near.map(|(lo, hi)| Near {
+                lo: a + lo * page,
+                hi: a + hi * page,
+                held: (hi - lo) * page,
+            });
+            p.take_within(n, end_to_end, near, wait, &never, |b| {
                 got.push((b.into_raw().as_ptr() as usize - a) / page)
             });
             got
@@ -696,19 +755,70 @@ mod tests {
             p.give(block(i)).unwrap();
         }
         // The caller holds pages 0..2 of its buffer: 2..5 continue them.
-        assert_eq!(take(3, Some((a, a + 2 * page))), [2, 3, 4]);
+        assert_eq!(take(3, true, Some((0, 2))), [2, 3, 4]);
         for i in [2, 3, 4] {
             p.give(block(i)).unwrap();
         }
         // It holds 5..8: 2..5 lie just before.
-        assert_eq!(take(3, Some((a + 5 * page, a + 8 * page))), [2, 3, 4]);
+        assert_eq!(take(3, true, Some((5, 8))), [2, 3, 4]);
         for i in [2, 3, 4] {
             p.give(block(i)).unwrap();
         }
-        // Nothing continues 6..8: the top three, end to end, as without a range.
-        assert_eq!(take(3, Some((a + 6 * page, a + 8 * page))), [4, 3, 2]);
-        assert_eq!(take(3, None), [12, 11, 10]);
+        // Nothing continues 6..8: three end to end among themselves would still leave the
+        // caller's buffer in two pieces, so none where end to end is asked for; else the top
+        // three, end to end, as without a range.
+        assert_eq!(take(3, true, Some((6, 8))), []);
+        assert_eq!(take(3, false, Some((6, 8))), [4, 3, 2]);
+        assert_eq!(take(3, true, None), [12, 11, 10]);
         assert_eq!(p.blocks(), 0);
+    }
+
+    #[test]
+    fn blocks_that_fill_the_holes_in_what_the_caller_holds_come_first() {
+        let pages = Pages::new(16);
+        let (page, a, block) = (pages.page, pages.at(0), |i| pages.block(i));
+        let p = PagePool::new(0, Box::new(|_: Block| {}));
+        let never = crate::sync::AtomicBool::new(false);
+        let wait = std::time::Duration::from_millis(10);
+        // The caller holds `held` of the pages lo..hi.
+        let take = |n: usize, end_to_end: bool, (lo, hi, held): (usize, usize, usize)| {
+            let mut got = Vec::new();
+            let near = Near {
+                lo: a + lo * page,
+                hi: a + hi * page,
+                held: held * page,
+            };
+            p.take_within(n, end_to_end, Some(near), wait, &never, |b| {
+                got.push((b.into_raw().as_ptr() as usize - a) / page)
+            });
+            got.sort_unstable();
+            got
+        };
+        // A set of eight, 0..8, came back with a stray page beside it (8) in place of page 5,
+        // which landed in the pool later; another stray (12) too; 8 is on top.
+        for i in [5, 12, 8] {
+            p.give(block(i)).unwrap();
+        }
+        // The caller holds 0..5 and 6..8 (seven pages): page 5 fills the hole, not the top.
+        assert_eq!(take(1, true, (0, 8, 7)), [5]);
+        p.give(block(5)).unwrap();
+        // It wants two: the hole and the page after what it holds.
+        assert_eq!(take(2, true, (0, 8, 7)), [5, 8]);
+        for i in [5, 8, 0, 1] {
+            p.give(block(i)).unwrap();
+        }
+        // It holds 2..5 and 6..8 (five pages) and wants three: the hole, and (9 is not
+        // pooled) 0..2 just before.
+        assert_eq!(take(3, true, (2, 8, 5)), [0, 1, 5]);
+        // Two holes (0..8 holding six) and only one of them pooled: none where end to end is
+        // asked for; else the top.
+        p.give(block(5)).unwrap();
+        assert_eq!(take(2, true, (0, 8, 6)), []);
+        assert_eq!(take(1, false, (0, 8, 6)), [5]);
+        // More holes than blocks wanted: the top.
+        assert_eq!(take(1, false, (0, 8, 5)), [8]);
+        assert_eq!(p.blocks(), 1, "12 is left");
+        assert_eq!(p.stats().taken, 8);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::config::{
 };
 use crate::deferred::{Job, ReleaseQueue, Run, Runs};
 use crate::error::AllocError;
-use crate::pool::{Block, PagePool};
+use crate::pool::{Block, Near, PagePool};
 use crate::registry::Owner;
 use crate::shrinker::Shrinker;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -309,9 +309,10 @@ impl HeapInner {
             .as_ref()
             .map_or(&self.no_worker, |l| l.worker_locking());
         let page = self.page;
-        // `end_to_end`: `n` blocks that lie end to end, or none. Blocks that continue the ones
-        // of this order gathered so far (stolen from the queue, or landed earlier), when those
-        // lie end to end, are preferred: the buffer is then whole, without a view.
+        // Blocks that fill the holes between the ones of this order gathered so far (stolen
+        // from the queue, or landed earlier) and continue them are preferred: the buffer is
+        // then whole, without a view. `end_to_end`: `n` blocks that do that (or, with nothing
+        // gathered yet, that lie end to end), or none.
         let take_pooled = |runs: &mut Runs, n: usize, end_to_end: bool| {
             let (mut lo, mut hi, mut bytes) = (usize::MAX, 0, 0);
             for r in runs.iter().filter(|r| r.order == order) {
@@ -321,7 +322,11 @@ impl HeapInner {
                     bytes + r.pages() * page,
                 );
             }
-            let near = (bytes > 0 && hi - lo == bytes).then_some((lo, hi));
+            let near = (bytes > 0).then_some(Near {
+                lo,
+                hi,
+                held: bytes,
+            });
             pool.take_within(n, end_to_end, near, HANDOFF_WAIT, worker_locking, |b| {
                 runs.push(Run::from_block(b))
             })
