@@ -266,14 +266,16 @@ impl BlockStack {
         Pick::Span(first, first + n * size)
     }
 
-    /// Takes the ring's blocks that start within `lo..hi` out of it (the rest keep their
-    /// order), handing each to `f`, lowest address first; returns how many.
-    fn take_span(&mut self, lo: usize, hi: usize, mut f: impl FnMut(usize)) -> usize {
+    /// Takes the ring's blocks that start within `lo..hi` out of it, at most `max` of them
+    /// (the rest keep their order), handing each to `f`, lowest address first; returns how
+    /// many. ([`pick`](Self::pick) names a range that holds exactly the blocks it chose: pooled
+    /// blocks never overlap.)
+    fn take_span(&mut self, lo: usize, hi: usize, max: usize, mut f: impl FnMut(usize)) -> usize {
         let mut taken = [0usize; HOT_BLOCKS];
         let (mut kept, mut n) = (0, 0);
         for i in 0..self.hot_len {
             let a = self.hot[(self.bottom + i) % HOT_BLOCKS];
-            if a < lo || a >= hi {
+            if a < lo || a >= hi || n == max {
                 let slot = (self.bottom + kept) % HOT_BLOCKS;
                 self.hot[slot] = a;
                 kept += 1;
@@ -526,7 +528,7 @@ impl PagePool {
             // the top of the stack when the top is not (one block taken fresh elsewhere would
             // otherwise keep every later buffer of the same size scattered).
             let order = self.order;
-            got = list.take_span(lo, hi, |p| {
+            got = list.take_span(lo, hi, n, |p| {
                 // SAFETY: the block left the pool's ring in `take_span` (ring addresses are
                 // pooled blocks, never null); ownership passes to the caller. Ring blocks
                 // carry no link word: they are all-zero.
@@ -819,6 +821,64 @@ mod tests {
         assert_eq!(take(1, false, (0, 8, 5)), [8]);
         assert_eq!(p.blocks(), 1, "12 is left");
         assert_eq!(p.stats().taken, 8);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any mix of gives and takes, with and without blocks held: a take hands out only
+        /// pooled blocks, each once, at most as many as asked; with `end_to_end`, what it hands
+        /// out and what the caller holds lie end to end (or it hands out nothing).
+        #[test]
+        fn takes_near_held_blocks_hand_out_pooled_blocks_once_and_whole_sets_when_asked(
+            ops in proptest::collection::vec((0u8..4, 0usize..32, 1usize..6, proptest::bool::ANY), 1..80)
+        ) {
+            use std::collections::BTreeSet;
+            let pages = Pages::new(32);
+            let (page, a) = (pages.page, pages.at(0));
+            let p = PagePool::new(0, Box::new(|_: Block| {}));
+            let never = crate::sync::AtomicBool::new(false);
+            let wait = std::time::Duration::from_millis(10);
+            let (mut pooled, mut held) = (BTreeSet::new(), BTreeSet::new());
+            for (op, i, n, end_to_end) in ops {
+                match op {
+                    0 if !pooled.contains(&i) && !held.contains(&i) => {
+                        p.give(pages.block(i)).unwrap();
+                        pooled.insert(i);
+                    }
+                    1 if !pooled.contains(&i) => {
+                        held.insert(i); // gathered from elsewhere (the queue)
+                    }
+                    2 => {
+                        let near = held.first().zip(held.last()).map(|(&lo, &hi)| Near {
+                            lo: a + lo * page,
+                            hi: a + (hi + 1) * page,
+                            held: held.len() * page,
+                        });
+                        let mut got = Vec::new();
+                        let n_got = p.take_within(n, end_to_end, near, wait, &never, |b| {
+                            got.push((b.into_raw().as_ptr() as usize - a) / page)
+                        });
+                        proptest::prop_assert_eq!(n_got, got.len());
+                        proptest::prop_assert!(got.len() <= n);
+                        for g in &got {
+                            proptest::prop_assert!(pooled.remove(g), "page {} was not pooled", g);
+                        }
+                        if end_to_end && !got.is_empty() {
+                            proptest::prop_assert_eq!(got.len(), n);
+                            // With nothing held, `got` alone; else `got` and what is held.
+                            let whole: BTreeSet<usize> = held.iter().chain(&got).copied().collect();
+                            let (lo, hi) = (whole.first().unwrap(), whole.last().unwrap());
+                            proptest::prop_assert_eq!(hi - lo + 1, whole.len(), "{:?} + {:?}", held, got);
+                        }
+                        held.extend(got);
+                    }
+                    3 => held.clear(), // the buffer went elsewhere
+                    _ => {}
+                }
+                proptest::prop_assert_eq!(p.blocks(), pooled.len());
+            }
+        }
     }
 
     #[test]
