@@ -924,12 +924,10 @@ fn run(args: Args) -> Result<(), String> {
     {
         println!("  {name}: {how}");
     }
-    // Which systems a mode runs: all of them, but for the loaded and threads modes of a run
-    // without --systems, the general-purpose ones only (see `systems::in_busy_modes`).
+    // Which systems a mode runs: all of them, but for the modes other than tight in a run
+    // without --systems, the general-purpose ones only (see `systems::in_every_mode`).
     let runs_in = |mode: &str, name: &str| {
-        !args.systems.is_empty()
-            || !(mode == "loaded" || mode.starts_with("threads-"))
-            || systems::in_busy_modes(name)
+        !args.systems.is_empty() || mode == "tight" || systems::in_every_mode(name)
     };
     let all_present: Vec<&System> = systems.iter().filter(|s| s.absent.is_none()).collect();
     let rows_total: u64 = call_modes
