@@ -732,25 +732,45 @@ mod tests {
         assert_eq!(two, [a + 4 * page, a + 5 * page]);
     }
 
+    /// Takes up to `n` blocks from `p` (never waiting long) for a caller holding `held` of the
+    /// pages `lo..hi` of `pages` (nothing, with `None`); returns their page numbers, as taken.
+    fn take_near(
+        p: &PagePool,
+        pages: &Pages,
+        n: usize,
+        end_to_end: bool,
+        near: Option<(usize, usize, usize)>,
+    ) -> Vec<usize> {
+        let (page, a) = (pages.page, pages.at(0));
+        let never = crate::sync::AtomicBool::new(false);
+        let wait = std::time::Duration::from_millis(10);
+        let near = near.map(|(lo, hi, held)| Near {
+            lo: a + lo * page,
+            hi: a + hi * page,
+            held: held * page,
+        });
+        let mut got = Vec::new();
+        let n_got = p.take_within(n, end_to_end, near, wait, &never, |b| {
+            got.push((b.into_raw().as_ptr() as usize - a) / page)
+        });
+        assert_eq!(n_got, got.len());
+        got
+    }
+
     #[test]
     fn blocks_that_continue_what_the_caller_holds_come_first() {
         let pages = Pages::new(16);
-        let (page, a, block) = (pages.page, pages.at(0), |i| pages.block(i));
+        let block = |i| pages.block(i);
         let p = PagePool::new(0, Box::new(|_: Block| {}));
-        let never = crate::sync::AtomicBool::new(false);
-        let wait = std::time::Duration::from_millis(10);
-        // The caller holds pages lo..hi, all of them.
+        // The caller holds all the pages lo..hi.
         let take = |n: usize, end_to_end: bool, near: Option<(usize, usize)>| {
-            let mut got = Vec::new();
-            let near = near.map(|(lo, hi)| Near {
-                lo: a + lo * page,
-                hi: a + hi * page,
-                held: (hi - lo) * page,
-            });
-            p.take_within(n, end_to_end, near, wait, &never, |b| {
-                got.push((b.into_raw().as_ptr() as usize - a) / page)
-            });
-            got
+            take_near(
+                &p,
+                &pages,
+                n,
+                end_to_end,
+                near.map(|(lo, hi)| (lo, hi, hi - lo)),
+            )
         };
         // Two runs of three, 2..5 and 10..13, the higher one on top.
         for i in [2, 3, 4, 10, 11, 12] {
@@ -778,21 +798,11 @@ mod tests {
     #[test]
     fn blocks_that_fill_the_holes_in_what_the_caller_holds_come_first() {
         let pages = Pages::new(16);
-        let (page, a, block) = (pages.page, pages.at(0), |i| pages.block(i));
+        let block = |i| pages.block(i);
         let p = PagePool::new(0, Box::new(|_: Block| {}));
-        let never = crate::sync::AtomicBool::new(false);
-        let wait = std::time::Duration::from_millis(10);
         // The caller holds `held` of the pages lo..hi.
-        let take = |n: usize, end_to_end: bool, (lo, hi, held): (usize, usize, usize)| {
-            let mut got = Vec::new();
-            let near = Near {
-                lo: a + lo * page,
-                hi: a + hi * page,
-                held: held * page,
-            };
-            p.take_within(n, end_to_end, Some(near), wait, &never, |b| {
-                got.push((b.into_raw().as_ptr() as usize - a) / page)
-            });
+        let take = |n: usize, end_to_end: bool, near: (usize, usize, usize)| {
+            let mut got = take_near(&p, &pages, n, end_to_end, Some(near));
             got.sort_unstable();
             got
         };
@@ -835,10 +845,7 @@ mod tests {
         ) {
             use std::collections::BTreeSet;
             let pages = Pages::new(32);
-            let (page, a) = (pages.page, pages.at(0));
             let p = PagePool::new(0, Box::new(|_: Block| {}));
-            let never = crate::sync::AtomicBool::new(false);
-            let wait = std::time::Duration::from_millis(10);
             let (mut pooled, mut held) = (BTreeSet::new(), BTreeSet::new());
             for (op, i, n, end_to_end) in ops {
                 match op {
@@ -850,16 +857,11 @@ mod tests {
                         held.insert(i); // gathered from elsewhere (the queue)
                     }
                     2 => {
-                        let near = held.first().zip(held.last()).map(|(&lo, &hi)| Near {
-                            lo: a + lo * page,
-                            hi: a + (hi + 1) * page,
-                            held: held.len() * page,
-                        });
-                        let mut got = Vec::new();
-                        let n_got = p.take_within(n, end_to_end, near, wait, &never, |b| {
-                            got.push((b.into_raw().as_ptr() as usize - a) / page)
-                        });
-                        proptest::prop_assert_eq!(n_got, got.len());
+                        let near = held
+                            .first()
+                            .zip(held.last())
+                            .map(|(&lo, &hi)| (lo, hi + 1, held.len()));
+                        let got = take_near(&p, &pages, n, end_to_end, near);
                         proptest::prop_assert!(got.len() <= n);
                         for g in &got {
                             proptest::prop_assert!(pooled.remove(g), "page {} was not pooled", g);
