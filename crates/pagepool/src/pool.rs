@@ -98,13 +98,20 @@ enum Pick {
     /// ([`BlockStack::take_span`]): blocks that lie end to end, or that make the caller's
     /// blocks (see [`Near`]) lie end to end.
     Span(usize, usize),
-    /// No `n` blocks lie end to end in the ring: popped, or nothing where that is asked for.
+    /// No `n` blocks lie end to end in the ring, or (with a [`Near`] and end to end asked
+    /// for) none make the caller's blocks lie end to end: popped, or nothing where end to end
+    /// is asked for.
     Scattered,
 }
 
 /// The blocks of one order a caller already holds for a buffer, for [`PagePool::take_within`]
 /// to prefer blocks that make the buffer whole: the address range they span, `lo..hi`, and how
 /// many bytes of it they are (`held`; the rest are holes between them).
+///
+/// The contract the choice relies on: `lo` is the start of a held block and `hi` the end of
+/// one; `held` is the exact byte total of the held blocks, which do not overlap and none of
+/// which is in the pool. (Then pooled blocks wholly inside `lo..hi` whose bytes make up the
+/// holes fill them exactly, and no pooled block can straddle `lo` or `hi`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Near {
     pub(crate) lo: usize,
@@ -166,11 +173,10 @@ impl BlockStack {
     /// [`Pick::Span`], a range holding the `n` blocks to take from the ring (see
     /// [`take_span`](Self::take_span)); else [`Pick::Scattered`].
     ///
-    /// - `near` (the blocks the caller already holds, of the same buffer): first (with `whole`,
-    ///   only), the blocks
-    ///   that fill the holes between them, if the ring has all of them, with the rest of the
-    ///   `n` continuing them end to end just after or just before: a buffer gathered partly
-    ///   from elsewhere (the queue) is then whole. (A set that once lost a block to a late
+    /// - `near` (the blocks the caller already holds, of the same buffer): first, the blocks
+    ///   (with `whole`, only these) that fill the holes between them, if the ring has all of
+    ///   them, with the rest of the `n` continuing them end to end just after or just before:
+    ///   a buffer gathered partly from elsewhere (the queue) is then whole. (A set that once lost a block to a late
     ///   worker and came back with a stray one beside it is then made whole again by the next
     ///   buffer that takes the hole, where taking the top would keep it scattered for good.)
     /// - `n > 1`: if the top `n` do not lie end to end, the `n` highest that do, if any.
@@ -269,7 +275,8 @@ impl BlockStack {
     /// Takes the ring's blocks that start within `lo..hi` out of it, at most `max` of them
     /// (the rest keep their order), handing each to `f`, lowest address first; returns how
     /// many. ([`pick`](Self::pick) names a range that holds exactly the blocks it chose: pooled
-    /// blocks never overlap.)
+    /// blocks never overlap, and where the range is a [`Near`]'s, the caller holds the blocks
+    /// that start at its `lo` and end at its `hi`, so no pooled block straddles either.)
     fn take_span(&mut self, lo: usize, hi: usize, max: usize, mut f: impl FnMut(usize)) -> usize {
         let mut taken = [0usize; HOT_BLOCKS];
         let (mut kept, mut n) = (0, 0);
@@ -534,8 +541,12 @@ impl PagePool {
                 // carry no link word: they are all-zero.
                 f(unsafe { Block::from_raw(NonNull::new_unchecked(p as *mut u8), order) })
             });
+            debug_assert_eq!(got, n, "a span holds exactly the blocks picked");
         }
-        while got < n {
+        // The top of the stack: for a pick of it, or what a span lacked (never where end to
+        // end was asked for: the top's blocks would not be).
+        let from_top = !end_to_end || !matches!(pick, Pick::Span(..));
+        while got < n && from_top {
             let Some(ptr) = list.pop() else { break };
             // SAFETY: the block left the pool above; ownership passes to the caller.
             f(unsafe { Block::from_raw(ptr, self.order) });
