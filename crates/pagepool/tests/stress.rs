@@ -1529,11 +1529,15 @@ fn stress_heaps_from_many_threads() {
     // Once the load stops, the deferred heaps' releases (a and default) go back to their
     // workers: the run keeps both cores busy, so a worker may have been found late (releases
     // then zero their own buffers) up to the end; as soon as it runs on time again, releases
-    // queue and it zeroes them. Within 3 s, longer than the longest hold.
+    // queue and it zeroes them. Within 3 s, longer than the longest hold. (Unless other
+    // programs keep every core busy all that time: the releases are then zeroed by the
+    // releasing thread, the busy-machine behaviour, checked instead.)
     for h in [0, 2] {
         let heap = &w.heaps[h].heap;
         let t = Instant::now();
+        let (sync_before, mut busy_throughout) = (heap.stats().zeroed_sync, true);
         let recovered = loop {
+            busy_throughout &= common::cores_oversubscribed();
             let before = heap.stats().zeroed_worker;
             drop(heap.alloc(1 << 20).unwrap());
             heap.flush();
@@ -1546,8 +1550,9 @@ fn stress_heaps_from_many_threads() {
             std::thread::sleep(Duration::from_millis(5));
         };
         c.check(
-            "end: once the load stops, the worker zeroes releases again",
-            recovered,
+            "end: once the load stops, the worker zeroes releases again (or, while other \
+             programs keep every core busy, each release zeroes its own buffer)",
+            recovered || (busy_throughout && heap.stats().zeroed_sync > sync_before),
             || format!("{}: {}", w.heaps[h].name, heap.stats()),
         );
     }
