@@ -176,9 +176,10 @@ impl BlockStack {
     /// - `near` (the blocks the caller already holds, of the same buffer): first, the blocks
     ///   (with `whole`, only these) that fill the holes between them, if the ring has all of
     ///   them, with the rest of the `n` continuing them end to end just after or just before:
-    ///   a buffer gathered partly from elsewhere (the queue) is then whole. (A set that once lost a block to a late
-    ///   worker and came back with a stray one beside it is then made whole again by the next
-    ///   buffer that takes the hole, where taking the top would keep it scattered for good.)
+    ///   a buffer gathered partly from elsewhere (the queue) is then whole. (A set that once
+    ///   lost a block to a late worker and came back with a stray one beside it is then made
+    ///   whole again by the next buffer that takes the hole, where taking the top would keep
+    ///   it scattered for good.)
     /// - `n > 1`: if the top `n` do not lie end to end, the `n` highest that do, if any.
     /// - `n == 1`: if the top block has a neighbour in the ring (it belongs to a run of blocks
     ///   that lie end to end, such as a larger buffer's released set), the highest block with
