@@ -104,16 +104,27 @@ impl Buffer {
         })
     }
 
-    /// A buffer from this thread's cache: one run of blocks end to end, already zeroed and
-    /// counted by the cache.
+    /// A buffer from this thread's cache: one run of blocks end to end, still dirty, counted by
+    /// the cache. Zeroed here, after the buffer's fields are written: the caller moves the
+    /// buffer (an 80-byte value, copied 16 bytes at a time) at once, and copying fields stored
+    /// a moment before stalls store forwarding, ~9 ns of a ~54 ns 4 KiB allocation and release.
+    /// Written before the zeroing, they have reached the cache by the time they are copied.
+    ///
+    /// # Safety
+    /// The run left this thread's cache: the caller owns it, a used arena range mapped at its
+    /// home address, of `bytes` bytes.
     #[inline]
-    pub(crate) fn from_cache(heap: Arc<HeapInner>, run: Run, bytes: usize) -> Buffer {
-        Buffer {
+    pub(crate) unsafe fn from_cache(heap: Arc<HeapInner>, run: Run, bytes: usize) -> Buffer {
+        let buf = Buffer {
             ptr: run.ptr(),
             len: bytes,
             runs: smallvec::smallvec![run],
             heap: ManuallyDrop::new(heap),
-        }
+        };
+        // SAFETY: the caller owns the run (the contract above); nothing else reaches its
+        // memory, and the buffer holding it has handed out no slice yet.
+        unsafe { buf.heap.zero_run(&run, bytes / buf.heap.page) };
+        buf
     }
 
     /// The buffer's length in bytes (a multiple of the page size).

@@ -220,8 +220,10 @@ unsafe fn with_cache<R>(
         .flatten()
 }
 
-/// A cached buffer of `pages` pages for `heap`, zeroed, with a reference to the heap for the
-/// buffer; `None` if this thread has none of that size.
+/// A cached buffer of `pages` pages for `heap`, still dirty (counted as zeroed: the caller
+/// zeroes it, see [`Buffer::from_cache`](crate::buffer::Buffer::from_cache)), with a reference
+/// to the heap for the buffer; `None` if this thread has none of that size. The run has left
+/// the cache: the caller owns it.
 #[inline]
 pub(crate) fn take(heap: &Arc<HeapInner>, pages: usize) -> Option<(Run, Arc<HeapInner>)> {
     let take = |c: &mut ThreadCache| {
@@ -239,9 +241,6 @@ pub(crate) fn take(heap: &Arc<HeapInner>, pages: usize) -> Option<(Run, Arc<Heap
             count: pages,
         };
         c.set_pages(c.pages - pages);
-        // SAFETY: the run left the cache, so this thread owns it; it is a used arena range
-        // mapped at its home address.
-        unsafe { c.heap().zero_run(&run, pages) };
         add_own(&c.slot.allocs, 1);
         add_own(&c.slot.zeroed_pages, pages as u64);
         c.slot.add_live(pages as i64);

@@ -319,7 +319,9 @@ impl SystemHeap {
         if pages <= h.cache.max_buffer_pages
             && let Some((run, heap)) = cache::take(h, pages)
         {
-            return Ok(Buffer::from_cache(heap, run, bytes));
+            // SAFETY: `take` handed the run over: it left this thread's cache, a used arena
+            // range at its home address, of `pages` pages.
+            return Ok(unsafe { Buffer::from_cache(heap, run, bytes) });
         }
         self.alloc_blocks(pages, bytes)
     }
