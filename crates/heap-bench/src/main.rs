@@ -149,6 +149,33 @@ const CALIBRATE: Duration = Duration::from_millis(20);
 const CALIBRATE_MAX: usize = 20_000;
 /// The fewest calls a repetition of a row times.
 const MIN_CALLS: usize = 200;
+/// The most repetitions a row makes by default (where the seed's 5000 calls fill little of
+/// its budget).
+const MAX_REPS: usize = 9;
+
+/// How many repetitions a row makes when `--iters` does not force its count: `asked`
+/// (`--reps`), else two, or more where time allows. A row whose fewest calls take more than
+/// its whole budget runs them once (a slow row, e.g. fresh pages at 32 MiB, would otherwise
+/// take most of the run's time). A row whose count stopped at the seed's 5000 calls before
+/// filling its budget spends the rest on repetitions, up to [`MAX_REPS`]: a repetition of
+/// 5000 calls at 4 KiB lasts ~0.3 ms, one preemption or slow moment of the machine decides
+/// the slower of two, and the median of more is steadier, for every row alike. `est_ns` is
+/// the calibrated time of one call; `calls` a repetition's calls, all threads together.
+fn default_reps(est_ns: f64, calls: usize, budget_ms: u64, asked: Option<usize>) -> usize {
+    let budget = budget_ms as f64 * 1e6;
+    if est_ns * MIN_CALLS as f64 > budget {
+        return 1;
+    }
+    if let Some(r) = asked {
+        return r;
+    }
+    let fit = budget / (est_ns * calls as f64);
+    if fit.is_finite() {
+        (fit as usize).clamp(2, MAX_REPS)
+    } else {
+        2
+    }
+}
 
 fn median(v: &mut [u64]) -> u64 {
     v.sort_unstable();
@@ -292,20 +319,31 @@ fn measure_size(
             })
         })
         .collect();
-    // A row whose fewest calls take more than its whole budget runs them once: one repetition
-    // of MIN_CALLS (a slow row, e.g. fresh pages at 32 MiB, would otherwise take most of the
-    // run's time).
     let reps: Vec<usize> = est
         .iter()
-        .map(|e| {
-            let slow = e * MIN_CALLS as f64 > args.budget_ms as f64 * 1e6;
-            if args.iters.is_none() && slow {
-                1
-            } else {
+        .zip(&counts)
+        .map(|(&e, &n)| {
+            if args.iters.is_some() {
                 reps_all
+            } else {
+                default_reps(e, n * t, args.budget_ms, args.reps)
             }
         })
         .collect();
+    // The bar counted `reps_all` repetitions a row: make it count these.
+    let (planned, made) = (
+        (reps_all * present.len()) as u64,
+        reps.iter()
+            .zip(&failed)
+            .map(|(&r, f)| if f.is_none() { r } else { reps_all })
+            .sum::<usize>() as u64,
+    );
+    if made > planned {
+        bar.inc_length(made - planned);
+    } else {
+        bar.inc(planned - made);
+    }
+    let reps_all = reps.iter().copied().max().unwrap_or(0);
     let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
@@ -418,8 +456,68 @@ struct Team {
     done: std::sync::mpsc::Receiver<TeamResult>,
 }
 
+/// The CPUs this process may run on (empty if that cannot be read).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed `cpu_set_t` is a valid empty set; the call writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pid 0 is this thread.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE, inside the set.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Keeps the calling thread on `cpu` (best effort: a refusal leaves it where it may run).
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed `cpu_set_t` is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` comes from `allowed_cpus`, below CPU_SETSIZE; pid 0 is this thread, and
+    // the set is read only.
+    unsafe {
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Where a team's threads wait for each other before each repetition. They look in a loop,
+/// yielding the CPU between looks (with more threads than cores, the late ones must run),
+/// instead of sleeping: they leave it within a yield of each other. (Behind a sleeping
+/// barrier, the wake-ups skewed the threads' starts by tens of microseconds, a large part of a
+/// 4 KiB repetition of ~0.3 ms, which the wall time from the first start counts.)
+struct StartLine {
+    arrived: std::sync::atomic::AtomicUsize,
+    threads: usize,
+}
+
+impl StartLine {
+    fn new(threads: usize) -> StartLine {
+        StartLine {
+            arrived: std::sync::atomic::AtomicUsize::new(0),
+            threads,
+        }
+    }
+
+    /// Waits for every thread's `round`-th arrival (`round` counts from 1).
+    fn wait(&self, round: usize) {
+        use std::sync::atomic::Ordering;
+        self.arrived.fetch_add(1, Ordering::AcqRel);
+        while self.arrived.load(Ordering::Acquire) < round * self.threads {
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        }
+    }
+}
+
 impl Team {
-    /// Starts `threads` threads in `scope`, each waiting for a call count.
+    /// Starts `threads` threads in `scope`, each waiting for a call count. Each is kept on one
+    /// of the CPUs this process may use, in turn: left to the scheduler, the threads a
+    /// repetition wakes sometimes shared one CPU for a whole row while the other idled (their
+    /// calls took as long as ever, one thread's after the other's, and the row's rate
+    /// halved: 12-25 million calls a second for one system at 4 KiB with two threads).
     fn start<'scope>(
         scope: &'scope std::thread::Scope<'scope, '_>,
         sys: &'scope System,
@@ -427,16 +525,23 @@ impl Team {
         opts: CallOpts,
         threads: usize,
     ) -> Team {
-        let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
+        let start = std::sync::Arc::new(StartLine::new(threads));
         let (done_tx, done) = std::sync::mpsc::channel();
+        let cpus = allowed_cpus();
         let go = (0..threads)
-            .map(|_| {
+            .map(|i| {
                 let (tx, rx) = std::sync::mpsc::channel::<usize>();
                 let (start, done_tx) = (start.clone(), done_tx.clone());
+                let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
                 scope.spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_to(cpu);
+                    }
                     // Until the team is dropped (its senders with it).
+                    let mut round = 0;
                     while let Ok(n) = rx.recv() {
-                        start.wait();
+                        round += 1;
+                        start.wait(round);
                         let t0 = Instant::now();
                         let r = run_calls(sys, size, n, opts, Duration::ZERO);
                         let id = std::thread::current().id();
@@ -625,7 +730,6 @@ fn run_tuned_child(
             &list(args.sizes.iter().map(usize::to_string).collect()),
         ])
         .args(["--systems", &tuned.join(",")])
-        .args(["--reps", &args.reps().to_string()])
         .args(["--budget-ms", &args.budget_ms.to_string()])
         .args([
             "--work-ns",
@@ -643,6 +747,10 @@ fn run_tuned_child(
         .envs(systems::tuned_env());
     if let Some(n) = args.iters {
         cmd.args(["--iters", &n.to_string()]);
+    }
+    // Only if asked: by default the child chooses each row's repetitions as this run does.
+    if let Some(n) = args.reps {
+        cmd.args(["--reps", &n.to_string()]);
     }
     if args.no_touch {
         cmd.arg("--no-touch");
@@ -1377,6 +1485,60 @@ mod tests {
             verify: true,
         };
         (System::new("calloc").unwrap(), opts)
+    }
+
+    /// Repetitions: two by default; more where the seed's 5000 calls leave most of the budget
+    /// unused (up to MAX_REPS); one for a row whose fewest calls exceed the budget, even when
+    /// more were asked; what `--reps` asks otherwise.
+    #[test]
+    fn rows_repeat_as_often_as_their_budget_allows() {
+        // 5000 calls of 60 ns (0.3 ms) in a 400 ms budget: as many as allowed.
+        assert_eq!(default_reps(60.0, 5000, 400, None), MAX_REPS);
+        // 5000 calls of 16 us (80 ms): five fit.
+        assert_eq!(default_reps(16_000.0, 5000, 400, None), 5);
+        // A count chosen to fill half the budget: two.
+        assert_eq!(default_reps(50_000.0, 4000, 400, None), 2);
+        // 200 calls over the budget: one, asked or not.
+        assert_eq!(default_reps(3e6, 200, 400, None), 1);
+        assert_eq!(default_reps(3e6, 200, 400, Some(3)), 1);
+        assert_eq!(default_reps(60.0, 5000, 400, Some(3)), 3);
+        // Nonsense estimates (a failed warm-up) do not panic.
+        assert_eq!(default_reps(f64::NAN, 5000, 400, None), 2);
+        assert_eq!(default_reps(0.0, 5000, 400, None), 2);
+    }
+
+    /// Team threads are kept on the CPUs this process may use, in turn.
+    #[test]
+    fn team_threads_are_kept_on_the_allowed_cpus_in_turn() {
+        let cpus = allowed_cpus();
+        assert!(!cpus.is_empty());
+        let (sys, opts) = calloc();
+        // Threads of this process allowed on one CPU only (other tests' teams may add some).
+        let pinned = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+                .filter(|st| {
+                    st.lines()
+                        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                        .is_some_and(|l| l.trim().parse::<usize>().is_ok())
+                })
+                .count()
+        };
+        std::thread::scope(|scope| {
+            let team = Team::start(scope, &sys, 4096, opts, cpus.len() + 1);
+            team.run(3).unwrap();
+            if cpus.len() > 1 {
+                assert!(pinned() > cpus.len(), "{} pinned", pinned());
+            }
+        });
+        // Pinning one thread: it then runs on that CPU only.
+        std::thread::spawn(move || {
+            pin_to(cpus[cpus.len() - 1]);
+            assert_eq!(allowed_cpus(), [cpus[cpus.len() - 1]]);
+        })
+        .join()
+        .unwrap();
     }
 
     /// A team's threads live for the whole row: every repetition runs on the same threads,
