@@ -240,6 +240,15 @@ impl TouchFloor {
     pub fn min_ns(&self) -> f64 {
         self.own_ns.min(self.other_ns).min(self.other_streaming_ns)
     }
+
+    /// Two measurements as one: each variant's least.
+    pub fn merged(&self, other: &TouchFloor) -> TouchFloor {
+        TouchFloor {
+            own_ns: self.own_ns.min(other.own_ns),
+            other_ns: self.other_ns.min(other.other_ns),
+            other_streaming_ns: self.other_streaming_ns.min(other.other_streaming_ns),
+        }
+    }
 }
 
 /// A pointer handed to the helper thread of [`touch_floor`].
@@ -588,6 +597,27 @@ pub fn memlock_limit() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn touch_floors_merged_keep_each_variants_least() {
+        let a = TouchFloor {
+            own_ns: 10.0,
+            other_ns: 30.0,
+            other_streaming_ns: 50.0,
+        };
+        let b = TouchFloor {
+            own_ns: 20.0,
+            other_ns: 25.0,
+            other_streaming_ns: 8.0,
+        };
+        let m = a.merged(&b);
+        assert_eq!(
+            (m.own_ns, m.other_ns, m.other_streaming_ns),
+            (10.0, 25.0, 8.0)
+        );
+        assert_eq!(m.min_ns(), 8.0);
+        assert_eq!(b.merged(&a).min_ns(), 8.0);
+    }
 
     #[test]
     fn measurements_merged_keep_each_methods_best_and_name_the_new_winner() {

@@ -524,7 +524,8 @@ pub struct Report {
     pub modes: Vec<ModeReport>,
     /// Each pagepool heap's statistics at the end.
     pub heap_stats: Vec<(String, pagepool::HeapStats)>,
-    /// What the run found wrong with its own measurements (a row beating the zeroing limit).
+    /// What the run found wrong with its own measurements (a row beating the zeroing limit or
+    /// the touch floor after they were measured again).
     pub warnings: Vec<String>,
 }
 
