@@ -68,13 +68,13 @@ struct Args {
     /// many as fit the row's budget, at least 20 ms of reads).
     #[arg(long)]
     iters: Option<usize>,
-    /// Repetitions per row (default 2, or up to 9 where the seed's 5000 calls fill little of
-    /// the row's budget; random mode 5); the median is reported (of an even number, the slower
-    /// of the middle two). A row whose fewest calls (200) take more than its budget runs one
-    /// repetition.
+    /// Repetitions per row (default: 9 at sizes under 64 KiB, 2 above, for every system alike;
+    /// random mode 5); the median is reported (of two, the slower). Without `--iters`, a row
+    /// whose fewest calls (200) take more than its budget runs one repetition.
     #[arg(long)]
     reps: Option<usize>,
-    /// Time budget per row in milliseconds (all repetitions), used to choose the call count.
+    /// Time budget per row in milliseconds (time in calls, all repetitions; paced work between
+    /// calls comes on top), used to choose the call count.
     #[arg(long, default_value_t = 400)]
     budget_ms: u64,
     /// Paced mode: microseconds of work between calls (default: twice the time to memset the
@@ -151,31 +151,27 @@ const CALIBRATE: Duration = Duration::from_millis(20);
 const CALIBRATE_MAX: usize = 20_000;
 /// The fewest calls a repetition of a row times.
 const MIN_CALLS: usize = 200;
-/// The most repetitions a row makes by default (where the seed's 5000 calls fill little of
-/// its budget).
-const MAX_REPS: usize = 9;
+/// Repetitions of a row at a size under [`BATCHED_BELOW`] by default.
+const SMALL_REPS: usize = 9;
 
-/// How many repetitions a row makes when `--iters` does not force its count: `asked`
-/// (`--reps`), else two, or more where time allows. A row whose fewest calls take more than
-/// its whole budget runs them once (a slow row, e.g. fresh pages at 32 MiB, would otherwise
-/// take most of the run's time). A row whose count stopped at the seed's 5000 calls before
-/// filling its budget spends the rest on repetitions, up to [`MAX_REPS`]: a repetition of
-/// 5000 calls at 4 KiB lasts ~0.3 ms, one preemption or slow moment of the machine decides
-/// the slower of two, and the median of more is steadier, for every row alike. `est_ns` is
-/// the calibrated time of one call; `calls` a repetition's calls, all threads together.
-fn default_reps(est_ns: f64, calls: usize, budget_ms: u64, asked: Option<usize>) -> usize {
-    let budget = budget_ms as f64 * 1e6;
-    if est_ns * MIN_CALLS as f64 > budget {
-        return 1;
-    }
-    if let Some(r) = asked {
-        return r;
-    }
-    let fit = budget / (est_ns * calls as f64);
-    if fit.is_finite() {
-        (fit as usize).clamp(2, MAX_REPS)
+/// How many repetitions every row of a size makes by default: two, or [`SMALL_REPS`] at the
+/// sizes whose calls are timed in batches (under [`BATCHED_BELOW`]). There a repetition of the
+/// seed's 5000 calls lasts ~0.3 ms at 4 KiB, and one slow moment of the machine decided the
+/// slower of two; the median of nine is steadier. The same for every system of the size, in
+/// this process and in the tuned peers' child, whatever its speed.
+fn reps_for_size(size: usize) -> usize {
+    if size < BATCHED_BELOW { SMALL_REPS } else { 2 }
+}
+
+/// A row's repetitions: `planned` (every row's at its size), but one for a row whose fewest
+/// calls take more than its whole budget, when `--iters` does not force the count (a slow
+/// row, e.g. fresh pages at 32 MiB, would otherwise take most of the run's time). `est_ns` is
+/// the calibrated time of one call.
+fn row_reps(est_ns: f64, planned: usize, budget_ms: u64, iters_forced: bool) -> usize {
+    if !iters_forced && est_ns * MIN_CALLS as f64 > budget_ms as f64 * 1e6 {
+        1
     } else {
-        2
+        planned
     }
 }
 
@@ -277,7 +273,9 @@ fn measure_size(
         threads,
         rss_start,
     } = *plan;
-    let reps_all = args.reps();
+    // What the progress bar counted for each row, and what every row of this size makes.
+    let bar_reps = args.reps();
+    let planned = args.reps.unwrap_or_else(|| reps_for_size(size));
     // Warm up and calibrate each system: three calls untimed (a first call may map a fresh
     // segment), then calls timed until they add up to CALIBRATE (or CALIBRATE_MAX calls): the
     // estimate of a call's cost that sets the row's count.
@@ -299,7 +297,7 @@ fn measure_size(
             Err(e) if absent_on_failure => {
                 failed[i] = Some(e);
                 est.push(f64::NAN);
-                bar.inc(reps_all as u64);
+                bar.inc(bar_reps as u64);
             }
             Err(e) => return Err(fail(e)),
         }
@@ -316,36 +314,29 @@ fn measure_size(
         .iter()
         .map(|e| {
             args.iters.unwrap_or_else(|| {
-                let per_rep = args.budget_ms as f64 * 1e6 / reps_all as f64;
+                let per_rep = args.budget_ms as f64 * 1e6 / planned as f64;
                 ((per_rep / e / t as f64) as usize).clamp(MIN_CALLS.div_ceil(t), 5000)
             })
         })
         .collect();
     let reps: Vec<usize> = est
         .iter()
-        .zip(&counts)
-        .map(|(&e, &n)| {
-            if args.iters.is_some() {
-                reps_all
-            } else {
-                default_reps(e, n * t, args.budget_ms, args.reps)
-            }
-        })
+        .map(|&e| row_reps(e, planned, args.budget_ms, args.iters.is_some()))
         .collect();
-    // The bar counted `reps_all` repetitions a row: make it count these.
-    let (planned, made) = (
-        (reps_all * present.len()) as u64,
+    // The bar counted `bar_reps` repetitions a row: make it count these.
+    let (counted, made) = (
+        (bar_reps * present.len()) as u64,
         reps.iter()
             .zip(&failed)
-            .map(|(&r, f)| if f.is_none() { r } else { reps_all })
+            .map(|(&r, f)| if f.is_none() { r } else { bar_reps })
             .sum::<usize>() as u64,
     );
-    if made > planned {
-        bar.inc_length(made - planned);
+    if made > counted {
+        bar.inc_length(made - counted);
     } else {
-        bar.inc(planned - made);
+        bar.inc(counted - made);
     }
-    let reps_all = reps.iter().copied().max().unwrap_or(0);
+    let reps_all = planned;
     let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
@@ -445,8 +436,8 @@ struct ThreadsRep {
 }
 
 /// What a team thread sends back for one repetition: its calls, when it started and ended
-/// them, and which thread it is.
-type TeamResult = Result<(Rep, Instant, Instant, std::thread::ThreadId), String>;
+/// them, which thread it is, and the CPU time it spent at the start line (ns).
+type TeamResult = Result<(Rep, Instant, Instant, std::thread::ThreadId, u64), String>;
 
 /// Threads mode's threads for one system at one size, kept for the whole row: each thread's
 /// state in the system (glibc's tcache and arena, mimalloc's and jemalloc's thread caches,
@@ -493,6 +484,9 @@ fn pin_to(cpu: usize) {
 struct StartLine {
     arrived: std::sync::atomic::AtomicUsize,
     threads: usize,
+    /// A thread of the team left for good (its system failed it, or it panicked): nobody
+    /// waits for it any more.
+    abandoned: std::sync::atomic::AtomicBool,
 }
 
 impl StartLine {
@@ -500,18 +494,41 @@ impl StartLine {
         StartLine {
             arrived: std::sync::atomic::AtomicUsize::new(0),
             threads,
+            abandoned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Waits for every thread's `round`-th arrival (`round` counts from 1).
-    fn wait(&self, round: usize) {
+    /// Waits for every thread's `round`-th arrival (`round` counts from 1). False if a thread
+    /// of the team left for good: the caller leaves too.
+    fn wait(&self, round: usize) -> bool {
         use std::sync::atomic::Ordering;
         self.arrived.fetch_add(1, Ordering::AcqRel);
         while self.arrived.load(Ordering::Acquire) < round * self.threads {
+            if self.abandoned.load(Ordering::Acquire) {
+                return false;
+            }
             std::hint::spin_loop();
             std::thread::yield_now();
         }
+        true
     }
+}
+
+/// Held by each thread of a team: when the thread ends (the team is dropped, the main thread
+/// went away, or the thread panicked), the others stop waiting for it at the start line.
+struct Leaving<'a>(&'a StartLine);
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        self.0
+            .abandoned
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The CPU thread `i` of a team is kept on: the allowed CPUs in turn (none if unknown).
+fn cpu_for(i: usize, cpus: &[usize]) -> Option<usize> {
+    (!cpus.is_empty()).then(|| cpus[i % cpus.len()])
 }
 
 impl Team {
@@ -534,8 +551,9 @@ impl Team {
             .map(|i| {
                 let (tx, rx) = std::sync::mpsc::channel::<usize>();
                 let (start, done_tx) = (start.clone(), done_tx.clone());
-                let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+                let cpu = cpu_for(i, &cpus);
                 scope.spawn(move || {
+                    let _leaving = Leaving(&start);
                     if let Some(cpu) = cpu {
                         pin_to(cpu);
                     }
@@ -543,12 +561,18 @@ impl Team {
                     let mut round = 0;
                     while let Ok(n) = rx.recv() {
                         round += 1;
-                        start.wait(round);
+                        // The CPU time spent waiting at the start line, not in calls: the
+                        // repetition's CPU time leaves it out.
+                        let waiting = measure::thread_cpu_ns();
+                        if !start.wait(round) {
+                            break;
+                        }
+                        let waited = measure::thread_cpu_ns().saturating_sub(waiting);
                         let t0 = Instant::now();
                         let r = run_calls(sys, size, n, opts, Duration::ZERO);
                         let id = std::thread::current().id();
                         if done_tx
-                            .send(r.map(|r| (r, t0, Instant::now(), id)))
+                            .send(r.map(|r| (r, t0, Instant::now(), id, waited)))
                             .is_err()
                         {
                             break;
@@ -580,6 +604,7 @@ impl Team {
         };
         let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
         let mut ids = Vec::with_capacity(threads);
+        let mut waited_cpu = 0u64;
         let mut failed = None;
         // Every thread's answer, even after a failure: the next repetition must not find a
         // stale one.
@@ -589,7 +614,8 @@ impl Team {
                 .recv()
                 .map_err(|_| "a thread of the team panicked".to_string())?;
             match answer {
-                Ok((r, t0, t1, id)) => {
+                Ok((r, t0, t1, id, waited)) => {
+                    waited_cpu += waited;
                     all.ns += r.ns;
                     all.per_call.extend(r.per_call);
                     first = Some(first.map_or(t0, |f| f.min(t0)));
@@ -602,7 +628,11 @@ impl Team {
         if let Some(e) = failed {
             return Err(e);
         }
-        all.cpu_ns = measure::process_cpu_ns().saturating_sub(cpu0);
+        // The whole process's CPU time (the heap's worker included), but for the threads'
+        // waits at the start line.
+        all.cpu_ns = measure::process_cpu_ns()
+            .saturating_sub(cpu0)
+            .saturating_sub(waited_cpu);
         let wall = match (first, last) {
             (Some(f), Some(l)) => l.duration_since(f),
             _ => Duration::ZERO,
@@ -917,7 +947,7 @@ fn run(args: Args) -> Result<(), String> {
             args.sizes,
             match args.reps {
                 Some(n) => n.to_string(),
-                None => format!("2 to {MAX_REPS}"),
+                None => format!("{SMALL_REPS} under 64 KiB, else 2"),
             },
             opts.touch,
             opts.verify
@@ -1532,29 +1562,61 @@ mod tests {
         (System::new("calloc").unwrap(), opts)
     }
 
-    /// Repetitions: two by default; more where the seed's 5000 calls leave most of the budget
-    /// unused (up to MAX_REPS); one for a row whose fewest calls exceed the budget, even when
-    /// more were asked; what `--reps` asks otherwise.
+    /// Repetitions: nine for every row under 64 KiB, two above, whatever the system's speed;
+    /// one for a row whose fewest calls exceed the budget, unless `--iters` forces the count.
     #[test]
-    fn rows_repeat_as_often_as_their_budget_allows() {
-        // 5000 calls of 60 ns (0.3 ms) in a 400 ms budget: as many as allowed.
-        assert_eq!(default_reps(60.0, 5000, 400, None), MAX_REPS);
-        // 5000 calls of 16 us (80 ms): five fit.
-        assert_eq!(default_reps(16_000.0, 5000, 400, None), 5);
-        // A count chosen to fill half the budget: two.
-        assert_eq!(default_reps(50_000.0, 4000, 400, None), 2);
-        // 200 calls over the budget: one, asked or not.
-        assert_eq!(default_reps(3e6, 200, 400, None), 1);
-        assert_eq!(default_reps(3e6, 200, 400, Some(3)), 1);
-        assert_eq!(default_reps(60.0, 5000, 400, Some(3)), 3);
+    fn every_row_of_a_size_repeats_alike() {
+        assert_eq!(reps_for_size(4096), SMALL_REPS);
+        assert_eq!(reps_for_size((64 << 10) - 4096), SMALL_REPS);
+        assert_eq!(reps_for_size(64 << 10), 2);
+        assert_eq!(reps_for_size(32 << 20), 2);
+        // A fast and a slow system at one size: the same.
+        assert_eq!(row_reps(50.0, 9, 400, false), 9);
+        assert_eq!(row_reps(40_000.0, 9, 400, false), 9);
+        // 200 calls over the budget: one, unless the count is forced.
+        assert_eq!(row_reps(3e6, 2, 400, false), 1);
+        assert_eq!(row_reps(3e6, 2, 400, true), 2);
         // Nonsense estimates (a failed warm-up) do not panic.
-        assert_eq!(default_reps(f64::NAN, 5000, 400, None), 2);
-        assert_eq!(default_reps(0.0, 5000, 400, None), 2);
+        assert_eq!(row_reps(f64::NAN, 2, 400, false), 2);
+    }
+
+    /// Threads pass the start line of a round only when every thread has reached it, round
+    /// after round; when one leaves for good, the others stop waiting.
+    #[test]
+    fn the_start_line_holds_every_thread_until_all_arrive() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const T: usize = 3;
+        let line = StartLine::new(T);
+        let reached = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for k in 0..T {
+                let (line, reached) = (&line, &reached);
+                s.spawn(move || {
+                    for round in 1..=3 {
+                        // Threads arrive at different times.
+                        std::thread::sleep(Duration::from_millis(20 * k as u64));
+                        reached.fetch_add(1, Ordering::SeqCst);
+                        assert!(line.wait(round));
+                        assert!(reached.load(Ordering::SeqCst) >= round * T, "left early");
+                    }
+                });
+            }
+        });
+        // One thread of two never comes: the other leaves once it is gone.
+        let line = StartLine::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| drop(Leaving(&line)));
+            assert!(!line.wait(1));
+        });
     }
 
     /// Team threads are kept on the CPUs this process may use, in turn.
     #[test]
     fn team_threads_are_kept_on_the_allowed_cpus_in_turn() {
+        assert_eq!(cpu_for(0, &[]), None);
+        let cpus = [3, 5];
+        let chosen: Vec<_> = (0..5).map(|i| cpu_for(i, &cpus)).collect();
+        assert_eq!(chosen, [Some(3), Some(5), Some(3), Some(5), Some(3)]);
         let cpus = allowed_cpus();
         assert!(!cpus.is_empty());
         let (sys, opts) = calloc();

@@ -187,6 +187,19 @@ pub fn process_cpu_ns() -> u64 {
     ns(ru.ru_utime) + ns(ru.ru_stime)
 }
 
+/// The calling thread's CPU time, in ns (`CLOCK_THREAD_CPUTIME_ID`; 0 if it cannot be read).
+pub fn thread_cpu_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return 0;
+    }
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// Busy work that touches no heap memory, for `d`.
 pub fn spin(d: Duration) {
     let end = Instant::now() + d;

@@ -202,7 +202,10 @@ impl HeapInner {
     /// to (`buffer_pages`) is too large for the cache.
     ///
     /// # Safety
-    /// The caller owns the run's blocks exclusively (no buffer, pool or claim refers to them).
+    /// The caller owns the run's blocks exclusively: no pool or claim refers to them, and
+    /// nothing reads or writes them meanwhile (no slice of them exists; a buffer that holds
+    /// the run has handed none out). The run is a used range of this heap's arenas, mapped at
+    /// its home address.
     #[inline]
     pub(crate) unsafe fn zero_run(&self, r: &Run, buffer_pages: usize) {
         let streaming = buffer_pages * self.page > crate::zero::streaming_threshold();

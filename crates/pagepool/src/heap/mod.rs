@@ -319,8 +319,7 @@ impl SystemHeap {
         if pages <= h.cache.max_buffer_pages
             && let Some((run, heap)) = cache::take(h, pages)
         {
-            // SAFETY: `take` handed the run over: it left this thread's cache, a used arena
-            // range at its home address, of `pages` pages.
+            // SAFETY: the run came out of this thread's cache of this heap, `pages` pages long.
             return Ok(unsafe { Buffer::from_cache(heap, run, bytes) });
         }
         self.alloc_blocks(pages, bytes)
