@@ -180,6 +180,14 @@ fn median(v: &mut [u64]) -> u64 {
     v[v.len() / 2]
 }
 
+/// The fastest measured row at `size` among `rows`: its system and ns per call.
+fn fastest_row(rows: &[Row], size: usize) -> Option<(String, f64)> {
+    rows.iter()
+        .filter(|r| r.size == size && r.absent.is_none() && r.ns_per_call > 0.0)
+        .min_by(|a, b| a.ns_per_call.total_cmp(&b.ns_per_call))
+        .map(|r| (r.system.clone(), r.ns_per_call))
+}
+
 /// What one repetition of a row measured.
 struct Rep {
     /// Time spent in the calls (excluding paced work), in ns.
@@ -1167,13 +1175,7 @@ fn run(args: Args) -> Result<(), String> {
             // noisy moment: read it again (each method's best kept), and if a row still beats
             // it, say so; the limit is wrong.
             if mode == "tight" && !args.child_tuned {
-                let fastest = || {
-                    mr.rows
-                        .iter()
-                        .filter(|r| r.size == size && r.absent.is_none() && r.ns_per_call > 0.0)
-                        .min_by(|a, b| a.ns_per_call.total_cmp(&b.ns_per_call))
-                        .map(|r| (r.system.clone(), r.ns_per_call))
-                };
+                let fastest = || fastest_row(&mr.rows, size);
                 for _ in 0..2 {
                     match fastest() {
                         Some((_, ns)) if ns < bw[si].1.limit_ns(size) => {
@@ -1207,13 +1209,7 @@ fn run(args: Args) -> Result<(), String> {
             if let Some(fi) = floors.iter().position(|f| f.0 == size)
                 && mode == "paced"
             {
-                let fastest = || {
-                    mr.rows
-                        .iter()
-                        .filter(|r| r.size == size && r.absent.is_none() && r.ns_per_call > 0.0)
-                        .min_by(|a, b| a.ns_per_call.total_cmp(&b.ns_per_call))
-                        .map(|r| (r.system.clone(), r.ns_per_call))
-                };
+                let fastest = || fastest_row(&mr.rows, size);
                 let first = floors[fi].1.min_ns();
                 for _ in 0..2 {
                     match fastest() {
