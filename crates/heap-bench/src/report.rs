@@ -99,7 +99,8 @@ pub struct ReadRow {
     pub reads: u64,
     /// Each repetition's mean ns per read, in the order they ran.
     pub reps_ns_per_read: Vec<f64>,
-    /// The median repetition's mean ns per read (of two: the slower).
+    /// The median repetition's mean ns per read (of an even number, the slower of the middle
+    /// two).
     pub ns_per_read: f64,
     /// `ns_per_read` over the `pagepool` row's (4 KiB pages) at the same size.
     pub vs_pagepool: Option<f64>,
