@@ -188,6 +188,26 @@ fn fastest_row(rows: &[Row], size: usize) -> Option<(String, f64)> {
         .map(|r| (r.system.clone(), r.ns_per_call))
 }
 
+/// Where the fastest row at `size` beats a bound read once at the start (the zeroing limit, the
+/// touch floor; `ns` gives it in ns per call), reads the bound again with `again` (which keeps
+/// each reading's best), up to twice: a bound read at a noisy moment is one rows can beat.
+/// Returns the fastest row if it still beats the bound.
+fn recheck_bound<T>(
+    rows: &[Row],
+    size: usize,
+    bound: &mut T,
+    ns: impl Fn(&T) -> f64,
+    mut again: impl FnMut(&mut T),
+) -> Option<(String, f64)> {
+    for _ in 0..2 {
+        match fastest_row(rows, size) {
+            Some((_, fastest)) if fastest < ns(bound) => again(bound),
+            _ => break,
+        }
+    }
+    fastest_row(rows, size).filter(|f| f.1 < ns(bound))
+}
+
 /// What one repetition of a row measured.
 struct Rep {
     /// Time spent in the calls (excluding paced work), in ns.
@@ -344,7 +364,6 @@ fn measure_size(
     } else {
         bar.inc(counted - made);
     }
-    let reps_all = planned;
     let mut totals: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
@@ -367,7 +386,7 @@ fn measure_size(
             };
             teams.push(team);
         }
-        for rep in 0..reps_all {
+        for rep in 0..planned {
             for k in 0..present.len() {
                 let i = (k + rep) % present.len(); // interleaved, rotated each repetition
                 if rep >= reps[i] || failed[i].is_some() {
@@ -1175,18 +1194,15 @@ fn run(args: Args) -> Result<(), String> {
             // noisy moment: read it again (each method's best kept), and if a row still beats
             // it, say so; the limit is wrong.
             if mode == "tight" && !args.child_tuned {
-                let fastest = || fastest_row(&mr.rows, size);
-                for _ in 0..2 {
-                    match fastest() {
-                        Some((_, ns)) if ns < bw[si].1.limit_ns(size) => {
-                            let again = measure::bandwidth(size, Duration::from_millis(100), 2);
-                            bw[si].1 = bw[si].1.merged(&again);
-                        }
-                        _ => break,
-                    }
-                }
+                let beaten = recheck_bound(
+                    &mr.rows,
+                    size,
+                    &mut bw[si].1,
+                    |b| b.limit_ns(size),
+                    |b| *b = b.merged(&measure::bandwidth(size, Duration::from_millis(100), 2)),
+                );
                 let limit = bw[si].1.limit_ns(size);
-                if let Some((system, ns)) = fastest().filter(|f| f.1 < limit) {
+                if let Some((system, ns)) = beaten {
                     let msg = format!(
                         "zeroing limit at {size} bytes beaten by {system}: {ns:.0} ns < {limit:.0} ns \
                          after measuring it again: the limit is wrong"
@@ -1209,20 +1225,17 @@ fn run(args: Args) -> Result<(), String> {
             if let Some(fi) = floors.iter().position(|f| f.0 == size)
                 && mode == "paced"
             {
-                let fastest = || fastest_row(&mr.rows, size);
                 let first = floors[fi].1.min_ns();
-                for _ in 0..2 {
-                    match fastest() {
-                        Some((_, ns)) if ns < floors[fi].1.min_ns() => {
-                            let again =
-                                measure::touch_floor(size, Duration::from_millis(100), work);
-                            floors[fi].1 = floors[fi].1.merged(&again);
-                        }
-                        _ => break,
-                    }
-                }
+                let beaten =
+                    recheck_bound(&mr.rows, size, &mut floors[fi].1, TouchFloor::min_ns, |f| {
+                        *f = f.merged(&measure::touch_floor(
+                            size,
+                            Duration::from_millis(100),
+                            work,
+                        ))
+                    });
                 let floor = floors[fi].1.min_ns();
-                if let Some((system, ns)) = fastest().filter(|f| f.1 < floor) {
+                if let Some((system, ns)) = beaten {
                     let msg = format!(
                         "touch floor at {size} bytes beaten by {system}: {ns:.0} ns < {floor:.0} ns \
                          after measuring it again: the floor is too high"
@@ -1269,8 +1282,7 @@ fn run(args: Args) -> Result<(), String> {
         );
         report.modes.push(mr);
     }
-    report.touch_floor = floors.clone();
-    report = report.with_bandwidth(&bw);
+    report = report.with_bounds(&bw, &floors);
     let attrs_systems = if attrs {
         run_attrs(&args, &attrs_names, opts, &bar, &mut report)?
     } else {

@@ -550,19 +550,24 @@ impl Report {
             touch: opts.touch,
             verify: opts.verify,
             bandwidth: Vec::new(),
-            touch_floor: floors.to_vec(),
+            touch_floor: Vec::new(),
             sizes: Vec::new(),
             modes: Vec::new(),
             heap_stats: Vec::new(),
             warnings: Vec::new(),
         }
-        .with_bandwidth(bw)
+        .with_bounds(bw, floors)
     }
 
-    /// The report with the zeroing bandwidth and limits of `bw` (measured again during the run
-    /// where a row beat the first measurement).
-    pub fn with_bandwidth(mut self, bw: &[(usize, Bandwidth)]) -> Report {
+    /// The report with the zeroing bandwidth and limits of `bw` and the touch floors of
+    /// `floors` (either measured again during the run where a row beat the first measurement).
+    pub fn with_bounds(
+        mut self,
+        bw: &[(usize, Bandwidth)],
+        floors: &[(usize, TouchFloor)],
+    ) -> Report {
         self.bandwidth = bw.to_vec();
+        self.touch_floor = floors.to_vec();
         self.sizes = bw
             .iter()
             .map(|(size, b)| SizeInfo {
