@@ -151,6 +151,10 @@ pub struct HeapStats {
     pub fresh_pages: u64,
     /// Pages given back to the system.
     pub released_pages: u64,
+    /// Pooled and queued pages given back to the system to make room for an allocation that
+    /// the system refused at first for want of it (`RLIMIT_MEMLOCK`, `ENOMEM`); pooled pages
+    /// among them are in `released_pages` too, queued ones in `pressure_freed_pages`.
+    pub reclaimed_pages: u64,
     /// Buffers alive now.
     pub live_buffers: u64,
     /// Pages in buffers alive now.
@@ -334,7 +338,7 @@ impl fmt::Display for HeapStats {
             f,
             "zeroed: by worker {} inline {} on release {}; waited for worker {} (helped {}); \
              abandoned {}; queued pages {} (peak {} of {}, refused {}); freed under pressure {} \
-             pages; worker {:.2} GB/s",
+             pages; reclaimed for allocations {} pages; worker {:.2} GB/s",
             self.zeroed_worker,
             self.zeroed_inline,
             self.zeroed_sync,
@@ -346,6 +350,7 @@ impl fmt::Display for HeapStats {
             self.queue_limit_pages,
             self.queue_refused,
             self.pressure_freed_pages,
+            self.reclaimed_pages,
             self.worker_bytes_per_sec() / 1e9,
         )?;
         if let Some(p) = &self.pressure {

@@ -46,6 +46,8 @@ pub(crate) struct Counters {
     pub(crate) helped: AtomicU64,
     /// Runs an allocation gave up on, waiting for the worker (see `zero_stolen`).
     pub(crate) abandoned: AtomicU64,
+    /// Pooled and queued pages given back to make room for an allocation (see `gather`).
+    pub(crate) reclaimed: AtomicU64,
     pub(crate) exported: AtomicU64,
     pub(crate) exports_held: AtomicU64,
     pub(crate) peak_pooled: AtomicUsize,
@@ -419,6 +421,14 @@ impl HeapInner {
     /// the queue or the worker's claims, the rest from the system as one range. Counts nothing:
     /// the caller counts the allocation with [`count_alloc`](Self::count_alloc) once its buffer
     /// is made, or undoes it with [`undo_alloc`](Self::undo_alloc).
+    ///
+    /// Where fresh pages would make a better buffer than what was gathered (an order short of
+    /// blocks, or a set that stays scattered: see [`whole_order_fresh`] and
+    /// [`scattered`]), the fresh range is carved *before* anything gathered is given up; if the
+    /// system refuses it, the buffer is made of what was gathered and only what is missing
+    /// comes fresh. If the system refuses even that for want of room (`RLIMIT_MEMLOCK`,
+    /// `ENOMEM`), this heap's pooled memory is given back (counted in `reclaimed_pages`) and
+    /// the carve tried once more. A failure leaves the pools and the counters as they were.
     pub(crate) fn gather(&self, pages: usize) -> Result<Gathered, AllocError> {
         let h = self;
         // Largest blocks first. Each order's blocks are sorted by address and runs of blocks
@@ -428,19 +438,17 @@ impl HeapInner {
         let mut stolen = Runs::new(); // queued blocks zeroed here (for `undo_alloc`)
         let mut missing: Vec<usize> = Vec::new(); // indices of placeholder runs
         let (mut hits, mut inline) = (0, 0);
+        // Blocks gathered but left out in favour of fresh pages, if the system gives them:
+        // back to the pools (`to_pool`) or to the system (`to_system`) once it has.
+        let (mut to_pool, mut to_system) = (Runs::new(), Runs::new());
         // Whether the machine looks busy (see `ReleaseQueue::busy`): read only where it decides
         // something, as it reads the clock.
         let busy = || h.release_queue.as_ref().is_some_and(|l| l.busy());
-        let mut left = pages;
-        for i in 0..h.orders.len() {
-            let order = h.orders[i];
-            let want = left >> order;
-            left &= (1 << order) - 1;
-            if want == 0 {
-                continue;
-            }
+        for (order, want) in split(&h.orders, pages) {
+            let i = h.pool_index(order);
             let first = runs.len();
-            let (mut p, mut z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
+            let (p, z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
+            (hits, inline) = (hits + p, inline + z);
             // The blocks still missing are in the worker's hands (it did not land them within
             // the bound): they will land in the pool beside the ones gathered here, and the
             // set is whole again there for the next buffer. Only they come fresh, then.
@@ -449,7 +457,8 @@ impl HeapInner {
                     .as_ref()
                     .is_some_and(|l| l.in_flight(order) >= short << order)
             };
-            if whole_order_fresh(p + z, want, landing, busy) {
+            let got = p + z;
+            if whole_order_fresh(got, want, landing, busy) {
                 // Blocks of one order gathered from the pools or the queue, with fresh ones
                 // beside them, would need a view; and as they circulate, so would every later
                 // buffer of this size: a single block short (taken by another buffer) would
@@ -457,19 +466,22 @@ impl HeapInner {
                 // range, and what was gathered goes back to the pools, clean. Not on a busy
                 // machine (fresh pages cost most there), nor when the missing blocks are the
                 // worker's, landing soon: only what is missing.
-                h.undo_alloc(&runs[first..], &stolen, None);
-                stolen.retain(|r| r.order != order);
-                runs.truncate(first);
-                (p, z) = (0, 0);
-            }
-            (hits, inline) = (hits + p, inline + z);
-            runs[first..].sort_unstable_by_key(|r| r.start);
-            if p + z < want {
+                to_pool.extend(runs.drain(first..));
                 missing.push(runs.len());
                 runs.push(Run {
                     start: 0,
                     order,
-                    count: want - p - z,
+                    count: want,
+                });
+                continue;
+            }
+            runs[first..].sort_unstable_by_key(|r| r.start);
+            if got < want {
+                missing.push(runs.len());
+                runs.push(Run {
+                    start: 0,
+                    order,
+                    count: want - got,
                 });
             }
         }
@@ -511,41 +523,15 @@ impl HeapInner {
                 h.scattered.store(0, Ordering::Relaxed);
                 h.regather_after
                     .store((after * 2).min(REGATHER_LONGEST), Ordering::Relaxed);
-                let gathered: Runs = runs
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !missing.contains(i))
-                    .map(|(_, r)| *r)
-                    .collect();
                 // The scattered blocks go back to the system rather than to the pools: pooled,
                 // they would stay in circulation beside the fresh set and scatter it in turn.
-                // Those taken from a pool count as its releases (queued ones never entered it).
-                for r in &gathered {
-                    let queued = stolen
-                        .iter()
-                        .any(|s| r.start >= s.start && r.start < s.end(h.page));
-                    if !queued {
-                        h.pools[h.pool_index(r.order)].count_released(r.count);
-                    }
-                    h.release_run(r);
-                }
-                stolen.clear();
-                runs.clear();
-                missing.clear();
-                (hits, inline) = (0, 0);
-                let mut left = pages;
-                for &order in h.orders.iter() {
-                    let count = left >> order;
-                    left &= (1 << order) - 1;
-                    if count > 0 {
-                        missing.push(runs.len());
-                        runs.push(Run {
-                            start: 0,
-                            order,
-                            count,
-                        });
+                for (i, r) in runs.iter().enumerate() {
+                    if !missing.contains(&i) {
+                        to_system.push(*r);
                     }
                 }
+                runs = layout(&h.orders, pages, &[]);
+                missing = (0..runs.len()).collect();
             }
         } else if !needs_view
             && runs.len() > 1
@@ -560,28 +546,86 @@ impl HeapInner {
             }
         }
         // The misses come from the system as one range, split in order.
-        let misses: usize = missing.iter().map(|&i| runs[i].count).sum();
-        let mut fresh = None;
-        if !missing.is_empty() {
-            let bytes: usize = missing.iter().map(|&i| runs[i].pages() * h.page).sum();
-            match h.arenas.carve(bytes) {
-                Ok(p) => {
-                    let mut at = p.as_ptr() as usize;
-                    fresh = Some((at, bytes));
-                    for &i in &missing {
-                        runs[i].start = at;
-                        at += runs[i].pages() * h.page;
-                    }
+        let mut fresh = h.carve_missing(&mut runs, &missing);
+        if !to_pool.is_empty() || !to_system.is_empty() {
+            if fresh.is_ok() {
+                // The fresh range replaces what was left out: only now is it given up.
+                let queued = |r: &Run| {
+                    stolen
+                        .iter()
+                        .any(|s| r.start >= s.start && r.start < s.end(h.page))
+                };
+                for r in &to_pool {
+                    let (p, z) = if queued(r) {
+                        (0, r.count)
+                    } else {
+                        (r.count, 0)
+                    };
+                    (hits, inline) = (hits - p, inline - z);
                 }
-                Err(e) => {
-                    for &i in missing.iter().rev() {
-                        runs.remove(i);
+                h.undo_alloc(&to_pool, &stolen, None);
+                for r in &to_system {
+                    // Those taken from a pool count as its releases (queued ones never
+                    // entered it).
+                    if queued(r) {
+                        inline -= r.count;
+                    } else {
+                        hits -= r.count;
+                        h.pools[h.pool_index(r.order)].count_released(r.count);
                     }
-                    h.undo_alloc(&runs, &stolen, None);
-                    return Err(e);
+                    h.release_run(r);
                 }
+                stolen.retain(|s| {
+                    !to_pool
+                        .iter()
+                        .chain(&to_system)
+                        .any(|r| r.start >= s.start && r.start < s.end(h.page))
+                });
+            } else {
+                // Refused: the buffer is made of what was gathered, and only what is missing
+                // comes fresh.
+                let mut gathered: Runs = runs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !missing.contains(i))
+                    .map(|(_, r)| *r)
+                    .collect();
+                gathered.extend(to_pool.drain(..).chain(to_system.drain(..)));
+                runs = layout(&h.orders, pages, &gathered);
+                missing = (0..runs.len()).filter(|&i| runs[i].start == 0).collect();
+                fresh = h.carve_missing(&mut runs, &missing);
             }
         }
+        if let Err(e) = &fresh
+            && room_refused(e)
+        {
+            // What this heap holds pooled or queued counts against the same limit: given back,
+            // it makes room (as reclaim runs the shrinkers before a kernel allocation fails).
+            let need: usize = missing.iter().map(|&i| runs[i].pages()).sum();
+            let mut freed = self.owner.scan(need);
+            if freed < need
+                && let Some(list) = &h.release_queue
+            {
+                freed += list.scan(need - freed);
+            }
+            if freed > 0 {
+                h.counters
+                    .reclaimed
+                    .fetch_add(freed as u64, Ordering::Relaxed);
+                fresh = h.carve_missing(&mut runs, &missing);
+            }
+        }
+        let fresh = match fresh {
+            Ok(f) => f,
+            Err(e) => {
+                for &i in missing.iter().rev() {
+                    runs.remove(i);
+                }
+                h.undo_alloc(&runs, &stolen, None);
+                return Err(e);
+            }
+        };
+        let misses: usize = missing.iter().map(|&i| runs[i].count).sum();
         let page = h.page;
         runs.dedup_by(|next, prev| {
             let joined = prev.order == next.order && prev.end(page) == next.start;
@@ -598,6 +642,27 @@ impl HeapInner {
             inline,
             misses,
         })
+    }
+
+    /// Carves one fresh range for the placeholder runs of an allocation (`missing`: their
+    /// indices in `runs`) and places them in it, in order. Returns the range (address and
+    /// length), or `None` when nothing is missing. On failure `runs` is unchanged.
+    fn carve_missing(
+        &self,
+        runs: &mut Runs,
+        missing: &[usize],
+    ) -> Result<Option<(usize, usize)>, AllocError> {
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let bytes: usize = missing.iter().map(|&i| runs[i].pages() * self.page).sum();
+        let p = self.arenas.carve(bytes)?;
+        let mut at = p.as_ptr() as usize;
+        for &i in missing {
+            runs[i].start = at;
+            at += runs[i].pages() * self.page;
+        }
+        Ok(Some((p.as_ptr() as usize, bytes)))
     }
 
     /// Counts an allocation made of what [`gather`](Self::gather) found: `hits` pooled blocks,
@@ -630,6 +695,48 @@ fn whole_order_fresh(
     busy: impl FnOnce() -> bool,
 ) -> bool {
     got > 0 && got < want && !landing(want - got) && !busy()
+}
+
+/// The blocks of a buffer of `pages` pages, per order: `(order, count)` for each of `orders`
+/// (descending) that it takes at least one block of, largest first.
+pub(crate) fn split(orders: &[u8], pages: usize) -> impl Iterator<Item = (u8, usize)> + '_ {
+    let mut left = pages;
+    orders.iter().filter_map(move |&order| {
+        let count = left >> order;
+        left &= (1 << order) - 1;
+        (count > 0).then_some((order, count))
+    })
+}
+
+/// A buffer of `pages` pages made of `have` (blocks in hand, any order of them) and
+/// placeholder runs (`start` 0) for what is still missing, per order of `orders`: the runs
+/// largest order first, each order's sorted by address, its placeholder last.
+fn layout(orders: &[u8], pages: usize, have: &[Run]) -> Runs {
+    let mut runs = Runs::new();
+    for (order, want) in split(orders, pages) {
+        let first = runs.len();
+        runs.extend(have.iter().filter(|r| r.order == order).copied());
+        runs[first..].sort_unstable_by_key(|r| r.start);
+        let got: usize = runs[first..].iter().map(|r| r.count).sum();
+        if got < want {
+            runs.push(Run {
+                start: 0,
+                order,
+                count: want - got,
+            });
+        }
+    }
+    runs
+}
+
+/// Whether the system refused fresh memory for want of room that pooled memory could make:
+/// the locked-memory limit, or memory or address space (`ENOMEM`).
+fn room_refused(e: &AllocError) -> bool {
+    match e {
+        AllocError::MemlockLimit { .. } => true,
+        AllocError::Os(e) => e.source.raw_os_error() == Some(libc::ENOMEM),
+        _ => false,
+    }
 }
 
 /// True if an allocation's blocks, as gathered (`missing`: the placeholders for blocks still to

@@ -418,19 +418,14 @@ impl SystemHeap {
         for _ in 0..n {
             let p = h.arenas.carve(pages * h.page)?;
             let mut at = p.as_ptr() as usize;
-            let mut left = pages;
             let mut runs = Runs::new();
-            for &order in &h.orders {
-                let count = left >> order;
-                left &= (1 << order) - 1;
-                if count > 0 {
-                    runs.push(crate::deferred::Run {
-                        start: at,
-                        order,
-                        count,
-                    });
-                    at += (count << order) * h.page;
-                }
+            for (order, count) in self::core::split(&h.orders, pages) {
+                runs.push(crate::deferred::Run {
+                    start: at,
+                    order,
+                    count,
+                });
+                at += (count << order) * h.page;
             }
             // Fresh pages read zero: pooled as they are.
             h.give_runs(&runs);

@@ -30,6 +30,7 @@ pub(super) fn assemble(h: &HeapInner) -> HeapStats {
         misses: c.misses.load(Ordering::Relaxed),
         fresh_pages: h.arenas.fresh_pages.load(Ordering::Relaxed),
         released_pages: h.arenas.released_pages.load(Ordering::Relaxed),
+        reclaimed_pages: c.reclaimed.load(Ordering::Relaxed),
         live_buffers: allocs.saturating_sub(frees),
         live_pages,
         cache_hits: cached.allocs,
