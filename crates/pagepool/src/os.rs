@@ -165,6 +165,20 @@ pub(crate) fn memlock_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Memlock).current
 }
 
+/// The process's locked memory in bytes (`VmLck` of `/proc/self/status`), or `None` if it
+/// cannot be read.
+pub(crate) fn locked_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    kb.checked_mul(1024)
+}
+
 /// Reserves `len` bytes of address space with no access and no memory behind it.
 pub(crate) fn reserve(len: usize) -> Result<NonNull<u8>, OsError> {
     // SAFETY: a null hint without MAP_FIXED lets the kernel choose an unused range, so no

@@ -597,7 +597,7 @@ impl HeapInner {
             }
         }
         if let Err(e) = &fresh
-            && room_refused(e)
+            && h.room_refused(e, missing.iter().map(|&i| runs[i].pages()).sum())
         {
             // What this heap holds pooled or queued counts against the same limit: given back,
             // it makes room (as reclaim runs the shrinkers before a kernel allocation fails).
@@ -642,6 +642,29 @@ impl HeapInner {
             inline,
             misses,
         })
+    }
+
+    /// Whether the system refused `need` fresh pages for want of room that giving back this
+    /// heap's pooled and queued memory could make: the locked-memory limit (when what is
+    /// locked now, less all of that, leaves room for them), or memory or address space
+    /// (`ENOMEM`, where nothing tells how much would do).
+    #[cold]
+    fn room_refused(&self, e: &AllocError, need: usize) -> bool {
+        match e {
+            AllocError::MemlockLimit {
+                limit: Some(limit), ..
+            } => {
+                let held = self.owner.count()
+                    + self.release_queue.as_ref().map_or(0, |l| l.pending_pages());
+                let held = (held * self.page) as u64;
+                let need = (need * self.page) as u64;
+                crate::os::locked_bytes()
+                    .is_none_or(|locked| locked.saturating_sub(held) + need <= *limit)
+            }
+            AllocError::MemlockLimit { limit: None, .. } => true,
+            AllocError::Os(e) => e.source.raw_os_error() == Some(libc::ENOMEM),
+            _ => false,
+        }
     }
 
     /// Carves one fresh range for the placeholder runs of an allocation (`missing`: their
@@ -727,16 +750,6 @@ fn layout(orders: &[u8], pages: usize, have: &[Run]) -> Runs {
         }
     }
     runs
-}
-
-/// Whether the system refused fresh memory for want of room that pooled memory could make:
-/// the locked-memory limit, or memory or address space (`ENOMEM`).
-fn room_refused(e: &AllocError) -> bool {
-    match e {
-        AllocError::MemlockLimit { .. } => true,
-        AllocError::Os(e) => e.source.raw_os_error() == Some(libc::ENOMEM),
-        _ => false,
-    }
 }
 
 /// True if an allocation's blocks, as gathered (`missing`: the placeholders for blocks still to
