@@ -157,7 +157,7 @@ impl ReadBuffer {
                 .map_err(|e| fail(format!("mmap: {e}")))?
                 .cast::<u8>();
                 // The first 2 MiB boundary past `p`: at least one page of guard before, at
-                // least 2 MiB after.
+                // least 2 MiB after. Bounded: the boundary lies inside the mapping just made.
                 let off = (p as usize + 1).next_multiple_of(HUGE) - p as usize;
                 let base = p.wrapping_add(off);
                 let mem = Memory::Mmap { p, map_len };

@@ -509,6 +509,7 @@ fn mapped_call(
     .map_err(|e| format!("mmap: {e}"))?;
     let p = p.cast::<u8>();
     let a = match kind {
+        // Bounded: the mapping runs 2 MiB past `len`, so the boundary lies inside it.
         Kind::MmapThp => p.wrapping_add((p as usize).next_multiple_of(HUGE) - p as usize),
         _ => p,
     };

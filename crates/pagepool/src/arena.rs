@@ -274,8 +274,12 @@ impl Arenas {
     /// same arena, at consecutive file offsets.
     fn map_arena(&self, len: usize) -> Result<Arena, OsError> {
         let mut huge = self.huge_backing();
+        // The builder bounds the arena size, and buffers are bounded by the maximum buffer
+        // size, but the rounding is checked here all the same: past the address space, the
+        // arena is refused like any other mapping the system cannot make.
         let len = if huge.is_some() {
-            len.next_multiple_of(HUGE_PAGE)
+            len.checked_next_multiple_of(HUGE_PAGE)
+                .ok_or_else(|| OsError::new("mmap arena", rustix::io::Errno::NOMEM))?
         } else {
             len
         };
@@ -376,6 +380,7 @@ impl Arenas {
         arena.uncarve(off, bytes);
         if arena.used == 0 {
             let arena = list.remove(i);
+            // Bounded: the same sum was checked when the arena was mapped (`map_arena`).
             let span = arena.len + os::page_size();
             fork::forget_mapping(arena.base, span);
             // SAFETY: nothing in the arena is used, so no block or buffer points into it.
@@ -409,6 +414,7 @@ impl Drop for Arenas {
             if a.used != 0 {
                 log::error!("pagepool: arena dropped with {} bytes in use", a.used);
             }
+            // Bounded: checked when the arena was mapped (`map_arena`).
             let span = a.len + os::page_size();
             fork::forget_mapping(a.base, span);
             // SAFETY: the set is going away; every heap structure that pointed into it is gone.
@@ -464,5 +470,28 @@ mod tests {
         assert_eq!(arenas.count(), 0);
         assert_eq!(arenas.fresh_pages.load(Ordering::Relaxed), 48);
         assert_eq!(arenas.released_pages.load(Ordering::Relaxed), 48);
+    }
+
+    #[test]
+    fn an_arena_past_the_address_space_is_an_error_not_an_overflow() {
+        // The builder refuses such sizes; the arenas stand on their own all the same: rounding
+        // `usize::MAX` up to 2 MiB must not overflow (a panic in this debug build).
+        for huge in [None, Some(HugeBacking::Base)] {
+            let ty = if huge.is_some() {
+                PoolType::SYSTEM.huge()
+            } else {
+                PoolType::SYSTEM
+            };
+            for size in [usize::MAX, usize::MAX - HUGE_PAGE + 2] {
+                let arenas = Arenas::typed("pagepool:arena-test", size, ty, huge);
+                let r = arenas.carve(HUGE_PAGE);
+                assert!(
+                    matches!(r, Err(AllocError::Os(_))),
+                    "{huge:?} {size}: {:?}",
+                    r.map(|_| ())
+                );
+                assert_eq!(arenas.count(), 0);
+            }
+        }
     }
 }

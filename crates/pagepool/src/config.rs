@@ -7,12 +7,12 @@
 //! | knob | default | where it is set | what it bounds |
 //! |---|---|---|---|
 //! | block orders | 8, 4, 0 (1 MiB, 64 KiB, 4 KiB) | `HeapBuilder::orders` | the blocks buffers are built of, largest first |
-//! | pool limit | 256 MiB | `HeapBuilder::pool_limit` | clean memory a heap keeps pooled |
-//! | registry maximum | a quarter of physical memory (`Registry::global`) | `Registry::new`, `HeapBuilder::registry` | pooled memory of all owners together |
-//! | largest buffer | 1 GiB | `HeapBuilder::max_buffer` | one allocation |
-//! | arena size | 64 MiB | `HeapBuilder::arena_size` | one memfd's address space |
+//! | pool limit | 256 MiB (0: no pooling; `usize::MAX`: unlimited) | `HeapBuilder::pool_limit` | clean memory a heap keeps pooled |
+//! | registry maximum | a quarter of physical memory (`Registry::global`; `usize::MAX`: unlimited) | `Registry::new`, `HeapBuilder::registry` | pooled memory of all owners together |
+//! | largest buffer | 1 GiB (at least 1 byte; above [`MAX_BUFFER_CEILING`]: no ceiling of the heap's own) | `HeapBuilder::max_buffer` | one allocation |
+//! | arena size | 64 MiB (from the largest block to [`MAX_ARENA_SIZE`], 64 TiB) | `HeapBuilder::arena_size` | one memfd's address space |
 //! | deferred freeing | on | `HeapBuilder::deferred` | off: every release zeroes synchronously |
-//! | queue limit | 64 MiB | `HeapBuilder::queue_limit` | memory queued for the worker; past it releases zero themselves |
+//! | queue limit | 64 MiB (any; 0: every release zeroes itself) | `HeapBuilder::queue_limit` | memory queued for the worker; past it releases zero themselves |
 //! | worker spin | 200 us | `HeapBuilder::worker_spin` | an idle worker's polling before it naps |
 //! | worker naps | 100 ms | `HeapBuilder::worker_naps` | an idle worker's napping before it sleeps |
 //! | thread cache | 64 KiB (buffers up to 16 KiB) | `HeapBuilder::thread_cache` | small released buffers kept per thread |
@@ -59,6 +59,28 @@ pub(crate) const DEFAULT_THREAD_CACHE: usize = 64 << 10;
 /// The default size of one memfd arena: 64 MiB (address space; memory is used only as blocks
 /// are carved). Larger buffers get an arena of their own size.
 pub(crate) const DEFAULT_ARENA_SIZE: usize = 64 << 20;
+
+/// The largest arena a heap maps: 64 TiB, half of the 47-bit user address space of x86-64
+/// with 4-level page tables (with 5-level ones, the kernel hands out addresses above it only to
+/// a caller that asks for them, which pagepool does not). An arena is one contiguous
+/// mapping of the address space, beside the program, its libraries and every other mapping;
+/// an arena size no system could map is refused at build
+/// ([`ConfigError::SizeTooLarge`](crate::ConfigError::SizeTooLarge)) rather than failing every
+/// allocation later. A multiple of every block size, so the builder's rounding up to a page
+/// (to 2 MiB for a huge pool type) never takes an accepted size past it.
+#[cfg(target_pointer_width = "64")]
+pub(crate) const MAX_ARENA_SIZE: usize = 1 << 46;
+
+/// The largest arena on a 32-bit system: 1 GiB of its 3 GiB (or 4 GiB) of user address space.
+#[cfg(not(target_pointer_width = "64"))]
+pub(crate) const MAX_ARENA_SIZE: usize = 1 << 30;
+
+/// The largest maximum buffer size a heap keeps: a larger one (`usize::MAX` among them) means
+/// no ceiling of the heap's own, and lengths the system cannot map are refused by the system
+/// ([`AllocError::Os`](crate::AllocError::Os)). A quarter of `usize::MAX`, so that rounding an
+/// accepted length up to pages and to the smallest block (a 2 MiB huge page), adding an
+/// arena's guard page and aligning its reservation never overflow.
+pub(crate) const MAX_BUFFER_CEILING: usize = isize::MAX as usize / 2;
 
 /// Scattered allocations in a row after which one takes fresh pages (see `alloc_blocks`).
 pub(crate) const REGATHER_FIRST: usize = 8;

@@ -430,14 +430,20 @@ fn close(b: DmaBuf) {
 impl DmaBufPool {
     /// A pool of buffers of `heap`, holding at most `limit_bytes` of clean buffers (and at most
     /// as much waiting for the worker), counted against `registry` as the owner
-    /// `dmabuf:<heap name>`. Starts the pool's worker thread.
+    /// `dmabuf:<heap name>`. `usize::MAX` sets no limit of the pool's own (the registry's
+    /// maximum still holds; the owner's stats say `unlimited`). Starts the pool's worker
+    /// thread.
     pub fn new(
         heap: DmaHeap,
         registry: &Arc<Registry>,
         limit_bytes: usize,
     ) -> Result<DmaBufPool, DmaBufError> {
         let page = crate::os::page_size();
-        let core = PoolCore::start(Arc::new(heap), registry, limit_bytes / page)?;
+        let limit_pages = match limit_bytes {
+            usize::MAX => usize::MAX,
+            bytes => bytes / page,
+        };
+        let core = PoolCore::start(Arc::new(heap), registry, limit_pages)?;
         Ok(DmaBufPool {
             core: ForkCell::new(core),
         })

@@ -79,7 +79,7 @@ pub enum ConfigError {
     #[error("order {0} is listed twice")]
     DuplicateOrder(u8),
     /// The maximum buffer size is zero.
-    #[error("the maximum buffer size must be at least one page")]
+    #[error("max_buffer must be at least 1 byte")]
     ZeroMaxBuffer,
     /// A huge pool type's orders must all be at least [`HUGE_ORDER`](crate::HUGE_ORDER) (2 MiB
     /// blocks), and include it.
@@ -101,11 +101,34 @@ pub enum ConfigError {
         available: String,
     },
     /// The arena size is smaller than the largest block.
-    #[error("arena size {arena} bytes is smaller than the largest block ({block} bytes)")]
+    #[error("arena_size {arena} bytes is smaller than the largest block ({block} bytes)")]
     ArenaTooSmall {
         /// The arena size asked for.
         arena: usize,
         /// The size of the largest configured block.
         block: usize,
+    },
+    /// A size is larger than any system can map: `field` is the [`HeapBuilder`] setting
+    /// (`"arena_size"`), `max` the largest value it accepts (after rounding up to pages, or
+    /// to 2 MiB for a huge pool type).
+    ///
+    /// [`HeapBuilder`]: crate::HeapBuilder
+    ///
+    /// # Examples
+    /// ```
+    /// use pagepool::{ConfigError, SystemHeap};
+    ///
+    /// let err = SystemHeap::builder().arena_size(usize::MAX).build().unwrap_err();
+    /// assert!(matches!(err, ConfigError::SizeTooLarge { field: "arena_size", .. }));
+    /// assert!(err.to_string().starts_with("arena_size 18446744073709551615 bytes is above"));
+    /// ```
+    #[error("{field} {value} bytes is above the largest supported, {max} bytes")]
+    SizeTooLarge {
+        /// The builder setting (`"arena_size"`).
+        field: &'static str,
+        /// The value asked for, in bytes.
+        value: usize,
+        /// The largest value accepted, in bytes.
+        max: usize,
     },
 }

@@ -72,6 +72,7 @@ pub(crate) fn reserve_aligned(len: usize, align: usize) -> Result<NonNull<u8>, O
         .ok_or_else(|| OsError::new("mmap reserve", rustix::io::Errno::NOMEM))?;
     let p = reserve(span)?;
     let start = p.as_ptr() as usize;
+    // Bounded: `start + span` is the end of the reservation just made, and `align - 1 < span`.
     let aligned = (start + align - 1) & !(align - 1);
     let (head, tail) = (aligned - start, span - len - (aligned - start));
     // SAFETY: both slack ranges lie inside the reservation just made, which nobody else knows.

@@ -32,6 +32,17 @@ use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, lock, lock_withi
 /// kernel's buddy allocator.
 pub const MAX_ORDER: u8 = 10;
 
+/// The bytes of a block of `order`: `usize::MAX` for an order whose blocks no address space
+/// holds (no such block exists, so a pool of that order never uses it).
+fn block_bytes(order: u8) -> usize {
+    let page = crate::os::page_size();
+    if u32::from(order) < page.leading_zeros() {
+        page << order
+    } else {
+        usize::MAX
+    }
+}
+
 /// A block of 2^order pages of memory, owned by whoever holds this value.
 ///
 /// A `Block` is a raw, page-aligned address plus its order; it does not free anything when
@@ -381,6 +392,10 @@ impl PagePool {
     /// Creates a standalone pool of blocks of `order` (2^order pages each). `release` is called
     /// with every block the pool gives back to the system. A pool that should count against an
     /// owner's limit is made with [`Owner::add_pool`](crate::Owner::add_pool) instead.
+    ///
+    /// Any order is accepted; a pool of an order whose blocks no address space holds (52 and
+    /// above with 4 KiB pages) is never given a block (none can exist, see
+    /// [`Block::from_raw`]) and stays empty.
     pub fn new(order: u8, release: ReleaseFn) -> PagePool {
         PagePool::with_tally(order, release, None)
     }
@@ -393,7 +408,7 @@ impl PagePool {
     ) -> PagePool {
         PagePool {
             order,
-            block_bytes: crate::os::page_size() << order,
+            block_bytes: block_bytes(order),
             list: Mutex::new(BlockStack::new()),
             pages: AtomicUsize::new(0),
             released: AtomicU64::new(0),
@@ -414,7 +429,8 @@ impl PagePool {
 
     /// Blocks currently pooled.
     pub fn blocks(&self) -> usize {
-        self.pages() >> self.order
+        // An order of 64 or more is a pool that stays empty (see `new`): no blocks.
+        self.pages().checked_shr(self.order.into()).unwrap_or(0)
     }
 
     /// Puts a free block into the pool. The block must be all-zero: the pool hands it out as
@@ -442,7 +458,8 @@ impl PagePool {
             // and its ownership passes to the pool here.
             unsafe { list.push(ptr) };
             list.given += 1;
-            // A plain store: only lock holders write it.
+            // A plain store: only lock holders write it. Bounded by the blocks' memory
+            // (`Block::from_raw`'s contract), as is the shift below.
             self.pages
                 .store(list.blocks << self.order, Ordering::Relaxed);
             // Counted while the lock is held, so that a take of this block (which needs the
@@ -553,14 +570,19 @@ impl PagePool {
             f(unsafe { Block::from_raw(ptr, self.order) });
             got += 1;
         }
+        if got == 0 {
+            // Nothing changed (and a pool of an order past the address space, see `new`,
+            // always ends here: its shifts would overflow).
+            return 0;
+        }
         list.taken += got as u64;
+        // Bounded: the pool held these blocks, whose memory bounds both shifts
+        // (`Block::from_raw`'s contract).
         self.pages
             .store(list.blocks << self.order, Ordering::Relaxed);
         // Under the lock, as in `give_quiet`: the owner's and the registry's counts then see
         // this pool's gives and takes in the order they happened, and never go below zero.
-        if got > 0
-            && let Some(owner) = &self.owner
-        {
+        if let Some(owner) = &self.owner {
             owner.removed(got << self.order);
         }
         drop(list);
@@ -614,7 +636,9 @@ impl PagePool {
         };
         crate::stats::PoolStats {
             order: self.order,
-            pages: blocks << self.order,
+            // Bounded by the blocks' memory (`Block::from_raw`'s contract) when there are any;
+            // an order of 64 or more is a pool that stays empty (see `new`).
+            pages: blocks.checked_shl(self.order.into()).unwrap_or(0),
             blocks,
             given,
             taken,
@@ -987,6 +1011,28 @@ mod tests {
         assert_eq!(p.pages(), 0);
         // SAFETY: allocated by `block(0)`.
         unsafe { dealloc(b.into_raw().as_ptr(), layout(0)) };
+    }
+
+    #[test]
+    fn a_pool_of_an_order_past_the_address_space_is_empty_not_an_overflow() {
+        // No block of these orders fits in memory (`Block::from_raw`'s contract), so such a
+        // pool never holds one; making it and reading it must not overflow (a panic in this
+        // debug build), alone or in its registry's stats.
+        let registry = crate::Registry::new(usize::MAX);
+        let owner = registry.register("huge orders", usize::MAX);
+        for order in [52, 63, 64, 200, u8::MAX] {
+            let p = owner.add_pool(order, Box::new(|_b: Block| {}));
+            assert_eq!((p.order(), p.pages(), p.blocks()), (order, 0, 0));
+            assert!(p.take().is_none());
+            assert_eq!(p.take_many(3, |_| {}), 0);
+            assert_eq!(p.shrink(usize::MAX), 0);
+            let s = p.stats();
+            assert_eq!((s.order, s.pages, s.blocks), (order, 0, 0));
+            let back = p.give(block(0)).unwrap_err();
+            // SAFETY: allocated by `block(0)`.
+            unsafe { dealloc(back.into_raw().as_ptr(), layout(0)) };
+            assert!(registry.stats().to_string().contains("unlimited"));
+        }
     }
 
     #[test]

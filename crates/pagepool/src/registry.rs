@@ -98,7 +98,8 @@ impl Books {
 }
 
 impl Registry {
-    /// Creates a registry whose pools may hold at most `max_pages` pages in total.
+    /// Creates a registry whose pools may hold at most `max_pages` pages in total
+    /// (`usize::MAX`: no maximum; its [`stats`](Self::stats) say `unlimited`).
     pub fn new(max_pages: usize) -> Arc<Registry> {
         Arc::new(Registry {
             max_pages: AtomicUsize::new(max_pages),
@@ -163,7 +164,8 @@ impl Registry {
         })
     }
 
-    /// Adds an owner with its own limit of `limit_pages` pooled pages, of pool type `system`.
+    /// Adds an owner with its own limit of `limit_pages` pooled pages (`usize::MAX`: no limit
+    /// of its own, reported as `unlimited`; 0: it pools nothing), of pool type `system`.
     pub fn register(self: &Arc<Self>, name: &str, limit_pages: usize) -> Arc<Owner> {
         self.register_typed(name, "system", limit_pages)
     }
@@ -281,7 +283,7 @@ impl Registry {
         let total_pages = self.count();
         let other_pages = self.count_all().saturating_sub(total_pages);
         RegistryStats {
-            max_pages: self.max_pages(),
+            max_pages: crate::stats::limit(self.max_pages()),
             total_pages,
             pool_types: crate::stats::by_pool_type(&owners),
             other_pages,
@@ -447,7 +449,7 @@ impl Owner {
         OwnerStats {
             name: self.name.clone(),
             pool_type: self.pool_type.clone(),
-            limit_pages: self.limit_pages(),
+            limit_pages: crate::stats::limit(self.limit_pages()),
             pages: self.count(),
             pools,
         }

@@ -5,6 +5,11 @@
 //! [`render_table`] draws the shape of TTM's debugfs `page_pool` file: one row per pool type
 //! (per owner in a heap's own stats), one column per order, then `total : N of MAX` and a line
 //! for pages held by other owners.
+//!
+//! A maximum or limit of `usize::MAX` pages ([`Registry::new(usize::MAX)`](crate::Registry::new),
+//! an owner registered with `usize::MAX`, [`HeapBuilder::pool_limit(usize::MAX)`](crate::HeapBuilder::pool_limit))
+//! is no limit: the structured stats hold `None` for it (`null` in JSON), and the text says
+//! `unlimited` (`total : 0 of unlimited`), never a number of pages no system holds.
 
 use std::fmt::{self, Write as _};
 
@@ -36,8 +41,9 @@ pub struct OwnerStats {
     pub name: String,
     /// The pool type of its pools (see [`Registry::register_typed`](crate::Registry::register_typed)).
     pub pool_type: String,
-    /// The owner's limit in pages.
-    pub limit_pages: usize,
+    /// The owner's limit in pages; `None`: unlimited (registered with `usize::MAX`; serialised
+    /// as `null`).
+    pub limit_pages: Option<usize>,
     /// Pages pooled by this owner now.
     pub pages: usize,
     /// Each pool, by ascending order.
@@ -49,8 +55,9 @@ pub struct OwnerStats {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct RegistryStats {
-    /// The registry's global maximum in pages.
-    pub max_pages: usize,
+    /// The registry's global maximum in pages; `None`: unlimited (`Registry::new(usize::MAX)`;
+    /// serialised as `null`).
+    pub max_pages: Option<usize>,
     /// Pages pooled by all owners now.
     pub total_pages: usize,
     /// Each live owner.
@@ -76,6 +83,23 @@ pub struct PoolTypeStats {
     pub pages: usize,
     /// One entry per order: the owners' pools of that order summed (counters included).
     pub pools: Vec<PoolStats>,
+}
+
+/// A maximum or limit in pages as the stats report it: `usize::MAX` is unlimited (`None`).
+pub(crate) fn limit(pages: usize) -> Option<usize> {
+    (pages != usize::MAX).then_some(pages)
+}
+
+/// A maximum or limit as text: the number, or `unlimited`.
+struct Limit(Option<usize>);
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("unlimited"),
+        }
+    }
 }
 
 /// Groups owners' pools by pool type, summing them per order.
@@ -133,8 +157,9 @@ pub struct HeapStats {
     pub huge_backing: Option<crate::HugeBacking>,
     /// This heap's pools (as an owner of the registry).
     pub owner: OwnerStats,
-    /// The registry's maximum in pages.
-    pub registry_max_pages: usize,
+    /// The registry's maximum in pages; `None`: unlimited (`Registry::new(usize::MAX)`;
+    /// serialised as `null`).
+    pub registry_max_pages: Option<usize>,
     /// Pages pooled by every owner of the registry.
     pub registry_total_pages: usize,
     /// Pages pooled by the registry's other owners.
@@ -231,13 +256,12 @@ impl HeapStats {
 }
 
 /// Renders pools in the shape of TTM's debugfs `page_pool` file: a header with one column per
-/// order, one row per owner with the pages pooled at each order, then `total : N of MAX` and,
-/// when given, `(N in other owners' pools)`.
-///
+/// order, one row per owner with the pages pooled at each order, then `total : N of MAX`
+/// (`MAX` is `unlimited` for `None`) and, when given, `(N in other owners' pools)`.
 pub(crate) fn render_table(
     rows: &[(&str, &[PoolStats])],
     total: usize,
-    max: usize,
+    max: Option<usize>,
     others: Option<usize>,
 ) -> String {
     let mut orders: Vec<u8> = rows
@@ -266,7 +290,7 @@ pub(crate) fn render_table(
         }
         out.push('\n');
     }
-    let _ = writeln!(out, "{:name_w$} : {total} of {max}", "total");
+    let _ = writeln!(out, "{:name_w$} : {total} of {}", "total", Limit(max));
     if let Some(n) = others {
         let _ = writeln!(out, "({n} in other owners' pools)");
     }
@@ -275,8 +299,9 @@ pub(crate) fn render_table(
 
 impl fmt::Display for RegistryStats {
     /// TTM's table: one row per pool type, one column per order (pages pooled), then
-    /// `total : N of MAX` and the pages the registry's other shrinkers hold; then one line
-    /// naming each owner with its pool type, pages and limit.
+    /// `total : N of MAX` (`N of unlimited` for an unlimited maximum) and the pages the
+    /// registry's other shrinkers hold; then one line naming each owner with its pool type,
+    /// pages and limit (`name (type) N of LIMIT pages`, or `name (type) N pages, unlimited`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rows: Vec<(&str, &[PoolStats])> = self
             .pool_types
@@ -293,11 +318,9 @@ impl fmt::Display for RegistryStats {
             let owners: Vec<String> = self
                 .owners
                 .iter()
-                .map(|o| {
-                    format!(
-                        "{} ({}) {} of {} pages",
-                        o.name, o.pool_type, o.pages, o.limit_pages
-                    )
+                .map(|o| match o.limit_pages {
+                    Some(l) => format!("{} ({}) {} of {l} pages", o.name, o.pool_type, o.pages),
+                    None => format!("{} ({}) {} pages, unlimited", o.name, o.pool_type, o.pages),
                 })
                 .collect();
             writeln!(f, "owners: {}", owners.join("; "))?;
@@ -307,7 +330,8 @@ impl fmt::Display for RegistryStats {
 }
 
 impl fmt::Display for HeapStats {
-    /// The pool table, then one line of counters.
+    /// The pool table (`total : N of MAX`, `N of unlimited` for an unlimited registry), then
+    /// lines of counters.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&render_table(
             &[(self.owner.name.as_str(), self.owner.pools.as_slice())],
@@ -425,7 +449,7 @@ mod tests {
         let owner = |name: &str, ty: &str, pools: Vec<PoolStats>| OwnerStats {
             name: name.into(),
             pool_type: ty.into(),
-            limit_pages: 10_000,
+            limit_pages: Some(10_000),
             pages: pools.iter().map(|p| p.pages).sum(),
             pools,
         };
@@ -443,7 +467,7 @@ mod tests {
         assert_eq!(types[0].pools[0].pages, 5, "order 0 summed over a and c");
         assert_eq!(types[0].pools[0].given, 2);
         let stats = RegistryStats {
-            max_pages: 100_000,
+            max_pages: Some(100_000),
             total_pages: 1286,
             owners: owners.to_vec(),
             pool_types: types,

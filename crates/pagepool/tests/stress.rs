@@ -829,7 +829,11 @@ impl Worker<'_> {
 /// Every counter of a sample, by name (for the wrap check).
 fn counters(s: &HeapStats) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = vec![
-        ("registry_max_pages".into(), s.registry_max_pages as u64),
+        // An unlimited maximum (`None`) is no wrapped counter.
+        (
+            "registry_max_pages".into(),
+            s.registry_max_pages.map_or(0, |m| m as u64),
+        ),
         ("registry_total_pages".into(), s.registry_total_pages as u64),
         ("other_owners_pages".into(), s.other_owners_pages as u64),
         ("peak_pooled_pages".into(), s.peak_pooled_pages as u64),
@@ -856,7 +860,10 @@ fn counters(s: &HeapStats) -> Vec<(String, u64)> {
         ("pressure_freed_pages".into(), s.pressure_freed_pages),
         ("arenas".into(), s.arenas as u64),
         ("owner.pages".into(), s.owner.pages as u64),
-        ("owner.limit_pages".into(), s.owner.limit_pages as u64),
+        (
+            "owner.limit_pages".into(),
+            s.owner.limit_pages.map_or(0, |l| l as u64),
+        ),
     ];
     for p in &s.owner.pools {
         let o = p.order;
@@ -884,8 +891,8 @@ fn check_alone(w: &World, h: usize, s: &HeapStats) {
     }
     c.check(
         "owner.limit_pages is the configured limit",
-        s.owner.limit_pages == ctx.limit_pages,
-        || format!("{name}: {} != {}", s.owner.limit_pages, ctx.limit_pages),
+        s.owner.limit_pages.unwrap_or(usize::MAX) == ctx.limit_pages,
+        || format!("{name}: {:?} != {}", s.owner.limit_pages, ctx.limit_pages),
     );
     // The queue refuses a release that would pass its bound (queued and in-flight pages are
     // counted together under one lock), and its peak is the largest such sum.

@@ -7,6 +7,7 @@ use crate::attrs::{HUGE_ORDER, HUGE_PAGE, PoolType};
 use crate::config::{
     DEFAULT_ARENA_SIZE, DEFAULT_MAX_BUFFER, DEFAULT_ORDERS, DEFAULT_POOL_LIMIT,
     DEFAULT_QUEUE_LIMIT, DEFAULT_THREAD_CACHE, DEFAULT_WORKER_NAPS, DEFAULT_WORKER_SPIN,
+    MAX_ARENA_SIZE, MAX_BUFFER_CEILING,
 };
 use crate::error::ConfigError;
 use crate::os;
@@ -138,19 +139,47 @@ impl HeapBuilder {
 
     /// The most memory, in bytes, this heap's pools may hold (default 256 MiB; rounded down to
     /// pages). 0 turns pooling off: every buffer gets fresh pages from the system, and released
-    /// buffers go straight back.
+    /// buffers go straight back. `usize::MAX` sets no limit of the heap's own (its registry's
+    /// maximum still holds); the statistics say `unlimited` (`None` in
+    /// [`OwnerStats::limit_pages`](crate::OwnerStats::limit_pages)). Any value is accepted.
     pub fn pool_limit(mut self, bytes: usize) -> Self {
         self.pool_limit = bytes;
         self
     }
 
-    /// The largest buffer the heap hands out, in bytes (default 1 GiB).
+    /// The largest buffer the heap hands out, in bytes (default 1 GiB). It must be at least 1
+    /// ([`ConfigError::ZeroMaxBuffer`]). It is a ceiling, not a size the heap maps: a value
+    /// larger than any system can map (`usize::MAX` among them) means no ceiling of the heap's
+    /// own, and an allocation the system cannot map fails with
+    /// [`AllocError::Os`](crate::AllocError::Os) (values above `isize::MAX / 2` are kept as
+    /// that, a length rounding to pages and blocks cannot overflow from).
     pub fn max_buffer(mut self, bytes: usize) -> Self {
         self.max_buffer = bytes;
         self
     }
 
-    /// The size of one memfd arena in bytes (default 64 MiB; rounded up to pages).
+    /// The size of one memfd arena in bytes (default 64 MiB; rounded up to pages, to 2 MiB for a
+    /// huge pool type): address space, of which memory is used only as blocks are carved; a
+    /// larger buffer gets an arena of its own size. After rounding it must be at least the
+    /// largest block ([`ConfigError::ArenaTooSmall`]) and at most 64 TiB on a 64-bit system
+    /// (half of the 47-bit user address space of x86-64; 1 GiB on a 32-bit one):
+    /// [`build`](Self::build) refuses a larger one with [`ConfigError::SizeTooLarge`] rather
+    /// than let every allocation fail. A system with less address space (an arm64 kernel with
+    /// 39-bit addresses has 512 GiB) refuses an arena it cannot map when the first allocation
+    /// needs it, with [`AllocError::Os`](crate::AllocError::Os).
+    ///
+    /// # Examples
+    /// ```
+    /// use pagepool::{ConfigError, SystemHeap};
+    ///
+    /// let b = || SystemHeap::builder().pressure(None);
+    /// assert!(b().arena_size(1 << 46).build().is_ok(), "address space only, until carved");
+    /// let err = b().arena_size((1 << 46) + 1).build().unwrap_err();
+    /// assert_eq!(
+    ///     err,
+    ///     ConfigError::SizeTooLarge { field: "arena_size", value: (1 << 46) + 1, max: 1 << 46 }
+    /// );
+    /// ```
     pub fn arena_size(mut self, bytes: usize) -> Self {
         self.arena_size = bytes;
         self
@@ -170,8 +199,9 @@ impl HeapBuilder {
         self
     }
 
-    /// The most memory, in bytes, queued for the worker at once (default 64 MiB). A release
-    /// that would pass it is zeroed by the releasing thread instead.
+    /// The most memory, in bytes, queued for the worker at once (default 64 MiB; rounded down to
+    /// pages). A release that would pass it is zeroed by the releasing thread instead: 0 has
+    /// every release zero its own buffer, `usize::MAX` sets no bound. Any value is accepted.
     pub fn queue_limit(mut self, bytes: usize) -> Self {
         self.queue_limit = bytes;
         self
@@ -204,7 +234,8 @@ impl HeapBuilder {
     }
 
     /// How many bytes of released small buffers each thread keeps for its own next
-    /// allocations (default 64 KiB; 0, or less than four pages, turns thread caches off).
+    /// allocations (default 64 KiB; 0, or less than four pages, turns thread caches off; any
+    /// value is accepted).
     /// Buffers of up to a quarter of this (16 KiB by default) made of 4 KiB blocks are cached
     /// still dirty, and zeroed by the allocating thread when taken again: for them, zeroing
     /// costs less than any trip through the shared pools or the worker. A thread's cache is
@@ -284,10 +315,22 @@ impl HeapBuilder {
         if self.max_buffer == 0 {
             return Err(ConfigError::ZeroMaxBuffer);
         }
-        // Round to pages; keep lengths well inside `isize` so page rounding cannot overflow.
-        let max_buffer = self.max_buffer.min(isize::MAX as usize / 2);
+        // A ceiling above what any system maps is no ceiling: kept where rounding a length to
+        // pages and blocks cannot overflow (see `MAX_BUFFER_CEILING`).
+        let max_buffer = self.max_buffer.min(MAX_BUFFER_CEILING);
         let unit = if huge { HUGE_PAGE } else { page };
-        let arena_size = self.arena_size.div_ceil(unit).saturating_mul(unit);
+        // `MAX_ARENA_SIZE` is a multiple of `unit`: a size that rounds past it is refused,
+        // whether the rounding overflows or not.
+        let arena_size = self
+            .arena_size
+            .checked_next_multiple_of(unit)
+            .filter(|&a| a <= MAX_ARENA_SIZE)
+            .ok_or(ConfigError::SizeTooLarge {
+                field: "arena_size",
+                value: self.arena_size,
+                max: MAX_ARENA_SIZE,
+            })?;
+        // Bounded: the order is at most `MAX_ORDER` (checked above), the page a few KiB.
         let largest = page << orders[0];
         if arena_size < largest {
             return Err(ConfigError::ArenaTooSmall {
@@ -321,7 +364,12 @@ impl HeapBuilder {
             pressure: self.pressure,
             load_check: self.load_check,
         };
-        let limit_pages = self.pool_limit / page;
+        // `usize::MAX` bytes is no limit: kept as `usize::MAX` pages, which the registry and
+        // the statistics read as unlimited (not as a number of pages no system holds).
+        let limit_pages = match self.pool_limit {
+            usize::MAX => usize::MAX,
+            bytes => bytes / page,
+        };
         Ok((config, limit_pages))
     }
 }

@@ -103,7 +103,9 @@ impl HeapInner {
 
     /// The pages of a buffer of `len` bytes (at most the maximum buffer): a whole number of
     /// the smallest blocks (one page, or 2 MiB for a huge pool type). Pages and blocks are
-    /// powers of two: shifts and masks, not divisions, on the hot path.
+    /// powers of two: shifts and masks, not divisions, on the hot path. Bounded: the maximum
+    /// buffer is at most `MAX_BUFFER_CEILING` (a quarter of `usize::MAX`), so neither rounding,
+    /// nor the caller's shift back to bytes, overflows.
     #[inline]
     pub(crate) fn pages_for(&self, len: usize) -> usize {
         let pages = (len + self.page - 1) >> self.page_shift;

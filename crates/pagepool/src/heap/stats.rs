@@ -21,7 +21,7 @@ pub(super) fn assemble(h: &HeapInner) -> HeapStats {
     let total = registry.count();
     HeapStats {
         page_size: h.page,
-        registry_max_pages: registry.max_pages(),
+        registry_max_pages: crate::stats::limit(registry.max_pages()),
         registry_total_pages: total,
         other_owners_pages: total.saturating_sub(owner.pages),
         peak_pooled_pages: c.peak_pooled.load(Ordering::Relaxed),
