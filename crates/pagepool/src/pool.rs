@@ -874,8 +874,10 @@ mod tests {
 
         /// Any mix of gives and takes, with and without blocks held: a take hands out only
         /// pooled blocks, each once, at most as many as asked; with `end_to_end`, what it hands
-        /// out and what the caller holds lie end to end (or it hands out nothing).
+        /// out and what the caller holds lie end to end (or it hands out nothing). Not under
+        /// Miri: proptest keeps its failures in files, which Miri's isolation forbids.
         #[test]
+        #[cfg_attr(miri, ignore)]
         fn takes_near_held_blocks_hand_out_pooled_blocks_once_and_whole_sets_when_asked(
             ops in proptest::collection::vec((0u8..4, 0usize..32, 1usize..6, proptest::bool::ANY), 1..80)
         ) {
