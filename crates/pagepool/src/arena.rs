@@ -11,6 +11,7 @@
 //! release; this is metadata for memory the process does *not* hold, never for pooled blocks.
 
 use std::collections::BTreeMap;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -21,12 +22,14 @@ use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering, lock};
 use crate::{fork, os};
 
 /// An arena's memfd: recorded so that a forked child closes its copy (see [`crate::fork`]).
-pub(crate) struct ArenaFd(OwnedFd);
+pub(crate) struct ArenaFd(ManuallyDrop<OwnedFd>);
 
 impl ArenaFd {
-    fn new(fd: OwnedFd) -> ArenaFd {
-        fork::record_fd(fd.as_fd());
-        ArenaFd(fd)
+    /// Records `fd`, just made inside the caller's gate; on an error `fd` is closed (in the
+    /// caller's gate too).
+    fn new(fd: OwnedFd) -> Result<ArenaFd, OsError> {
+        fork::record_fd(fd.as_fd())?;
+        Ok(ArenaFd(ManuallyDrop::new(fd)))
     }
 }
 
@@ -37,8 +40,13 @@ impl AsFd for ArenaFd {
 }
 
 impl Drop for ArenaFd {
+    /// Forgets and closes the descriptor in one gate: a child forked between the two would
+    /// keep it open, unrecorded.
     fn drop(&mut self) {
+        let _gate = fork::Gate::open();
         fork::forget_fd(self.0.as_fd());
+        // SAFETY: dropped once, here; the field is not used again.
+        unsafe { ManuallyDrop::drop(&mut self.0) };
     }
 }
 
@@ -283,18 +291,55 @@ impl Arenas {
         } else {
             len
         };
-        let (fd, align) = match huge {
+        // What a hugetlbfs arena falls back to, found before the gate (it reads sysfs).
+        let fallback = (huge == Some(HugeBacking::Hugetlb)).then(|| {
+            if crate::attrs::shmem_thp_allowed() {
+                HugeBacking::Thp
+            } else {
+                HugeBacking::Base
+            }
+        });
+        let mut no_hugetlb = None;
+        let made = {
+            // The memfd and the mapping are made, kept from fork and recorded in one gate: a
+            // child forked in between would get them (see `crate::fork`).
+            let _gate = fork::Gate::open();
+            self.make_arena(len, &mut huge, fallback, &mut no_hugetlb)
+        };
+        if let Some(e) = no_hugetlb {
+            log::info!("pagepool: {e}: no hugetlbfs, falling back");
+            *lock(&self.huge) = huge;
+        }
+        let (fd, base) = made?;
+        Ok(Arena {
+            fd: Arc::new(fd),
+            base,
+            len,
+            free: BTreeMap::from([(0, len)]),
+            used: 0,
+            huge,
+            full: false,
+        })
+    }
+
+    /// The system calls of [`map_arena`](Self::map_arena), inside its gate (no allocation, no
+    /// lock, no logging): the memfd, its home mapping and guard page, their attributes,
+    /// `MADV_DONTFORK` and the records. Where hugetlbfs refuses, switches `huge` to `fallback`
+    /// and leaves the error in `no_hugetlb`. On an error nothing is left mapped or open.
+    fn make_arena(
+        &self,
+        len: usize,
+        huge: &mut Option<HugeBacking>,
+        fallback: Option<HugeBacking>,
+        no_hugetlb: &mut Option<OsError>,
+    ) -> Result<(ArenaFd, NonNull<u8>), OsError> {
+        let (fd, align) = match *huge {
             None => (os::memfd(&self.name, len)?, os::page_size()),
             Some(HugeBacking::Hugetlb) => match os::memfd_hugetlb(&self.name, len) {
                 Ok(fd) => (fd, HUGE_PAGE),
                 Err(e) => {
-                    log::info!("pagepool: {e}: no hugetlbfs, falling back");
-                    huge = Some(if crate::attrs::shmem_thp_allowed() {
-                        HugeBacking::Thp
-                    } else {
-                        HugeBacking::Base
-                    });
-                    *lock(&self.huge) = huge;
+                    *huge = fallback;
+                    *no_hugetlb = Some(e);
                     (os::memfd(&self.name, len)?, HUGE_PAGE)
                 }
             },
@@ -306,37 +351,30 @@ impl Arenas {
             .ok_or_else(|| OsError::new("mmap arena", rustix::io::Errno::NOMEM))?;
         let base = os::reserve_aligned(span, align)?;
         // SAFETY: `base..base + len` is inside the reservation just made, known to nobody else.
-        if let Err(e) = unsafe { os::map_fixed(&fd, 0, len, base, false) } {
-            // SAFETY: as above.
-            let _ = unsafe { os::unmap(base, span) };
-            return Err(e);
-        }
+        let mut made = unsafe { os::map_fixed(&fd, 0, len, base, false) };
         // The attributes that belong to the mapping, set before any page is allocated.
-        let mut advice = Ok(());
-        if huge == Some(HugeBacking::Thp) {
+        if made.is_ok() && *huge == Some(HugeBacking::Thp) {
             // SAFETY: the mapping was just made, ours alone.
-            advice = unsafe { os::advise_huge(base, len) };
+            made = unsafe { os::advise_huge(base, len) };
         }
-        if let (Ok(()), Some(node)) = (&advice, self.pool_type.node_id()) {
+        if let (Ok(()), Some(node)) = (&made, self.pool_type.node_id()) {
             // SAFETY: as above.
-            advice = unsafe { os::bind_node(base, len, node) };
+            made = unsafe { os::bind_node(base, len, node) };
         }
-        if let Err(e) = advice {
-            // SAFETY: as above.
+        let kept = made.is_ok() && {
+            // SAFETY: the span is the mapping made above, ours alone.
+            made = unsafe { fork::keep_mapping(base, span) };
+            made.is_ok()
+        };
+        let fd = made.and_then(|()| ArenaFd::new(fd)); // on an error, `fd` is closed
+        if fd.is_err() {
+            if kept {
+                fork::forget_mapping(base, span);
+            }
+            // SAFETY: the reservation and the mapping in it are ours, unreferenced.
             let _ = unsafe { os::unmap(base, span) };
-            return Err(e);
         }
-        // SAFETY: the span is the mapping made above, ours alone.
-        unsafe { fork::keep_mapping(base, span) };
-        Ok(Arena {
-            fd: Arc::new(ArenaFd::new(fd)),
-            base,
-            len,
-            free: BTreeMap::from([(0, len)]),
-            used: 0,
-            huge,
-            full: false,
-        })
+        Ok((fd?, base))
     }
 
     /// Gives `bytes` at `p` (memory obtained from [`carve`](Self::carve)) back to the system.

@@ -187,23 +187,33 @@ fn map_view(heap: &HeapInner, runs: &[Run], bytes: usize) -> Result<NonNull<u8>,
     let locs = heap
         .arenas
         .locate(stretches.iter().map(|&(i, _)| runs[i].ptr()));
+    // The view is made, kept from fork and recorded in one gate: a child forked in between
+    // would share it with this process (see `crate::fork`). System calls only, inside.
+    let _gate = crate::fork::Gate::open();
     // Aligned like the heap's smallest block, so that huge pages map as such (hugetlbfs
     // requires it).
     let base = os::reserve_aligned(bytes, heap.page * heap.granule)?;
     let mut at = 0; // offset in the view
+    let mut made = Ok(());
     for (loc, &(_, len)) in locs.iter().zip(&stretches) {
         // SAFETY: `base + at .. + len` lies inside the reservation made above, which nobody
         // else knows of yet.
-        let r = unsafe { os::map_fixed(&*loc.fd, loc.offset, len, base.add(at), true) };
-        if let Err(e) = r {
-            // SAFETY: the reservation is ours and unreferenced.
-            let _ = unsafe { os::unmap(base, bytes) };
-            return Err(e.into());
+        made = unsafe { os::map_fixed(&*loc.fd, loc.offset, len, base.add(at), true) };
+        if made.is_err() {
+            break;
         }
         at += len;
     }
-    // SAFETY: the view is the mapping made above, ours alone.
-    unsafe { crate::fork::keep_mapping(base, bytes) };
+    if made.is_ok() {
+        // SAFETY: the view is the mapping made above, ours alone.
+        made = unsafe { crate::fork::keep_mapping(base, bytes) };
+    }
+    if let Err(e) = made {
+        // SAFETY: the reservation is ours and unreferenced (not recorded: `keep_mapping`
+        // records nothing when it fails).
+        let _ = unsafe { os::unmap(base, bytes) };
+        return Err(e.into());
+    }
     Ok(base)
 }
 

@@ -390,6 +390,9 @@ impl DmaBuf {
     /// # Ok::<(), pagepool::DmaBufError>(())
     /// ```
     pub fn map(&self) -> Result<DmaBufMap<'_>, DmaBufError> {
+        // Mapped and kept from fork in one gate: a child forked in between would share the
+        // mapping (see `crate::fork`).
+        let gate = crate::fork::Gate::open();
         // SAFETY: a null hint without MAP_FIXED: the kernel picks an unused range.
         let p = unsafe {
             rustix::mm::mmap(
@@ -404,14 +407,22 @@ impl DmaBuf {
         .map_err(os("mmap dma-buf"))?;
         let ptr =
             NonNull::new(p.cast()).ok_or_else(|| os("mmap dma-buf")(rustix::io::Errno::FAULT))?;
+        // Not inherited by a forked child (see `crate::fork`).
+        // SAFETY: the mapping made above, ours alone.
+        if let Err(e) = unsafe { crate::fork::keep_mapping(ptr, self.len) } {
+            // SAFETY: as above; nothing refers to it yet.
+            let _ = unsafe { rustix::mm::munmap(p, self.len) };
+            return Err(DmaBufError::Os {
+                op: e.op,
+                source: e.source,
+            });
+        }
+        drop(gate);
         // SAFETY: the mapping is page-aligned, covers `len` bytes rounded up to pages, and is
         // unmapped only when the `DmaBufMap` drops, after every `CpuAccess` borrowing it. This
         // program touches it only through `CpuAccess`: atomic copies, or slices whose callers
         // promise (`unsafe`) that no other access happens meanwhile.
         let mem = unsafe { SharedMem::new(ptr, self.len) };
-        // Not inherited by a forked child (see `crate::fork`).
-        // SAFETY: the mapping made above, ours alone.
-        unsafe { crate::fork::keep_mapping(ptr, self.len) };
         Ok(DmaBufMap {
             mem,
             buf: self,

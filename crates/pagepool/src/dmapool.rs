@@ -421,8 +421,10 @@ impl Drop for PoolCore {
     }
 }
 
-/// Closes a descriptor the pool owned (and recorded for a forked child to close).
+/// Closes a descriptor the pool owned (and recorded for a forked child to close): forgotten
+/// and closed in one gate, so that no child has it open and unrecorded.
 fn close(b: DmaBuf) {
+    let _gate = crate::fork::Gate::open();
     crate::fork::forget_fd(b.as_fd());
     drop(b);
 }
@@ -503,8 +505,21 @@ impl DmaBufPool {
         .min(registry.max_pages().saturating_sub(registry.count()));
         let n = count.min(room / pages);
         for _ in 0..n {
-            let b = inner.heap.alloc(size)?;
-            crate::fork::record_fd(b.as_fd()); // the pool's: a forked child closes it
+            let b = {
+                // Made and recorded in one gate: a child forked in between would keep the
+                // pool's descriptor (see `crate::fork`).
+                let _gate = crate::fork::Gate::open();
+                let b = inner.heap.alloc(size)?;
+                // The pool's: a forked child closes it.
+                if let Err(e) = crate::fork::record_fd(b.as_fd()) {
+                    drop(b); // closed in the gate
+                    return Err(DmaBufError::Os {
+                        op: e.op,
+                        source: e.source,
+                    });
+                }
+                b
+            };
             let mut st = inner.state();
             st.clean.entry(b.len()).or_default().push(b);
             inner.owner.note_added(pages); // under the lock: see `shrink`
@@ -577,7 +592,14 @@ impl Drop for PooledDmaBuf {
         if file_count(b.as_fd()).is_ok_and(|n| n > 1) {
             self.pool.held_events.fetch_add(1, Ordering::Relaxed);
         }
-        crate::fork::record_fd(b.as_fd()); // the pool's again: a forked child closes it
+        {
+            let _gate = crate::fork::Gate::open();
+            // The pool's again: a forked child closes it.
+            if crate::fork::record_fd(b.as_fd()).is_err() {
+                drop(b); // not pooled: closed, in the gate
+                return;
+            }
+        }
         let pages = self.pool.pages(&b);
         if let Err(r) = self.pool.queue.queue(Released { buf: b, pages }) {
             // Full, stopped, or a worker the scheduler does not run: back to the kernel now.

@@ -19,16 +19,55 @@
 //!   thread of the parent may have held its locks at fork time, and that thread does not exist
 //!   in the child), so nothing the child does reaches the parent's memory or files.
 //!
+//! # The gate
+//!
+//! Making a mapping and marking it `MADV_DONTFORK`, or making a descriptor and recording it,
+//! are several system calls: a `fork` by another thread between them would copy the mapping
+//! (shared with the parent: both would write the same pages) or the unrecorded descriptor into
+//! the child. Forgetting a descriptor and closing it are two steps as well: a `fork` between
+//! them leaves the child an open, unrecorded descriptor. (Even the kernel's own copy is not
+//! one step: `fork` copies the descriptor table before the memory, so a descriptor made or
+//! closed meanwhile disagrees with the table the child reads.) So each such sequence runs
+//! inside a [`Gate`], and `fork` waits for every gate to close and keeps new ones from opening
+//! until it has returned: the `pthread_atfork` *prepare* handler counts a fork in, then waits
+//! for the creators inside to drain; the *parent* handler counts it out; the *child* handler,
+//! alone in the child, clears the word. Creators and forks share one atomic word (creators in
+//! the low half, forks in progress in the high half), and a creator enters only by a
+//! compare-and-swap that sees no fork in progress, so once a fork is counted the creators only
+//! leave. The wait is a spin, a yield and then short sleeps: the prepare handler allocates
+//! nothing and takes no lock. glibc runs the application's prepare handlers before it takes its
+//! own locks (malloc's, stdio's), and code inside a gate makes system calls only (a table that
+//! needs another chunk maps one with `mmap`, not the allocator), so a creator never waits for
+//! something the forking thread holds.
+//!
+//! Unmapping needs no gate: a mapping is forgotten before it is unmapped, and `MADV_DONTFORK`
+//! keeps it out of a child forked in between; a child never gets a recorded range that its
+//! parent had unmapped (where a mapping of someone else may already be, although the
+//! placeholder, mapped with `MAP_FIXED_NOREPLACE`, would not replace it).
+//!
+//! A thread never forks inside its own gate: the code inside makes system calls and calls
+//! nothing else, and the gate blocks the thread's asynchronous signals while it is open (the
+//! synchronous ones, `SIGSEGV` and the like, stay deliverable: they mean a bug), so not even a
+//! signal handler can fork there. Forks that run no `pthread_atfork` handlers (`vfork`,
+//! `posix_spawn`, `clone`, glibc's `_Fork`) are not gated: they must `exec` (or `_exit`) at
+//! once, and every descriptor pagepool makes is close-on-exec (`MFD_CLOEXEC`, `O_CLOEXEC`),
+//! so the program they start gets none, nor any mapping. `std::process::Command` spawns that
+//! way, or with `fork` (a `pre_exec` closure), which runs the handlers.
+//!
 //! The tables are fixed chunks of atomic words, chained and never freed; recording and
 //! forgetting an entry is a compare-and-swap on one word. The child handler only reads words
 //! and makes system calls (`mmap`, `close`): it allocates nothing and takes no lock, as a
 //! handler running after `fork` must.
 
+use std::cell::Cell;
+use std::marker::PhantomData;
 use std::ptr::{self, NonNull};
 use std::sync::Once;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::error::OsError;
 
 /// The process's fork generation: 0 in the original process, bumped in each forked child.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -41,16 +80,56 @@ pub(crate) fn generation() -> u64 {
     GENERATION.load(Ordering::Relaxed)
 }
 
-/// Registers the child handler (once per process; called before any state is recorded).
+/// Registers the fork handlers (once per process; called before any state is recorded, and
+/// never inside a [`Gate`]: older glibc holds its handler-list lock while prepare handlers run).
 pub(crate) fn install() {
     INSTALL.call_once(|| {
-        // SAFETY: `in_child` is an `extern "C"` function with no arguments that only reads
-        // atomics and makes async-signal-safe system calls, as a child handler must.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+        // SAFETY: the three are `extern "C"` functions with no arguments; they use atomics,
+        // a constant thread-local, and system calls only (`sched_yield`, `nanosleep`, `mmap`,
+        // `close`): no allocation, no lock, as fork handlers must.
+        let rc =
+            unsafe { libc::pthread_atfork(Some(before_fork), Some(in_parent), Some(in_child)) };
         if rc != 0 {
             log::error!("pagepool: pthread_atfork failed ({rc}); forked children are unsafe");
         }
     });
+}
+
+/// The fork gate's word: the creators inside a [`Gate`] (low half) and the forks in progress
+/// (high half, counted in [`FORK_ONE`]s).
+static GATE: AtomicU64 = AtomicU64::new(0);
+const FORK_ONE: u64 = 1 << 32;
+const CREATORS: u64 = FORK_ONE - 1;
+
+thread_local! {
+    /// How many gates this thread is inside (they may nest).
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Waits a little, longer each time: spins, then yields, then sleeps 20 us.
+fn back_off(round: &mut u32) {
+    *round = round.saturating_add(1);
+    if *round < 16 {
+        std::hint::spin_loop();
+    } else if *round < 64 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(std::time::Duration::from_micros(20));
+    }
+}
+
+/// The prepare handler: counts this fork in, then waits for every creator inside a gate.
+extern "C" fn before_fork() {
+    GATE.fetch_add(FORK_ONE, Ordering::SeqCst);
+    let mut round = 0;
+    while GATE.load(Ordering::SeqCst) & CREATORS != 0 {
+        back_off(&mut round);
+    }
+}
+
+/// The parent handler: counts the fork out; when none is left, creators may enter again.
+extern "C" fn in_parent() {
+    GATE.fetch_sub(FORK_ONE, Ordering::SeqCst);
 }
 
 /// Runs in a forked child, before `fork` returns there.
@@ -60,14 +139,107 @@ extern "C" fn in_child() {
         placeholder(addr, len);
     });
     FDS.drain(|word| {
-        // SAFETY: the word is a descriptor pagepool owns (recorded by `record_fd`); in the
-        // child the object owning it is leaked, never dropped, so closing it here is the only
-        // close of the child's copy.
-        drop(unsafe {
-            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd((word - 1) as i32)
-        });
+        // The word is a descriptor pagepool owns (recorded by `record_fd`), open at the fork
+        // (the gate): in the child the object owning it is leaked, never dropped, so this is
+        // the only close of the child's copy. A raw close: nothing here may abort.
+        // SAFETY: closing a descriptor number has no memory-safety preconditions.
+        unsafe { libc::close((word - 1) as i32) };
     });
     GENERATION.fetch_add(1, Ordering::Relaxed);
+    // No other thread is here: no creator, no other fork (the one that made this child is
+    // over). This thread was inside no gate (see the module docs).
+    GATE.store(0, Ordering::SeqCst);
+}
+
+/// A section that `fork` never splits: while any gate is open, a fork waits (in its prepare
+/// handler) for it to close; while a fork is in progress, no gate opens. Every creation of a
+/// mapping or descriptor that pagepool keeps runs inside one, up to its `MADV_DONTFORK` and
+/// its record, and so does every forgetting and closing of a recorded descriptor.
+///
+/// Inside a gate: system calls only (no allocation, no lock, no logging: the forking thread may
+/// hold what those need), and nothing that could fork. The thread's asynchronous signals are
+/// blocked while it is open. Gates nest; a gate belongs to the thread that opened it.
+pub(crate) struct Gate {
+    /// The signal mask to put back (`None` for a nested gate).
+    mask: Option<libc::sigset_t>,
+    _this_thread: PhantomData<*const ()>,
+}
+
+impl Gate {
+    /// Opens a gate, waiting for a fork in progress to return first.
+    pub(crate) fn open() -> Gate {
+        install();
+        if DEPTH.get() > 0 {
+            // Already counted: a fork waits for this thread's outer gate anyway.
+            GATE.fetch_add(1, Ordering::SeqCst);
+            DEPTH.set(DEPTH.get() + 1);
+            return Gate {
+                mask: None,
+                _this_thread: PhantomData,
+            };
+        }
+        let mask = block_signals();
+        let mut round = 0;
+        let mut now = GATE.load(Ordering::SeqCst);
+        loop {
+            if now >= FORK_ONE {
+                back_off(&mut round);
+                now = GATE.load(Ordering::SeqCst);
+                continue;
+            }
+            match GATE.compare_exchange_weak(now, now + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => break,
+                Err(seen) => now = seen,
+            }
+        }
+        DEPTH.set(1);
+        Gate {
+            mask: Some(mask),
+            _this_thread: PhantomData,
+        }
+    }
+
+    /// Whether this thread is inside a gate.
+    pub(crate) fn inside() -> bool {
+        DEPTH.get() > 0
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        DEPTH.set(DEPTH.get() - 1);
+        GATE.fetch_sub(1, Ordering::SeqCst);
+        if let Some(mask) = &self.mask {
+            // SAFETY: `mask` is the signal mask `block_signals` read; setting it back has no
+            // memory-safety preconditions.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, ptr::null_mut()) };
+        }
+    }
+}
+
+/// Blocks this thread's asynchronous signals; returns the mask to put back.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigfillset/pthread_sigmask before use; the
+    // calls only read and write the two sets on this stack.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        // Synchronous signals stay deliverable: blocked, a fault would kill the process
+        // without its handler. They mean a bug, and no handler of theirs forks.
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+            libc::SIGTRAP,
+            libc::SIGABRT,
+        ] {
+            libc::sigdelset(&mut all, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    }
 }
 
 /// Maps an inaccessible, unbacked range at `addr` unless something is mapped there already.
@@ -122,20 +294,41 @@ fn mapping_entries(p: NonNull<u8>, len: usize, mut f: impl FnMut(u64)) {
 }
 
 /// Makes `len` bytes at `p` (a mapping pagepool just made) not inherited by a forked child:
-/// `MADV_DONTFORK`, and recorded so that the child puts a placeholder there. Undo with
-/// [`forget_mapping`] before unmapping.
+/// `MADV_DONTFORK`, and recorded so that the child puts a placeholder there. Called inside the
+/// [`Gate`] the mapping was made in. Undo with [`forget_mapping`] before unmapping. On an
+/// error nothing is recorded, and the caller unmaps the range (still inside the gate).
 ///
 /// # Safety
 /// `p..p + len` is a mapping the caller owns (advice changes no contents).
-pub(crate) unsafe fn keep_mapping(p: NonNull<u8>, len: usize) {
-    install();
+pub(crate) unsafe fn keep_mapping(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    debug_assert!(Gate::inside(), "a mapping is made and kept inside a gate");
     let advice = rustix::mm::Advice::LinuxDontFork;
     // SAFETY: forwarded; MADV_DONTFORK only changes what fork copies.
-    let r = unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, advice) };
-    if let Err(e) = r {
-        log::warn!("pagepool: madvise(MADV_DONTFORK): {e}");
+    unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, advice) }
+        .map_err(|e| OsError::new("madvise(MADV_DONTFORK)", e))?;
+    let mut done = 0;
+    let mut failed = None;
+    mapping_entries(p, len, |w| {
+        if failed.is_none() {
+            match MAPPINGS.insert(w) {
+                Ok(()) => done += 1,
+                Err(e) => failed = Some(e),
+            }
+        }
+    });
+    match failed {
+        None => Ok(()),
+        Some(e) => {
+            let mut left = done;
+            mapping_entries(p, len, |w| {
+                if left > 0 {
+                    MAPPINGS.remove(w);
+                    left -= 1;
+                }
+            });
+            Err(OsError::new("mmap fork table", e))
+        }
     }
-    mapping_entries(p, len, |w| MAPPINGS.insert(w));
 }
 
 /// Forgets a range recorded by [`keep_mapping`] (the caller is about to unmap it).
@@ -143,14 +336,18 @@ pub(crate) fn forget_mapping(p: NonNull<u8>, len: usize) {
     mapping_entries(p, len, |w| MAPPINGS.remove(w));
 }
 
-/// Records a descriptor pagepool owns, to be closed in a forked child. Undo with
-/// [`forget_fd`] before closing it or handing it to the user.
-pub(crate) fn record_fd(fd: std::os::fd::BorrowedFd<'_>) {
-    install();
-    FDS.insert(std::os::fd::AsRawFd::as_raw_fd(&fd) as u64 + 1);
+/// Records a descriptor pagepool owns, to be closed in a forked child. Called inside the
+/// [`Gate`] the descriptor was made in (or, for one the user handed over, any gate). Undo with
+/// [`forget_fd`] before closing it (inside one gate with the close) or handing it to the user.
+/// On an error nothing is recorded: the caller closes the descriptor, inside the gate.
+pub(crate) fn record_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), OsError> {
+    debug_assert!(Gate::inside(), "a descriptor is recorded inside a gate");
+    FDS.insert(std::os::fd::AsRawFd::as_raw_fd(&fd) as u64 + 1)
+        .map_err(|e| OsError::new("mmap fork table", e))
 }
 
-/// Forgets a descriptor recorded by [`record_fd`].
+/// Forgets a descriptor recorded by [`record_fd`]: before closing it (inside one [`Gate`] with
+/// the close, so that a child never has it open and unrecorded) or handing it to the user.
 pub(crate) fn forget_fd(fd: std::os::fd::BorrowedFd<'_>) {
     FDS.remove(std::os::fd::AsRawFd::as_raw_fd(&fd) as u64 + 1);
 }
@@ -170,10 +367,37 @@ impl Chunk {
             next: AtomicPtr::new(ptr::null_mut()),
         }
     }
+
+    /// A new, empty chunk in a private anonymous mapping of its own (inherited by a child,
+    /// which drains it).
+    fn map() -> Result<*mut Chunk, rustix::io::Errno> {
+        // SAFETY: a null hint without MAP_FIXED: the kernel picks an unused range.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                ptr::null_mut(),
+                size_of::<Chunk>(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }?
+        .cast::<Chunk>();
+        // SAFETY: the mapping is fresh, writable, page-aligned and large enough for a Chunk.
+        unsafe { p.write(Chunk::new()) };
+        Ok(p)
+    }
+
+    /// Unmaps a chunk made by [`map`](Self::map).
+    ///
+    /// # Safety
+    /// `c` came from `map`, and nothing refers to it any more.
+    unsafe fn unmap(c: *mut Chunk) {
+        // SAFETY: the caller's contract; a Chunk holds nothing to drop.
+        let _ = unsafe { rustix::mm::munmap(c.cast(), size_of::<Chunk>()) };
+    }
 }
 
-/// A lock-free multiset of non-zero words: chunks chained from a static one, allocated as
-/// needed and never freed.
+/// A lock-free multiset of non-zero words: chunks chained from a static one, mapped as needed
+/// (`mmap`, not the allocator: inserting runs inside a [`Gate`]) and never freed.
 struct Table {
     first: Chunk,
 }
@@ -196,7 +420,8 @@ impl Table {
         })
     }
 
-    fn insert(&self, word: u64) {
+    /// Adds `word`; fails only when a new chunk is needed and cannot be mapped.
+    fn insert(&self, word: u64) -> Result<(), rustix::io::Errno> {
         debug_assert_ne!(word, 0);
         let mut chunk = &self.first;
         loop {
@@ -205,12 +430,12 @@ impl Table {
                     && w.compare_exchange(0, word, Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok()
                 {
-                    return;
+                    return Ok(());
                 }
             }
             let mut next = chunk.next.load(Ordering::Acquire);
             if next.is_null() {
-                let fresh = Box::into_raw(Box::new(Chunk::new()));
+                let fresh = Chunk::map()?;
                 match chunk.next.compare_exchange(
                     ptr::null_mut(),
                     fresh,
@@ -220,7 +445,7 @@ impl Table {
                     Ok(_) => next = fresh,
                     Err(now) => {
                         // SAFETY: `fresh` was never published.
-                        drop(unsafe { Box::from_raw(fresh) });
+                        unsafe { Chunk::unmap(fresh) };
                         next = now;
                     }
                 }
@@ -261,10 +486,13 @@ impl Drop for Table {
     fn drop(&mut self) {
         let mut next = *self.first.next.get_mut();
         while !next.is_null() {
-            // SAFETY: chained chunks are boxes leaked by `insert`, reachable only from here
-            // now (`&mut self`).
-            let mut chunk = unsafe { Box::from_raw(next) };
-            next = *chunk.next.get_mut();
+            // SAFETY: chained chunks were mapped by `insert`, reachable only from here now
+            // (`&mut self`); the next pointer is read before the chunk is unmapped.
+            unsafe {
+                let after = *(*next).next.get_mut();
+                Chunk::unmap(next);
+                next = after;
+            }
         }
     }
 }
@@ -378,13 +606,13 @@ mod tests {
             first: Chunk::new(),
         };
         for w in 1..=600u64 {
-            t.insert(w);
+            t.insert(w).unwrap();
         }
         assert_eq!(t.chunks().count(), 3);
         for w in (1..=600u64).step_by(2) {
             t.remove(w);
         }
-        t.insert(7); // reuses a free word
+        t.insert(7).unwrap(); // reuses a free word
         let mut left = Vec::new();
         t.drain(|w| left.push(w));
         left.sort_unstable();
@@ -395,6 +623,42 @@ mod tests {
         let mut after = 0;
         t.drain(|_| after += 1);
         assert_eq!(after, 0);
+    }
+
+    /// A fork waits for a gate another thread has open: the child's memory shows what that
+    /// thread did before closing it. Without the wait the child would be forked at once, a
+    /// moment after the gate opened, and would see none of it.
+    #[test]
+    fn a_fork_waits_for_an_open_gate() {
+        use std::sync::atomic::AtomicBool;
+        static OPEN: AtomicBool = AtomicBool::new(false);
+        static DONE: AtomicBool = AtomicBool::new(false);
+        let creator = std::thread::spawn(|| {
+            let outer = Gate::open();
+            let inner = Gate::open(); // gates nest
+            OPEN.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            DONE.store(true, Ordering::SeqCst);
+            drop(inner);
+            drop(outer);
+        });
+        while !OPEN.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        // SAFETY: the child only reads atomics and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let ok = DONE.load(Ordering::SeqCst) && GATE.load(Ordering::SeqCst) == 0;
+            // SAFETY: async-signal-safe, no preconditions.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        creator.join().unwrap();
+        assert!(!Gate::inside());
     }
 
     #[test]

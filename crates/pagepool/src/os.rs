@@ -35,7 +35,11 @@ pub fn page_size() -> usize {
 
 /// Creates an anonymous in-memory file of `len` bytes (a sparse file: no memory is used yet),
 /// sealed against shrinking: `/dev/udmabuf` exports ranges only of memfds that cannot shrink.
+///
+/// Allocates nothing (it runs inside [`crate::fork::Gate`]s): a name the kernel would refuse
+/// for its length is refused before it is copied.
 pub(crate) fn memfd(name: &str, len: usize) -> Result<OwnedFd, OsError> {
+    check_memfd_name(name).map_err(|e| OsError::new("memfd_create", e))?;
     let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
         .map_err(|e| OsError::new("memfd_create", e))?;
     rustix::fs::ftruncate(&fd, len as u64).map_err(|e| OsError::new("ftruncate memfd", e))?;
@@ -47,6 +51,7 @@ pub(crate) fn memfd(name: &str, len: usize) -> Result<OwnedFd, OsError> {
 /// Creates a memfd of `len` bytes (a multiple of 2 MiB) backed by 2 MiB hugetlbfs pages,
 /// sealed against shrinking like [`memfd`]. Fails where the kernel has no hugetlbfs.
 pub(crate) fn memfd_hugetlb(name: &str, len: usize) -> Result<OwnedFd, OsError> {
+    check_memfd_name(name).map_err(|e| OsError::new("memfd_create hugetlb", e))?;
     let flags = MemfdFlags::CLOEXEC
         | MemfdFlags::ALLOW_SEALING
         | MemfdFlags::HUGETLB
@@ -58,6 +63,17 @@ pub(crate) fn memfd_hugetlb(name: &str, len: usize) -> Result<OwnedFd, OsError> 
     rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::SHRINK)
         .map_err(|e| OsError::new("seal memfd", e))?;
     Ok(fd)
+}
+
+/// Refuses a memfd name longer than the kernel takes (249 bytes: `NAME_MAX` less the `memfd:`
+/// prefix), as `memfd_create` would (`EINVAL`): shorter names are converted to C strings on
+/// the stack, longer ones would be allocated.
+fn check_memfd_name(name: &str) -> Result<(), rustix::io::Errno> {
+    const MFD_NAME_MAX_LEN: usize = 249;
+    if name.len() > MFD_NAME_MAX_LEN {
+        return Err(rustix::io::Errno::INVAL);
+    }
+    Ok(())
 }
 
 /// Reserves `len` bytes of address space aligned to `align` (a power of two, at least a page),

@@ -351,3 +351,240 @@ fn every_pool_type_behaves_the_same_across_fork() {
         );
     }
 }
+
+/// What a freshly forked child finds of pagepool in itself: the bit 1 for a descriptor of a
+/// pagepool memfd (`/proc/self/fd`), 2 for any mapping of one (`/proc/self/maps`; the
+/// placeholders put over inherited buffers are anonymous, so any line naming the memfd counts).
+/// Each finding is written to standard error. Runs in a child of a multi-threaded process, so
+/// it allocates nothing and makes only async-signal-safe calls (`open`, `getdents64`,
+/// `readlinkat`, `read`, `write`, `close`), with buffers on the stack.
+fn pagepool_left_in_me() -> i32 {
+    const NEEDLE: &[u8] = b"memfd:pagepool";
+    fn contains(hay: &[u8]) -> bool {
+        hay.windows(NEEDLE.len()).any(|w| w == NEEDLE)
+    }
+    fn say(what: &[u8], line: &[u8]) {
+        for part in [what, line, b"\n".as_slice()] {
+            // SAFETY: writes `part`, a live slice, to standard error.
+            unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+        }
+    }
+    let mut found = 0;
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let dir = unsafe {
+        libc::open(
+            c"/proc/self/fd".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return 4;
+    }
+    #[repr(C, align(8))]
+    struct Dirents([u8; 4096]);
+    let mut ents = Dirents([0; 4096]);
+    loop {
+        // SAFETY: getdents64 writes at most the buffer's length into it.
+        let n =
+            unsafe { libc::syscall(libc::SYS_getdents64, dir, ents.0.as_mut_ptr(), ents.0.len()) };
+        if n <= 0 {
+            break;
+        }
+        let mut at = 0;
+        while at < n as usize {
+            // struct linux_dirent64: ino (8), off (8), reclen (2), type (1), name (NUL-ended).
+            let reclen = u16::from_ne_bytes([ents.0[at + 16], ents.0[at + 17]]) as usize;
+            let name = &ents.0[at + 19..at + reclen];
+            if name[0] != b'.' {
+                let mut link = [0u8; 512];
+                // SAFETY: `name` is NUL-terminated inside the record; readlinkat writes at most
+                // `link.len()` bytes.
+                let len = unsafe {
+                    libc::readlinkat(
+                        dir,
+                        name.as_ptr().cast(),
+                        link.as_mut_ptr().cast(),
+                        link.len(),
+                    )
+                };
+                if len > 0 && contains(&link[..len as usize]) {
+                    say(b"descriptor: ", &link[..len as usize]);
+                    found |= 1;
+                }
+            }
+            at += reclen;
+        }
+    }
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(dir) };
+    // SAFETY: as for the directory.
+    let maps = unsafe {
+        libc::open(
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if maps < 0 {
+        return 4;
+    }
+    let mut chunk = [0u8; 4096];
+    let mut line = [0u8; 512]; // longer lines keep their first 512 bytes
+    let mut len = 0;
+    loop {
+        // SAFETY: read writes at most the buffer's length into it.
+        let n = unsafe { libc::read(maps, chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            break;
+        }
+        for &b in &chunk[..n as usize] {
+            if b == b'\n' {
+                if contains(&line[..len]) {
+                    say(b"mapping: ", &line[..len]);
+                    found |= 2;
+                }
+                len = 0;
+            } else if len < line.len() {
+                line[len] = b;
+                len += 1;
+            }
+        }
+    }
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(maps) };
+    found
+}
+
+/// Issue 23: threads keep making and unmapping arenas (heaps that pool nothing: every
+/// allocation maps a new arena, every release unmaps and closes it), buffer views, and whole
+/// heaps, while the main thread forks child after child; no child may find a pagepool memfd
+/// among its descriptors or mappings, however the fork fell among the creations.
+#[test]
+fn no_child_inherits_a_descriptor_or_mapping_made_during_the_fork() {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let views = Arc::new(AtomicUsize::new(0));
+    let rounds: Arc<Vec<AtomicUsize>> = Arc::new((0..5).map(|_| AtomicUsize::new(0)).collect());
+    let mut threads = Vec::new();
+    // Arenas: each allocation makes one (memfd, mapping), each release unmaps and closes it.
+    for t in 0..2 {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        threads.push(std::thread::spawn(move || {
+            let heap = SystemHeap::builder()
+                .name(&format!("fork-arenas-{t}"))
+                .orders(&[4, 0])
+                .pool_limit(0)
+                .thread_cache(0)
+                .deferred(false)
+                .arena_size(64 << 10)
+                .build()
+                .unwrap();
+            let sizes = [4096, 16 << 10, 64 << 10, 8192];
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let b = heap.alloc(sizes[i % sizes.len()]).unwrap();
+                assert!(all(&b, 0));
+                drop(b);
+                i += 1;
+                rounds[t].fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Views: pooled blocks that are not end to end, mapped together for each buffer.
+    for t in 2..4 {
+        let (stop, rounds, views) = (stop.clone(), rounds.clone(), views.clone());
+        threads.push(std::thread::spawn(move || {
+            let heap = SystemHeap::builder()
+                .name(&format!("fork-views-{t}"))
+                .orders(&[4, 0])
+                .thread_cache(0)
+                .deferred(false)
+                .build()
+                .unwrap();
+            let blocks: Vec<_> = (0..8).map(|_| heap.alloc(64 << 10).unwrap()).collect();
+            let (gaps, _keep): (Vec<_>, Vec<_>) = blocks
+                .into_iter()
+                .enumerate()
+                .partition(|(i, _)| i % 2 == 1);
+            drop(gaps);
+            while !stop.load(Ordering::Relaxed) {
+                let b = heap.alloc(3 * (64 << 10)).unwrap();
+                if b.is_remapped() {
+                    views.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(b);
+                rounds[t].fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Whole heaps, made, used and dropped.
+    {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let heap = SystemHeap::builder()
+                    .name("fork-heaps")
+                    .orders(&[4, 0])
+                    .pool_limit(0)
+                    .deferred(false)
+                    .arena_size(64 << 10)
+                    .build()
+                    .unwrap();
+                let a = heap.alloc(4096).unwrap();
+                let b = heap.alloc(128 << 10).unwrap();
+                drop(a);
+                drop(heap);
+                drop(b);
+                rounds[4].fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    while rounds.iter().any(|r| r.load(Ordering::Relaxed) == 0)
+        && !threads.iter().any(|t| t.is_finished())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut children = 0;
+    let mut bad = Vec::new();
+    while children < 300 && Instant::now() < deadline && !threads.iter().any(|t| t.is_finished()) {
+        // SAFETY: fork has no preconditions; the child only scans and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: alarm and _exit are async-signal-safe and have no preconditions.
+            unsafe {
+                libc::alarm(10);
+                libc::_exit(pagepool_left_in_me());
+            }
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            bad.push(status);
+        }
+        children += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let done: Vec<_> = rounds.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {children} children inherited pagepool memory (wait statuses; exit code bit 1: \
+         a descriptor, bit 2: a mapping): {bad:?}; rounds per thread {done:?}",
+        bad.len()
+    );
+    assert!(children > 0 && done.iter().all(|&n| n > 0));
+    assert!(views.load(Ordering::Relaxed) > 0, "no views were made");
+    eprintln!(
+        "{children} children in {:?}; rounds per thread {done:?}, {} views",
+        started.elapsed(),
+        views.load(Ordering::Relaxed)
+    );
+}
