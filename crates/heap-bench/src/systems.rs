@@ -8,8 +8,8 @@ use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::{self, NonNull};
 
 use mimalloc::MiMalloc;
-use pagepool::{Access, DmaHeap};
-use pagepool::{PoolType, Registry, SystemHeap};
+use pagepool::dmabuf::{Access, DmaHeap};
+use pagepool::{PoolType, SystemHeap, registry::Registry};
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 use tikv_jemallocator::Jemalloc;

@@ -7,7 +7,11 @@ use std::hint::black_box;
 use std::ptr::NonNull;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use pagepool::{Block, PagePool, Registry, SystemHeap};
+use pagepool::{
+    SystemHeap,
+    pool::{Block, PagePool},
+    registry::Registry,
+};
 
 const PAGE: Layout = match Layout::from_size_align(4096, 4096) {
     Ok(l) => l,
@@ -15,7 +19,7 @@ const PAGE: Layout = match Layout::from_size_align(4096, 4096) {
 };
 
 /// A release callback for blocks allocated with `alloc_zeroed(PAGE)`.
-fn dealloc_page() -> pagepool::ReleaseFn {
+fn dealloc_page() -> pagepool::pool::ReleaseFn {
     Box::new(|b: Block| {
         // SAFETY: every block given to these pools comes from `alloc_zeroed(PAGE)` in `fill`.
         unsafe { dealloc(b.into_raw().as_ptr(), PAGE) }

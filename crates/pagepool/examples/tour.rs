@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use pagepool::{PoolType, Registry, SystemHeap};
+use pagepool::{PoolType, SystemHeap, registry::Registry};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let registry = Registry::new((512 << 20) / pagepool::page_size());

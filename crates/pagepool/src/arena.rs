@@ -234,7 +234,7 @@ impl Arenas {
         if let Err(e) = unsafe { os::populate(&*fd, off, p, bytes) } {
             let ran_out = backing == Some(HugeBacking::Hugetlb)
                 && matches!(
-                    e.source.raw_os_error(),
+                    e.raw_os_error(),
                     Some(libc::EFAULT | libc::ENOMEM | libc::ENOSPC)
                 );
             if ran_out {

@@ -412,10 +412,8 @@ impl DmaBuf {
         if let Err(e) = unsafe { crate::fork::keep_mapping(ptr, self.len) } {
             // SAFETY: as above; nothing refers to it yet.
             let _ = unsafe { rustix::mm::munmap(p, self.len) };
-            return Err(DmaBufError::Os {
-                op: e.op,
-                source: e.source,
-            });
+            let (op, source) = e.into_parts();
+            return Err(DmaBufError::Os { op, source });
         }
         drop(gate);
         // SAFETY: the mapping is page-aligned, covers `len` bytes rounded up to pages, and is

@@ -3,7 +3,7 @@
 //! The kernel's system heap zeroes every buffer on allocation. [`DmaBufPool`] keeps released
 //! dma-bufs, per size (the page-rounded length is the size class), and hands them out again
 //! after they were zeroed through a mapping, bracketed by `DMA_BUF_IOCTL_SYNC`. Releasing goes
-//! through the same deferred-free helper as the system heap's ([`crate::deferred`]): a
+//! through the same deferred-free helper as the system heap's (`deferred/`): a
 //! bounded queue (at most the pool's limit), a worker thread (`pagepool-dmabuf`, nice 19) that
 //! hands each released buffer to the pool's release callback (`Reason::Normal`: check, zero,
 //! pool), and, under memory pressure, queued buffers closed unzeroed
@@ -513,10 +513,8 @@ impl DmaBufPool {
                 // The pool's: a forked child closes it.
                 if let Err(e) = crate::fork::record_fd(b.as_fd()) {
                     drop(b); // closed in the gate
-                    return Err(DmaBufError::Os {
-                        op: e.op,
-                        source: e.source,
-                    });
+                    let (op, source) = e.into_parts();
+                    return Err(DmaBufError::Os { op, source });
                 }
                 b
             };

@@ -38,14 +38,24 @@ pub enum AllocError {
 }
 
 /// A system call that failed, with the name of the operation pagepool was performing.
+///
+/// # Examples
+/// ```
+/// use pagepool::{AllocError, SystemHeap};
+///
+/// let heap = SystemHeap::new().unwrap();
+/// match heap.alloc(1 << 20) {
+///     Ok(buf) => assert_eq!(buf.len(), 1 << 20),
+///     Err(AllocError::Os(e)) => eprintln!("{} failed: errno {:?}", e.op(), e.raw_os_error()),
+///     Err(e) => panic!("{e}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error("{op} failed: {source}")]
 pub struct OsError {
-    /// What pagepool was doing (for example `"mmap arena"`).
-    pub op: &'static str,
-    /// The error the kernel returned.
+    op: &'static str,
     #[source]
-    pub source: io::Error,
+    source: io::Error,
 }
 
 impl OsError {
@@ -54,6 +64,26 @@ impl OsError {
             op,
             source: source.into(),
         }
+    }
+
+    /// What pagepool was doing (for example `"mmap arena"`).
+    pub fn op(&self) -> &'static str {
+        self.op
+    }
+
+    /// The error the kernel returned.
+    pub fn io_error(&self) -> &io::Error {
+        &self.source
+    }
+
+    /// The kernel's error number (`errno`), such as `libc::ENOMEM` (12).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+
+    /// The operation and the kernel's error, taken apart.
+    pub fn into_parts(self) -> (&'static str, io::Error) {
+        (self.op, self.source)
     }
 }
 
@@ -64,7 +94,7 @@ pub enum ConfigError {
     /// The list of block orders is empty.
     #[error("no block orders configured")]
     NoOrders,
-    /// An order is larger than [`MAX_ORDER`](crate::MAX_ORDER).
+    /// An order is larger than [`MAX_ORDER`](crate::pool::MAX_ORDER).
     #[error("order {order} is above the largest supported order {max}")]
     OrderTooLarge {
         /// The order asked for.
@@ -81,7 +111,7 @@ pub enum ConfigError {
     /// The maximum buffer size is zero.
     #[error("max_buffer must be at least 1 byte")]
     ZeroMaxBuffer,
-    /// A huge pool type's orders must all be at least [`HUGE_ORDER`](crate::HUGE_ORDER) (2 MiB
+    /// A huge pool type's orders must all be at least [`HUGE_ORDER`](crate::pool::HUGE_ORDER) (2 MiB
     /// blocks), and include it.
     #[error(
         "a huge pool type needs orders of at least {min} (2 MiB blocks), including {min}; got {got:?}"

@@ -329,7 +329,8 @@ impl ExportError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Registry, SystemHeap};
+    use crate::SystemHeap;
+    use crate::registry::Registry;
 
     fn heap(name: &str) -> SystemHeap {
         SystemHeap::builder()

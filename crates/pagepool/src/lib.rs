@@ -12,18 +12,31 @@
 //! |---|---|---|
 //! | page allocator, `mmap` | memfd arenas, one system-call layer | `os.rs`, `arena.rs` |
 //! | TTM pool types (caching, dma32, NUMA pools) | [`PoolType`]: locked, huge, node(N) ([`HeapBuilder::pool_type`]) | `attrs.rs`, `arena.rs` |
-//! | `drm_page_pool` | [`PagePool`], [`Block`] | `pool.rs` |
-//! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | `registry.rs` |
+//! | `drm_page_pool` | [`pool::PagePool`], [`pool::Block`] | `pool.rs` |
+//! | pool list, global max, shrinker | [`registry::Registry`], [`registry::Owner`], [`registry::Shrinker`] | `registry.rs` |
 //! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred/` |
-//! | shrinkers run by reclaim | [`PressureMonitor`] (PSI, cgroup watermark) | `pressure.rs` |
+//! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | `pressure.rs` |
 //! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap/`, `buffer.rs`, `export.rs` |
 //! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache.rs` |
-//! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`DmaHeap`], [`DmaBuf`] | `dmabuf.rs` |
-//! | a pool of real dma-bufs | [`DmaBufPool`] | `dmapool.rs` |
-//! | debugfs `page_pool` | [`RegistryStats`] (its `Display`), [`HeapStats`] | `stats.rs` |
+//! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | `dmabuf.rs` |
+//! | a pool of real dma-bufs | [`dmapool::DmaBufPool`] | `dmapool.rs` |
+//! | debugfs `page_pool` | [`stats::RegistryStats`] (its `Display`), [`HeapStats`] | `stats.rs` |
 //!
-//! Every public type is at the crate's root; the modules are private. With the default feature
-//! `serde`, the statistics types implement `serde::Serialize` and `serde::Deserialize`.
+//! What a heap user needs is at the crate's root: [`SystemHeap`] and its [`HeapBuilder`], the
+//! [`Buffer`] it hands out, [`PoolType`], the errors and [`HeapStats`]. The building blocks and
+//! the interfaces for experts are in namespaces of their own:
+//!
+//! | module | what is in it |
+//! |---|---|
+//! | [`pool`] | the generic page pool: [`pool::PagePool`], [`pool::Block`], orders |
+//! | [`registry`] | pool owners, limits, the global maximum, [`registry::Shrinker`] |
+//! | [`pressure`] | memory-pressure sources (PSI, cgroup watermark) and the monitor |
+//! | [`dmabuf`] | the kernel's dma-buf heaps and udmabuf |
+//! | [`dmapool`] | a pool of real dma-bufs on the same registry |
+//! | [`stats`] | every statistics record and the mapping count |
+//!
+//! With the default feature `serde`, the statistics types implement `serde::Serialize` and
+//! `serde::Deserialize`.
 //!
 //! # Examples
 //! ```
@@ -44,41 +57,28 @@ mod cache;
 mod cache_slots;
 mod config;
 mod deferred;
-mod dmabuf;
-mod dmapool;
+pub mod dmabuf;
+pub mod dmapool;
 mod error;
 mod export;
 mod fork;
 mod heap;
 mod os;
-mod pool;
-mod pressure;
-mod registry;
+pub mod pool;
+pub mod pressure;
+pub mod registry;
 mod shrinker;
-mod stats;
+pub mod stats;
 mod sync;
 mod zero;
 
-pub use attrs::{BackingReport, HUGE_ORDER, HugeBacking, PoolType};
+pub use attrs::{BackingReport, HugeBacking, PoolType};
 pub use buffer::{BlockInfo, Buffer};
-pub use dmabuf::{
-    Access, CpuAccess, DmaBuf, DmaBufError, DmaBufMap, DmaHeap, HEAP_DIR, UDMABUF_PATH, file_count,
-    udmabuf_create,
-};
-pub use dmapool::{DmaBufPool, DmaBufPoolStats, PooledDmaBuf};
 pub use error::{AllocError, ConfigError, OsError};
 pub use export::{ExportError, ExportedBuffer};
 pub use heap::{HeapBuilder, SystemHeap};
-pub use os::{mapping_count, page_size};
-pub use pool::{Block, MAX_ORDER, PagePool, ReleaseFn};
-pub use pressure::{
-    CgroupPaths, PressureConfig, PressureMonitor, PressureSource, PsiTrigger, Wait, Watermark,
-};
-pub use registry::{Owner, Registry};
-pub use shrinker::Shrinker;
-pub use stats::{
-    HeapStats, OwnerStats, PoolStats, PoolTypeStats, PressureEvent, PressureStats, RegistryStats,
-};
+pub use os::page_size;
+pub use stats::HeapStats;
 
 // The types a program shares between threads are `Send + Sync`; a change that loses that fails
 // to compile here rather than in users' code.
@@ -89,17 +89,17 @@ const _: () = {
     send_sync::<ExportedBuffer>();
     send_sync::<SystemHeap>();
     send_sync::<HeapBuilder>();
-    send_sync::<PagePool>();
-    send::<Block>(); // exclusive ownership of a range, like `Box<[u8]>`: `Send` is enough
-    send_sync::<Registry>();
-    send_sync::<Owner>();
-    send_sync::<PressureMonitor>();
-    send_sync::<DmaBufPool>();
-    send_sync::<PooledDmaBuf>();
-    send_sync::<DmaBuf>();
-    send_sync::<DmaHeap>();
+    send_sync::<pool::PagePool>();
+    send::<pool::Block>(); // exclusive ownership of a range, like `Box<[u8]>`: `Send` is enough
+    send_sync::<registry::Registry>();
+    send_sync::<registry::Owner>();
+    send_sync::<pressure::PressureMonitor>();
+    send_sync::<dmapool::DmaBufPool>();
+    send_sync::<dmapool::PooledDmaBuf>();
+    send_sync::<dmabuf::DmaBuf>();
+    send_sync::<dmabuf::DmaHeap>();
     send_sync::<HeapStats>();
-    send_sync::<RegistryStats>();
+    send_sync::<stats::RegistryStats>();
 };
 
 /// The README's examples, compiled and run as doctests.

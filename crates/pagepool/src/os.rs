@@ -366,7 +366,7 @@ mod tests {
     fn errors_are_reported() {
         let fd = memfd("pagepool-test", page_size()).unwrap();
         let e = reserve(0).unwrap_err();
-        assert_eq!(e.op, "mmap reserve");
+        assert_eq!(e.op(), "mmap reserve");
         let _ = fd;
         assert!(mapping_count().unwrap() > 0);
     }

@@ -7,7 +7,7 @@
 //!
 //! ## Bookkeeping without a per-block object
 //! The kernel reviewers refused a private heap object per pooled page. A pool here allocates
-//! nothing per block either. The most recently given blocks (up to [`HOT_BLOCKS`]) sit in a
+//! nothing per block either. The most recently given blocks (up to `HOT_BLOCKS`) sit in a
 //! fixed ring of addresses inside the pool, like the kernel's per-CPU page lists; older ones
 //! form an intrusive singly linked list whose link (the address of the next free block) is
 //! stored in the first 8 bytes of each free block itself, the way the kernel threads
@@ -25,6 +25,7 @@
 use std::fmt;
 use std::ptr::NonNull;
 
+pub use crate::attrs::HUGE_ORDER;
 use crate::config::HOT_BLOCKS;
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, lock, lock_within};
 
@@ -391,7 +392,7 @@ pub(crate) trait Tally: Send + Sync {
 impl PagePool {
     /// Creates a standalone pool of blocks of `order` (2^order pages each). `release` is called
     /// with every block the pool gives back to the system. A pool that should count against an
-    /// owner's limit is made with [`Owner::add_pool`](crate::Owner::add_pool) instead.
+    /// owner's limit is made with [`Owner::add_pool`](crate::registry::Owner::add_pool) instead.
     ///
     /// Any order is accepted; a pool of an order whose blocks no address space holds (52 and
     /// above with 4 KiB pages) is never given a block (none can exist, see
@@ -825,7 +826,7 @@ mod tests {
         // Nothing continues 6..8: three end to end among themselves would still leave the
         // caller's buffer in two pieces, so none where end to end is asked for; else the top
         // three, end to end, as without a range.
-        assert_eq!(take(3, true, Some((6, 8))), []);
+        assert!(take(3, true, Some((6, 8))).is_empty());
         assert_eq!(take(3, false, Some((6, 8))), [4, 3, 2]);
         assert_eq!(take(3, true, None), [12, 11, 10]);
         assert_eq!(p.blocks(), 0);
@@ -861,7 +862,7 @@ mod tests {
         // Two holes (0..8 holding six) and only one of them pooled: none where end to end is
         // asked for; else the top.
         p.give(block(5)).unwrap();
-        assert_eq!(take(2, true, (0, 8, 6)), []);
+        assert!(take(2, true, (0, 8, 6)).is_empty());
         assert_eq!(take(1, false, (0, 8, 6)), [5]);
         // More holes than blocks wanted: the top.
         assert_eq!(take(1, false, (0, 8, 5)), [8]);
@@ -1020,7 +1021,7 @@ mod tests {
         // No block of these orders fits in memory (`Block::from_raw`'s contract), so such a
         // pool never holds one; making it and reading it must not overflow (a panic in this
         // debug build), alone or in its registry's stats.
-        let registry = crate::Registry::new(usize::MAX);
+        let registry = crate::registry::Registry::new(usize::MAX);
         let owner = registry.register("huge orders", usize::MAX);
         for order in [52, 63, 64, 200, u8::MAX] {
             let p = owner.add_pool(order, Box::new(|_b: Block| {}));

@@ -13,7 +13,7 @@
 //!   checked every [`PressureConfig::interval`].
 //!
 //! On a signal the monitor asks the registry to free a share of what it could free
-//! ([`Registry::shrink_all`](crate::Registry::shrink_all): deferred freelists first, then the
+//! ([`Registry::shrink_all`](crate::registry::Registry::shrink_all): deferred freelists first, then the
 //! pools), records the event, and logs it through the `log` facade. It runs on a thread of its
 //! own (`pagepool-pressure`) and never takes a lock that allocation holds for long.
 //!
@@ -291,7 +291,7 @@ pub struct PressureMonitor {
 }
 
 impl PressureMonitor {
-    /// Starts a monitor for `target` (a [`Registry`](crate::Registry), or any [`Shrinker`]) with the sources this machine offers: a PSI trigger
+    /// Starts a monitor for `target` (a [`Registry`](crate::registry::Registry), or any [`Shrinker`]) with the sources this machine offers: a PSI trigger
     /// (cgroup v2 `memory.pressure`, else `/proc/pressure/memory`) and a limit watermark.
     /// Failures degrade (PSI to the watermark alone) and are reported in
     /// [`stats`](Self::stats) and the log. Returns `None` when there is nothing to watch.

@@ -14,12 +14,13 @@ use std::fmt;
 use crate::fork::ForkCell;
 use crate::pool::{PagePool, ReleaseFn, Tally};
 use crate::pressure::{PressureConfig, PressureMonitor};
-use crate::shrinker::{Shrinker, scan_caught};
+pub use crate::shrinker::Shrinker;
+use crate::shrinker::scan_caught;
 use crate::stats::{OwnerStats, PressureStats, RegistryStats};
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
 
 /// Something an owner's pages are in: one of its page pools, or another kind of pool that
-/// counts against it (a [`DmaBufPool`](crate::DmaBufPool)'s clean dma-bufs) and frees its
+/// counts against it (a [`DmaBufPool`](crate::dmapool::DmaBufPool)'s clean dma-bufs) and frees its
 /// memory through [`Shrinker::scan`].
 #[derive(Clone)]
 enum Unit {

@@ -7,10 +7,10 @@
 /// `count` says how much could be freed, cheaply and without locking everything; `scan` frees up
 /// to the amount asked, in whatever units the holder frees (whole blocks, whole buffers), and
 /// reports what it actually freed. Pools, owners, the registry and (with deferred freeing) the
-/// release queue are shrinkers; the pressure monitor and [`Registry::shrink_all`](crate::Registry::shrink_all) drive them.
-/// A [`Registry`](crate::Registry) is one too: its `count` and `scan` are
-/// [`count_all`](crate::Registry::count_all) and [`shrink_all`](crate::Registry::shrink_all), which
-/// is what a [`PressureMonitor`](crate::PressureMonitor) it is handed drives.
+/// release queue are shrinkers; the pressure monitor and [`Registry::shrink_all`](crate::registry::Registry::shrink_all) drive them.
+/// A [`Registry`](crate::registry::Registry) is one too: its `count` and `scan` are
+/// [`count_all`](crate::registry::Registry::count_all) and [`shrink_all`](crate::registry::Registry::shrink_all), which
+/// is what a [`PressureMonitor`](crate::pressure::PressureMonitor) it is handed drives.
 pub trait Shrinker: Send + Sync {
     /// A short name for reports and logs.
     fn name(&self) -> &str;

@@ -2,16 +2,18 @@
 //!
 //! Pooled pages are memory the process holds: they are reported as *pooled*, separately, never
 //! as free memory (the kernel reviewers' demand, like `/proc/slabinfo` for caches).
-//! [`render_table`] draws the shape of TTM's debugfs `page_pool` file: one row per pool type
+//! `render_table` draws the shape of TTM's debugfs `page_pool` file: one row per pool type
 //! (per owner in a heap's own stats), one column per order, then `total : N of MAX` and a line
 //! for pages held by other owners.
 //!
-//! A maximum or limit of `usize::MAX` pages ([`Registry::new(usize::MAX)`](crate::Registry::new),
+//! A maximum or limit of `usize::MAX` pages ([`Registry::new(usize::MAX)`](crate::registry::Registry::new),
 //! an owner registered with `usize::MAX`, [`HeapBuilder::pool_limit(usize::MAX)`](crate::HeapBuilder::pool_limit))
 //! is no limit: the structured stats hold `None` for it (`null` in JSON), and the text says
 //! `unlimited` (`total : 0 of unlimited`), never a number of pages no system holds.
 
 use std::fmt::{self, Write as _};
+
+pub use crate::os::mapping_count;
 
 /// One pool's contents and counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +41,7 @@ pub struct PoolStats {
 pub struct OwnerStats {
     /// The owner's name.
     pub name: String,
-    /// The pool type of its pools (see [`Registry::register_typed`](crate::Registry::register_typed)).
+    /// The pool type of its pools (see [`Registry::register_typed`](crate::registry::Registry::register_typed)).
     pub pool_type: String,
     /// The owner's limit in pages; `None`: unlimited (registered with `usize::MAX`; serialised
     /// as `null`).

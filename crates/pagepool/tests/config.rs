@@ -4,7 +4,9 @@
 //!
 //! Tests run in a debug build: an arithmetic overflow anywhere on these paths panics here.
 
-use pagepool::{ConfigError, HeapStats, PoolType, Registry, RegistryStats, SystemHeap};
+use pagepool::{
+    ConfigError, HeapStats, PoolType, SystemHeap, registry::Registry, stats::RegistryStats,
+};
 
 fn types() -> [PoolType; 3] {
     [

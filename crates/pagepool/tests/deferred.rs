@@ -3,7 +3,7 @@
 
 mod common;
 use common::memfd_mappings;
-use pagepool::{Registry, SystemHeap, page_size};
+use pagepool::{SystemHeap, page_size, registry::Registry};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn heap(name: &str, queue_limit: usize) -> SystemHeap {

@@ -2,7 +2,7 @@
 
 mod common;
 use common::memfd_mappings;
-use pagepool::{AllocError, ConfigError, Registry, SystemHeap, page_size};
+use pagepool::{AllocError, ConfigError, SystemHeap, page_size, registry::Registry};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 fn private_heap(name: &str) -> SystemHeap {
@@ -503,7 +503,7 @@ fn a_failed_export_gives_the_buffer_back() {
     let (ptr, blocks): (_, Vec<_>) = (b.as_ptr(), b.blocks().collect());
     b[..5].copy_from_slice(b"hello");
     let exported = b.export();
-    if std::path::Path::new(pagepool::UDMABUF_PATH).exists() {
+    if std::path::Path::new(pagepool::dmabuf::UDMABUF_PATH).exists() {
         // A machine with /dev/udmabuf (the VM suite checks this path fully).
         let x = exported.unwrap();
         assert_eq!(x.dmabuf().len(), len);
@@ -515,7 +515,7 @@ fn a_failed_export_gives_the_buffer_back() {
     let e = exported.unwrap_err();
     assert!(e.to_string().contains("/dev/udmabuf"), "{e}");
     assert!(
-        matches!(e.error(), pagepool::DmaBufError::NoHeap { .. }),
+        matches!(e.error(), pagepool::dmabuf::DmaBufError::NoHeap { .. }),
         "{e:?}"
     );
     assert!(std::error::Error::source(&e).is_some());

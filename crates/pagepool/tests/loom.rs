@@ -12,7 +12,10 @@ use std::ptr::NonNull;
 
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
-use pagepool::{Block, PagePool, Registry, Shrinker};
+use pagepool::{
+    pool::{Block, PagePool},
+    registry::{Registry, Shrinker},
+};
 use std::sync::Arc;
 
 const LAYOUT: Layout = match Layout::from_size_align(64, 64) {
@@ -30,7 +33,7 @@ fn free(b: Block) {
     unsafe { dealloc(b.into_raw().as_ptr(), LAYOUT) }
 }
 
-fn counting_release(released: Arc<AtomicUsize>) -> pagepool::ReleaseFn {
+fn counting_release(released: Arc<AtomicUsize>) -> pagepool::pool::ReleaseFn {
     Box::new(move |b| {
         released.fetch_add(1, Ordering::SeqCst);
         free(b);

@@ -1,7 +1,7 @@
 //! The mapping count stays bounded whatever the allocation pattern (alone in its binary, so
 //! that no other test's mappings come and go meanwhile).
 
-use pagepool::{Registry, SystemHeap, mapping_count};
+use pagepool::{SystemHeap, registry::Registry, stats::mapping_count};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 #[test]

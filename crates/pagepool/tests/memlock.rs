@@ -6,7 +6,7 @@
 
 mod child;
 
-use pagepool::{AllocError, PoolType, Registry, SystemHeap};
+use pagepool::{AllocError, PoolType, SystemHeap, registry::Registry};
 
 const MIB: usize = 1 << 20;
 

@@ -12,7 +12,7 @@
 //! the accounting invariant must hold: pages from the system = pages pooled + pages in live
 //! buffers + pages released + pages in the thread cache.
 
-use pagepool::{Buffer, Registry, SystemHeap, page_size};
+use pagepool::{Buffer, SystemHeap, page_size, registry::Registry};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@
 
 use std::process::Command;
 
-use pagepool::{AllocError, ConfigError, HugeBacking, PoolType, Registry, SystemHeap};
+use pagepool::{AllocError, ConfigError, HugeBacking, PoolType, SystemHeap, registry::Registry};
 
 /// A field of `/proc/self/status` in bytes (`VmLck`, `VmRSS`, ...).
 fn status_bytes(field: &str) -> u64 {

@@ -6,8 +6,12 @@ use std::os::fd::BorrowedFd;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::time::{Duration, Instant};
 
-use pagepool::{CgroupPaths, PressureSource, PsiTrigger, Wait, Watermark};
-use pagepool::{PressureConfig, PressureMonitor, Registry, SystemHeap};
+use pagepool::pressure::{CgroupPaths, PressureSource, PsiTrigger, Wait, Watermark};
+use pagepool::{
+    SystemHeap,
+    pressure::{PressureConfig, PressureMonitor},
+    registry::Registry,
+};
 use rustix::event::{PollFd, PollFlags, Timespec};
 
 /// A source driven by a channel: `Ok(())` signals pressure, `Err` makes the source fail.

@@ -6,7 +6,11 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pagepool::{AllocError, Block, Registry, Shrinker, SystemHeap};
+use pagepool::{
+    AllocError, SystemHeap,
+    pool::Block,
+    registry::{Registry, Shrinker},
+};
 
 fn quiet_heap(registry: &Arc<Registry>) -> SystemHeap {
     SystemHeap::builder()

@@ -1,7 +1,7 @@
 //! OS refusal: with the address space limited (`RLIMIT_AS`), allocation fails with an error and
 //! leaks nothing. Alone in its binary because the limit applies to the whole process.
 
-use pagepool::{AllocError, Registry, SystemHeap};
+use pagepool::{AllocError, SystemHeap, registry::Registry};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 fn vm_size() -> u64 {
@@ -44,7 +44,7 @@ fn address_space_limit_is_an_error_not_a_crash() {
     heap.flush();
     let err = result.unwrap_err();
     assert!(
-        matches!(err, AllocError::Os(ref e) if e.source.raw_os_error() == Some(12)),
+        matches!(err, AllocError::Os(ref e) if e.raw_os_error() == Some(12)),
         "{err}"
     );
     assert_eq!(

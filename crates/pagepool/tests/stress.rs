@@ -54,7 +54,11 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use pagepool::{Block, Buffer, HeapStats, Registry, Shrinker, SystemHeap, page_size};
+use pagepool::{
+    Buffer, HeapStats, SystemHeap, page_size,
+    pool::Block,
+    registry::{Registry, Shrinker},
+};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 const SEQ: Ordering = Ordering::SeqCst;

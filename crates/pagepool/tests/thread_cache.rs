@@ -3,7 +3,7 @@
 
 mod common;
 use common::memfd_mappings;
-use pagepool::{Registry, SystemHeap, page_size};
+use pagepool::{SystemHeap, page_size, registry::Registry};
 
 fn heap(name: &str) -> SystemHeap {
     SystemHeap::builder()

@@ -13,9 +13,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pagepool::DmaBufPool;
-use pagepool::{Access, CpuAccess, DmaBuf, DmaBufError, DmaHeap, file_count};
-use pagepool::{PoolType, PressureConfig, Registry, SystemHeap};
+use pagepool::dmabuf::{Access, CpuAccess, DmaBuf, DmaBufError, DmaHeap, file_count};
+use pagepool::dmapool::DmaBufPool;
+use pagepool::{PoolType, SystemHeap, pressure::PressureConfig, registry::Registry};
 
 mod pool_types;
 

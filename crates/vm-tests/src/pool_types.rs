@@ -7,8 +7,10 @@
 use std::io::Read;
 
 use pagepool::{
-    AllocError, ConfigError, DmaBufError, DmaBufPool, DmaHeap, HugeBacking, PoolType, Registry,
-    SystemHeap,
+    AllocError, ConfigError, HugeBacking, PoolType, SystemHeap,
+    dmabuf::{DmaBufError, DmaHeap},
+    dmapool::DmaBufPool,
+    registry::Registry,
 };
 
 use crate::{Result, check, e};

@@ -3,11 +3,11 @@
 //! This is the kernel series' deferred-free helper, generic as it is there: a released
 //! [`Item`] and the pages it holds go on a bounded [`ReleaseQueue`] in O(1); a worker at nice
 //! 19 ([`spawn_worker`]) takes queued work and makes the memory reusable (the kernel's
-//! `DF_NORMAL`); under memory pressure the queue, a [`Shrinker`](crate::Shrinker), hands queued
+//! `DF_NORMAL`); under memory pressure the queue, a [`Shrinker`](crate::registry::Shrinker), hands queued
 //! items straight to the release callback with [`Reason::UnderPressure`], unzeroed. Both pool
 //! users run on it: [`crate::SystemHeap`] (items are a buffer's [`Runs`] of blocks, which its
 //! worker claims a chunk at a time and zeroes, sharing stripes with allocations) and
-//! [`crate::DmaBufPool`] (items are whole dma-bufs, which its worker takes one at a time).
+//! [`crate::dmapool::DmaBufPool`] (items are whole dma-bufs, which its worker takes one at a time).
 //!
 //! Beyond the kernel helper:
 //! - **backpressure**: queued and in-flight pages never exceed the release queue's bound;

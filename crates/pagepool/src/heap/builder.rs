@@ -100,7 +100,7 @@ impl HeapBuilder {
 
     /// The block orders buffers are built from (default `[8, 4, 0]`; `[9]` for a huge pool
     /// type). Each must be at most [`MAX_ORDER`], and 0 must be among them (for a huge pool
-    /// type: [`HUGE_ORDER`](crate::HUGE_ORDER), and none smaller).
+    /// type: [`HUGE_ORDER`](crate::pool::HUGE_ORDER), and none smaller).
     pub fn orders(mut self, orders: &[u8]) -> Self {
         self.orders = orders.to_vec();
         self.orders_set = true;
@@ -141,7 +141,7 @@ impl HeapBuilder {
     /// pages). 0 turns pooling off: every buffer gets fresh pages from the system, and released
     /// buffers go straight back. `usize::MAX` sets no limit of the heap's own (its registry's
     /// maximum still holds); the statistics say `unlimited` (`None` in
-    /// [`OwnerStats::limit_pages`](crate::OwnerStats::limit_pages)). Any value is accepted.
+    /// [`OwnerStats::limit_pages`](crate::stats::OwnerStats::limit_pages)). Any value is accepted.
     pub fn pool_limit(mut self, bytes: usize) -> Self {
         self.pool_limit = bytes;
         self

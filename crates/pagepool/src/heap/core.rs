@@ -664,7 +664,7 @@ impl HeapInner {
                     .is_none_or(|locked| locked.saturating_sub(held) + need <= *limit)
             }
             AllocError::MemlockLimit { limit: None, .. } => true,
-            AllocError::Os(e) => e.source.raw_os_error() == Some(libc::ENOMEM),
+            AllocError::Os(e) => e.raw_os_error() == Some(libc::ENOMEM),
             _ => false,
         }
     }

@@ -287,7 +287,7 @@ pub struct SystemHeap {
 
 impl SystemHeap {
     /// A heap with the default configuration (see [`HeapBuilder`]), registered with
-    /// [`Registry::global`](crate::Registry::global).
+    /// [`Registry::global`](crate::registry::Registry::global).
     ///
     /// Besides its worker thread (`pagepool-free`, started here), a default heap makes
     /// sure the global registry's pressure monitor runs: one process-wide thread
