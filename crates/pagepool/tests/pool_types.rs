@@ -61,6 +61,7 @@ fn child_entry() {
     };
     match case.as_str() {
         "memlock" => memlock_child(),
+        "vmlck" => vmlck_child(),
         other => panic!("unknown case {other}"),
     }
     println!("case {case} done");
@@ -183,6 +184,46 @@ fn memlock_child() {
     heap.trim();
     assert_eq!(status_bytes("VmLck"), base_lck, "all unlocked after trim");
     println!("refused: {msg}");
+}
+
+#[test]
+fn locked_bytes_is_what_the_heap_adds_to_vmlck_with_views_live() {
+    let out = run_child("vmlck");
+    println!("{out}");
+}
+
+/// In a child (alone, so that no other test's locked memory comes and goes): a locked heap's
+/// `locked_bytes` equals the change in `VmLck` it causes, its home mappings counted once,
+/// while a buffer that spans blocks lives in a view of the same locked pages.
+fn vmlck_child() {
+    let base = status_bytes("VmLck");
+    let heap = heap(PoolType::SYSTEM.locked());
+    let check = |what: &str| {
+        let r = heap.backing().unwrap();
+        let added = status_bytes("VmLck") - base;
+        assert_eq!(r.locked_bytes, added, "{what}: VmLck +{added}: {r}");
+        println!("{what}: VmLck +{} KiB, {r}", added >> 10);
+    };
+    // Three 1 MiB blocks end to end; the first and the third pooled, the middle one live.
+    let bufs: Vec<_> = (0..3).map(|_| heap.alloc(1 << 20).unwrap()).collect();
+    let [a, b, c] = <[_; 3]>::try_from(bufs).ok().unwrap();
+    drop((a, c));
+    heap.flush();
+    check("two pooled, one live");
+    // A 2 MiB buffer of the two pooled blocks, which do not lie end to end: a view.
+    let mut spans = heap.alloc(2 << 20).unwrap();
+    assert!(spans.is_remapped(), "a buffer over two separate blocks");
+    spans.fill(3);
+    check("a view of two locked blocks live");
+    let s = heap.stats();
+    assert_eq!(s.fresh_pages, 3 * 256, "{s}");
+    assert_eq!(status_bytes("VmLck") - base, 3 << 20, "each page once");
+    drop((b, spans));
+    heap.flush();
+    check("all pooled");
+    heap.trim();
+    check("trimmed");
+    assert_eq!(status_bytes("VmLck"), base);
 }
 
 /// Removes `CAP_IPC_LOCK` from this process's capabilities (root bypasses `RLIMIT_MEMLOCK`
