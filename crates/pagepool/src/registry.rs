@@ -8,7 +8,7 @@
 //! Limits are enforced after a give: the block goes into its pool first, then every owner over
 //! its limit shrinks its own pools, round robin (one block from the next pool in turn), as the
 //! kernel's shrinker did; and if the registry is over its maximum it shrinks all owners, each in
-//! proportion to what it holds (weighted round robin: see [`scan_owners`]).
+//! proportion to what it holds (weighted fair queueing by holdings: see [`scan_owners`]).
 
 use std::fmt;
 
@@ -148,7 +148,8 @@ fn next_pages(units: &[Unit], cursor: &AtomicUsize) -> Option<usize> {
 ///
 /// The turn is charged when the block is taken, before it goes back to the system (which
 /// takes a while: `munlock`, a hole punched), so that concurrent shrinks choose by passes that
-/// count it. Whole blocks: at most one block more than asked is freed (one per racing caller).
+/// count it. Whole blocks (buffers of another kind of pool): less than one more than asked is
+/// freed (one per racing caller).
 /// Within an owner, its pools give in turn (its own round robin).
 fn scan_owners(
     owners: &[(Arc<Owner>, Vec<Unit>)],
@@ -893,7 +894,8 @@ mod tests {
         let weak: Weak<dyn Shrinker> = Arc::downgrade(&(other.clone() as Arc<dyn Shrinker>));
         b.add_other(weak);
         assert_eq!(reg.count(), 24);
-        // Over a maximum of 16: both owners give, round robin (not only a's page pool).
+        // Over a maximum of 16: both owners give, each for what it holds (not only a's page
+        // pool).
         reg.set_max_pages(16);
         assert!(reg.count() <= 16);
         assert!(
