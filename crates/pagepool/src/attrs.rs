@@ -238,7 +238,14 @@ pub struct BackingReport {
     /// Memory in hugetlbfs pages (`Shared_Hugetlb` + `Private_Hugetlb`; not part of
     /// `resident_bytes`). The kernel never swaps these and does not count them as locked.
     pub hugetlb_bytes: u64,
-    /// Memory locked (`Locked`).
+    /// Memory the arenas lock: the length of their home mappings' locked parts (`VmFlags`
+    /// `lo`), each page counted once, which is what the heap adds to the process's `VmLck`
+    /// and charges against `RLIMIT_MEMLOCK`. Views of locked blocks (a buffer that spans
+    /// blocks) are not locked and not counted (unless the process locks every new mapping
+    /// itself, `mlockall(MCL_FUTURE)`: then each view adds to `VmLck` too). Not `smaps`'
+    /// `Locked`, which shares a page among the mappings of it and so shows a locked page that
+    /// a view maps too as half a page. Hugetlbfs memory is never counted as locked (the kernel
+    /// does not lock those mappings; their pages are never swapped).
     pub locked_bytes: u64,
     /// Memory per NUMA node: `(node, bytes)`, ascending by node.
     pub node_bytes: Vec<(u32, u64)>,
@@ -266,15 +273,16 @@ impl BackingReport {
             mapped_bytes: ranges.iter().map(|&(_, l)| l as u64).sum(),
             ..BackingReport::default()
         };
-        let mut current = false;
+        // The mapping being read, if it is inside `ranges`: its length.
+        let mut current = None;
         for line in smaps.lines() {
             if let Some((start, end)) = vma_range(line) {
-                current = inside(start, end);
+                current = inside(start, end).then(|| end.saturating_sub(start) as u64);
                 continue;
             }
-            if !current {
+            let Some(len) = current else {
                 continue;
-            }
+            };
             let Some((key, rest)) = line.split_once(':') else {
                 continue;
             };
@@ -289,7 +297,11 @@ impl BackingReport {
                 "Rss" => r.resident_bytes += kb(),
                 "ShmemPmdMapped" | "FilePmdMapped" => r.thp_bytes += kb(),
                 "Shared_Hugetlb" | "Private_Hugetlb" => r.hugetlb_bytes += kb(),
-                "Locked" => r.locked_bytes += kb(),
+                // `VmLck` counts a locked mapping's whole length, once per mapping; `Locked`
+                // is proportional (a page mapped twice counts half in each mapping).
+                "VmFlags" if rest.split_whitespace().any(|f| f == "lo") => {
+                    r.locked_bytes += len;
+                }
                 _ => {}
             }
         }
@@ -388,18 +400,33 @@ mod tests {
 
     #[test]
     fn smaps_and_numa_maps_are_summed_over_the_arenas_only() {
+        // The arena's home mapping, split by `mlock` into a locked first half (whose pages a
+        // view maps too: `Locked` shows half of them) and an unlocked second half; its guard
+        // page; the view (unlocked, outside the arena); another memfd.
         let smaps = "\
-7f0000000000-7f0000400000 rw-s 00000000 00:01 10 /memfd:pagepool:x (deleted)
-Size:               4096 kB
+7f0000000000-7f0000200000 rw-s 00000000 00:01 10 /memfd:pagepool:x (deleted)
+Size:               2048 kB
 Rss:                2048 kB
 ShmemPmdMapped:     2048 kB
 Shared_Hugetlb:        0 kB
-Locked:             2048 kB
+Locked:             1024 kB
+VmFlags: rd wr sh mr mw me ms lo
+7f0000200000-7f0000400000 rw-s 00200000 00:01 10 /memfd:pagepool:x (deleted)
+Size:               2048 kB
+Rss:                   0 kB
+Locked:                0 kB
+VmFlags: rd wr sh mr mw me ms
 7f0000400000-7f0000401000 ---p 00000000 00:00 0
 Rss:                   4 kB
+VmFlags: mr mw me lo
+7f0800000000-7f0800200000 rw-s 00000000 00:01 10 /memfd:pagepool:x (deleted)
+Rss:                2048 kB
+Locked:                0 kB
+VmFlags: rd wr sh mr mw me ms
 7f1000000000-7f1000200000 rw-s 00000000 00:0f 11 /memfd:other (deleted)
 Rss:                2048 kB
 Shared_Hugetlb:     2048 kB
+VmFlags: rd wr sh mr mw me ms lo
 ";
         let numa = "\
 7f0000000000 bind:1 file=/memfd:pagepool:x\\040(deleted) dirty=1 N1=1 kernelpagesize_kB=2048
@@ -410,7 +437,11 @@ Shared_Hugetlb:     2048 kB
         assert_eq!(r.resident_bytes, 2 << 20);
         assert_eq!(r.thp_bytes, 2 << 20);
         assert_eq!(r.hugetlb_bytes, 0);
-        assert_eq!(r.locked_bytes, 2 << 20);
+        assert_eq!(
+            r.locked_bytes,
+            2 << 20,
+            "the locked mapping's whole length, not its proportional `Locked`"
+        );
         assert_eq!(r.node_bytes, [(1, 2 << 20)]);
         assert_eq!(r.bound_to, [(1, 1)]);
         let none = BackingReport::parse(&[], smaps, numa);

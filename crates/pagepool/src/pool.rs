@@ -593,19 +593,21 @@ impl PagePool {
     /// Gives up to one block back to the system through the release callback; returns the pages
     /// freed (0 if the pool was empty). The unit of a round-robin scan.
     pub(crate) fn release_one(&self) -> usize {
-        match self.take() {
-            Some(block) => {
-                self.released.fetch_add(1, Ordering::Relaxed);
-                // A panicking callback must not unwind into whoever enforces limits (the
-                // worker, an allocation, the pressure monitor): the block is then lost.
-                let release = std::panic::AssertUnwindSafe(|| (self.release)(block));
-                if std::panic::catch_unwind(release).is_err() {
-                    log::error!("pagepool: a pool's release callback panicked; block leaked");
-                }
-                1 << self.order
-            }
-            None => 0,
+        self.take().map_or(0, |block| self.release_taken(block))
+    }
+
+    /// Gives `block`, just taken from this pool (with [`take`](Self::take)), back to the system
+    /// through the release callback, counted as released; returns its pages. The second half
+    /// of [`release_one`](Self::release_one), for a caller that does something between the two.
+    pub(crate) fn release_taken(&self, block: Block) -> usize {
+        self.released.fetch_add(1, Ordering::Relaxed);
+        // A panicking callback must not unwind into whoever enforces limits (the worker, an
+        // allocation, the pressure monitor): the block is then lost.
+        let release = std::panic::AssertUnwindSafe(|| (self.release)(block));
+        if std::panic::catch_unwind(release).is_err() {
+            log::error!("pagepool: a pool's release callback panicked; block leaked");
         }
+        1 << self.order
     }
 
     /// Counts `n` blocks taken from this pool that its owner gave back to the system rather

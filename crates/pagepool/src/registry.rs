@@ -6,18 +6,19 @@
 //! [`Registry`] keeps the global maximum and the totals, and can report every owner's share.
 //!
 //! Limits are enforced after a give: the block goes into its pool first, then every owner over
-//! its limit shrinks its own pools, and if the registry is over its maximum it shrinks all pools,
-//! round robin (one block from the next pool in turn), as the kernel's shrinker did.
+//! its limit shrinks its own pools, round robin (one block from the next pool in turn), as the
+//! kernel's shrinker did; and if the registry is over its maximum it shrinks all owners, each in
+//! proportion to what it holds (weighted fair queueing by holdings: see [`scan_owners`]).
 
 use std::fmt;
 
 use crate::fork::ForkCell;
-use crate::pool::{PagePool, ReleaseFn, Tally};
+use crate::pool::{Block, PagePool, ReleaseFn, Tally};
 use crate::pressure::{PressureConfig, PressureMonitor};
 pub use crate::shrinker::Shrinker;
 use crate::shrinker::scan_caught;
 use crate::stats::{OwnerStats, PressureStats, RegistryStats};
-use crate::sync::{Arc, AtomicUsize, Mutex, Ordering, Weak, lock};
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Mutex, Ordering, Weak, lock};
 
 /// Something an owner's pages are in: one of its page pools, or another kind of pool that
 /// counts against it (a [`DmaBufPool`](crate::dmapool::DmaBufPool)'s clean dma-bufs) and frees its
@@ -39,6 +40,53 @@ impl Unit {
     }
 }
 
+/// One unit's worth taken out of a unit for the registry's shrink: a block not yet given back
+/// to the system, or pages another kind of pool has freed already.
+enum Taken<'a> {
+    Block(&'a PagePool, Block),
+    Freed(usize),
+}
+
+impl Unit {
+    /// Takes one unit's worth out (a block; at least one buffer of another kind of pool, which
+    /// frees it at once), or nothing if the unit is empty.
+    fn take_one(&self) -> Option<Taken<'_>> {
+        match self {
+            Unit::Pool(p) => p.take().map(|b| Taken::Block(p, b)),
+            Unit::Other(s) => match scan_caught(&**s, 1) {
+                0 => None,
+                f => Some(Taken::Freed(f)),
+            },
+        }
+    }
+}
+
+impl Taken<'_> {
+    /// The pages taken.
+    fn pages(&self) -> usize {
+        match self {
+            Taken::Block(_, b) => 1 << b.order(),
+            Taken::Freed(f) => *f,
+        }
+    }
+
+    /// Gives what was taken back to the system.
+    fn release(self) {
+        if let Taken::Block(p, b) = self {
+            p.release_taken(b);
+        }
+    }
+}
+
+/// Takes one unit's worth from the first of `units`, round robin from `cursor`, that has
+/// something; `None` if a whole round found nothing.
+fn take_round_robin<'a>(units: &'a [Unit], cursor: &AtomicUsize) -> Option<Taken<'a>> {
+    (0..units.len()).find_map(|_| {
+        let i = cursor.fetch_add(1, Ordering::Relaxed) % units.len();
+        units[i].take_one()
+    })
+}
+
 /// Scans `units` round robin from `cursor`: one block (or buffer) from a unit, then the next,
 /// until `nr_pages` are freed or a whole round frees nothing.
 fn scan_round_robin(units: &[Unit], cursor: &AtomicUsize, nr_pages: usize) -> usize {
@@ -53,6 +101,117 @@ fn scan_round_robin(units: &[Unit], cursor: &AtomicUsize, nr_pages: usize) -> us
                 idle = 0;
             }
         }
+    }
+    freed
+}
+
+/// What one unit of an owner's shrink pass is worth: its pass is the natural logarithm of how
+/// many times over what it holds now it held, in units of `1 / PASS_SCALE`.
+const PASS_SCALE: f64 = (1u64 << 20) as f64;
+
+/// How far an owner's pass moves when it gives back `f` of the `held` pages it holds:
+/// `ln(held / (held - f))`; `None` for its last pages (giving them back is infinitely far).
+fn stride(held: usize, f: usize) -> Option<u64> {
+    (f < held).then(|| ((held as f64 / (held - f) as f64).ln() * PASS_SCALE) as u64)
+}
+
+impl Unit {
+    /// The pages the next unit's worth taken from this unit would free, if it holds any: a
+    /// block; one page for another kind of pool (its buffers' sizes are its own).
+    fn next_pages(&self) -> Option<usize> {
+        match self {
+            Unit::Pool(p) => (p.pages() > 0).then(|| 1 << p.order()),
+            Unit::Other(s) => (s.count() > 0).then_some(1),
+        }
+    }
+}
+
+/// The pages the next unit's worth that [`take_round_robin`] would take from `units` frees, if
+/// they hold any.
+fn next_pages(units: &[Unit], cursor: &AtomicUsize) -> Option<usize> {
+    let c = cursor.load(Ordering::Relaxed);
+    (0..units.len()).find_map(|k| units[c.wrapping_add(k) % units.len()].next_pages())
+}
+
+/// Frees about `nr_pages` from `owners` (each with its pools of every kind), one block (or
+/// buffer) at a time, each from the owner that keeps the largest part of what it held after
+/// giving it: weighted fair queueing by holdings. Every owner has a *pass*, how far it has
+/// shrunk: giving back `f` of the `held` pages it holds moves it by `ln(held / (held - f))`,
+/// so that an owner's pass over a run of shrinks is the logarithm of how many times over it
+/// held what it holds now. The next block comes from the owner whose pass would be lowest
+/// after giving its next block (ties in turn from `cursor`; an owner's last block only when
+/// every other's is its last too). So owners keep the same part of what they held, within
+/// one block, whatever the size of their blocks; and shrinks smaller than a block of each
+/// still share fairly over several shrinks, as passes carry over from one to the next.
+/// `clock` is the lowest pass among the owners that held something at the end of the last
+/// shrink; an owner whose pass is behind it (it held nothing while others gave) starts from
+/// it, so that it does not pay for shrinks from before it had pages.
+///
+/// The turn is charged when the block is taken, before it goes back to the system (which
+/// takes a while: `munlock`, a hole punched), so that concurrent shrinks choose by passes that
+/// count it. Whole blocks (buffers of another kind of pool): less than one more than asked is
+/// freed (one per racing caller).
+/// Within an owner, its pools give in turn (its own round robin).
+fn scan_owners(
+    owners: &[(Arc<Owner>, Vec<Unit>)],
+    clock: &AtomicU64,
+    cursor: &AtomicUsize,
+    nr_pages: usize,
+) -> usize {
+    let mut live: Vec<&(Arc<Owner>, Vec<Unit>)> =
+        owners.iter().filter(|(_, u)| !u.is_empty()).collect();
+    if live.is_empty() || nr_pages == 0 {
+        return 0;
+    }
+    let now = clock.load(Ordering::Relaxed);
+    for (o, _) in &live {
+        o.pass.fetch_max(now, Ordering::Relaxed);
+    }
+    let start = cursor.fetch_add(1, Ordering::Relaxed);
+    let mut freed = 0;
+    while freed < nr_pages && !live.is_empty() {
+        let n = live.len();
+        let i = if n == 1 {
+            0
+        } else {
+            // Each owner's pass after its next block (`u64::MAX` for one that holds nothing,
+            // far ahead for its last block); the first lowest, counting from this shrink's
+            // turn.
+            let after = |(o, units): &(Arc<Owner>, Vec<Unit>)| match next_pages(units, &o.cursor) {
+                None => u64::MAX,
+                Some(b) => o
+                    .pass
+                    .load(Ordering::Relaxed)
+                    .saturating_add(stride(o.count(), b).unwrap_or(u64::MAX / 2)),
+            };
+            (0..n)
+                .map(|k| start.wrapping_add(k) % n)
+                .min_by_key(|&i| after(live[i]))
+                .unwrap_or(0)
+        };
+        let (owner, units) = live[i];
+        let held = owner.count();
+        match take_round_robin(units, &owner.cursor) {
+            None => {
+                live.swap_remove(i);
+            }
+            Some(taken) => {
+                let f = taken.pages();
+                // An owner's last pages move it nowhere: it is out of the shrink until it
+                // holds some again, and then starts from the clock.
+                owner
+                    .pass
+                    .fetch_add(stride(held, f).unwrap_or(0), Ordering::Relaxed);
+                taken.release();
+                freed += f;
+            }
+        }
+    }
+    // The clock: the lowest pass among the owners that hold something (not that of the owner
+    // that gave last, which may be ahead of others that wait for their turn).
+    let holding = live.iter().filter(|(o, _)| o.count() > 0);
+    if let Some(min) = holding.map(|(o, _)| o.pass.load(Ordering::Relaxed)).min() {
+        clock.fetch_max(min, Ordering::Relaxed);
     }
     freed
 }
@@ -82,6 +241,9 @@ pub struct Registry {
 /// What a registry knows of one process's owners.
 struct Books {
     total: AtomicUsize,
+    /// The shrink pass of the owner that last gave back to the registry's shrink (see
+    /// [`scan_owners`]).
+    clock: AtomicU64,
     owners: Mutex<Vec<Weak<Owner>>>,
     shrinkers: Mutex<Vec<Weak<dyn Shrinker>>>,
     monitor: std::sync::Mutex<Option<PressureMonitor>>,
@@ -91,6 +253,7 @@ impl Books {
     fn new() -> Arc<Books> {
         Arc::new(Books {
             total: AtomicUsize::new(0),
+            clock: AtomicU64::new(0),
             owners: Mutex::new(Vec::new()),
             shrinkers: Mutex::new(Vec::new()),
             monitor: std::sync::Mutex::new(None),
@@ -197,6 +360,7 @@ impl Registry {
             pools: Mutex::new(Vec::new()),
             others: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
+            pass: AtomicU64::new(0),
             registry: self.clone(),
             books: self.books().clone(),
         });
@@ -240,7 +404,8 @@ impl Registry {
     }
 
     /// Frees about `nr_pages` pages, asking the registered shrinkers first (in the order they
-    /// were added), then the pools round robin. Returns the pages freed.
+    /// were added), then the owners' pools, each owner in proportion to what it holds (as
+    /// when the registry is over its maximum). Returns the pages freed.
     pub fn shrink_all(&self, nr_pages: usize) -> usize {
         let mut freed = 0;
         for s in self.extra_shrinkers() {
@@ -269,7 +434,8 @@ impl Registry {
             .collect()
     }
 
-    /// Shrinks all pools if the total is over the maximum.
+    /// Shrinks all owners' pools, each owner in proportion to what it holds, if the total is
+    /// over the maximum.
     pub(crate) fn enforce_max(&self) {
         let (total, max) = (self.count(), self.max_pages());
         if total > max {
@@ -294,10 +460,18 @@ impl Registry {
 }
 
 impl Registry {
-    /// Frees pages from all owners' pools (page pools and others), round robin across them.
+    /// Frees pages from all owners' pools (page pools and others), each owner in proportion
+    /// to what it holds (see [`scan_owners`]).
     fn scan_pools(&self, nr_pages: usize) -> usize {
-        let units: Vec<Unit> = self.live_owners().iter().flat_map(|o| o.units()).collect();
-        scan_round_robin(&units, &self.cursor, nr_pages)
+        let owners: Vec<(Arc<Owner>, Vec<Unit>)> = self
+            .live_owners()
+            .into_iter()
+            .map(|o| {
+                let units = o.units();
+                (o, units)
+            })
+            .collect();
+        scan_owners(&owners, &self.books().clock, &self.cursor, nr_pages)
     }
 }
 
@@ -351,6 +525,9 @@ pub struct Owner {
     /// Other kinds of pools counting against this owner (see [`Owner::add_other`]).
     others: Mutex<Vec<Weak<dyn Shrinker>>>,
     cursor: AtomicUsize,
+    /// Where this owner is in the registry's shrink: how much it has given back for what it
+    /// held (see [`scan_owners`]).
+    pass: AtomicU64,
     registry: Arc<Registry>,
     /// The registry's books this owner counts in (those of the process that registered it).
     books: Arc<Books>,
@@ -412,7 +589,7 @@ impl Owner {
         others.push(other);
     }
 
-    /// This owner's pools of every kind, for round-robin scans.
+    /// This owner's pools of every kind, for scans.
     fn units(&self) -> Vec<Unit> {
         let mut units: Vec<Unit> = self.live_pools().into_iter().map(Unit::Pool).collect();
         units.extend(
@@ -575,6 +752,96 @@ mod tests {
         );
     }
 
+    type OwnerPool = (Arc<Owner>, Arc<PagePool>);
+
+    /// Owner `a` holds 100 pages in 4 KiB blocks, `b` 800 pages in 16 KiB blocks, on a
+    /// registry whose maximum lets them hold all of it.
+    fn two_owners() -> (Arc<Registry>, OwnerPool, OwnerPool) {
+        let reg = Registry::new(1000);
+        let a = reg.register("a", 1000);
+        let b = reg.register("b", 1000);
+        let pa = a.add_pool(0, free());
+        let pb = b.add_pool(2, free());
+        for _ in 0..100 {
+            pa.give(block(0)).unwrap();
+        }
+        for _ in 0..200 {
+            pb.give(block(2)).unwrap();
+        }
+        assert_eq!((a.count(), b.count()), (100, 800));
+        (reg, (a, pa), (b, pb))
+    }
+
+    #[test]
+    fn global_max_shrinks_owners_in_proportion_to_what_they_hold() {
+        let (reg, (a, _pa), (b, _pb)) = two_owners();
+        // A fifth of what they hold may stay: each keeps a fifth of its own, within a block
+        // (one block at a time, not one from each in turn: that would empty `a`, whose blocks
+        // are the smaller, long before `b`).
+        reg.set_max_pages(180);
+        assert!(reg.count() <= 180);
+        let (ka, kb) = (a.count(), b.count());
+        assert!((19..=21).contains(&ka), "a keeps about 20 of 100: {ka}");
+        assert!((156..=164).contains(&kb), "b keeps about 160 of 800: {kb}");
+    }
+
+    #[test]
+    fn repeated_small_shrinks_are_shared_in_proportion() {
+        let (reg, (a, _pa), (b, _pb)) = two_owners();
+        // Fifty small shrinks, each smaller than most of a round: shared by what each holds
+        // over all of them (the turn carries over from one shrink to the next), so both keep
+        // the same part of what they held.
+        let mut freed = 0;
+        for _ in 0..50 {
+            freed += reg.scan(5);
+        }
+        let (ka, kb) = (a.count(), b.count());
+        assert_eq!(ka + kb + freed, 900);
+        let kept = (ka + kb) as f64 / 900.0;
+        let (fa, fb) = (ka as f64 / 100.0, kb as f64 / 800.0);
+        assert!(
+            (fa - kept).abs() < 0.03 && (fb - kept).abs() < 0.03,
+            "a kept {ka} of 100, b {kb} of 800 ({kept:.2} of all)"
+        );
+    }
+
+    #[test]
+    fn an_owner_that_was_empty_does_not_pay_for_shrinks_before_it_joined() {
+        let (reg, (a, pa), (b, _pb)) = two_owners();
+        // `b` alone gives back for a while; then `a` fills again: from then on they share.
+        pa.shrink(usize::MAX);
+        assert_eq!(reg.scan(400), 400);
+        assert_eq!(b.count(), 400);
+        for _ in 0..100 {
+            pa.give(block(0)).unwrap();
+        }
+        reg.set_max_pages(250);
+        let (ka, kb) = (a.count(), b.count());
+        assert!((49..=51).contains(&ka), "a keeps about 50 of 100: {ka}");
+        assert!((196..=204).contains(&kb), "b keeps about 200 of 400: {kb}");
+    }
+
+    #[test]
+    fn concurrent_shrinks_share_in_proportion() {
+        let (reg, (a, _pa), (b, _pb)) = two_owners();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    while reg.count() > 300 {
+                        reg.scan(3);
+                    }
+                });
+            }
+        });
+        let (ka, kb) = (a.count(), b.count());
+        let kept = (ka + kb) as f64 / 900.0;
+        let (fa, fb) = (ka as f64 / 100.0, kb as f64 / 800.0);
+        assert!(
+            (fa - kept).abs() < 0.1 && (fb - kept).abs() < 0.1,
+            "a kept {ka} of 100, b {kb} of 800 ({kept:.2} of all)"
+        );
+    }
+
     struct Fixed(AtomicUsize);
     impl Shrinker for Fixed {
         fn name(&self) -> &str {
@@ -630,7 +897,8 @@ mod tests {
         let weak: Weak<dyn Shrinker> = Arc::downgrade(&(other.clone() as Arc<dyn Shrinker>));
         b.add_other(weak);
         assert_eq!(reg.count(), 24);
-        // Over a maximum of 16: both owners give, round robin (not only a's page pool).
+        // Over a maximum of 16: both owners give, each for what it holds (not only a's page
+        // pool).
         reg.set_max_pages(16);
         assert!(reg.count() <= 16);
         assert!(

@@ -61,6 +61,7 @@ fn child_entry() {
     };
     match case.as_str() {
         "memlock" => memlock_child(),
+        "vmlck" => vmlck_child(),
         other => panic!("unknown case {other}"),
     }
     println!("case {case} done");
@@ -183,6 +184,46 @@ fn memlock_child() {
     heap.trim();
     assert_eq!(status_bytes("VmLck"), base_lck, "all unlocked after trim");
     println!("refused: {msg}");
+}
+
+#[test]
+fn locked_bytes_is_what_the_heap_adds_to_vmlck_with_views_live() {
+    let out = run_child("vmlck");
+    println!("{out}");
+}
+
+/// In a child (alone, so that no other test's locked memory comes and goes): a locked heap's
+/// `locked_bytes` equals the change in `VmLck` it causes, its home mappings counted once,
+/// while a buffer that spans blocks lives in a view of the same locked pages.
+fn vmlck_child() {
+    let base = status_bytes("VmLck");
+    let heap = heap(PoolType::SYSTEM.locked());
+    let check = |what: &str| {
+        let r = heap.backing().unwrap();
+        let added = status_bytes("VmLck") - base;
+        assert_eq!(r.locked_bytes, added, "{what}: VmLck +{added}: {r}");
+        println!("{what}: VmLck +{} KiB, {r}", added >> 10);
+    };
+    // Three 1 MiB blocks end to end; the first and the third pooled, the middle one live.
+    let bufs: Vec<_> = (0..3).map(|_| heap.alloc(1 << 20).unwrap()).collect();
+    let [a, b, c] = <[_; 3]>::try_from(bufs).ok().unwrap();
+    drop((a, c));
+    heap.flush();
+    check("two pooled, one live");
+    // A 2 MiB buffer of the two pooled blocks, which do not lie end to end: a view.
+    let mut spans = heap.alloc(2 << 20).unwrap();
+    assert!(spans.is_remapped(), "a buffer over two separate blocks");
+    spans.fill(3);
+    check("a view of two locked blocks live");
+    let s = heap.stats();
+    assert_eq!(s.fresh_pages, 3 * 256, "{s}");
+    assert_eq!(status_bytes("VmLck") - base, 3 << 20, "each page once");
+    drop((b, spans));
+    heap.flush();
+    check("all pooled");
+    heap.trim();
+    check("trimmed");
+    assert_eq!(status_bytes("VmLck"), base);
 }
 
 /// Removes `CAP_IPC_LOCK` from this process's capabilities (root bypasses `RLIMIT_MEMLOCK`
@@ -373,6 +414,104 @@ fn one_registry_table_has_a_row_per_pool_type() {
     assert!(text.contains(&format!("{} of {}", 256 + 3 + 16 + 512, 1 << 30)));
     let owner_types: Vec<&str> = stats.owners.iter().map(|o| o.pool_type.as_str()).collect();
     assert_eq!(owner_types, ["system", "system", "locked", "huge"]);
+}
+
+/// A locked heap holding 8 MiB pooled (1 MiB blocks) and a huge heap 64 MiB (2 MiB blocks),
+/// on one registry whose maximum lets them.
+fn locked_and_huge_filled() -> (std::sync::Arc<Registry>, SystemHeap, SystemHeap) {
+    let registry = Registry::new(usize::MAX / 2);
+    let build = |name: &str, ty: PoolType| {
+        SystemHeap::builder()
+            .name(name)
+            .pool_type(ty)
+            .registry(registry.clone())
+            .pressure(None)
+            .deferred(false)
+            .build()
+            .unwrap()
+    };
+    let locked = build("l", PoolType::SYSTEM.locked());
+    let huge = build("h", PoolType::SYSTEM.huge());
+    assert_eq!(locked.reserve(1 << 20, 8).unwrap(), 8);
+    assert_eq!(huge.reserve(2 << 20, 32).unwrap(), 32);
+    assert_eq!(locked.stats().owner.pages, 2048);
+    assert_eq!(huge.stats().owner.pages, 16384);
+    (registry, locked, huge)
+}
+
+/// Checks that `locked` and `huge`, which held 2048 and 16384 pages, keep about the same part
+/// of it: within `blocks` of their own blocks (256 and 512 pages) of that part, and something.
+fn kept_in_proportion(registry: &Registry, locked: &SystemHeap, huge: &SystemHeap, blocks: f64) {
+    let (l, h) = (locked.stats().owner.pages, huge.stats().owner.pages);
+    let kept = registry.count() as f64 / (2048 + 16384) as f64;
+    let text = format!(
+        "locked kept {l} of 2048, huge {h} of 16384 ({kept:.2} of all)\n{}",
+        registry.stats()
+    );
+    println!("{text}");
+    assert_eq!(l + h, registry.count());
+    assert!(l > 0 && h > 0, "neither is emptied: {text}");
+    assert!((l as f64 - 2048.0 * kept).abs() <= blocks * 256.0, "{text}");
+    assert!(
+        (h as f64 - 16384.0 * kept).abs() <= blocks * 512.0,
+        "{text}"
+    );
+}
+
+#[test]
+fn a_small_maximum_shrinks_locked_and_huge_heaps_in_proportion() {
+    let (registry, locked, huge) = locked_and_huge_filled();
+    // Far below what the heaps hold (and their own limits of 256 MiB): each keeps about
+    // 4096 / 18432 of its own, not one emptied and the other kept whole.
+    registry.set_max_pages(4096);
+    assert!(registry.count() <= 4096);
+    kept_in_proportion(&registry, &locked, &huge, 1.0);
+    // Lower still, where the locked heap's part is less than one of its blocks: it keeps one
+    // (rather than being emptied while the huge heap keeps all of the maximum).
+    registry.set_max_pages(2048);
+    assert!(registry.count() <= 2048);
+    kept_in_proportion(&registry, &locked, &huge, 1.0);
+    // Pooled memory that was given back is gone from the system too.
+    let r = locked.backing().unwrap();
+    assert_eq!(
+        r.locked_bytes,
+        locked.stats().owner.pages as u64 * 4096,
+        "{r}"
+    );
+}
+
+#[test]
+fn concurrent_shrinks_of_locked_and_huge_heaps_share_in_proportion() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (registry, locked, huge) = locked_and_huge_filled();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut reads = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let st = registry.stats();
+                assert!(st.total_pages <= 2048 + 16384, "{st}");
+                reads += 1;
+            }
+            reads
+        });
+        let shrinkers: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    while registry.count() > 8192 {
+                        registry.shrink_all(200);
+                    }
+                })
+            })
+            .collect();
+        for t in shrinkers {
+            t.join().unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+    // Each thread may free a block or two past the target, and two may take the same turn.
+    kept_in_proportion(&registry, &locked, &huge, 3.0);
 }
 
 #[test]
