@@ -7,20 +7,11 @@
 //! (two NUMA nodes, reserved huge pages) and checks them there (`pool_type_*` in `vm-tests`).
 //!
 //! Tests that change process-wide state (`RLIMIT_MEMLOCK`, capabilities) run in a child: the
-//! test binary re-runs itself with `PAGEPOOL_POOL_TYPES_CHILD` naming the case.
+//! test binary re-runs itself with `PAGEPOOL_TEST_CHILD` naming the case.
 
-use std::process::Command;
+mod child;
 
 use pagepool::{AllocError, ConfigError, HugeBacking, PoolType, SystemHeap, registry::Registry};
-
-/// A field of `/proc/self/status` in bytes (`VmLck`, `VmRSS`, ...).
-fn status_bytes(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
 
 fn heap(ty: PoolType) -> SystemHeap {
     SystemHeap::builder()
@@ -32,31 +23,10 @@ fn heap(ty: PoolType) -> SystemHeap {
         .unwrap()
 }
 
-/// Runs this test binary again for one case, in a child process; returns its output, and
-/// panics with it if the child failed.
-fn run_child(case: &str) -> String {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_entry", "--nocapture", "--test-threads=1"])
-        .env("PAGEPOOL_POOL_TYPES_CHILD", case)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "child {case} failed:\n{text}");
-    assert!(
-        text.contains(&format!("case {case} done")),
-        "child {case} did not run:\n{text}"
-    );
-    text
-}
-
 /// The entry of the child cases (does nothing in a normal run).
 #[test]
 fn child_entry() {
-    let Ok(case) = std::env::var("PAGEPOOL_POOL_TYPES_CHILD") else {
+    let Some(case) = child::case() else {
         return;
     };
     match case.as_str() {
@@ -133,7 +103,7 @@ fn reserve_warms_the_pools_within_the_limit() {
 
 #[test]
 fn past_rlimit_memlock_a_locked_heap_fails_clearly_and_leaks_nothing() {
-    let out = run_child("memlock");
+    let out = child::run("child_entry", "memlock");
     println!("{out}");
 }
 
@@ -141,17 +111,10 @@ fn past_rlimit_memlock_a_locked_heap_fails_clearly_and_leaks_nothing() {
 /// refuses what would pass the limit with `MemlockLimit`, takes nothing, and still serves
 /// what fits.
 fn memlock_child() {
-    drop_ipc_lock();
+    child::drop_ipc_lock();
     let limit = 4u64 << 20;
-    rustix::process::setrlimit(
-        rustix::process::Resource::Memlock,
-        rustix::process::Rlimit {
-            current: Some(limit),
-            maximum: Some(limit),
-        },
-    )
-    .unwrap();
-    let base_lck = status_bytes("VmLck");
+    child::set_memlock(limit);
+    let base_lck = child::status_bytes("VmLck");
     let heap = heap(PoolType::SYSTEM.locked());
     let e = heap.alloc(8 << 20).unwrap_err();
     assert!(
@@ -167,10 +130,14 @@ fn memlock_child() {
     assert_eq!(s.fresh_pages, 0, "nothing counted: {s}");
     assert_eq!(s.live_buffers, 0);
     assert_eq!(s.arenas, 0, "the arena made for it is gone: {s}");
-    assert_eq!(status_bytes("VmLck"), base_lck, "nothing stays locked");
+    assert_eq!(
+        child::status_bytes("VmLck"),
+        base_lck,
+        "nothing stays locked"
+    );
     // What fits is served, and locked.
     let b = heap.alloc(2 << 20).unwrap();
-    assert_eq!(status_bytes("VmLck"), base_lck + (2 << 20));
+    assert_eq!(child::status_bytes("VmLck"), base_lck + (2 << 20));
     // Reserving past the limit stops with the same error; what was reserved stays pooled.
     let e = heap.reserve(1 << 20, 4).unwrap_err();
     assert!(matches!(e, AllocError::MemlockLimit { .. }), "{e:?}");
@@ -182,13 +149,17 @@ fn memlock_child() {
     drop(b);
     heap.flush();
     heap.trim();
-    assert_eq!(status_bytes("VmLck"), base_lck, "all unlocked after trim");
+    assert_eq!(
+        child::status_bytes("VmLck"),
+        base_lck,
+        "all unlocked after trim"
+    );
     println!("refused: {msg}");
 }
 
 #[test]
 fn locked_bytes_is_what_the_heap_adds_to_vmlck_with_views_live() {
-    let out = run_child("vmlck");
+    let out = child::run("child_entry", "vmlck");
     println!("{out}");
 }
 
@@ -196,11 +167,11 @@ fn locked_bytes_is_what_the_heap_adds_to_vmlck_with_views_live() {
 /// `locked_bytes` equals the change in `VmLck` it causes, its home mappings counted once,
 /// while a buffer that spans blocks lives in a view of the same locked pages.
 fn vmlck_child() {
-    let base = status_bytes("VmLck");
+    let base = child::status_bytes("VmLck");
     let heap = heap(PoolType::SYSTEM.locked());
     let check = |what: &str| {
         let r = heap.backing().unwrap();
-        let added = status_bytes("VmLck") - base;
+        let added = child::status_bytes("VmLck") - base;
         assert_eq!(r.locked_bytes, added, "{what}: VmLck +{added}: {r}");
         println!("{what}: VmLck +{} KiB, {r}", added >> 10);
     };
@@ -217,47 +188,17 @@ fn vmlck_child() {
     check("a view of two locked blocks live");
     let s = heap.stats();
     assert_eq!(s.fresh_pages, 3 * 256, "{s}");
-    assert_eq!(status_bytes("VmLck") - base, 3 << 20, "each page once");
+    assert_eq!(
+        child::status_bytes("VmLck") - base,
+        3 << 20,
+        "each page once"
+    );
     drop((b, spans));
     heap.flush();
     check("all pooled");
     heap.trim();
     check("trimmed");
-    assert_eq!(status_bytes("VmLck"), base);
-}
-
-/// Removes `CAP_IPC_LOCK` from this process's capabilities (root bypasses `RLIMIT_MEMLOCK`
-/// with it).
-fn drop_ipc_lock() {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const VERSION_3: u32 = 0x2008_0522;
-    const CAP_IPC_LOCK: u32 = 14;
-    let mut h = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    let mut d = [Data::default(); 2];
-    // SAFETY: capget writes two `Data` entries for version 3, as provided.
-    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
-    assert_eq!(r, 0, "capget");
-    for x in &mut d[..1] {
-        x.effective &= !(1 << CAP_IPC_LOCK);
-        x.permitted &= !(1 << CAP_IPC_LOCK);
-    }
-    // SAFETY: capset reads the header and two `Data` entries.
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
-    assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
+    assert_eq!(child::status_bytes("VmLck"), base);
 }
 
 #[test]
