@@ -117,3 +117,63 @@ impl CacheShared {
         t
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::sync::Arc;
+
+    #[test]
+    fn totals_add_live_slots_and_retired_ones_and_forget_dropped_slots() {
+        let shared = CacheShared::new(1 << 20, 4096);
+        assert_eq!((shared.max_pages, shared.max_buffer_pages), (256, 64));
+        let a = Arc::new(CachePadded::new(Slot::default()));
+        let b = Arc::new(CachePadded::new(Slot::default()));
+        lock(&shared.slots)
+            .live
+            .extend([Arc::downgrade(&a), Arc::downgrade(&b)]);
+        add_own(&a.allocs, 3);
+        add_own(&b.frees, 2);
+        a.add_live(5);
+        b.add_live(-2); // a buffer allocated on one thread, released on the other
+        b.cached_pages.store(7, Ordering::Relaxed);
+        let t = shared.totals();
+        assert_eq!(
+            (t.allocs, t.frees, t.live_pages, t.cached_pages),
+            (3, 2, 3, 7)
+        );
+        // A thread that exits hands its counts to `retired` and its slot goes away.
+        {
+            let mut slots = lock(&shared.slots);
+            let gone = b.totals();
+            slots.retired.add(gone);
+        }
+        drop(b);
+        assert_eq!(shared.totals(), t, "nothing counted twice or lost");
+        shared.ask_to_empty();
+        assert_eq!(shared.epoch.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn counters_written_by_one_thread_are_read_whole_by_another() {
+        let slot = Arc::new(CachePadded::new(Slot::default()));
+        let writer = {
+            let slot = slot.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    add_own(&slot.allocs, 1);
+                    slot.add_live(1);
+                }
+            })
+        };
+        let mut last = 0;
+        for _ in 0..100 {
+            let now = slot.totals().allocs;
+            assert!(now >= last, "a counter never goes back");
+            last = now;
+        }
+        writer.join().unwrap();
+        assert_eq!(slot.totals().allocs, 100);
+        assert_eq!(slot.totals().live_pages, 100);
+    }
+}
