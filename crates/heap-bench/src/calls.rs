@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use crate::Args;
-use crate::measure;
-use crate::report::Row;
+use crate::measure::{self, Switch, ThreadSwitches};
+use crate::report::{Row, Switches};
 use crate::systems::{CallOpts, System};
 use crate::team::Team;
 
@@ -54,6 +54,9 @@ pub struct Rep {
     pub per_call: Vec<u64>,
     /// CPU time of the whole process (all threads, user + system) over the repetition, in ns.
     pub cpu_ns: u64,
+    /// With `--switches`, what happened to the calling thread during each call, in the order
+    /// of `per_call`; else empty.
+    pub how: Vec<Switch>,
 }
 
 /// Sizes below which tight calls are timed in batches: a clock read (~20 ns) would weigh on a
@@ -62,18 +65,22 @@ pub const BATCHED_BELOW: usize = 64 << 10;
 /// Calls per timed batch there.
 const BATCH: usize = 50;
 
-/// Runs `n` calls.
+/// Runs `n` calls, with `work` after each. With `switches`, each call is timed alone (never in
+/// a batch) and the calling thread's context switches are read around it, outside the timed
+/// span (the CPU time counts the reads).
 pub fn run_calls(
     sys: &System,
     size: usize,
     n: usize,
     opts: CallOpts,
     work: Duration,
+    switches: bool,
 ) -> Result<Rep, String> {
     let cpu0 = measure::process_cpu_ns();
     let mut per_call = Vec::with_capacity(n);
+    let mut how = Vec::with_capacity(if switches { n } else { 0 });
     let mut total = 0u64;
-    if work.is_zero() && size < BATCHED_BELOW {
+    if work.is_zero() && size < BATCHED_BELOW && !switches {
         let mut left = n;
         while left > 0 {
             let k = left.min(BATCH);
@@ -88,9 +95,13 @@ pub fn run_calls(
         }
     } else {
         for _ in 0..n {
+            let before = switches.then(ThreadSwitches::now);
             let t = Instant::now();
             sys.call(size, opts)?;
             let ns = t.elapsed().as_nanos() as u64;
+            if let Some(before) = before {
+                how.push(before.until(ThreadSwitches::now()));
+            }
             total += ns;
             per_call.push(ns);
             if !work.is_zero() {
@@ -102,6 +113,7 @@ pub fn run_calls(
         ns: total,
         per_call,
         cpu_ns: measure::process_cpu_ns().saturating_sub(cpu0),
+        how,
     })
 }
 
@@ -116,6 +128,8 @@ pub struct SizePlan<'a> {
     pub threads: Option<usize>,
     /// Resident set size before the size's first call, pools empty.
     pub rss_start: u64,
+    /// `--switches`: every call timed alone, the thread's context switches read around it.
+    pub switches: bool,
 }
 
 /// Measures every system of `present` at one size, by the benchmark's rules: each warmed up and
@@ -137,6 +151,7 @@ pub fn measure_size(
         work,
         threads,
         rss_start,
+        switches,
     } = *plan;
     // What the progress bar counted for each row, and what every row of this size makes.
     let bar_reps = args.reps();
@@ -149,10 +164,10 @@ pub fn measure_size(
     for (i, sys) in present.iter().enumerate() {
         bar.set_message(format!("{mode} {size} {} warm-up", sys.name));
         let fail = |e: String| format!("{} at {size}: {e}", sys.name);
-        let warmed = run_calls(sys, size, 3, opts, work).and_then(|_| {
+        let warmed = run_calls(sys, size, 3, opts, work, switches).and_then(|_| {
             let (mut ns, mut calls) = (0u64, 0usize);
             while ns < CALIBRATE.as_nanos() as u64 && calls < CALIBRATE_MAX {
-                ns += run_calls(sys, size, 1, opts, work)?.ns;
+                ns += run_calls(sys, size, 1, opts, work, switches)?.ns;
                 calls += 1;
             }
             Ok(ns as f64 / calls as f64)
@@ -205,6 +220,7 @@ pub fn measure_size(
     let mut walls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut cpus: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
     let mut calls: Vec<Vec<u64>> = vec![Vec::new(); present.len()];
+    let mut hows: Vec<Vec<Switch>> = vec![Vec::new(); present.len()];
     let mut peaks: Vec<Option<(u64, u64)>> = vec![None; present.len()];
     std::thread::scope(|scope| -> Result<(), String> {
         // Threads mode: each system's team, warmed by a quarter of a repetition's calls per thread
@@ -214,7 +230,7 @@ pub fn measure_size(
             let team = match threads {
                 Some(t) if failed[i].is_none() => {
                     bar.set_message(format!("{mode} {size} {} threads warm-up", sys.name));
-                    let team = Team::start(scope, sys, size, opts, t);
+                    let team = Team::start(scope, sys, size, opts, t, switches);
                     team.run(counts[i].div_ceil(4).max(3))
                         .map_err(|e| format!("{} at {size}: {e}", sys.name))?;
                     Some(team)
@@ -239,12 +255,13 @@ pub fn measure_size(
                         (r.rep, Some(r.wall_ns))
                     }
                     None => (
-                        run_calls(sys, size, counts[i], opts, work).map_err(fail)?,
+                        run_calls(sys, size, counts[i], opts, work, switches).map_err(fail)?,
                         None,
                     ),
                 };
                 cpus[i].push(rep.cpu_ns);
                 calls[i].extend(rep.per_call);
+                hows[i].extend(rep.how);
                 if tracked {
                     let (hwm, _) = measure::rss();
                     let p = peaks[i].get_or_insert((rss_start, 0));
@@ -265,6 +282,7 @@ pub fn measure_size(
         }
         let n = counts[i] * t;
         let total = median(&mut totals[i].clone());
+        let switched = switches.then(|| Switches::of(&calls[i], &hows[i]));
         let per_call = &mut calls[i];
         per_call.sort_unstable();
         rows.push(Row {
@@ -286,6 +304,7 @@ pub fn measure_size(
             absent: None,
             rss_before: peaks[i].map(|p| p.0),
             peak_rss: peaks[i].map(|p| p.1),
+            switches: switched,
         });
     }
     Ok(rows)

@@ -93,9 +93,19 @@ struct Args {
     /// Allocate and release only, as the seed does (no write per page).
     #[arg(long)]
     no_touch: bool,
-    /// Check that every buffer reads all-zero before it is written (slow: a correctness run).
+    /// Check that every buffer reads all-zero before it is written (slow: a correctness run;
+    /// with `--mode loaded`, on a busy machine). A buffer that does not fails the run.
     #[arg(long)]
     verify: bool,
+    /// Read the calling thread's context switches around every call (`getrusage(RUSAGE_THREAD)`,
+    /// outside the timed span; the CPU time counts the reads) and time every call alone (no
+    /// batches under 64 KiB). Each row then also reports the calls during which the scheduler
+    /// preempted the thread or it slept (waited for a lock or the heap's worker), and the mean,
+    /// p99 and max of the calls that kept the CPU: on a busy machine (`--mode loaded`) the
+    /// preemptions decide the mean and the max by chance, and the calls that kept the CPU are
+    /// the system's own cost.
+    #[arg(long)]
+    switches: bool,
     /// Random mode: the large buffer's size (bytes; K, M, G suffixes allowed; rounded up to
     /// 2 MiB). Four buffers of it are held at once: they must fit in available memory.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -250,6 +260,9 @@ fn run_tuned_child(
     }
     if args.verify {
         cmd.arg("--verify");
+    }
+    if args.switches {
+        cmd.arg("--switches");
     }
     let status = cmd
         .status()
@@ -687,6 +700,7 @@ impl CallModes<'_> {
                 work,
                 threads: mode.threads,
                 rss_start,
+                switches: args.switches,
             };
             for mut row in measure_size(args, &plan, &present, bar, false)? {
                 row.settings = self
@@ -694,12 +708,12 @@ impl CallModes<'_> {
                     .iter()
                     .find(|s| s.0 == row.system)
                     .map(|s| s.1.clone());
-                bar.suspend(|| println!("{}", row.seed_line()));
+                bar.suspend(|| println!("{}", row.lines()));
                 mr.rows.push(row);
             }
             // The tuned peers' rows of this size, measured by the child.
             for row in child.iter().filter(|r| r.size == size) {
-                bar.suspend(|| println!("{}", row.seed_line()));
+                bar.suspend(|| println!("{}", row.lines()));
                 mr.rows.push(row.clone());
             }
             child.retain(|r| r.size != size);
@@ -825,6 +839,7 @@ fn run_attrs(
             work: Duration::ZERO,
             threads: None,
             rss_start,
+            switches: args.switches,
         };
         let mut rows = measure_size(args, &plan, &present, bar, true)?;
         for (i, sys) in systems.iter().enumerate() {
@@ -846,7 +861,7 @@ fn run_attrs(
                 };
             }
             bar.suspend(|| {
-                println!("{}", row.seed_line());
+                println!("{}", row.lines());
                 if let Some(s) = &row.settings {
                     println!("  settings: {s}");
                 }

@@ -124,6 +124,7 @@ impl Team {
         size: usize,
         opts: CallOpts,
         threads: usize,
+        switches: bool,
     ) -> Team {
         let start = std::sync::Arc::new(StartLine::new(threads));
         let (done_tx, done) = std::sync::mpsc::channel();
@@ -150,7 +151,7 @@ impl Team {
                         }
                         let waited = measure::thread_cpu_ns().saturating_sub(waiting);
                         let t0 = Instant::now();
-                        let r = run_calls(sys, size, n, opts, Duration::ZERO);
+                        let r = run_calls(sys, size, n, opts, Duration::ZERO, switches);
                         let id = std::thread::current().id();
                         if done_tx
                             .send(r.map(|r| (r, t0, Instant::now(), id, waited)))
@@ -182,6 +183,7 @@ impl Team {
             ns: 0,
             per_call: Vec::with_capacity(n * threads),
             cpu_ns: 0,
+            how: Vec::new(),
         };
         let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
         let mut ids = Vec::with_capacity(threads);
@@ -199,6 +201,7 @@ impl Team {
                     waited_cpu += waited;
                     all.ns += r.ns;
                     all.per_call.extend(r.per_call);
+                    all.how.extend(r.how);
                     first = Some(first.map_or(t0, |f| f.min(t0)));
                     last = Some(last.map_or(t1, |l| l.max(t1)));
                     ids.push(id);
@@ -337,7 +340,7 @@ mod tests {
                 .count()
         };
         std::thread::scope(|scope| {
-            let team = Team::start(scope, &sys, 4096, opts, cpus.len() + 1);
+            let team = Team::start(scope, &sys, 4096, opts, cpus.len() + 1, false);
             team.run(3).unwrap();
             if cpus.len() > 1 {
                 assert!(pinned() > cpus.len(), "{} pinned", pinned());
@@ -358,9 +361,11 @@ mod tests {
     fn a_team_runs_every_repetition_on_the_same_threads() {
         let (sys, opts) = calloc();
         std::thread::scope(|scope| {
-            let team = Team::start(scope, &sys, 64 << 10, opts, 3);
+            let team = Team::start(scope, &sys, 64 << 10, opts, 3, true);
             let (first, mut before) = team.run(40).unwrap();
             assert_eq!(first.rep.per_call.len(), 120);
+            // Every call timed alone, with what happened to its thread.
+            assert_eq!(first.rep.how.len(), 120);
             before.sort_unstable_by_key(|id| format!("{id:?}"));
             before.dedup();
             assert_eq!(before.len(), 3, "three distinct threads");
@@ -388,7 +393,7 @@ mod tests {
         let (sys, opts) = calloc();
         std::thread::scope(|scope| {
             // Larger than any allocation can be: every call fails.
-            let bad = Team::start(scope, &sys, usize::MAX / 2, opts, 2);
+            let bad = Team::start(scope, &sys, usize::MAX / 2, opts, 2, false);
             for _ in 0..2 {
                 let e = bad.run(5).err().expect("every call fails");
                 assert!(e.contains("calloc"), "{e}");
