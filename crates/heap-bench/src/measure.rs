@@ -200,6 +200,60 @@ pub fn thread_cpu_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// The calling thread's context switches so far (`getrusage(RUSAGE_THREAD)`; zeros if it
+/// cannot be read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadSwitches {
+    /// Voluntary: the thread gave its CPU up, to wait for something (a lock, a sleep, I/O).
+    pub voluntary: u64,
+    /// Involuntary: the scheduler took its CPU and gave it to another thread.
+    pub involuntary: u64,
+}
+
+impl ThreadSwitches {
+    /// Reads the calling thread's counts.
+    pub fn now() -> ThreadSwitches {
+        // SAFETY: getrusage fills the struct it is given; RUSAGE_THREAD covers the calling
+        // thread.
+        let (rc, ru) = unsafe {
+            let mut ru = std::mem::zeroed::<libc::rusage>();
+            (libc::getrusage(libc::RUSAGE_THREAD, &mut ru), ru)
+        };
+        if rc != 0 {
+            return ThreadSwitches::default();
+        }
+        ThreadSwitches {
+            voluntary: ru.ru_nvcsw as u64,
+            involuntary: ru.ru_nivcsw as u64,
+        }
+    }
+
+    /// What happened to the thread between `self` and `later` (both its own readings): if
+    /// the scheduler took its CPU at all, it was preempted; else if it gave the CPU up, it
+    /// slept; else it ran throughout.
+    pub fn until(self, later: ThreadSwitches) -> Switch {
+        if later.involuntary > self.involuntary {
+            Switch::Preempted
+        } else if later.voluntary > self.voluntary {
+            Switch::Slept
+        } else {
+            Switch::Ran
+        }
+    }
+}
+
+/// What happened to a thread during one call, from its context switches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// It kept its CPU throughout.
+    Ran,
+    /// The scheduler gave its CPU to another thread at least once (another thread's turn,
+    /// nothing the call waited for).
+    Preempted,
+    /// It gave its CPU up (and was not preempted): it waited for something.
+    Slept,
+}
+
 /// Busy work that touches no heap memory, for `d`.
 pub fn spin(d: Duration) {
     let end = Instant::now() + d;
@@ -610,6 +664,50 @@ pub fn memlock_limit() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sleep is a voluntary switch; sharing one CPU with a busy thread is, sooner or later,
+    /// an involuntary one; a call with neither ran throughout.
+    #[test]
+    fn thread_switches_tell_a_sleep_from_a_preemption() {
+        let a = ThreadSwitches::now();
+        assert_eq!(a.until(a), Switch::Ran);
+        std::thread::sleep(Duration::from_millis(2));
+        let b = ThreadSwitches::now();
+        assert!(b.voluntary > a.voluntary, "{a:?} {b:?}");
+        if b.involuntary == a.involuntary {
+            assert_eq!(a.until(b), Switch::Slept);
+        }
+        let later = ThreadSwitches {
+            voluntary: b.voluntary + 1,
+            involuntary: b.involuntary + 1,
+        };
+        assert_eq!(
+            b.until(later),
+            Switch::Preempted,
+            "a preemption counts first"
+        );
+        // This thread and a spinning one kept on the same CPU: the scheduler takes turns.
+        let cpu = crate::team::allowed_cpus()[0];
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::team::pin_to(cpu);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            });
+            crate::team::pin_to(cpu);
+            let start = ThreadSwitches::now();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while ThreadSwitches::now().involuntary == start.involuntary
+                && Instant::now() < deadline
+            {
+                spin(Duration::from_millis(1));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(start.until(ThreadSwitches::now()), Switch::Preempted);
+        });
+    }
 
     #[test]
     fn touch_floors_merged_keep_each_variants_least() {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use pagepool::{Buffer, PoolType, SystemHeap};
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 
+use crate::Args;
 use crate::measure::{self, RangePages};
+use crate::report::{ModeReport, ReadRow, Report};
 use crate::systems::HUGE;
 
 /// The rows, in table order: the ratios are row / `pagepool` (4 KiB pages).
@@ -276,6 +278,126 @@ pub fn calibrate(rb: &ReadBuffer, mut offset: usize) -> (f64, usize) {
         reads += CHUNK;
     }
     (t.elapsed().as_nanos() as f64 / reads as f64, offset)
+}
+
+/// The random mode: per buffer size, one buffer per row ([`ROWS`]), all holding the
+/// same chain, all alive at once; each row warmed up and calibrated, then the repetitions in
+/// interleaved order (rotated each repetition), each continuing the row's chain where the last
+/// stopped. A row's figure is the median repetition's mean ns per read, beside the range.
+pub fn run_mode(
+    args: &Args,
+    sizes: &[usize],
+    bar: &indicatif::ProgressBar,
+    report: &mut Report,
+) -> Result<(), String> {
+    println!("== mode: random ==");
+    let started = Instant::now();
+    let reps = args.random_reps();
+    println!(
+        "random: dependent 8-byte reads, one per 64-byte line, through every line of the buffer \
+         in one random cyclic order (seed {:#x}, the same for every row); {reps} repetitions per \
+         row, interleaved, of at least {} ms each; THP enabled [{}], defrag [{}], \
+         shmem_enabled [{}]; free 2 MiB hugetlb pages {}",
+        SEED,
+        MIN_REP.as_millis(),
+        measure::thp_setting("enabled"),
+        measure::thp_setting("defrag"),
+        measure::thp_setting("shmem_enabled"),
+        measure::free_hugetlb_pages()
+    );
+    let mut mr = ModeReport::new("random");
+    for &size in sizes {
+        let t = Instant::now();
+        bar.set_message(format!("random {size} chain"));
+        let lines = size / LINE;
+        let succ = cycle(lines, SEED);
+        let bufs: Vec<ReadBuffer> = ROWS
+            .iter()
+            .map(|n| ReadBuffer::new(n, size, &succ))
+            .collect::<Result<_, _>>()?;
+        drop(succ);
+        let huge_before: Vec<u64> = bufs.iter().map(|b| b.pages().huge()).collect();
+        bar.suspend(|| {
+            println!(
+                "buffers of {}: {lines} lines; chain and buffers ready in {:.1} s",
+                measure::bytes(size as u64),
+                t.elapsed().as_secs_f64()
+            )
+        });
+        // Warm up (through up to 100,000 lines) and calibrate each row: its reads per
+        // repetition fit its share of the budget, but last at least MIN_REP.
+        let mut pos = vec![0usize; bufs.len()];
+        let mut reads = vec![0u64; bufs.len()];
+        for (i, b) in bufs.iter().enumerate() {
+            bar.set_message(format!("random {size} {} warm-up", b.name));
+            let p = b.chase(0, lines.min(100_000) as u64);
+            let (est, p) = calibrate(b, p);
+            pos[i] = p;
+            reads[i] = match args.iters {
+                Some(n) => n as u64,
+                None => {
+                    let per_rep =
+                        (args.budget_ms as f64 * 1e6 / reps as f64).max(MIN_REP.as_nanos() as f64);
+                    (per_rep / est.max(0.1)).ceil() as u64
+                }
+            };
+            bar.inc(1);
+        }
+        let mut ns: Vec<Vec<f64>> = vec![Vec::new(); bufs.len()];
+        for rep in 0..reps {
+            for k in 0..bufs.len() {
+                let i = (k + rep) % bufs.len(); // interleaved, rotated each repetition
+                bar.set_message(format!("random {size} {} rep {}", bufs[i].name, rep + 1));
+                let t = Instant::now();
+                pos[i] = bufs[i].chase(pos[i], reads[i]);
+                ns[i].push(t.elapsed().as_nanos() as f64 / reads[i] as f64);
+                bar.inc(1);
+            }
+        }
+        let med = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let base = med(&ns[0]);
+        for (i, b) in bufs.iter().enumerate() {
+            let pages = b.pages();
+            let mut backing = format!("{}; {}", b.how, pages.describe(b.bytes()));
+            if huge_before[i] != pages.huge() {
+                backing.push_str(&format!(
+                    " (before the reads: {} in 2 MiB pages)",
+                    measure::bytes(huge_before[i])
+                ));
+            }
+            let row = ReadRow {
+                mode: "random".into(),
+                system: b.name.into(),
+                size,
+                reads: reads[i],
+                reps_ns_per_read: ns[i].clone(),
+                ns_per_read: med(&ns[i]),
+                vs_pagepool: (base > 0.0).then(|| med(&ns[i]) / base),
+                backing,
+                huge_bytes: pages.huge(),
+                resident_bytes: pages.rss,
+            };
+            bar.suspend(|| {
+                println!("{}", row.seed_line());
+                println!("  backing: {}", row.backing);
+            });
+            mr.reads.push(row);
+        }
+        for b in bufs.iter().filter_map(ReadBuffer::heap) {
+            b.flush();
+        }
+    }
+    bar.suspend(|| print!("{}", mr.random_summary(&ROWS)));
+    println!(
+        "== mode random: {:.1} s ==",
+        started.elapsed().as_secs_f64()
+    );
+    report.modes.push(mr);
+    Ok(())
 }
 
 #[cfg(test)]

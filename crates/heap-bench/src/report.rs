@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::measure::{Bandwidth, TouchFloor};
+use crate::measure::{Bandwidth, Switch, TouchFloor};
 use crate::systems::{CallOpts, PEERS};
 
 /// One system at one size in one mode.
@@ -48,6 +48,92 @@ pub struct Row {
     pub rss_before: Option<u64>,
     /// Peak resident set size during the row (pagepool rows), bytes.
     pub peak_rss: Option<u64>,
+    /// With `--switches`: the calls during which the scheduler preempted the calling thread or
+    /// it slept, and those that kept the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switches: Option<Switches>,
+}
+
+/// A row's calls sorted by what happened to the calling thread during each (`--switches`): on a
+/// busy machine a call the scheduler preempted takes a time slice or more of another thread's,
+/// which decides the row's mean and max by chance; the calls that kept the CPU are the
+/// system's own cost.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Switches {
+    /// Calls during which the thread was preempted (an involuntary context switch).
+    pub preempted: usize,
+    /// Their share of the row's time in calls.
+    pub preempted_share: f64,
+    /// The slowest of them, ns.
+    pub preempted_max_ns: u64,
+    /// Calls during which it slept (a voluntary context switch, no involuntary one): it
+    /// waited for something, a lock or the heap's worker.
+    pub slept: usize,
+    /// Their share of the row's time in calls.
+    pub slept_share: f64,
+    /// The slowest of them, ns.
+    pub slept_max_ns: u64,
+    /// Calls that kept the CPU throughout.
+    pub kept: usize,
+    /// Their mean, ns.
+    pub kept_mean_ns: f64,
+    /// Their 99th percentile, ns.
+    pub kept_p99_ns: u64,
+    /// The slowest of them, ns.
+    pub kept_max_ns: u64,
+}
+
+impl Switches {
+    /// The figures of calls timed `per_call` (ns), each with what happened to its thread
+    /// (`how`, in the same order).
+    pub fn of(per_call: &[u64], how: &[Switch]) -> Switches {
+        let total: u64 = per_call.iter().sum();
+        let of = |kind: Switch| {
+            let mut v: Vec<u64> = per_call
+                .iter()
+                .zip(how)
+                .filter(|&(_, &h)| h == kind)
+                .map(|(&ns, _)| ns)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let share = |v: &[u64]| v.iter().sum::<u64>() as f64 / total.max(1) as f64;
+        let (preempted, slept, kept) = (of(Switch::Preempted), of(Switch::Slept), of(Switch::Ran));
+        let max = |v: &[u64]| v.last().copied().unwrap_or(0);
+        Switches {
+            preempted: preempted.len(),
+            preempted_share: share(&preempted),
+            preempted_max_ns: max(&preempted),
+            slept: slept.len(),
+            slept_share: share(&slept),
+            slept_max_ns: max(&slept),
+            kept: kept.len(),
+            kept_mean_ns: kept.iter().sum::<u64>() as f64 / kept.len().max(1) as f64,
+            kept_p99_ns: crate::calls::quantile(&kept, 0.99),
+            kept_max_ns: max(&kept),
+        }
+    }
+}
+
+impl std::fmt::Display for Switches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "switches: preempted {} calls ({:.0}% of the time in calls, max {} ns), slept {} \
+             ({:.0}%, max {} ns); kept the CPU {} calls: mean {:.0} ns, p99 {} ns, max {} ns",
+            self.preempted,
+            100.0 * self.preempted_share,
+            self.preempted_max_ns,
+            self.slept,
+            100.0 * self.slept_share,
+            self.slept_max_ns,
+            self.kept,
+            self.kept_mean_ns,
+            self.kept_p99_ns,
+            self.kept_max_ns
+        )
+    }
 }
 
 impl Row {
@@ -71,6 +157,16 @@ impl Row {
             absent: Some(why),
             rss_before: None,
             peak_rss: None,
+            switches: None,
+        }
+    }
+
+    /// The seed's output line, and with `--switches` a second one with the row's
+    /// [`Switches`].
+    pub fn lines(&self) -> String {
+        match &self.switches {
+            Some(s) => format!("{}\n  {s}", self.seed_line()),
+            None => self.seed_line(),
         }
     }
 
@@ -847,5 +943,39 @@ fn panel(
                 l.color
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each call counts where its thread's switches put it: preempted first, then slept, else
+    /// kept; shares of the time in calls, and the kept calls' own figures.
+    #[test]
+    fn switches_sort_calls_by_what_happened_to_the_thread() {
+        use Switch::{Preempted, Ran, Slept};
+        let per_call = [100, 4_000_000, 300, 200, 50_000, 400];
+        let how = [Ran, Preempted, Ran, Ran, Slept, Ran];
+        let s = Switches::of(&per_call, &how);
+        let total = per_call.iter().sum::<u64>() as f64;
+        assert_eq!((s.preempted, s.slept, s.kept), (1, 1, 4));
+        assert_eq!(
+            (s.preempted_max_ns, s.slept_max_ns, s.kept_max_ns),
+            (4_000_000, 50_000, 400)
+        );
+        assert!((s.preempted_share - 4e6 / total).abs() < 1e-12);
+        assert!((s.slept_share - 5e4 / total).abs() < 1e-12);
+        assert_eq!(s.kept_mean_ns, 250.0);
+        assert_eq!(s.kept_p99_ns, 400);
+        let line = s.to_string();
+        assert!(line.starts_with("switches: preempted 1 calls"), "{line}");
+        assert!(line.contains("kept the CPU 4 calls: mean 250 ns"), "{line}");
+        // No calls: zeros, not a panic or a NaN.
+        let none = Switches::of(&[], &[]);
+        assert_eq!(
+            (none.kept, none.kept_mean_ns, none.preempted_share),
+            (0, 0.0, 0.0)
+        );
     }
 }

@@ -30,6 +30,14 @@ pub const ALL: [&str; 12] = [
     "dmabuf",
 ];
 
+/// Rows that run only when `--systems` names them, after [`ALL`]'s: `pagepool-sync`, the
+/// default heap but for `deferred(false)` (its releases zeroed on the releasing thread; its
+/// thread cache and registry as the default heap's), against which the deferred heap's
+/// allocation latency is judged; and `pagepool-control`, a second default heap, whose ratio to
+/// `pagepool` is what the machine and the heaps' places in memory make of two heaps doing the
+/// same work: the noise floor of a comparison between pagepool rows.
+pub const EXTRA: [&str; 2] = ["pagepool-sync", "pagepool-control"];
+
 /// The attrs mode's rows, in table order: each pagepool pool type, then what a user would do
 /// per call instead for the same memory.
 pub const ATTRS: [&str; 6] = [
@@ -189,6 +197,10 @@ impl System {
                     .registry(Registry::new(usize::MAX))
                     .pool_limit(0),
             )?),
+            "pagepool-sync" => {
+                Kind::Heap(heap(SystemHeap::builder().name("sync").deferred(false))?)
+            }
+            "pagepool-control" => Kind::Heap(heap(SystemHeap::builder().name("control"))?),
             "pagepool-syncfree" => Kind::Heap(heap(
                 SystemHeap::builder()
                     .name("syncfree")
@@ -246,8 +258,9 @@ impl System {
             },
             other => {
                 return Err(format!(
-                    "unknown system {other:?}; known: {}, {}",
+                    "unknown system {other:?}; known: {}, {}, {}",
                     ALL.join(", "),
+                    EXTRA.join(", "),
                     ATTRS.join(", ")
                 ));
             }

@@ -166,6 +166,7 @@ fn tiny_run_prints_every_row_of_every_mode() {
                     }
                     None => assert!(r["calls_per_sec"].is_null(), "{r}"),
                 }
+                assert!(r.get("switches").is_none(), "only with --switches: {r}");
                 let tuned = r["system"].as_str().unwrap().ends_with("-tuned");
                 assert_eq!(r["settings"].is_string(), tuned, "{r}");
                 assert_eq!(r["reps_ns"].as_array().unwrap().len(), 2);
@@ -191,6 +192,74 @@ fn tiny_run_prints_every_row_of_every_mode() {
     assert!(chart.contains("buffer size (log scale)") && chart.contains("tight mode"));
     for panel in ["threads-4 mode", "paced mode: p50", "loaded mode: p50"] {
         assert!(chart.contains(panel), "no {panel} panel");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The rows run only when named (`pagepool-sync`, `pagepool-control`) run in any mode of calls;
+/// `--switches` sorts every row's calls by what happened to the calling thread, each call timed
+/// alone (4 KiB included), and says so under each row and in the JSON; `--verify` checks every
+/// buffer on a busy machine (the loaded mode) too.
+#[test]
+fn named_rows_and_switches_on_a_busy_machine() {
+    let dir = std::env::temp_dir().join(format!("heap-bench-switches-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("run.json");
+    let rows = ["pagepool", "pagepool-sync", "pagepool-control"];
+    let out = Command::new(env!("CARGO_BIN_EXE_heap-bench"))
+        .args([
+            "--mode", "loaded", "--iters", "20", "--reps", "2", "--sizes", "4K,64K",
+        ])
+        .args([
+            "--systems",
+            &rows.join(","),
+            "--switches",
+            "--verify",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for sys in rows {
+        for size in [4096, 65536] {
+            let at = lines
+                .iter()
+                .position(|l| {
+                    l.starts_with(&format!("{sys} heap: alloc {size} bytes 20 times in "))
+                })
+                .unwrap_or_else(|| panic!("no {sys} row at {size}:\n{stdout}"));
+            assert!(
+                lines[at + 1].starts_with("  switches: preempted "),
+                "{sys} at {size}: {}",
+                lines[at + 1]
+            );
+        }
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let got = report["modes"][0]["rows"].as_array().unwrap();
+    assert_eq!(got.len(), 6);
+    for r in got {
+        let s = &r["switches"];
+        let calls: u64 = ["preempted", "slept", "kept"]
+            .iter()
+            .map(|k| s[k].as_u64().unwrap())
+            .sum();
+        // Every call of both repetitions, each timed alone.
+        assert_eq!(calls, 40, "{r}");
+        let share = s["preempted_share"].as_f64().unwrap() + s["slept_share"].as_f64().unwrap();
+        assert!((0.0..=1.0 + 1e-9).contains(&share), "{r}");
+        assert!(
+            s["kept_max_ns"].as_u64().unwrap() <= r["max_ns"].as_u64().unwrap(),
+            "{r}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -69,8 +69,8 @@
 //!   single block out of the shortest run they hold; and after a few allocations in a row that
 //!   needed a view anyway, one takes fresh pages as one range (see `alloc_blocks`).
 //!
-//! So under full CPU load a deferred heap behaves like a synchronous one; `examples/busy.rs`
-//! measures both side by side.
+//! So under full CPU load a deferred heap behaves like a synchronous one; `heap-bench --mode
+//! loaded --switches --systems pagepool,pagepool-sync` measures both side by side.
 
 //! ## Mapping count bound
 //! pagepool's share of `/proc/self/maps` is at most `2A + Σ r(b)`: two mappings per arena (the
