@@ -25,9 +25,10 @@
 //! The release queue deals in items and numbers; it never touches memory itself, which is what
 //! lets the loom models run it with plain numbers.
 
-mod idle;
+mod punctual;
 mod queue;
 mod share;
+mod worker;
 
 use std::collections::VecDeque;
 
@@ -36,6 +37,7 @@ use crossbeam_utils::CachePadded;
 use crate::pool::MAX_ORDER;
 use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering, lock};
 
+use self::punctual::Punctuality;
 pub(crate) use self::share::Job;
 
 /// A buffer's runs: up to two inline (most buffers), more on the heap.
@@ -191,10 +193,6 @@ pub(crate) struct ReleaseQueue<I: Item = Runs> {
     pub(super) landings_hint: CachePadded<AtomicU64>,
     /// Pages queued from which a release wakes a sleeping worker.
     pub(super) wake_pages: AtomicUsize,
-    /// How long an idle worker polls before napping, in ns (0: nap at once).
-    pub(super) spin_ns: AtomicU64,
-    /// How long an idle worker naps before it sleeps until woken, in ns (0: no naps).
-    pub(super) naps_ns: AtomicU64,
     /// The worker's current claim, open to helpers.
     pub(super) job: Mutex<Option<std::sync::Arc<Job>>>,
     /// A run an allocation is zeroing inline, open to the idle worker.
@@ -209,38 +207,8 @@ pub(crate) struct ReleaseQueue<I: Item = Runs> {
     /// Set while the worker is in a section where it takes locks the allocation side also
     /// takes (see `sync::lock_within`).
     pub(super) worker_locking: AtomicBool,
-    /// When the worker promised to look at the queue next, in ns since `born` (`u64::MAX`:
-    /// asleep until a release wakes it). Past that by [`WORKER_GRACE`], the scheduler is not
-    /// running the worker, and releases zero their buffers themselves.
-    pub(super) due_ns: AtomicU64,
-    /// Until when releases zero their own buffers after the worker was found late, and the
-    /// length of that hold (see `hold`).
-    pub(super) late_until_ns: AtomicU64,
-    pub(super) hold_ns: AtomicU64,
-    /// Set by a hold, cleared when the worker next runs on time: after a hold, releases keep
-    /// zeroing their own buffers, and the first wakes a sleeping worker to show that it runs
-    /// again (`probe_out`: asked, not answered; see `queue` and `answer_probe`).
-    pub(super) probation: AtomicBool,
-    pub(super) probe_out: AtomicBool,
-    pub(super) born: crate::sync::Instant,
-    /// The rhythm of releases: when the last one came (ns since `born`), and a moving average
-    /// of the gaps between them (0: none yet).
-    pub(super) last_release_ns: AtomicU64,
-    pub(super) release_gap_ns: AtomicU64,
-    /// Whether more threads want the cores than there are (see `loaded`); the machine's
-    /// answer, or a test's; `None`: no load check, the worker's punctuality alone decides.
-    pub(super) load_check: Option<fn() -> bool>,
-    /// Until when a worker found late is not held against (see `loaded`), in ns since `born`.
-    pub(super) calm_until_ns: AtomicU64,
-}
-
-/// The machine's load check (see [`crate::os::cores_oversubscribed`]); none under loom, whose
-/// models must not depend on the machine.
-fn machine_load_check() -> Option<fn() -> bool> {
-    #[cfg(loom)]
-    return None;
-    #[cfg(not(loom))]
-    Some(crate::os::cores_oversubscribed)
+    /// The worker's punctuality: its promise, holds, probation, spin and naps.
+    pub(super) punctuality: Punctuality,
 }
 
 /// A section of the worker's in which it may hold locks the allocation side takes (see
@@ -322,8 +290,6 @@ impl<I: Item> ReleaseQueue<I> {
             queued_hint: CachePadded::new(AtomicUsize::new(0)),
             landings_hint: CachePadded::new(AtomicU64::new(0)),
             wake_pages: AtomicUsize::new(crate::config::CHUNK_PAGES),
-            spin_ns: AtomicU64::new(0),
-            naps_ns: AtomicU64::new(0),
             job: Mutex::new(None),
             shared: Mutex::new(None),
             shared_hint: CachePadded::new(AtomicBool::new(false)),
@@ -331,23 +297,25 @@ impl<I: Item> ReleaseQueue<I> {
             stopped_hint: AtomicBool::new(false),
             adopted: AtomicUsize::new(0),
             worker_locking: AtomicBool::new(false),
-            due_ns: AtomicU64::new(u64::MAX),
-            late_until_ns: AtomicU64::new(0),
-            hold_ns: AtomicU64::new(0),
-            probation: AtomicBool::new(false),
-            probe_out: AtomicBool::new(false),
-            born: crate::sync::Instant::now(),
-            last_release_ns: AtomicU64::new(0),
-            release_gap_ns: AtomicU64::new(0),
-            load_check: machine_load_check(),
-            calm_until_ns: AtomicU64::new(0),
+            punctuality: Punctuality::new(),
         }
     }
 
     /// Replaces the check of whether the machine's cores are oversubscribed (see `loaded`);
     /// `None` turns it off.
     pub(crate) fn set_load_check(&mut self, check: Option<fn() -> bool>) {
-        self.load_check = check;
+        self.punctuality.set_load_check(check);
+    }
+
+    /// The worker's promise: it looks at the queue again within `d` (see
+    /// [`Punctuality::promise`]).
+    pub(crate) fn promise(&self, d: std::time::Duration) {
+        self.punctuality.promise(d);
+    }
+
+    /// True while the machine looks busy (see [`Punctuality::busy`]).
+    pub(crate) fn busy(&self) -> bool {
+        self.punctuality.busy()
     }
 
     /// The flag the allocation side checks before it waits for a busy lock (see
@@ -406,7 +374,7 @@ impl<I: Item> std::fmt::Debug for ReleaseQueue<I> {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
-    use super::idle::nap_length;
+    use super::punctual::nap_length;
     use super::*;
     use crate::config::*;
     use crate::shrinker::Shrinker;
@@ -538,33 +506,36 @@ mod tests {
         let (mut l, _) = list(10_000);
         l.set_load_check(None); // the worker's punctuality alone
         let one = || smallvec::smallvec![run(0, 0, 1)];
-        l.hold(l.now_ns(), 0);
+        l.punctuality.hold(l.punctuality.now_ns(), 0);
         assert!(
             l.queue(one()).is_err(),
             "held: the release zeroes its buffer"
         );
         std::thread::sleep(LATE_HOLD + std::time::Duration::from_millis(5));
-        assert!(!l.holding());
+        assert!(!l.punctuality.holding());
         assert!(l.queue(one()).is_err(), "on probation: the probe is asked");
-        assert!(l.probe_out.load(Ordering::Relaxed));
+        assert!(l.punctuality.probe_out.load(Ordering::Relaxed));
         assert!(l.queue(one()).is_err(), "still unanswered");
-        l.answer_probe(); // the worker runs, within its grace
-        assert!(!l.probation.load(Ordering::Relaxed));
+        l.punctuality.answer_probe(); // the worker runs, within its grace
+        assert!(!l.punctuality.probation.load(Ordering::Relaxed));
         assert!(l.queue(one()).is_ok(), "queued again");
         assert_eq!(l.pages(), 1);
 
         // A worker that answers late starts a longer hold.
-        l.hold(l.now_ns(), 0);
-        let first = l.hold_ns.load(Ordering::Relaxed);
+        l.punctuality.hold(l.punctuality.now_ns(), 0);
+        let first = l.punctuality.hold_ns.load(Ordering::Relaxed);
         std::thread::sleep(
             std::time::Duration::from_nanos(first) + std::time::Duration::from_millis(5),
         );
         assert!(l.queue(one()).is_err(), "the probe");
         l.promise(std::time::Duration::ZERO); // the worker: "I look at once"; then it does not
         std::thread::sleep(WORKER_GRACE + std::time::Duration::from_millis(1));
-        l.answer_probe();
-        assert!(l.holding(), "late: held again");
-        assert!(l.hold_ns.load(Ordering::Relaxed) > first, "for longer");
+        l.punctuality.answer_probe();
+        assert!(l.punctuality.holding(), "late: held again");
+        assert!(
+            l.punctuality.hold_ns.load(Ordering::Relaxed) > first,
+            "for longer"
+        );
         assert!(l.queue(one()).is_err());
     }
 
@@ -573,19 +544,19 @@ mod tests {
         let (mut l, _) = list(10_000);
         l.set_load_check(Some(|| true));
         let one = || smallvec::smallvec![run(0, 0, 1)];
-        l.hold(l.now_ns(), 0);
-        let first = l.hold_ns.load(Ordering::Relaxed);
+        l.punctuality.hold(l.punctuality.now_ns(), 0);
+        let first = l.punctuality.hold_ns.load(Ordering::Relaxed);
         std::thread::sleep(
             std::time::Duration::from_nanos(first) + std::time::Duration::from_millis(5),
         );
-        assert!(!l.holding());
+        assert!(!l.punctuality.holding());
         assert!(l.queue(one()).is_err(), "the probe");
         l.promise(std::time::Duration::ZERO);
-        l.answer_probe(); // on time, but more threads want the cores than there are
-        assert!(l.holding(), "held again");
-        assert!(l.probation.load(Ordering::Relaxed));
+        l.punctuality.answer_probe(); // on time, but more threads want the cores than there are
+        assert!(l.punctuality.holding(), "held again");
+        assert!(l.punctuality.probation.load(Ordering::Relaxed));
         assert!(
-            l.hold_ns.load(Ordering::Relaxed) > first,
+            l.punctuality.hold_ns.load(Ordering::Relaxed) > first,
             "longer, as a repeat"
         );
         assert!(l.queue(one()).is_err());
@@ -610,7 +581,7 @@ mod tests {
         late(&l);
         assert!(l.queue(one()).is_ok(), "queued for the late worker");
         assert!(l.queue(one()).is_ok());
-        assert!(!l.holding() && !l.probation.load(Ordering::Relaxed));
+        assert!(!l.punctuality.holding() && !l.punctuality.probation.load(Ordering::Relaxed));
         assert_eq!(l.pages(), 2);
         assert_eq!(
             CHECKS.load(Ordering::Relaxed),
@@ -621,7 +592,7 @@ mod tests {
         l.promise(std::time::Duration::ZERO);
         std::thread::sleep(LATE_HOLD + PREEMPTED + std::time::Duration::from_millis(1));
         l.promise(std::time::Duration::ZERO);
-        assert!(!l.holding());
+        assert!(!l.punctuality.holding());
         assert_eq!(CHECKS.load(Ordering::Relaxed), 2, "looked at again");
 
         // Oversubscribed cores: a hold, releases zero their own buffers.
@@ -629,7 +600,7 @@ mod tests {
         l.set_load_check(Some(|| true));
         late(&l);
         assert!(l.queue(one()).is_err(), "held");
-        assert!(l.holding());
+        assert!(l.punctuality.holding());
         assert_eq!(l.pages(), 0);
 
         // No load check: punctuality alone.
@@ -637,7 +608,7 @@ mod tests {
         l.set_load_check(None);
         late(&l);
         assert!(l.queue(one()).is_err(), "held");
-        assert!(l.holding());
+        assert!(l.punctuality.holding());
     }
 
     #[test]
@@ -742,37 +713,46 @@ mod tests {
     fn a_hold_lasts_as_long_as_the_worker_was_late_and_grows_on_repeats() {
         let (l, _) = list(10_000);
         let ms = |n: u64| n * 1_000_000;
-        let now = l.now_ns() + ms(1000);
+        let now = l.punctuality.now_ns() + ms(1000);
         // A short hiccup: the shortest hold.
-        l.hold(now, ms(1));
+        l.punctuality.hold(now, ms(1));
         assert_eq!(
-            l.hold_ns.load(Ordering::Relaxed),
+            l.punctuality.hold_ns.load(Ordering::Relaxed),
             LATE_HOLD.as_nanos() as u64
         );
-        assert_eq!(l.late_until_ns.load(Ordering::Relaxed), now + ms(3));
+        assert_eq!(
+            l.punctuality.late_until_ns.load(Ordering::Relaxed),
+            now + ms(3)
+        );
         // The worker comes back within the hold and saw itself away for 20 ms: the hold runs
         // 20 ms from then.
-        l.hold(now + ms(2), ms(20));
-        assert_eq!(l.late_until_ns.load(Ordering::Relaxed), now + ms(22));
+        l.punctuality.hold(now + ms(2), ms(20));
+        assert_eq!(
+            l.punctuality.late_until_ns.load(Ordering::Relaxed),
+            now + ms(22)
+        );
         // Late again soon after the hold ended: four times the last hold.
         let again = now + ms(23);
-        l.hold(again, ms(1));
-        assert_eq!(l.hold_ns.load(Ordering::Relaxed), ms(12));
-        assert_eq!(l.late_until_ns.load(Ordering::Relaxed), again + ms(12));
+        l.punctuality.hold(again, ms(1));
+        assert_eq!(l.punctuality.hold_ns.load(Ordering::Relaxed), ms(12));
+        assert_eq!(
+            l.punctuality.late_until_ns.load(Ordering::Relaxed),
+            again + ms(12)
+        );
         // Before the worker showed it runs again (probation): four times again.
         let probing = again + ms(100);
-        l.hold(probing, ms(1));
-        assert_eq!(l.hold_ns.load(Ordering::Relaxed), ms(48));
+        l.punctuality.hold(probing, ms(1));
+        assert_eq!(l.punctuality.hold_ns.load(Ordering::Relaxed), ms(48));
         // Long after, the worker having answered on time: a first hold again, as long as the
         // lateness (at most LATE_HOLD_MAX).
-        l.probation.store(false, Ordering::Relaxed);
+        l.punctuality.probation.store(false, Ordering::Relaxed);
         let later = probing + ms(5000);
-        l.hold(later, ms(40));
-        assert_eq!(l.hold_ns.load(Ordering::Relaxed), ms(40));
-        l.probation.store(false, Ordering::Relaxed);
-        l.hold(later + ms(10_000), ms(50_000));
+        l.punctuality.hold(later, ms(40));
+        assert_eq!(l.punctuality.hold_ns.load(Ordering::Relaxed), ms(40));
+        l.punctuality.probation.store(false, Ordering::Relaxed);
+        l.punctuality.hold(later + ms(10_000), ms(50_000));
         assert_eq!(
-            l.hold_ns.load(Ordering::Relaxed),
+            l.punctuality.hold_ns.load(Ordering::Relaxed),
             LATE_HOLD_MAX.as_nanos() as u64
         );
     }

@@ -19,8 +19,8 @@ impl<I: Item> ReleaseQueue<I> {
     /// zeroing a few small blocks. Smaller releases wait for the next wake-up, an allocation
     /// that takes them, or [`flush`](Self::flush).
     pub(crate) fn queue(&self, item: I) -> Result<(), I> {
-        let now = self.now_ns();
-        self.note_release(now);
+        let now = self.punctuality.now_ns();
+        self.punctuality.note_release(now);
         let pages = item.pages();
         let wake = {
             let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
@@ -29,7 +29,7 @@ impl<I: Item> ReleaseQueue<I> {
                 return Err(item);
             };
             let pending = q.pages + q.in_flight_pages();
-            if q.stopped || pending + pages > self.max_pages || self.worker_late(now) {
+            if q.stopped || pending + pages > self.max_pages || self.punctuality.worker_late(now) {
                 drop(q);
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(item);
@@ -38,13 +38,13 @@ impl<I: Item> ReleaseQueue<I> {
             // runs again: the first one asks it to (the probe), and it answers when the
             // scheduler runs it (see `answer_probe`). Queuing meanwhile would pile work up
             // for a worker that may still get no core, for allocations to zero.
-            if self.probation.load(Ordering::Relaxed) {
-                let ask = !self.probe_out.swap(true, Ordering::Relaxed);
+            if self.punctuality.on_probation() {
+                let ask = self.punctuality.ask_probe();
                 let sleeping = q.sleeping > 0;
                 drop(q);
                 if ask && sleeping {
                     // A napping or spinning worker answers by its own promise.
-                    self.expect_worker();
+                    self.punctuality.expect_worker();
                     self.work.notify_one();
                 }
                 self.refused.fetch_add(1, Ordering::Relaxed);
@@ -60,7 +60,7 @@ impl<I: Item> ReleaseQueue<I> {
             q.sleeping > 0 && (q.pages >= self.wake_pages.load(Ordering::Relaxed) || q.flushing > 0)
         };
         if wake {
-            self.expect_worker();
+            self.punctuality.expect_worker();
             self.work.notify_one();
         }
         Ok(())

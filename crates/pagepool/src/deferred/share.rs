@@ -194,7 +194,7 @@ impl ReleaseQueue<Runs> {
         };
         while let Some((off, len)) = job.next_worker_piece(self.page) {
             zero(&job, off, len);
-            self.promise(std::time::Duration::ZERO);
+            self.punctuality.promise(std::time::Duration::ZERO);
             if job.finish(len) {
                 land(&job);
                 return;
@@ -284,7 +284,7 @@ impl ReleaseQueue<Runs> {
         #[cfg(not(loom))]
         {
             let start = std::time::Instant::now();
-            let (mut seen, mut progress) = (self.due_ns.load(Ordering::Relaxed), start);
+            let (mut seen, mut progress) = (self.punctuality.due(), start);
             loop {
                 for _ in 0..32 {
                     crate::sync::spin_loop();
@@ -293,7 +293,7 @@ impl ReleaseQueue<Runs> {
                     }
                 }
                 let now = std::time::Instant::now();
-                let due = self.due_ns.load(Ordering::Relaxed);
+                let due = self.punctuality.due();
                 if due != seen {
                     (seen, progress) = (due, now);
                 }
