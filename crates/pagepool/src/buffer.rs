@@ -12,9 +12,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
 use crate::cache::Dirty;
-use crate::deferred::{Run, Runs};
 use crate::error::AllocError;
 use crate::heap::core::HeapInner;
+use crate::heap::job::{Run, Runs};
 use crate::os;
 use crate::sync::Arc;
 

@@ -32,8 +32,8 @@ use std::cell::RefCell;
 use crossbeam_utils::CachePadded;
 
 use crate::cache_slots::{Slot, SlotTotals, add_own};
-use crate::deferred::{Run, Runs};
 use crate::heap::core::HeapInner;
+use crate::heap::job::{Run, Runs};
 use crate::sync::{Arc, Ordering, lock};
 
 /// One thread's cache of one heap.

@@ -50,6 +50,8 @@ mod error;
 mod export;
 mod fork;
 mod heap;
+#[cfg(all(test, loom))]
+mod loom_tests;
 mod os;
 mod pool;
 mod pressure;

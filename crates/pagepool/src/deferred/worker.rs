@@ -5,9 +5,9 @@ use crate::config::{CHUNK_PAGES, CLAIM_DELAY};
 use crate::sync::{MutexGuard, Ordering, lock, wait, wait_timeout};
 
 use super::punctual::nap_length;
-use super::{Item, Job, Locking, Queue, Reason, ReleaseQueue, Run, Runs, Work};
+use super::{Item, Locking, Queue, Reason, ReleaseQueue, Tally, Work};
 
-impl<I: Item> ReleaseQueue<I> {
+impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
     /// How long an idle worker keeps polling for work before it sleeps (default 0). Waking a
     /// sleeping thread costs the releasing thread a system call and the worker a scheduling
     /// delay (tens of microseconds in a VM); a short poll keeps a busy heap's worker awake
@@ -23,9 +23,9 @@ impl<I: Item> ReleaseQueue<I> {
     }
 
     /// Polls for queued work (a chunk's worth: smaller releases are left to the allocations
-    /// that will want them, as they do not wake a sleeping worker either) or a shared run, for
-    /// up to the worker spin time; true if some arrived.
-    pub(super) fn spin_for_work(&self) -> bool {
+    /// that will want them, as they do not wake a sleeping worker either) or other work (see
+    /// [`next_with`](Self::next_with)), for up to the worker spin time; true if some arrived.
+    pub(super) fn spin_for_work(&self, other: &impl Fn(Ordering) -> bool) -> bool {
         let ns = self.punctuality.spin();
         if ns == 0 {
             return false;
@@ -35,7 +35,7 @@ impl<I: Item> ReleaseQueue<I> {
         let mut seen: Option<crate::sync::Instant> = None;
         loop {
             for _ in 0..64 {
-                if self.shared_hint.load(Ordering::Relaxed) {
+                if other(Ordering::Relaxed) {
                     return true;
                 }
                 // A flush wants even a small queue zeroed now; a stop ends the spin at once.
@@ -60,7 +60,7 @@ impl<I: Item> ReleaseQueue<I> {
             }
             self.punctuality.promise(std::time::Duration::ZERO);
             if self.punctuality.holding() && self.flushing_hint.load(Ordering::Relaxed) == 0 {
-                return false; // queued work is the allocations' for now (see `next_work`)
+                return false; // queued work is the allocations' for now (see `next_with`)
             }
             if seen.is_none() && crate::sync::Instant::now() >= end {
                 return false;
@@ -72,10 +72,10 @@ impl<I: Item> ReleaseQueue<I> {
     /// queue's lock and the worker-locking flag are let go meanwhile.
     fn nap<'a>(
         &'a self,
-        mut q: MutexGuard<'a, Queue<I>>,
+        mut q: MutexGuard<'a, Queue<I, T>>,
         locking: &mut Option<Locking<'a>>,
         nap: std::time::Duration,
-    ) -> MutexGuard<'a, Queue<I>> {
+    ) -> MutexGuard<'a, Queue<I, T>> {
         q.napping += 1;
         self.punctuality.promise(nap);
         drop(locking.take());
@@ -85,16 +85,18 @@ impl<I: Item> ReleaseQueue<I> {
         q
     }
 
-    /// The worker's loop step: waits for queued work (spinning, napping or sleeping, see the
-    /// module's documentation) and takes some with `take`, which is given the queue, locked,
-    /// whenever it holds items the worker may take (not while releases free their own, see
-    /// `hold`, unless a flush waits). Also returns [`Work::Assist`] when an allocation shared a
-    /// run while the worker was idle, and [`Work::Idle`] when `poll` is given and passes
-    /// without work. Returns `None` once the list is stopped.
+    /// The worker's loop step: waits for queued work (spinning, napping or sleeping, as its
+    /// [`Punctuality`](super::Punctuality) says) and takes some with `take`, which is given the
+    /// queue, locked, whenever it holds items the worker may take (not while releases free
+    /// their own, see `Punctuality::hold`, unless a flush waits). Also returns [`Work::Other`]
+    /// when the queue is empty and `other(ordering)`, a flag the queue's owner raises for work
+    /// of its own, is set (read with that ordering), and [`Work::Idle`] when `poll` is given and
+    /// passes without work. Returns `None` once the queue is stopped.
     pub(crate) fn next_with<W>(
         &self,
         poll: Option<std::time::Duration>,
-        mut take: impl FnMut(&Self, &mut Queue<I>) -> Option<W>,
+        mut take: impl FnMut(&Self, &mut Queue<I, T>) -> Option<W>,
+        other: impl Fn(Ordering) -> bool,
     ) -> Option<Work<W>> {
         // Declared before the guard, so dropped after it: the flag stays set while the queue's
         // lock is held (see `sync::lock_within`).
@@ -107,9 +109,9 @@ impl<I: Item> ReleaseQueue<I> {
                 return None;
             }
             self.punctuality.answer_probe();
-            if q.items.is_empty() && self.shared_hint.load(Ordering::Acquire) {
+            if q.items.is_empty() && other(Ordering::Acquire) {
                 self.punctuality.promise(std::time::Duration::ZERO);
-                return Some(Work::Assist);
+                return Some(Work::Other);
             }
             // While releases free their own items (the machine is busy, see `hold`), the
             // worker leaves queued work to allocations unless a flush waits for it: a nice-19
@@ -137,14 +139,14 @@ impl<I: Item> ReleaseQueue<I> {
                         q = self.nap(q, &mut locking, nap);
                         if (!q.items.is_empty() && !self.punctuality.holding())
                             || q.stopped
-                            || self.shared_hint.load(Ordering::Acquire)
+                            || other(Ordering::Acquire)
                         {
                             continue;
                         }
                     }
                     drop(q);
                     drop(locking.take());
-                    let found = self.spin_for_work();
+                    let found = self.spin_for_work(&other);
                     locking = Some(self.locking());
                     q = lock(&self.queue);
                     found
@@ -159,7 +161,7 @@ impl<I: Item> ReleaseQueue<I> {
             }
             if (!q.items.is_empty() && (q.flushing > 0 || !self.punctuality.holding()))
                 || q.stopped
-                || self.shared_hint.load(Ordering::Acquire)
+                || other(Ordering::Acquire)
             {
                 continue;
             }
@@ -198,67 +200,24 @@ impl<I: Item> ReleaseQueue<I> {
     }
 }
 
-impl ReleaseQueue<Runs> {
-    /// The heap worker's loop step (see [`next_with`](Self::next_with)): claims up to
-    /// [`CHUNK_PAGES`] pages from the end of the oldest buffer's last run, as a [`Job`] open to
-    /// helpers, with the size in pages of the buffer it came from (the worker zeroes runs of
-    /// large buffers with streaming stores). The claim is *in flight* until
-    /// [`landed`](Self::landed) is called with it.
-    pub(crate) fn next_work(&self) -> Option<Work<std::sync::Arc<Job>>> {
-        self.next_with(None, |l, q| {
-            let (item, buffer_pages) = q.items.front_mut()?;
-            let buffer_pages = *buffer_pages;
-            let last = item.last_mut().expect("queued items are never empty");
-            let k = last.count.min((CHUNK_PAGES >> last.order).max(1));
-            last.count -= k;
-            let run = Run {
-                start: last.start + last.count * (l.page << last.order),
-                order: last.order,
-                count: k,
-            };
-            if last.count == 0 {
-                item.pop();
-                if item.is_empty() {
-                    q.items.pop_front();
-                }
-            }
-            l.take(q, &run);
-            q.in_flight[run.order as usize] += run.pages();
-            // Open to helpers before the queue's lock is released: whoever sees the claim in
-            // flight finds its job (see `current_job`).
-            let job = std::sync::Arc::new(Job::new(run, buffer_pages, l.page));
-            *lock(&l.job) = Some(job.clone());
-            Some(job)
-        })
-    }
-
-    /// [`next_work`](Self::next_work) for the tests and models: the claimed run, or `None`
-    /// once the list is stopped.
-    #[cfg(test)]
-    pub(crate) fn claim(&self) -> Option<Run> {
-        loop {
-            match self.next_work()? {
-                Work::Claim(job) => return Some(job.run()),
-                Work::Assist | Work::Idle => continue,
-            }
-        }
-    }
-}
-
-impl<I: Item> ReleaseQueue<I> {
+impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
     /// The worker's loop step for whole items (see [`next_with`](Self::next_with)): takes the
     /// oldest queued item, which is *in flight* until [`land_item`](Self::land_item) is called
     /// with its pages. With `poll`, returns [`Work::Idle`] when nothing came for that long.
     pub(crate) fn next_item(&self, poll: Option<std::time::Duration>) -> Option<Work<(I, usize)>> {
-        self.next_with(poll, |l, q| {
-            let (item, _) = q.items.pop_front()?;
-            let pages = l.take_item(q, &item);
-            q.in_flight[0] += pages;
-            Some((item, pages))
-        })
+        self.next_with(
+            poll,
+            |l, q| {
+                let (item, _) = q.items.pop_front()?;
+                let pages = l.take_item(q, &item);
+                q.in_flight += pages;
+                Some((item, pages))
+            },
+            |_| false,
+        )
     }
 
-    /// The seed's worker loop for whole items, until the list stops: takes each queued item
+    /// The worker loop for whole items, until the queue stops: takes each queued item
     /// and hands it to the release callback with [`Reason::Normal`], then lands it. After
     /// each item, and whenever the poll time passes without one, calls `tick`, which returns
     /// the next poll time (`None`: sleep until a release wakes the worker).

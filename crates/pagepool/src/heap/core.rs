@@ -6,12 +6,11 @@
 
 use crossbeam_utils::CachePadded;
 
+use super::handoff::Handoff;
+use super::job::{Job, Run, Runs};
 use crate::arena::Arenas;
 use crate::cache_slots::CacheShared;
-use crate::config::{
-    CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST, SHARE_FROM, STRIPE_BYTES,
-};
-use crate::deferred::{Job, ReleaseQueue, Run, Runs};
+use crate::config::{CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST};
 use crate::error::AllocError;
 use crate::pool::{Block, Near, PagePool};
 use crate::registry::Owner;
@@ -78,8 +77,9 @@ pub(crate) struct HeapInner {
     pub(crate) generation: u64,
     pub(crate) owner: Arc<Owner>,
     pub(crate) arenas: Arc<Arenas>,
-    /// The deferred-free queue; `None` when releases zero synchronously.
-    pub(crate) release_queue: Option<Arc<ReleaseQueue>>,
+    /// The hand-off with the worker and its release queue; `None` when releases zero
+    /// synchronously.
+    pub(crate) handoff: Option<Arc<Handoff>>,
     /// Set when the `SystemHeap` handle is dropped: buffers released later go straight back.
     pub(crate) closed: AtomicBool,
     pub(crate) counters: Counters,
@@ -226,49 +226,6 @@ impl HeapInner {
         unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
     }
 
-    /// Zeroes a run an allocation took from the queue; one of a buffer of at least
-    /// [`SHARE_FROM`], or a whole buffer, is shared with the idle worker, stripe by stripe, so
-    /// that two cores zero it. Returns false if the worker did not finish its stripe within
-    /// [`HANDOFF_WAIT`]: the run is then the worker's to land, and the caller must do without
-    /// it.
-    ///
-    /// # Safety
-    /// The caller owns the run (it left the queue).
-    unsafe fn zero_stolen(&self, list: &ReleaseQueue, r: &Run, buffer_pages: usize) -> bool {
-        // Shared for large buffers and for a buffer taken whole (see `SHARE_FROM`): a chunk
-        // of a smaller one is zeroed faster by this thread alone.
-        if r.pages() * self.page < 2 * STRIPE_BYTES
-            || (buffer_pages * self.page < SHARE_FROM && !r.is_whole(buffer_pages))
-        {
-            // SAFETY: forwarded.
-            unsafe { self.zero_run(r, buffer_pages) };
-            return true;
-        }
-        let job = Arc::new(Job::new(*r, buffer_pages, self.page));
-        let shared = list.share(Some(job.clone()));
-        while let Some((off, len)) = job.next_stripe(self.page) {
-            // SAFETY: the stripe is in the run, owned by this thread.
-            unsafe { self.zero_part(&job, off, len) };
-            let landed_by_me = job.finish(len);
-            debug_assert!(!landed_by_me, "only this thread abandons this run");
-        }
-        let done = list.wait_worker(|| job.complete());
-        if shared {
-            list.share(None);
-        }
-        if done {
-            return true;
-        }
-        // The worker holds a stripe and is not running: it lands the run when it finishes.
-        list.adopt(r);
-        if job.abandon() {
-            self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        list.disown(r); // it finished just now after all
-        true
-    }
-
     /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,
     /// else (not pooling) straight back to the system.
     pub(crate) fn release_buffer(&self, runs: Runs) {
@@ -276,8 +233,8 @@ impl HeapInner {
             runs.iter().for_each(|r| self.release_run(r));
             return;
         }
-        let runs = match &self.release_queue {
-            Some(list) => match list.queue(runs) {
+        let runs = match &self.handoff {
+            Some(handoff) => match handoff.queue().queue(runs) {
                 Ok(()) => return,
                 Err(runs) => runs,
             },
@@ -310,9 +267,9 @@ impl HeapInner {
         let order = self.orders[i];
         let pool = &self.pools[i];
         let worker_locking = self
-            .release_queue
+            .handoff
             .as_ref()
-            .map_or(&self.no_worker, |l| l.worker_locking());
+            .map_or(&self.no_worker, |l| l.queue().worker_locking());
         let page = self.page;
         // Blocks that fill the holes between the ones of this order gathered so far (stolen
         // from the queue, or landed earlier) and continue them are preferred: the buffer is
@@ -340,9 +297,9 @@ impl HeapInner {
         // otherwise queued ones first, when there are any: a released set, part of it landed
         // in the pool and part still queued, is then taken whole rather than beside other
         // pooled blocks (which would scatter it; see `alloc_blocks`).
-        let mut pooled = take_pooled(runs, want, want > 1 && self.release_queue.is_some());
+        let mut pooled = take_pooled(runs, want, want > 1 && self.handoff.is_some());
         let mut inline = 0;
-        if let Some(list) = &self.release_queue {
+        if let Some(handoff) = &self.handoff {
             // At most one bounded wait for the worker per order: past it, fresh pages.
             let mut waited = false;
             // A buffer of one block, none pooled, while the worker zeroes one of this order:
@@ -353,7 +310,7 @@ impl HeapInner {
             // `zero_stolen`). (Taking the queued one, two blocks in circulation were each
             // zeroed whole by one core and the next time by the other: 35-40 us a call in a
             // tight loop of 1 MiB buffers, against 17-21 us.)
-            if want == 1 && pooled == 0 && self.help_worker(list, order, true) {
+            if want == 1 && pooled == 0 && self.help_worker(handoff, order, true) {
                 waited = true;
                 pooled += take_pooled(runs, want, false);
             }
@@ -361,11 +318,11 @@ impl HeapInner {
                 // A chunk at a time, so that the worker keeps claiming from the other end.
                 let chunk = (CHUNK_PAGES >> order).max(1);
                 let need = want - pooled - inline;
-                let stolen = list.steal(order, need.min(chunk), need);
+                let stolen = handoff.steal(order, need.min(chunk), need);
                 if !stolen.is_empty() {
                     for r in stolen {
                         // SAFETY: stolen runs left the queue; this thread owns them now.
-                        if unsafe { self.zero_stolen(list, &r, buffer_pages) } {
+                        if unsafe { self.zero_stolen(handoff, &r, buffer_pages) } {
                             inline += r.count;
                             runs.push(r);
                             stolen_runs.push(r);
@@ -375,7 +332,7 @@ impl HeapInner {
                 }
                 // Nothing of this order is queued: what the worker claimed has either landed
                 // in the pool already or is being zeroed now.
-                let in_flight = list.in_flight(order);
+                let in_flight = handoff.in_flight(order);
                 if in_flight == 0 || waited {
                     pooled += take_pooled(runs, want - pooled - inline, false);
                     break;
@@ -388,29 +345,12 @@ impl HeapInner {
                     break;
                 }
                 // Help the worker zero what it claimed, then wait (briefly) for it to land.
-                self.help_worker(list, order, false);
+                self.help_worker(handoff, order, false);
                 waited = true;
                 pooled += take_pooled(runs, want - pooled - inline, false);
             }
         }
         (pooled, inline)
-    }
-
-    /// Helps the worker zero its claim of `order`, if it has one with stripes left, then waits
-    /// (briefly, see `ReleaseQueue::wait_worker`) for some claim to land: always, or with
-    /// `only_if_helped`, only if it helped. Returns true if it helped.
-    fn help_worker(&self, list: &ReleaseQueue, order: u8, only_if_helped: bool) -> bool {
-        let helped = list.help(order, |job, off, len| {
-            // SAFETY: `help` handed this thread the stripe.
-            unsafe { self.zero_part(job, off, len) }
-        });
-        if helped {
-            self.counters.helped.fetch_add(1, Ordering::Relaxed);
-        }
-        if (helped || !only_if_helped) && list.wait_landed() {
-            self.counters.waited.fetch_add(1, Ordering::Relaxed);
-        }
-        helped
     }
 
     fn pool_index(&self, order: u8) -> usize {
@@ -441,9 +381,9 @@ impl HeapInner {
         // Blocks gathered but left out in favour of fresh pages, if the system gives them:
         // back to the pools (`to_pool`) or to the system (`to_system`) once it has.
         let (mut to_pool, mut to_system) = (Runs::new(), Runs::new());
-        // Whether the machine looks busy (see `ReleaseQueue::busy`): read only where it decides
+        // Whether the machine looks busy (see `Punctuality::busy`): read only where it decides
         // something, as it reads the clock.
-        let busy = || h.release_queue.as_ref().is_some_and(|l| l.busy());
+        let busy = || h.handoff.as_ref().is_some_and(|l| l.queue().busy());
         for (order, want) in split(&h.orders, pages) {
             let i = h.pool_index(order);
             let first = runs.len();
@@ -453,7 +393,7 @@ impl HeapInner {
             // the bound): they will land in the pool beside the ones gathered here, and the
             // set is whole again there for the next buffer. Only they come fresh, then.
             let landing = |short: usize| {
-                h.release_queue
+                h.handoff
                     .as_ref()
                     .is_some_and(|l| l.in_flight(order) >= short << order)
             };
@@ -512,7 +452,7 @@ impl HeapInner {
         // owner's limit (a cache line of its own, often cold after zeroing a large buffer:
         // asked on every allocation, it made a deferred heap's 4 MiB allocations 1.12-1.24x a
         // synchronous heap's on the same work).
-        let needs_view = h.release_queue.is_some()
+        let needs_view = h.handoff.is_some()
             && hits + inline > 0
             && scattered(&runs, &missing, h.page)
             && h.pooling();
@@ -604,9 +544,9 @@ impl HeapInner {
             let need: usize = missing.iter().map(|&i| runs[i].pages()).sum();
             let mut freed = self.owner.scan(need);
             if freed < need
-                && let Some(list) = &h.release_queue
+                && let Some(handoff) = &h.handoff
             {
-                freed += list.scan(need - freed);
+                freed += handoff.scan(need - freed);
             }
             if freed > 0 {
                 h.counters
@@ -655,7 +595,10 @@ impl HeapInner {
                 limit: Some(limit), ..
             } => {
                 let held = self.owner.count()
-                    + self.release_queue.as_ref().map_or(0, |l| l.pending_pages());
+                    + self
+                        .handoff
+                        .as_ref()
+                        .map_or(0, |l| l.queue().pending_pages());
                 let held = (held * self.page) as u64;
                 let need = (need * self.page) as u64;
                 crate::os::locked_bytes()

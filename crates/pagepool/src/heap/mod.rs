@@ -84,6 +84,8 @@
 
 mod builder;
 pub(crate) mod core;
+pub(crate) mod handoff;
+pub(crate) mod job;
 mod stats;
 mod worker;
 
@@ -92,12 +94,13 @@ use std::fmt;
 use self::builder::Config;
 pub use self::builder::HeapBuilder;
 use self::core::{Counters, Gathered, HeapInner};
+use self::handoff::Handoff;
+use self::job::{Run, Runs};
 use crate::arena::Arenas;
 use crate::buffer::Buffer;
 use crate::cache;
 use crate::cache_slots::CacheShared;
 use crate::config::REGATHER_FIRST;
-use crate::deferred::{ReleaseQueue, Runs};
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
 use crate::pool::Block;
@@ -155,9 +158,9 @@ impl Core {
                 )
             })
             .collect();
-        let release_queue = cfg.deferred.then(|| {
+        let handoff = cfg.deferred.then(|| {
             let arenas = arenas.clone();
-            let mut queue = ReleaseQueue::new(
+            let handoff = Arc::new(Handoff::new(
                 page,
                 cfg.queue_limit / page,
                 // Under pressure (or at stop), queued runs go back to the system unzeroed; the
@@ -167,16 +170,13 @@ impl Core {
                         arenas.release(r.ptr(), r.pages() * page)
                     }
                 }),
-            );
-            if !cfg.load_check {
-                queue.set_load_check(None);
-            }
-            let list = Arc::new(queue);
-            list.set_worker_spin(cfg.worker_spin);
-            list.set_worker_naps(cfg.worker_naps);
-            let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&list) as _;
+                cfg.load_check,
+            ));
+            handoff.queue().set_worker_spin(cfg.worker_spin);
+            handoff.queue().set_worker_naps(cfg.worker_naps);
+            let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&handoff) as _;
             registry.add_shrinker(weak);
-            list
+            handoff
         });
         if let Some(pc) = &cfg.pressure {
             registry.start_monitor(pc.clone());
@@ -191,7 +191,7 @@ impl Core {
             generation: crate::fork::generation(),
             owner,
             arenas,
-            release_queue,
+            handoff,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             no_worker: crate::sync::AtomicBool::new(false),
@@ -199,15 +199,15 @@ impl Core {
             regather_after: AtomicUsize::new(REGATHER_FIRST),
             cache: CacheShared::new(cfg.thread_cache, page),
         });
-        let worker = match &inner.release_queue {
+        let worker = match &inner.handoff {
             Some(_) => {
                 match worker::spawn(&inner) {
                     Ok(w) => Some(w),
                     Err(e) => {
                         // No thread: release synchronously rather than queue for nobody.
                         log::warn!("pagepool: cannot start the free worker ({e}); zeroing inline");
-                        if let Some(list) = &inner.release_queue {
-                            list.stop();
+                        if let Some(handoff) = &inner.handoff {
+                            handoff.queue().stop();
                         }
                         None
                     }
@@ -227,8 +227,8 @@ impl Drop for Core {
         let h = &self.inner;
         h.closed.store(true, Ordering::Relaxed);
         cache::forget_mine(h);
-        if let Some(list) = &h.release_queue {
-            for r in list.stop().into_iter().flatten() {
+        if let Some(handoff) = &h.handoff {
+            for r in handoff.queue().stop().into_iter().flatten() {
                 h.release_run(&r);
             }
         }
@@ -420,7 +420,7 @@ impl SystemHeap {
             let mut at = p.as_ptr() as usize;
             let mut runs = Runs::new();
             for (order, count) in self::core::split(&h.orders, pages) {
-                runs.push(crate::deferred::Run {
+                runs.push(Run {
                     start: at,
                     order,
                     count,
@@ -473,8 +473,8 @@ impl SystemHeap {
     pub fn flush(&self) {
         let h = self.inner();
         cache::empty_all(h);
-        if let Some(list) = &h.release_queue {
-            list.flush();
+        if let Some(handoff) = &h.handoff {
+            handoff.queue().flush();
         }
     }
 
