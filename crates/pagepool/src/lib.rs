@@ -39,9 +39,6 @@
 
 mod arena;
 mod attrs;
-mod buffer;
-mod cache;
-mod cache_slots;
 mod config;
 mod deferred;
 mod dmabuf;
@@ -62,7 +59,6 @@ mod sync;
 mod zero;
 
 pub use attrs::{BackingReport, HUGE_ORDER, HugeBacking, PoolType};
-pub use buffer::{BlockInfo, Buffer};
 pub use dmabuf::{
     Access, CpuAccess, DmaBuf, DmaBufError, DmaBufMap, DmaHeap, HEAP_DIR, UDMABUF_PATH, file_count,
     udmabuf_create,
@@ -70,6 +66,7 @@ pub use dmabuf::{
 pub use dmapool::{DmaBufPool, DmaBufPoolStats, PooledDmaBuf};
 pub use error::{AllocError, ConfigError, OsError};
 pub use export::{ExportError, ExportedBuffer};
+pub use heap::{BlockInfo, Buffer};
 pub use heap::{HeapBuilder, SystemHeap};
 pub use os::{mapping_count, page_size};
 pub use pool::{Block, MAX_ORDER, PagePool, ReleaseFn};

@@ -6,10 +6,10 @@
 
 use crossbeam_utils::CachePadded;
 
+use super::cache_slots::CacheShared;
 use super::handoff::Handoff;
 use super::job::{Job, Run, Runs};
 use crate::arena::Arenas;
-use crate::cache_slots::CacheShared;
 use crate::config::{CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST};
 use crate::error::AllocError;
 use crate::pool::{Block, Near, PagePool};

@@ -82,7 +82,10 @@
 //! arena has a large enough unused range, and unmapped as soon as nothing in them is used.
 //! `tests/mappings.rs` checks the bound throughout 100,000 mixed-size allocations.
 
+pub(crate) mod buffer;
 mod builder;
+mod cache;
+mod cache_slots;
 pub(crate) mod core;
 pub(crate) mod handoff;
 pub(crate) mod job;
@@ -91,15 +94,14 @@ mod worker;
 
 use std::fmt;
 
+pub use self::buffer::{BlockInfo, Buffer};
 use self::builder::Config;
 pub use self::builder::HeapBuilder;
+use self::cache_slots::CacheShared;
 use self::core::{Counters, Gathered, HeapInner};
 use self::handoff::Handoff;
 use self::job::{Run, Runs};
 use crate::arena::Arenas;
-use crate::buffer::Buffer;
-use crate::cache;
-use crate::cache_slots::CacheShared;
 use crate::config::REGATHER_FIRST;
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
