@@ -87,6 +87,7 @@ mod builder;
 mod cache;
 mod cache_slots;
 pub(crate) mod core;
+mod gather;
 pub(crate) mod handoff;
 pub(crate) mod job;
 mod stats;
@@ -98,18 +99,18 @@ pub use self::buffer::{BlockInfo, Buffer};
 use self::builder::Config;
 pub use self::builder::HeapBuilder;
 use self::cache_slots::CacheShared;
-use self::core::{Counters, Gathered, HeapInner};
+use self::core::{Counters, HeapInner};
+use self::gather::{Gathered, Streak};
 use self::handoff::Handoff;
 use self::job::{Run, Runs};
 use crate::arena::Arenas;
-use crate::config::REGATHER_FIRST;
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
 use crate::pool::Block;
 use crate::registry::Owner;
 use crate::shrinker::Shrinker;
 use crate::stats::HeapStats;
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicBool, Ordering};
 
 impl HeapBuilder {
     /// Checks the configuration and creates the heap. No memory is taken from the system yet.
@@ -197,8 +198,7 @@ impl Core {
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             no_worker: crate::sync::AtomicBool::new(false),
-            scattered: AtomicUsize::new(0),
-            regather_after: AtomicUsize::new(REGATHER_FIRST),
+            streak: Streak::new(),
             cache: CacheShared::new(cfg.thread_cache, page),
         });
         let worker = match &inner.handoff {
@@ -421,7 +421,7 @@ impl SystemHeap {
             let p = h.arenas.carve(pages * h.page)?;
             let mut at = p.as_ptr() as usize;
             let mut runs = Runs::new();
-            for (order, count) in self::core::split(&h.orders, pages) {
+            for (order, count) in self::gather::split(&h.orders, pages) {
                 runs.push(Run {
                     start: at,
                     order,
