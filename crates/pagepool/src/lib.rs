@@ -14,10 +14,10 @@
 //! | TTM pool types (caching, dma32, NUMA pools) | [`PoolType`]: locked, huge, node(N) ([`HeapBuilder::pool_type`]) | `attrs.rs`, `arena.rs` |
 //! | `drm_page_pool` | [`PagePool`], [`Block`] | `pool.rs` |
 //! | pool list, global max, shrinker | [`Registry`], [`Owner`], [`Shrinker`] | `registry.rs` |
-//! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred/` |
+//! | deferred-free helper | a generic bounded queue and its worker, used by [`SystemHeap`] (through its hand-off) and [`DmaBufPool`] | `deferred/`, `heap/handoff.rs` |
 //! | shrinkers run by reclaim | [`PressureMonitor`] (PSI, cgroup watermark) | `pressure.rs` |
-//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap/`, `buffer.rs`, `export.rs` |
-//! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache.rs` |
+//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap/`, `export.rs` |
+//! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `heap/cache.rs` |
 //! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`DmaHeap`], [`DmaBuf`] | `dmabuf.rs` |
 //! | a pool of real dma-bufs | [`DmaBufPool`] | `dmapool.rs` |
 //! | debugfs `page_pool` | [`RegistryStats`] (its `Display`), [`HeapStats`] | `stats.rs` |

@@ -67,12 +67,13 @@ fn release_queue_races_worker_pressure_scan_and_steal() {
     loom::model(|| {
         let released = Arc::new(AtomicUsize::new(0));
         let r = released.clone();
-        let handoff = Arc::new(ReleaseQueue::new(
+        let handoff = Arc::new(Handoff::new(
             4096,
             1 << 20,
             Box::new(move |runs: Runs, _| {
                 r.fetch_add(Item::pages(&runs), Ordering::SeqCst);
             }),
+            false,
         ));
         let zeroed = Arc::new(AtomicUsize::new(0));
         // The worker: claims and lands until stopped.
@@ -125,11 +126,7 @@ fn job_stripes_are_zeroed_once_by_worker_and_helper() {
         ((1 << n) - 1) << first
     }
     loom::model(|| {
-        let handoff = Arc::new(ReleaseQueue::<Runs>::new(
-            4096,
-            1 << 20,
-            Box::new(|_, _| {}),
-        ));
+        let handoff = Arc::new(Handoff::new(4096, 1 << 20, Box::new(|_, _| {}), false));
         // Five stripes: the first claim takes two (half of what is left), then one at a time.
         let pages = 5 * STRIPE_BYTES / 4096;
         let run = Run {
@@ -186,11 +183,7 @@ fn steal_help_claim_land_hand_each_block_to_one_side() {
         ((1 << n) - 1) << first
     }
     loom::model(|| {
-        let handoff = Arc::new(ReleaseQueue::<Runs>::new(
-            4096,
-            1 << 20,
-            Box::new(|_, _| {}),
-        ));
+        let handoff = Arc::new(Handoff::new(4096, 1 << 20, Box::new(|_, _| {}), false));
         let block_pages = 1 << 6;
         handoff
             .queue()

@@ -481,23 +481,6 @@ impl HeapInner {
         }
         Ok(Some((p.as_ptr() as usize, bytes)))
     }
-
-    /// Counts an allocation made of what [`gather`](Self::gather) found: `hits` pooled blocks,
-    /// `inline` queued blocks zeroed on the allocating thread, `misses` fresh blocks.
-    pub(crate) fn count_alloc(&self, hits: usize, inline: usize, misses: usize) {
-        let counters = &self.counters;
-        if hits > 0 {
-            counters.hits.fetch_add(hits as u64, Ordering::Relaxed);
-        }
-        if inline > 0 {
-            counters
-                .zeroed_inline
-                .fetch_add(inline as u64, Ordering::Relaxed);
-        }
-        if misses > 0 {
-            counters.misses.fetch_add(misses as u64, Ordering::Relaxed);
-        }
-    }
 }
 
 /// Whether an allocation that gathered `got` of the `want` blocks of an order takes all of
