@@ -134,13 +134,13 @@ pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_m
 pub(crate) const SHARE_FROM: usize = 16 << 20;
 
 /// The longest an allocation waits for the worker even while it makes progress (see
-/// `ReleaseQueue::wait_worker`): beyond this, fresh pages are cheaper. (Loom's models do not
+/// `Handoff::wait_worker`): beyond this, fresh pages are cheaper. (Loom's models do not
 /// time that wait.)
 #[cfg_attr(loom, allow(dead_code))]
 pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How long before the next release is due a worker napping through an idle spell wakes up to
-/// spin (see `ReleaseQueue::next_work`): covers the nap's lateness (the worker's timer slack is
+/// spin (see `ReleaseQueue::next_with`): covers the nap's lateness (the worker's timer slack is
 /// set small) and some variation in the program's rhythm.
 pub(crate) const EARLY_BY: std::time::Duration = std::time::Duration::from_micros(25);
 

@@ -7,8 +7,8 @@ use std::mem::ManuallyDrop;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 
-use crate::buffer::{BlockInfo, Buffer, stretches};
 use crate::dmabuf::{DmaBuf, DmaBufError, SharedMem, file_count};
+use crate::heap::buffer::{BlockInfo, Buffer, stretches};
 
 impl Buffer {
     /// Exports the buffer as a real dma-buf through `/dev/udmabuf`: one `UDMABUF_CREATE_LIST`

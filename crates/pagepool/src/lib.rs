@@ -14,10 +14,10 @@
 //! | TTM pool types (caching, dma32, NUMA pools) | [`PoolType`]: locked, huge, node(N) ([`HeapBuilder::pool_type`]) | `attrs.rs`, `arena.rs` |
 //! | `drm_page_pool` | [`pool::PagePool`], [`pool::Block`] | `pool.rs` |
 //! | pool list, global max, shrinker | [`registry::Registry`], [`registry::Owner`], [`registry::Shrinker`] | `registry.rs` |
-//! | deferred-free helper | the heap's queue and worker (see [`SystemHeap`]) | `deferred/` |
+//! | deferred-free helper | a generic bounded queue and its worker, used by [`SystemHeap`] (through its hand-off) and [`dmapool::DmaBufPool`] | `deferred/`, `heap/handoff.rs` |
 //! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | `pressure.rs` |
-//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap/`, `buffer.rs`, `export.rs` |
-//! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `cache.rs` |
+//! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap/`, `export.rs` |
+//! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `heap/cache.rs` |
 //! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | `dmabuf.rs` |
 //! | a pool of real dma-bufs | [`dmapool::DmaBufPool`] | `dmapool.rs` |
 //! | debugfs `page_pool` | [`stats::RegistryStats`] (its `Display`), [`HeapStats`] | `stats.rs` |
@@ -52,9 +52,6 @@
 
 mod arena;
 mod attrs;
-mod buffer;
-mod cache;
-mod cache_slots;
 mod config;
 mod deferred;
 pub mod dmabuf;
@@ -63,6 +60,8 @@ mod error;
 mod export;
 mod fork;
 mod heap;
+#[cfg(all(test, loom))]
+mod loom_tests;
 mod os;
 pub mod pool;
 pub mod pressure;
@@ -73,10 +72,9 @@ mod sync;
 mod zero;
 
 pub use attrs::{BackingReport, HugeBacking, PoolType};
-pub use buffer::{BlockInfo, Buffer};
 pub use error::{AllocError, ConfigError, OsError};
 pub use export::{ExportError, ExportedBuffer};
-pub use heap::{HeapBuilder, SystemHeap};
+pub use heap::{BlockInfo, Buffer, HeapBuilder, SystemHeap};
 pub use os::page_size;
 pub use stats::HeapStats;
 

@@ -13,7 +13,7 @@
 //!   checked every [`PressureConfig::interval`].
 //!
 //! On a signal the monitor asks the registry to free a share of what it could free
-//! ([`Registry::shrink_all`](crate::registry::Registry::shrink_all): deferred freelists first, then the
+//! ([`Registry::shrink_all`](crate::registry::Registry::shrink_all): deferred release queues first, then the
 //! pools), records the event, and logs it through the `log` facade. It runs on a thread of its
 //! own (`pagepool-pressure`) and never takes a lock that allocation holds for long.
 //!

@@ -8,7 +8,7 @@
 //! Limits are enforced after a give: the block goes into its pool first, then every owner over
 //! its limit shrinks its own pools, round robin (one block from the next pool in turn), as the
 //! kernel's shrinker did; and if the registry is over its maximum it shrinks all owners, each in
-//! proportion to what it holds (weighted fair queueing by holdings: see [`scan_owners`]).
+//! proportion to what it holds (weighted fair queueing by holdings: see `scan_owners`).
 
 use std::fmt;
 

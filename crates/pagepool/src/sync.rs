@@ -2,9 +2,9 @@
 //!
 //! Every module imports its atomics, locks, condition variables, spin hints and thread-locals
 //! from `crate::sync` instead of `std`, so that building with `--cfg loom` swaps in
-//! [loom](https://docs.rs/loom)'s model-checked versions: `tests/loom.rs` and the
-//! `loom_tests` of `deferred` explore every interleaving of the pool's give/take, the
-//! registry's shrink, the deferred queue, the allocator-worker hand-off and the thread caches.
+//! [loom](https://docs.rs/loom)'s model-checked versions: `tests/loom.rs` and the crate's
+//! `loom_tests` (`src/loom_tests.rs`) explore every interleaving of the pool's give/take, the
+//! registry's shrink, the deferred-free helper, the heap's allocator-worker hand-off and the thread caches.
 //!
 //! Not swapped: reference counting (`Arc`, `Weak`: structure, not the concurrency under test,
 //! and loom has no `Weak`), and crossbeam's `Backoff` in the heap worker's wait for helpers

@@ -1,6 +1,7 @@
 //! Loom models of the pool's concurrent give/take, of the registry's shrink racing with them,
-//! and of the thread caches handing buffers back. (The deferred-free queue's models, the
-//! allocator-worker hand-off among them, are in the crate: `src/deferred/mod.rs`, `loom_tests`.)
+//! and of the thread caches handing buffers back. (The models of the deferred-free helper
+//! and of the heap's allocator-worker hand-off are in the crate, side by side:
+//! `src/loom_tests.rs`.)
 //!
 //! Run with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release --test loom`
 //! (`.ci/loom` does). Blocks are small heap allocations: the pool only needs memory it can

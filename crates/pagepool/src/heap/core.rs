@@ -1,34 +1,20 @@
-//! The heap's core: its pools, arenas, queue and counters ([`HeapInner`]), and what allocation
-//! and release do with them: gather a buffer's blocks from the pools, the queue, the worker's
-//! claims and the system, zero them, give them back. The worker's loop (`worker.rs`), the
-//! buffers (`buffer.rs`) and the thread caches (`cache.rs`) are built on it; it knows none of
-//! them.
+//! The heap's core: its pools, arenas, hand-off and counters ([`HeapInner`]), and what
+//! allocation and release do with blocks: zero them, give them to the pools, give them back.
+//! Gathering a buffer's blocks (`gather.rs`), the hand-off with the worker (`handoff.rs`), the
+//! worker's loop (`worker.rs`), the buffers (`buffer.rs`) and the thread caches (`cache.rs`)
+//! are built on it; it knows none of them.
 
 use crossbeam_utils::CachePadded;
 
+use super::cache_slots::CacheShared;
+use super::gather::Streak;
+use super::handoff::Handoff;
+use super::job::{Job, Run, Runs};
 use crate::arena::Arenas;
-use crate::cache_slots::CacheShared;
-use crate::config::{
-    CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST, SHARE_FROM, STRIPE_BYTES,
-};
-use crate::deferred::{Job, ReleaseQueue, Run, Runs};
-use crate::error::AllocError;
-use crate::pool::{Block, Near, PagePool};
+use crate::pool::{Block, PagePool};
 use crate::registry::Owner;
 use crate::shrinker::Shrinker;
 use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
-
-/// What [`HeapInner::gather`] found for a buffer: its runs (sorted, joined where blocks lie end
-/// to end), the queued blocks it zeroed (`stolen`), the fresh range it carved (`fresh`:
-/// address and length), and how many blocks came from each source.
-pub(crate) struct Gathered {
-    pub(crate) runs: Runs,
-    pub(crate) stolen: Runs,
-    pub(crate) fresh: Option<(usize, usize)>,
-    pub(crate) hits: usize,
-    pub(crate) inline: usize,
-    pub(crate) misses: usize,
-}
 
 /// The heap's counters. The allocating threads' counters and the worker's sit on separate cache
 /// lines, so that counting does not bounce a line between cores.
@@ -78,19 +64,17 @@ pub(crate) struct HeapInner {
     pub(crate) generation: u64,
     pub(crate) owner: Arc<Owner>,
     pub(crate) arenas: Arc<Arenas>,
-    /// The deferred-free queue; `None` when releases zero synchronously.
-    pub(crate) release_queue: Option<Arc<ReleaseQueue>>,
+    /// The hand-off with the worker and its release queue; `None` when releases zero
+    /// synchronously.
+    pub(crate) handoff: Option<Arc<Handoff>>,
     /// Set when the `SystemHeap` handle is dropped: buffers released later go straight back.
     pub(crate) closed: AtomicBool,
     pub(crate) counters: Counters,
     /// Never set: the worker-locking flag of a heap without a worker (see
     /// `sync::lock_within`).
     pub(crate) no_worker: crate::sync::AtomicBool,
-    /// Allocations whose pooled blocks did not lie end to end (each needed a view), two per
-    /// such allocation less one per allocation of several blocks that needed none, and half
-    /// how many make the next one take fresh pages instead (see `gather`).
-    pub(crate) scattered: AtomicUsize,
-    pub(crate) regather_after: AtomicUsize,
+    /// The streak of allocations whose blocks did not lie end to end (see `gather`).
+    pub(crate) streak: Streak,
     /// The per-thread caches of small buffers.
     pub(crate) cache: CacheShared,
 }
@@ -228,49 +212,6 @@ impl HeapInner {
         unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
     }
 
-    /// Zeroes a run an allocation took from the queue; one of a buffer of at least
-    /// [`SHARE_FROM`], or a whole buffer, is shared with the idle worker, stripe by stripe, so
-    /// that two cores zero it. Returns false if the worker did not finish its stripe within
-    /// [`HANDOFF_WAIT`]: the run is then the worker's to land, and the caller must do without
-    /// it.
-    ///
-    /// # Safety
-    /// The caller owns the run (it left the queue).
-    unsafe fn zero_stolen(&self, list: &ReleaseQueue, r: &Run, buffer_pages: usize) -> bool {
-        // Shared for large buffers and for a buffer taken whole (see `SHARE_FROM`): a chunk
-        // of a smaller one is zeroed faster by this thread alone.
-        if r.pages() * self.page < 2 * STRIPE_BYTES
-            || (buffer_pages * self.page < SHARE_FROM && !r.is_whole(buffer_pages))
-        {
-            // SAFETY: forwarded.
-            unsafe { self.zero_run(r, buffer_pages) };
-            return true;
-        }
-        let job = Arc::new(Job::new(*r, buffer_pages, self.page));
-        let shared = list.share(Some(job.clone()));
-        while let Some((off, len)) = job.next_stripe(self.page) {
-            // SAFETY: the stripe is in the run, owned by this thread.
-            unsafe { self.zero_part(&job, off, len) };
-            let landed_by_me = job.finish(len);
-            debug_assert!(!landed_by_me, "only this thread abandons this run");
-        }
-        let done = list.wait_worker(|| job.complete());
-        if shared {
-            list.share(None);
-        }
-        if done {
-            return true;
-        }
-        // The worker holds a stripe and is not running: it lands the run when it finishes.
-        list.adopt(r);
-        if job.abandon() {
-            self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        list.disown(r); // it finished just now after all
-        true
-    }
-
     /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,
     /// else (not pooling) straight back to the system.
     pub(crate) fn release_buffer(&self, runs: Runs) {
@@ -278,8 +219,8 @@ impl HeapInner {
             runs.iter().for_each(|r| self.release_run(r));
             return;
         }
-        let runs = match &self.release_queue {
-            Some(list) => match list.queue(runs) {
+        let runs = match &self.handoff {
+            Some(handoff) => match handoff.queue().queue(runs) {
                 Ok(()) => return,
                 Err(runs) => runs,
             },
@@ -297,400 +238,11 @@ impl HeapInner {
         self.give_runs(&runs);
     }
 
-    /// Takes up to `want` clean blocks of pool `i` for an allocation, appending them to `runs`:
-    /// from the pool; for a single block, then the worker's claim of this order, helped with
-    /// and waited for; then queued dirty blocks, zeroed here; then, while the worker is zeroing
-    /// blocks of this order, waiting for them. Returns (from pool, zeroed inline).
-    fn take_clean(
-        &self,
-        i: usize,
-        want: usize,
-        buffer_pages: usize,
-        runs: &mut Runs,
-        stolen_runs: &mut Runs,
-    ) -> (usize, usize) {
-        let order = self.orders[i];
-        let pool = &self.pools[i];
-        let worker_locking = self
-            .release_queue
-            .as_ref()
-            .map_or(&self.no_worker, |l| l.worker_locking());
-        let page = self.page;
-        // Blocks that fill the holes between the ones of this order gathered so far (stolen
-        // from the queue, or landed earlier) and continue them are preferred: the buffer is
-        // then whole, without a view. `end_to_end`: `n` blocks that do that (or, with nothing
-        // gathered yet, that lie end to end), or none.
-        let take_pooled = |runs: &mut Runs, n: usize, end_to_end: bool| {
-            let (mut lo, mut hi, mut bytes) = (usize::MAX, 0, 0);
-            for r in runs.iter().filter(|r| r.order == order) {
-                (lo, hi, bytes) = (
-                    lo.min(r.start),
-                    hi.max(r.end(page)),
-                    bytes + r.pages() * page,
-                );
-            }
-            let near = (bytes > 0).then_some(Near {
-                lo,
-                hi,
-                held: bytes,
-            });
-            pool.take_within(n, end_to_end, near, HANDOFF_WAIT, worker_locking, |b| {
-                runs.push(Run::from_block(b))
-            })
-        };
-        // A buffer of several blocks takes pooled blocks at once only if they lie end to end;
-        // otherwise queued ones first, when there are any: a released set, part of it landed
-        // in the pool and part still queued, is then taken whole rather than beside other
-        // pooled blocks (which would scatter it; see `alloc_blocks`).
-        let mut pooled = take_pooled(runs, want, want > 1 && self.release_queue.is_some());
-        let mut inline = 0;
-        if let Some(list) = &self.release_queue {
-            // At most one bounded wait for the worker per order: past it, fresh pages.
-            let mut waited = false;
-            // A buffer of one block, none pooled, while the worker zeroes one of this order:
-            // that one, helping from its front, rather than a queued one zeroed here. A block
-            // that circulates is then zeroed by both cores each time, this thread's share from
-            // the front and the worker's from the back (see `Job::next_worker_piece`), and its
-            // lines stay where they were zeroed; a queued block is shared the same way (see
-            // `zero_stolen`). (Taking the queued one, two blocks in circulation were each
-            // zeroed whole by one core and the next time by the other: 35-40 us a call in a
-            // tight loop of 1 MiB buffers, against 17-21 us.)
-            if want == 1 && pooled == 0 && self.help_worker(list, order, true) {
-                waited = true;
-                pooled += take_pooled(runs, want, false);
-            }
-            while pooled + inline < want {
-                // A chunk at a time, so that the worker keeps claiming from the other end.
-                let chunk = (CHUNK_PAGES >> order).max(1);
-                let need = want - pooled - inline;
-                let stolen = list.steal(order, need.min(chunk), need);
-                if !stolen.is_empty() {
-                    for r in stolen {
-                        // SAFETY: stolen runs left the queue; this thread owns them now.
-                        if unsafe { self.zero_stolen(list, &r, buffer_pages) } {
-                            inline += r.count;
-                            runs.push(r);
-                            stolen_runs.push(r);
-                        }
-                    }
-                    continue;
-                }
-                // Nothing of this order is queued: what the worker claimed has either landed
-                // in the pool already or is being zeroed now.
-                let in_flight = list.in_flight(order);
-                if in_flight == 0 || waited {
-                    pooled += take_pooled(runs, want - pooled - inline, false);
-                    break;
-                }
-                // Some of this order's blocks are in the worker's hands: the pool's blocks now
-                // only if the rest lie end to end there (else the claim, once landed, would be
-                // left out of the set it belongs to).
-                pooled += take_pooled(runs, want - pooled - inline, want > 1);
-                if pooled + inline == want {
-                    break;
-                }
-                // Help the worker zero what it claimed, then wait (briefly) for it to land.
-                self.help_worker(list, order, false);
-                waited = true;
-                pooled += take_pooled(runs, want - pooled - inline, false);
-            }
-        }
-        (pooled, inline)
-    }
-
-    /// Helps the worker zero its claim of `order`, if it has one with stripes left, then waits
-    /// (briefly, see `ReleaseQueue::wait_worker`) for some claim to land: always, or with
-    /// `only_if_helped`, only if it helped. Returns true if it helped.
-    fn help_worker(&self, list: &ReleaseQueue, order: u8, only_if_helped: bool) -> bool {
-        let helped = list.help(order, |job, off, len| {
-            // SAFETY: `help` handed this thread the stripe.
-            unsafe { self.zero_part(job, off, len) }
-        });
-        if helped {
-            self.counters.helped.fetch_add(1, Ordering::Relaxed);
-        }
-        if (helped || !only_if_helped) && list.wait_landed() {
-            self.counters.waited.fetch_add(1, Ordering::Relaxed);
-        }
-        helped
-    }
-
-    fn pool_index(&self, order: u8) -> usize {
+    pub(super) fn pool_index(&self, order: u8) -> usize {
         self.orders.iter().position(|&o| o == order).unwrap_or(0)
     }
 
-    /// Gathers the blocks of a buffer of `pages` pages: largest first, each order from its pool,
-    /// the queue or the worker's claims, the rest from the system as one range. Counts nothing:
-    /// the caller counts the allocation with [`count_alloc`](Self::count_alloc) once its buffer
-    /// is made, or undoes it with [`undo_alloc`](Self::undo_alloc).
-    ///
-    /// Where fresh pages would make a better buffer than what was gathered (an order short of
-    /// blocks, or a set that stays scattered: see [`whole_order_fresh`] and
-    /// [`scattered`]), the fresh range is carved *before* anything gathered is given up; if the
-    /// system refuses it, the buffer is made of what was gathered and only what is missing
-    /// comes fresh. If the system refuses even that for want of room (`RLIMIT_MEMLOCK`,
-    /// `ENOMEM`), this heap's pooled memory is given back (counted in `reclaimed_pages`) and
-    /// the carve tried once more. A failure leaves the pools and the counters as they were.
-    pub(crate) fn gather(&self, pages: usize) -> Result<Gathered, AllocError> {
-        let h = self;
-        // Largest blocks first. Each order's blocks are sorted by address and runs of blocks
-        // that lie end to end merged, so the bookkeeping grows with the number of separate
-        // pieces, not with the buffer's size, and blocks freed together come back together.
-        let mut runs = Runs::new();
-        let mut stolen = Runs::new(); // queued blocks zeroed here (for `undo_alloc`)
-        let mut missing: Vec<usize> = Vec::new(); // indices of placeholder runs
-        let (mut hits, mut inline) = (0, 0);
-        // Blocks gathered but left out in favour of fresh pages, if the system gives them:
-        // back to the pools (`to_pool`) or to the system (`to_system`) once it has.
-        let (mut to_pool, mut to_system) = (Runs::new(), Runs::new());
-        // Whether the machine looks busy (see `ReleaseQueue::busy`): read only where it decides
-        // something, as it reads the clock.
-        let busy = || h.release_queue.as_ref().is_some_and(|l| l.busy());
-        for (order, want) in split(&h.orders, pages) {
-            let i = h.pool_index(order);
-            let first = runs.len();
-            let (p, z) = h.take_clean(i, want, pages, &mut runs, &mut stolen);
-            (hits, inline) = (hits + p, inline + z);
-            // The blocks still missing are in the worker's hands (it did not land them within
-            // the bound): they will land in the pool beside the ones gathered here, and the
-            // set is whole again there for the next buffer. Only they come fresh, then.
-            let landing = |short: usize| {
-                h.release_queue
-                    .as_ref()
-                    .is_some_and(|l| l.in_flight(order) >= short << order)
-            };
-            let got = p + z;
-            if whole_order_fresh(got, want, landing, busy) {
-                // Blocks of one order gathered from the pools or the queue, with fresh ones
-                // beside them, would need a view; and as they circulate, so would every later
-                // buffer of this size: a single block short (taken by another buffer) would
-                // scatter the set for good. So this order's blocks are all taken fresh, as one
-                // range, and what was gathered goes back to the pools, clean. Not on a busy
-                // machine (fresh pages cost most there), nor when the missing blocks are the
-                // worker's, landing soon: only what is missing.
-                to_pool.extend(runs.drain(first..));
-                missing.push(runs.len());
-                runs.push(Run {
-                    start: 0,
-                    order,
-                    count: want,
-                });
-                continue;
-            }
-            runs[first..].sort_unstable_by_key(|r| r.start);
-            if got < want {
-                missing.push(runs.len());
-                runs.push(Run {
-                    start: 0,
-                    order,
-                    count: want - got,
-                });
-            }
-        }
-        // Blocks gathered from the pools that do not lie end to end need a view, and as they
-        // circulate, so do later buffers of the same size: with a worker, whose claims land
-        // while allocations take what is queued, two threads that share a pool can keep a set
-        // scattered for good (each takes what the other left; without a worker the pools'
-        // choice of blocks keeps sets whole, see `PagePool::take_many`); so can one thread
-        // with two buffers in circulation, when a set the worker had in its hands once came
-        // back beside a fresh block: the pooled set has a hole and the queued one a stray
-        // block, and each allocation takes the queued set whole. After REGATHER_FIRST such
-        // allocations in a row, one takes fresh pages as one range and gives the blocks it
-        // gathered back to the system; if scattering goes on anyway (a mix of sizes
-        // that no fresh set helps), the count before the next one doubles, up to
-        // REGATHER_LONGEST, so that fresh pages never cost more than a small share of the
-        // views they save. Not on a busy machine, where fresh pages cost the most (a fault per
-        // page, each a chance to lose the core): a view costs one system call.
-        //
-        // The count goes up by two per such allocation and down by one per allocation of
-        // several blocks that needed no view, so that it also grows while a scattered set and a
-        // whole one take turns (two buffers in circulation, one of them scattered for good: a
-        // count reset by every whole allocation would never get there), but not while views
-        // are the exception.
-        //
-        // On a busy machine the count stands still: neither scattered allocations nor whole
-        // ones move it.
-        // Cheapest question first: `scattered` looks at the runs in hand, `pooling` reads the
-        // owner's limit (a cache line of its own, often cold after zeroing a large buffer:
-        // asked on every allocation, it made a deferred heap's 4 MiB allocations 1.12-1.24x a
-        // synchronous heap's on the same work).
-        let needs_view = h.release_queue.is_some()
-            && hits + inline > 0
-            && scattered(&runs, &missing, h.page)
-            && h.pooling();
-        if needs_view && !busy() {
-            let streak = h.scattered.fetch_add(2, Ordering::Relaxed) + 2;
-            let after = h.regather_after.load(Ordering::Relaxed);
-            if streak >= 2 * after {
-                h.scattered.store(0, Ordering::Relaxed);
-                h.regather_after
-                    .store((after * 2).min(REGATHER_LONGEST), Ordering::Relaxed);
-                // The scattered blocks go back to the system rather than to the pools: pooled,
-                // they would stay in circulation beside the fresh set and scatter it in turn.
-                for (i, r) in runs.iter().enumerate() {
-                    if !missing.contains(&i) {
-                        to_system.push(*r);
-                    }
-                }
-                runs = layout(&h.orders, pages, &[]);
-                missing = (0..runs.len()).collect();
-            }
-        } else if !needs_view
-            && runs.len() > 1
-            && h.scattered.load(Ordering::Relaxed) > 0
-            && !busy()
-        {
-            let before = h
-                .scattered
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-            if before == Ok(1) {
-                h.regather_after.store(REGATHER_FIRST, Ordering::Relaxed);
-            }
-        }
-        // The misses come from the system as one range, split in order.
-        let mut fresh = h.carve_missing(&mut runs, &missing);
-        if !to_pool.is_empty() || !to_system.is_empty() {
-            if fresh.is_ok() {
-                // The fresh range replaces what was left out: only now is it given up.
-                let queued = |r: &Run| {
-                    stolen
-                        .iter()
-                        .any(|s| r.start >= s.start && r.start < s.end(h.page))
-                };
-                for r in &to_pool {
-                    let (p, z) = if queued(r) {
-                        (0, r.count)
-                    } else {
-                        (r.count, 0)
-                    };
-                    (hits, inline) = (hits - p, inline - z);
-                }
-                h.undo_alloc(&to_pool, &stolen, None);
-                for r in &to_system {
-                    // Those taken from a pool count as its releases (queued ones never
-                    // entered it).
-                    if queued(r) {
-                        inline -= r.count;
-                    } else {
-                        hits -= r.count;
-                        h.pools[h.pool_index(r.order)].count_released(r.count);
-                    }
-                    h.release_run(r);
-                }
-                stolen.retain(|s| {
-                    !to_pool
-                        .iter()
-                        .chain(&to_system)
-                        .any(|r| r.start >= s.start && r.start < s.end(h.page))
-                });
-            } else {
-                // Refused: the buffer is made of what was gathered, and only what is missing
-                // comes fresh.
-                let mut gathered: Runs = runs
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !missing.contains(i))
-                    .map(|(_, r)| *r)
-                    .collect();
-                gathered.extend(to_pool.drain(..).chain(to_system.drain(..)));
-                runs = layout(&h.orders, pages, &gathered);
-                missing = (0..runs.len()).filter(|&i| runs[i].start == 0).collect();
-                fresh = h.carve_missing(&mut runs, &missing);
-            }
-        }
-        if let Err(e) = &fresh
-            && h.room_refused(e, missing.iter().map(|&i| runs[i].pages()).sum())
-        {
-            // What this heap holds pooled or queued counts against the same limit: given back,
-            // it makes room (as reclaim runs the shrinkers before a kernel allocation fails).
-            let need: usize = missing.iter().map(|&i| runs[i].pages()).sum();
-            let mut freed = self.owner.scan(need);
-            if freed < need
-                && let Some(list) = &h.release_queue
-            {
-                freed += list.scan(need - freed);
-            }
-            if freed > 0 {
-                h.counters
-                    .reclaimed
-                    .fetch_add(freed as u64, Ordering::Relaxed);
-                fresh = h.carve_missing(&mut runs, &missing);
-            }
-        }
-        let fresh = match fresh {
-            Ok(f) => f,
-            Err(e) => {
-                for &i in missing.iter().rev() {
-                    runs.remove(i);
-                }
-                h.undo_alloc(&runs, &stolen, None);
-                return Err(e);
-            }
-        };
-        let misses: usize = missing.iter().map(|&i| runs[i].count).sum();
-        let page = h.page;
-        runs.dedup_by(|next, prev| {
-            let joined = prev.order == next.order && prev.end(page) == next.start;
-            if joined {
-                prev.count += next.count;
-            }
-            joined
-        });
-        Ok(Gathered {
-            runs,
-            stolen,
-            fresh,
-            hits,
-            inline,
-            misses,
-        })
-    }
-
-    /// Whether the system refused `need` fresh pages for want of room that giving back this
-    /// heap's pooled and queued memory could make: the locked-memory limit (when what is
-    /// locked now, less all of that, leaves room for them), or memory or address space
-    /// (`ENOMEM`, where nothing tells how much would do).
-    #[cold]
-    fn room_refused(&self, e: &AllocError, need: usize) -> bool {
-        match e {
-            AllocError::MemlockLimit {
-                limit: Some(limit), ..
-            } => {
-                let held = self.owner.count()
-                    + self.release_queue.as_ref().map_or(0, |l| l.pending_pages());
-                let held = (held * self.page) as u64;
-                let need = (need * self.page) as u64;
-                crate::os::locked_bytes()
-                    .is_none_or(|locked| locked.saturating_sub(held) + need <= *limit)
-            }
-            AllocError::MemlockLimit { limit: None, .. } => true,
-            AllocError::Os(e) => e.raw_os_error() == Some(libc::ENOMEM),
-            _ => false,
-        }
-    }
-
-    /// Carves one fresh range for the placeholder runs of an allocation (`missing`: their
-    /// indices in `runs`) and places them in it, in order. Returns the range (address and
-    /// length), or `None` when nothing is missing. On failure `runs` is unchanged.
-    fn carve_missing(
-        &self,
-        runs: &mut Runs,
-        missing: &[usize],
-    ) -> Result<Option<(usize, usize)>, AllocError> {
-        if missing.is_empty() {
-            return Ok(None);
-        }
-        let bytes: usize = missing.iter().map(|&i| runs[i].pages() * self.page).sum();
-        let p = self.arenas.carve(bytes)?;
-        let mut at = p.as_ptr() as usize;
-        for &i in missing {
-            runs[i].start = at;
-            at += runs[i].pages() * self.page;
-        }
-        Ok(Some((p.as_ptr() as usize, bytes)))
-    }
-
-    /// Counts an allocation made of what [`gather`](Self::gather) found: `hits` pooled blocks,
+    /// Counts an allocation made of what `gather` found: `hits` pooled blocks,
     /// `inline` queued blocks zeroed on the allocating thread, `misses` fresh blocks.
     pub(crate) fn count_alloc(&self, hits: usize, inline: usize, misses: usize) {
         let counters = &self.counters;
@@ -705,129 +257,5 @@ impl HeapInner {
         if misses > 0 {
             counters.misses.fetch_add(misses as u64, Ordering::Relaxed);
         }
-    }
-}
-
-/// Whether an allocation that gathered `got` of the `want` blocks of an order takes all of
-/// them fresh instead (see `gather`): when it got some but not all, unless the missing ones
-/// are in the worker's hands (`landing(missing)`: they land beside the others and the set is
-/// whole again) or the machine is busy (`busy()`). Each question is asked only if the answer
-/// matters: `landing` takes a lock, `busy` reads the clock.
-fn whole_order_fresh(
-    got: usize,
-    want: usize,
-    landing: impl FnOnce(usize) -> bool,
-    busy: impl FnOnce() -> bool,
-) -> bool {
-    got > 0 && got < want && !landing(want - got) && !busy()
-}
-
-/// The blocks of a buffer of `pages` pages, per order: `(order, count)` for each of `orders`
-/// (descending) that it takes at least one block of, largest first.
-pub(crate) fn split(orders: &[u8], pages: usize) -> impl Iterator<Item = (u8, usize)> + '_ {
-    let mut left = pages;
-    orders.iter().filter_map(move |&order| {
-        let count = left >> order;
-        left &= (1 << order) - 1;
-        (count > 0).then_some((order, count))
-    })
-}
-
-/// A buffer of `pages` pages made of `have` (blocks in hand, any order of them) and
-/// placeholder runs (`start` 0) for what is still missing, per order of `orders`: the runs
-/// largest order first, each order's sorted by address, its placeholder last.
-fn layout(orders: &[u8], pages: usize, have: &[Run]) -> Runs {
-    let mut runs = Runs::new();
-    for (order, want) in split(orders, pages) {
-        let first = runs.len();
-        runs.extend(have.iter().filter(|r| r.order == order).copied());
-        runs[first..].sort_unstable_by_key(|r| r.start);
-        let got: usize = runs[first..].iter().map(|r| r.count).sum();
-        if got < want {
-            runs.push(Run {
-                start: 0,
-                order,
-                count: want - got,
-            });
-        }
-    }
-    runs
-}
-
-/// True if an allocation's blocks, as gathered (`missing`: the placeholders for blocks still to
-/// come fresh, as one range), need a view: more than one piece once blocks that lie end to end
-/// are joined.
-fn scattered(runs: &[Run], missing: &[usize], page: usize) -> bool {
-    // The usual case, without sorting: nothing missing, and the runs (sorted within each order,
-    // largest order first) already lie end to end in the order they are in.
-    if missing.is_empty() && runs.windows(2).all(|w| w[0].end(page) == w[1].start) {
-        return false;
-    }
-    let mut have: smallvec::SmallVec<[(usize, usize); 8]> = runs
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !missing.contains(i))
-        .map(|(_, r)| (r.start, r.end(page)))
-        .collect();
-    have.sort_unstable();
-    let pieces = 1 + have.windows(2).filter(|w| w[0].1 != w[1].0).count();
-    pieces + usize::from(!missing.is_empty()) > 1
-}
-
-#[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_set_short_of_blocks_is_taken_fresh_unless_they_are_landing_or_the_machine_is_busy() {
-        let never = |_: usize| false;
-        let idle = || false;
-        assert!(
-            !whole_order_fresh(0, 4, never, idle),
-            "nothing gathered: fresh anyway"
-        );
-        assert!(!whole_order_fresh(4, 4, never, idle), "all gathered");
-        assert!(
-            whole_order_fresh(3, 4, never, idle),
-            "one short, taken by another buffer"
-        );
-        assert!(
-            !whole_order_fresh(3, 4, |missing| missing == 1, idle),
-            "one short, in the worker's hands: only it comes fresh"
-        );
-        assert!(
-            !whole_order_fresh(3, 4, never, || true),
-            "busy: only what is missing"
-        );
-        // The lock and the clock are read only when they decide something.
-        let asked = std::cell::Cell::new(0);
-        let count = |_: usize| {
-            asked.set(asked.get() + 1);
-            false
-        };
-        whole_order_fresh(4, 4, count, || panic!("not asked"));
-        assert_eq!(asked.get(), 0);
-    }
-
-    #[test]
-    fn blocks_need_a_view_unless_they_make_one_piece() {
-        const P: usize = 4096;
-        let run = |start: usize, order: u8, count: usize| Run {
-            start,
-            order,
-            count,
-        };
-        let mib = 256 * P;
-        // End to end in the order gathered: one piece (the path without sorting).
-        let whole = [run(0, 8, 2), run(2 * mib, 8, 2)];
-        assert!(!scattered(&whole, &[], P));
-        // End to end across orders: a 1 MiB block, then a 64 KiB one right after it.
-        assert!(!scattered(&[run(0, 8, 1), run(mib, 4, 1)], &[], P));
-        // The same pieces out of address order still make one piece.
-        assert!(!scattered(&[run(2 * mib, 8, 2), run(0, 8, 2)], &[], P));
-        // A gap: two pieces.
-        assert!(scattered(&[run(0, 8, 1), run(2 * mib, 8, 1)], &[], P));
-        // Something still to come fresh beside what was gathered: two pieces.
-        assert!(scattered(&[run(0, 8, 1), run(0, 4, 1)], &[1], P));
     }
 }

@@ -82,29 +82,35 @@
 //! arena has a large enough unused range, and unmapped as soon as nothing in them is used.
 //! `tests/mappings.rs` checks the bound throughout 100,000 mixed-size allocations.
 
+pub(crate) mod buffer;
 mod builder;
+mod cache;
+mod cache_slots;
 pub(crate) mod core;
+mod gather;
+pub(crate) mod handoff;
+pub(crate) mod job;
 mod stats;
 mod worker;
 
 use std::fmt;
 
+pub use self::buffer::{BlockInfo, Buffer};
 use self::builder::Config;
 pub use self::builder::HeapBuilder;
-use self::core::{Counters, Gathered, HeapInner};
+use self::cache_slots::CacheShared;
+use self::core::{Counters, HeapInner};
+use self::gather::{Gathered, Streak};
+use self::handoff::Handoff;
+use self::job::{Run, Runs};
 use crate::arena::Arenas;
-use crate::buffer::Buffer;
-use crate::cache;
-use crate::cache_slots::CacheShared;
-use crate::config::REGATHER_FIRST;
-use crate::deferred::{ReleaseQueue, Runs};
 use crate::error::{AllocError, ConfigError};
 use crate::fork::ForkCell;
 use crate::pool::Block;
 use crate::registry::Owner;
 use crate::shrinker::Shrinker;
 use crate::stats::HeapStats;
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{Arc, AtomicBool, Ordering};
 
 impl HeapBuilder {
     /// Checks the configuration and creates the heap. No memory is taken from the system yet.
@@ -155,9 +161,9 @@ impl Core {
                 )
             })
             .collect();
-        let release_queue = cfg.deferred.then(|| {
+        let handoff = cfg.deferred.then(|| {
             let arenas = arenas.clone();
-            let mut queue = ReleaseQueue::new(
+            let handoff = Arc::new(Handoff::new(
                 page,
                 cfg.queue_limit / page,
                 // Under pressure (or at stop), queued runs go back to the system unzeroed; the
@@ -167,16 +173,13 @@ impl Core {
                         arenas.release(r.ptr(), r.pages() * page)
                     }
                 }),
-            );
-            if !cfg.load_check {
-                queue.set_load_check(None);
-            }
-            let list = Arc::new(queue);
-            list.set_worker_spin(cfg.worker_spin);
-            list.set_worker_naps(cfg.worker_naps);
-            let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&list) as _;
+                cfg.load_check,
+            ));
+            handoff.queue().set_worker_spin(cfg.worker_spin);
+            handoff.queue().set_worker_naps(cfg.worker_naps);
+            let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&handoff) as _;
             registry.add_shrinker(weak);
-            list
+            handoff
         });
         if let Some(pc) = &cfg.pressure {
             registry.start_monitor(pc.clone());
@@ -191,23 +194,22 @@ impl Core {
             generation: crate::fork::generation(),
             owner,
             arenas,
-            release_queue,
+            handoff,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
             no_worker: crate::sync::AtomicBool::new(false),
-            scattered: AtomicUsize::new(0),
-            regather_after: AtomicUsize::new(REGATHER_FIRST),
+            streak: Streak::new(),
             cache: CacheShared::new(cfg.thread_cache, page),
         });
-        let worker = match &inner.release_queue {
+        let worker = match &inner.handoff {
             Some(_) => {
                 match worker::spawn(&inner) {
                     Ok(w) => Some(w),
                     Err(e) => {
                         // No thread: release synchronously rather than queue for nobody.
                         log::warn!("pagepool: cannot start the free worker ({e}); zeroing inline");
-                        if let Some(list) = &inner.release_queue {
-                            list.stop();
+                        if let Some(handoff) = &inner.handoff {
+                            handoff.queue().stop();
                         }
                         None
                     }
@@ -227,8 +229,8 @@ impl Drop for Core {
         let h = &self.inner;
         h.closed.store(true, Ordering::Relaxed);
         cache::forget_mine(h);
-        if let Some(list) = &h.release_queue {
-            for r in list.stop().into_iter().flatten() {
+        if let Some(handoff) = &h.handoff {
+            for r in handoff.queue().stop().into_iter().flatten() {
                 h.release_run(&r);
             }
         }
@@ -419,8 +421,8 @@ impl SystemHeap {
             let p = h.arenas.carve(pages * h.page)?;
             let mut at = p.as_ptr() as usize;
             let mut runs = Runs::new();
-            for (order, count) in self::core::split(&h.orders, pages) {
-                runs.push(crate::deferred::Run {
+            for (order, count) in self::gather::split(&h.orders, pages) {
+                runs.push(Run {
                     start: at,
                     order,
                     count,
@@ -473,8 +475,8 @@ impl SystemHeap {
     pub fn flush(&self) {
         let h = self.inner();
         cache::empty_all(h);
-        if let Some(list) = &h.release_queue {
-            list.flush();
+        if let Some(handoff) = &h.handoff {
+            handoff.queue().flush();
         }
     }
 

@@ -1,9 +1,11 @@
 //! The deferred-free worker's loop: claim queued runs, zero them (sharing the stripes with
 //! allocations that help), land them in the pools; and its throughput counters.
 
+use super::core::HeapInner;
+use super::handoff::Handoff;
+use super::job::{Job, Run};
 use crate::config::STRIPE_BYTES;
-use crate::deferred::{Job, ReleaseQueue, Run, Work};
-use crate::heap::core::HeapInner;
+use crate::deferred::Work;
 use crate::sync::{Arc, Ordering};
 
 /// Starts the worker thread of `inner` (`pagepool-free`).
@@ -15,62 +17,62 @@ pub(super) fn spawn(inner: &Arc<HeapInner>) -> std::io::Result<std::thread::Join
 impl HeapInner {
     /// The worker's [`zero_part`](Self::zero_part): a stripe at a time, renewing its promise
     /// after each, so that whoever waits for it sees it making progress (see
-    /// `ReleaseQueue::wait_worker`).
+    /// `Handoff::wait_worker`).
     ///
     /// # Safety
     /// As for `zero_part`.
-    unsafe fn zero_part_working(&self, list: &ReleaseQueue, job: &Job, off: usize, len: usize) {
+    unsafe fn zero_part_working(&self, handoff: &Handoff, job: &Job, off: usize, len: usize) {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(STRIPE_BYTES);
             // SAFETY: a sub-range of the piece the caller was handed.
             unsafe { self.zero_part(job, off + done, n) };
-            list.promise(std::time::Duration::ZERO);
+            handoff.queue().promise(std::time::Duration::ZERO);
             done += n;
         }
     }
 
     /// Lands a claimed (or adopted) run that is now zeroed: into the pools, and the claim
     /// counts as landed.
-    fn land(&self, list: &ReleaseQueue, run: &Run) {
-        let _locking = list.locking();
+    fn land(&self, handoff: &Handoff, run: &Run) {
+        let _locking = handoff.queue().locking();
         // Pooled first, counted after: a run counted as zeroed by the worker has landed.
         self.give_runs(std::slice::from_ref(run));
         self.counters
             .worker
             .zeroed
             .fetch_add(run.count as u64, Ordering::Relaxed);
-        list.landed(run);
+        handoff.landed(run);
     }
 
     /// The worker: claims queued runs, zeroes them, gives them to the pools, until stopped.
     fn work(&self) {
-        let Some(list) = &self.release_queue else {
+        let Some(handoff) = &self.handoff else {
             return;
         };
-        while let Some(work) = list.next_work() {
+        while let Some(work) = handoff.next_work() {
             let job = match work {
                 Work::Claim(job) => job,
                 Work::Idle => continue, // not asked for: no poll time
-                Work::Assist => {
+                Work::Other => {
                     let t = std::time::Instant::now();
                     let mut mine = 0;
-                    list.assist(
+                    handoff.assist(
                         |job, off, len| {
                             // SAFETY: `assist` handed the worker this stripe of the shared run.
-                            unsafe { self.zero_part_working(list, job, off, len) };
+                            unsafe { self.zero_part_working(handoff, job, off, len) };
                             mine += len;
                         },
                         // The allocation gave up on its run: it is the worker's to land.
                         |job| {
-                            let _locking = list.locking();
+                            let _locking = handoff.queue().locking();
                             let run = job.run();
                             self.give_runs(std::slice::from_ref(&run));
                             self.counters
                                 .worker
                                 .zeroed
                                 .fetch_add(run.count as u64, Ordering::Relaxed);
-                            list.landed_adopted(&run);
+                            handoff.landed_adopted(&run);
                         },
                     );
                     self.count_worker(mine, t.elapsed());
@@ -85,7 +87,7 @@ impl HeapInner {
             while let Some((off, len)) = job.next_worker_piece(self.page) {
                 // SAFETY: the stripe lies in the claimed run, which belongs to the worker (and to
                 // helpers, one piece each) until it lands.
-                unsafe { self.zero_part_working(list, &job, off, len) };
+                unsafe { self.zero_part_working(handoff, &job, off, len) };
                 let landed_by_me = job.finish(len);
                 debug_assert!(!landed_by_me, "nobody abandons the worker's claim");
                 mine += len;
@@ -99,7 +101,7 @@ impl HeapInner {
             while !job.complete() {
                 backoff.snooze();
             }
-            self.land(list, &run);
+            self.land(handoff, &run);
         }
     }
 

@@ -31,9 +31,9 @@ use std::cell::RefCell;
 
 use crossbeam_utils::CachePadded;
 
-use crate::cache_slots::{Slot, SlotTotals, add_own};
-use crate::deferred::{Run, Runs};
-use crate::heap::core::HeapInner;
+use super::cache_slots::{Slot, SlotTotals, add_own};
+use super::core::HeapInner;
+use super::job::{Run, Runs};
 use crate::sync::{Arc, Ordering, lock};
 
 /// One thread's cache of one heap.
@@ -223,7 +223,7 @@ unsafe fn with_cache<R>(
 /// A run taken out of a thread cache, still dirty: a used range of its heap's arenas at its
 /// home address (the cache holds only runs of buffers that were not views, see `Buffer`'s
 /// `drop`), owned by whoever holds this. The only way to use it is
-/// [`Buffer::from_cache`](crate::buffer::Buffer::from_cache), which zeroes it.
+/// [`Buffer::from_cache`](super::buffer::Buffer::from_cache), which zeroes it.
 pub(crate) struct Dirty(pub(crate) Run);
 
 /// A cached buffer of `pages` pages for `heap`, still dirty (counted as zeroed: `Dirty` is

@@ -11,10 +11,10 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
-use crate::cache::Dirty;
-use crate::deferred::{Run, Runs};
+use super::cache::Dirty;
+use super::core::HeapInner;
+use super::job::{Run, Runs};
 use crate::error::AllocError;
-use crate::heap::core::HeapInner;
 use crate::os;
 use crate::sync::Arc;
 
@@ -265,7 +265,7 @@ impl Drop for Buffer {
         {
             // SAFETY: `self.heap` is not used again on this path unless it is put back below.
             let heap = unsafe { ManuallyDrop::take(&mut self.heap) };
-            match crate::cache::give(heap, run) {
+            match super::cache::give(heap, run) {
                 Ok(()) => return,
                 Err((heap, _)) => self.heap = ManuallyDrop::new(heap),
             }
