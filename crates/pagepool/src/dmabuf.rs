@@ -200,13 +200,13 @@ pub const HEAP_DIR: &str = "/dev/dma_heap";
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::{Access, DmaHeap};
+/// use pagepool::dmabuf::{Access, DmaHeap};
 ///
 /// let heap = DmaHeap::open("system")?;
 /// let buf = heap.alloc(1 << 20)?;
 /// let mut map = buf.map()?;
 /// map.access(Access::ReadWrite)?.fill(1);
-/// # Ok::<(), pagepool::DmaBufError>(())
+/// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
 /// ```
 #[derive(Debug)]
 pub struct DmaHeap {
@@ -378,7 +378,7 @@ impl DmaBuf {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::{Access, DmaHeap};
+    /// use pagepool::dmabuf::{Access, DmaHeap};
     ///
     /// let buf = DmaHeap::open("system")?.alloc(4096)?;
     /// let mut map = buf.map()?;
@@ -387,7 +387,7 @@ impl DmaBuf {
     /// let mut back = [0; 5];
     /// cpu.read(100, &mut back)?;
     /// assert_eq!(&back, b"hello");
-    /// # Ok::<(), pagepool::DmaBufError>(())
+    /// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
     /// ```
     pub fn map(&self) -> Result<DmaBufMap<'_>, DmaBufError> {
         // Mapped and kept from fork in one gate: a child forked in between would share the
@@ -465,12 +465,12 @@ impl<'a> DmaBufMap<'a> {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::{Access, DmaHeap};
+    /// use pagepool::dmabuf::{Access, DmaHeap};
     ///
     /// let buf = DmaHeap::open("system")?.alloc(1 << 20)?;
     /// let mut map = buf.map()?;
     /// map.access(Access::Write)?.fill(0xff); // SYNC_START, fill, SYNC_END
-    /// # Ok::<(), pagepool::DmaBufError>(())
+    /// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
     /// ```
     pub fn access(&mut self, access: Access) -> Result<CpuAccess<'_, 'a>, DmaBufError> {
         self.buf.sync(access.flags())?;
@@ -521,7 +521,7 @@ impl fmt::Debug for DmaBufMap<'_> {
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::{Access, DmaHeap};
+/// use pagepool::dmabuf::{Access, DmaHeap};
 ///
 /// let buf = DmaHeap::open("system")?.alloc(4096)?;
 /// let mut map = buf.map()?;
@@ -532,7 +532,7 @@ impl fmt::Debug for DmaBufMap<'_> {
 /// cpu.read(4092, &mut tail)?;
 /// assert_eq!(tail, [0, 1, 2, 3]);
 /// assert!(cpu.write(4094, &[1, 2, 3]).is_err()); // past the end: an error, no panic
-/// # Ok::<(), pagepool::DmaBufError>(())
+/// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
 /// ```
 #[derive(Debug)]
 pub struct CpuAccess<'m, 'a> {
@@ -582,7 +582,7 @@ impl CpuAccess<'_, '_> {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::{file_count, Access, DmaHeap};
+    /// use pagepool::dmabuf::{file_count, Access, DmaHeap};
     /// use std::os::fd::AsFd;
     ///
     /// let buf = DmaHeap::open("system")?.alloc(4096)?;
@@ -613,7 +613,7 @@ impl CpuAccess<'_, '_> {
     ///
     /// # Examples
     /// ```no_run
-    /// use pagepool::{file_count, Access, DmaHeap};
+    /// use pagepool::dmabuf::{file_count, Access, DmaHeap};
     /// use std::os::fd::AsFd;
     ///
     /// let buf = DmaHeap::open("system")?.alloc(1 << 20)?;

@@ -328,16 +328,16 @@ impl Inner {
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::DmaHeap;
-/// use pagepool::DmaBufPool;
-/// use pagepool::Registry;
+/// use pagepool::dmabuf::DmaHeap;
+/// use pagepool::dmapool::DmaBufPool;
+/// use pagepool::registry::Registry;
 ///
 /// let pool = DmaBufPool::new(DmaHeap::open("system")?, &Registry::new(1 << 20), 64 << 20)?;
 /// let buf = pool.alloc(1 << 20)?;   // from the kernel: nothing pooled yet
 /// drop(buf);                        // zeroed by the worker, then pooled
 /// pool.flush();
 /// let again = pool.alloc(1 << 20)?; // from the pool
-/// # Ok::<(), pagepool::DmaBufError>(())
+/// # Ok::<(), pagepool::dmabuf::DmaBufError>(())
 /// ```
 pub struct DmaBufPool {
     /// This process's pool state: a forked child builds its own on first use (see

@@ -284,7 +284,7 @@ impl fmt::Debug for ExportedBuffer {
 ///
 /// # Examples
 /// ```
-/// use pagepool::DmaBufError;
+/// use pagepool::dmabuf::DmaBufError;
 ///
 /// let heap = pagepool::SystemHeap::new()?;
 /// if let Err(e) = heap.alloc(4096)?.export() {

@@ -322,7 +322,7 @@ pub(crate) fn cores_oversubscribed() -> bool {
 ///
 /// # Examples
 /// ```
-/// let n = pagepool::mapping_count().unwrap();
+/// let n = pagepool::stats::mapping_count().unwrap();
 /// assert!(n > 0);
 /// ```
 pub fn mapping_count() -> std::io::Result<usize> {

@@ -344,7 +344,7 @@ unsafe impl Send for BlockStack {}
 /// # Examples
 /// ```
 /// use std::ptr::NonNull;
-/// use pagepool::{Block, PagePool};
+/// use pagepool::pool::{Block, PagePool};
 ///
 /// // A pool of order-0 blocks whose release callback frees memory from the global allocator.
 /// let layout = std::alloc::Layout::from_size_align(pagepool::page_size(), 4096).unwrap();

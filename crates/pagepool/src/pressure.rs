@@ -89,7 +89,7 @@ pub trait PressureSource: Send {
 ///
 /// # Examples
 /// ```no_run
-/// use pagepool::PsiTrigger;
+/// use pagepool::pressure::PsiTrigger;
 /// let trigger = PsiTrigger::register("/proc/pressure/memory".as_ref(), 100_000, 2_000_000)?;
 /// # Ok::<(), std::io::Error>(())
 /// ```

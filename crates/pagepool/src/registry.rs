@@ -221,7 +221,7 @@ fn scan_owners(
 ///
 /// # Examples
 /// ```
-/// use pagepool::{Registry, Shrinker};
+/// use pagepool::registry::{Registry, Shrinker};
 ///
 /// let registry = Registry::new(1 << 20);
 /// let gpu = registry.register("gpu", 4096);
@@ -339,7 +339,7 @@ impl Registry {
     ///
     /// # Examples
     /// ```
-    /// use pagepool::{Block, Registry};
+    /// use pagepool::{pool::Block, registry::Registry};
     ///
     /// let registry = Registry::new(1 << 20);
     /// let gpu = registry.register_typed("gpu", "write-combined", 1024);
@@ -508,7 +508,7 @@ impl fmt::Debug for Registry {
 ///
 /// # Examples
 /// ```
-/// use pagepool::{Block, Registry, Shrinker};
+/// use pagepool::{pool::Block, registry::{Registry, Shrinker}};
 ///
 /// let registry = Registry::new(1 << 20);
 /// let owner = registry.register("example", 0);
