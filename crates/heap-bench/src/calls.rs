@@ -21,9 +21,9 @@ pub const SMALL_REPS: usize = 9;
 
 /// How many repetitions every row of a size makes by default: two, or [`SMALL_REPS`] at the
 /// sizes whose calls are timed in batches (under [`BATCHED_BELOW`]). There a repetition of the
-/// seed's 5000 calls lasts ~0.3 ms at 4 KiB, and one slow moment of the machine decided the
-/// slower of two; the median of nine is steadier. The same for every system of the size, in
-/// this process and in the tuned peers' child, whatever its speed.
+/// seed's 5000 calls is short, and one slow moment of the machine decided the slower of two
+/// (docs/BENCHMARKS.md, heap-bench); the median of nine is steadier. The same for every system
+/// of the size, in this process and in the tuned peers' child, whatever its speed.
 pub fn reps_for_size(size: usize) -> usize {
     if size < BATCHED_BELOW { SMALL_REPS } else { 2 }
 }
@@ -59,8 +59,8 @@ pub struct Rep {
     pub how: Vec<Switch>,
 }
 
-/// Sizes below which tight calls are timed in batches: a clock read (~20 ns) would weigh on a
-/// call of tens of ns.
+/// Sizes below which tight calls are timed in batches: there a call costs only a few clock
+/// reads, and reading the clock around each would weigh on it.
 pub const BATCHED_BELOW: usize = 64 << 10;
 /// Calls per timed batch there.
 const BATCH: usize = 50;
@@ -187,8 +187,8 @@ pub fn measure_size(
     // longer than its budget then), nor more than the seed's 5000. With several threads, each
     // runs the seed's loop: up to 5000 calls per thread, as many as fit the budget counting
     // the threads' calls as if made one after another, and together at least MIN_CALLS. (A
-    // thread's share of 5000 was 1,250 calls of ~60 ns at 4 KiB with four threads: 75 us,
-    // the order of one wake-up of a thread, and the rates of one system ranged 30-fold.)
+    // thread's share of 5000 at 4 KiB lasted about as long as one wake-up of a thread, and
+    // the rates of one system ranged widely: docs/BENCHMARKS.md, threads mode.)
     let t = threads.unwrap_or(1);
     let counts: Vec<usize> = est
         .iter()

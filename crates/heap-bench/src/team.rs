@@ -60,8 +60,8 @@ pub fn pin_to(cpu: usize) {
 /// Where a team's threads wait for each other before each repetition. They look in a loop,
 /// yielding the CPU between looks (with more threads than cores, the late ones must run),
 /// instead of sleeping: they leave it within a yield of each other. (Behind a sleeping
-/// barrier, the wake-ups skewed the threads' starts by tens of microseconds, a large part of a
-/// 4 KiB repetition of ~0.3 ms, which the wall time from the first start counts.)
+/// barrier, the wake-ups skewed the threads' starts by a large part of a 4 KiB repetition,
+/// which the wall time from the first start counts: docs/BENCHMARKS.md, heap-bench.)
 struct StartLine {
     arrived: std::sync::atomic::AtomicUsize,
     threads: usize,

@@ -99,9 +99,8 @@ pub(crate) const STRIPE_BYTES: usize = 64 << 10;
 
 /// A claim takes 1/`CLAIM_SHARE` of the stripes left (at least one): large pieces first, small
 /// ones at the end, so that a 1 MiB run is split between two threads in about five claims (each
-/// one a cache-line transfer between cores, ~100-200 ns in this project's VMs) and they still
-/// finish together. Measured on tight 1 MiB allocations (median of 9 runs): one 64 KiB stripe
-/// per claim 12.0 us per call, a quarter of what is left 11.5 us, half 9.8 us.
+/// one a cache-line transfer between cores) and they still finish together: on tight 1 MiB
+/// allocations, half beat a quarter and one stripe a claim (docs/DESIGN.md, Tuning).
 pub(crate) const CLAIM_SHARE: usize = 2;
 
 /// The most stripes the worker takes at once (256 KiB): large enough that it pays few
@@ -127,10 +126,10 @@ pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_m
 /// `Job::next_worker_piece`), so that two cores zero it and, as the buffer circulates, each
 /// zeroes the same part of it every time, in its own cache. Other runs are zeroed by the
 /// allocation alone, while the worker zeroes the buffer's other end: sharing each 1 MiB chunk
-/// of an 8 MiB buffer as well was slower (tight loop, three pairs alternating: 378, 593 and
-/// 241 us a call against 236-279 us). (With pieces handed out from one end, to whoever asked first, a shared
-/// block's lines moved between the cores' caches at every zeroing: a tight loop of 1 MiB
-/// buffers took 37 us a call shared against 24 us alone; zeroed from both ends, 16-19 us.)
+/// of an 8 MiB buffer as well was slower. (With pieces handed out from one end, to whoever
+/// asked first, a shared block's lines moved between the cores' caches at every zeroing, and a
+/// tight loop of 1 MiB buffers was slower shared than alone; zeroed from both ends, it is
+/// faster than alone. Measured: docs/DESIGN.md, Tuning.)
 pub(crate) const SHARE_FROM: usize = 16 << 20;
 
 /// The longest an allocation waits for the worker even while it makes progress (see
@@ -157,7 +156,8 @@ pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_m
 
 /// How late a worker woken by a release may be to look at the queue (see `WORKER_GRACE`):
 /// longer than a running worker's grace, as a woken thread waits for the scheduler, and in a
-/// VM for an idle virtual CPU to be run again (0.8 to 5 ms measured on an idle machine).
+/// VM for an idle virtual CPU to be run again, which took milliseconds even on an idle machine
+/// (docs/DESIGN.md, Tuning).
 pub(crate) const WAKE_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The shortest time releases keep zeroing their own buffers after the worker was found late,
@@ -177,13 +177,12 @@ pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_mill
 /// allocates right after it releases (the same buffer size, back to back) takes the dirty
 /// blocks itself and shares their zeroing with the idle worker; had the worker claimed them
 /// first, the allocation would help with the claim, then wait for it to land in a pool and take
-/// it from there. Measured at 1 MiB: 11-13 us for such an allocation, 8-9 us when it takes the
-/// blocks. A program that works between releases loses nothing: the worker still zeroes long
-/// before its next allocation.
+/// it from there, which is slower (docs/DESIGN.md, Tuning). A program that works between
+/// releases loses nothing: the worker still zeroes long before its next allocation.
 pub(crate) const CLAIM_DELAY: std::time::Duration = std::time::Duration::from_micros(2);
 
-/// An idle worker's first naps (see [`ReleaseQueue::set_worker_naps`]); with the kernel's default
-/// timer slack of 50 us a nap lasts about 150 us.
+/// An idle worker's first naps (see [`ReleaseQueue::set_worker_naps`]); the worker's own small
+/// timer slack (see `spawn_worker`) keeps them about this short.
 pub(crate) const NAP_FIRST: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// How long an idle worker keeps taking its first, shortest naps.

@@ -80,7 +80,8 @@ const HELD_POLL: Duration = Duration::from_millis(20);
 const SETUP_ALLOWANCE: Duration = Duration::from_millis(10);
 
 /// How much of a buffer the worker zeroes before it renews its promise to the queue (see
-/// `ReleaseQueue::promise`): about 50 us of work.
+/// `ReleaseQueue::promise`): the heap's worker's largest piece, far less work than a running
+/// worker's grace (`WORKER_GRACE`) allows.
 const ZERO_PIECE: usize = 256 << 10;
 
 struct State {
@@ -189,9 +190,9 @@ impl Inner {
     /// reference to it; parked among the held ones if another holder remains; closed if that
     /// cannot be told or it cannot be zeroed.
     fn recycle(&self, b: DmaBuf) {
-        // The checks and the mapping below are system calls that may take milliseconds (the
-        // VM's emulated CPU took 1-5 ms to map one): the worker is running, not kept off its
-        // core, so it promises that long rather than be found late in the middle of them.
+        // The checks and the mapping below are system calls that may take milliseconds (in the
+        // VM, whose CPU is emulated; docs/DESIGN.md, The VM): the worker is running, not kept
+        // off its core, so it promises that long rather than be found late in the middle of them.
         self.queue.promise(SETUP_ALLOWANCE);
         match file_count(b.as_fd()) {
             Ok(1) => {}

@@ -19,7 +19,7 @@
 //!
 //! The ring is there for speed: taking the blocks of a 32 MiB buffer from a linked list means
 //! 32 dependent reads, each a cache miss on memory that was just zeroed with streaming stores
-//! (~300 ns each measured here); from the ring they are 32 reads of one hot array. `take`
+//! (measured: docs/DESIGN.md, Tuning); from the ring they are 32 reads of one hot array. `take`
 //! clears a list block's link word before handing it out, so a block leaves the pool all-zero.
 
 use std::fmt;

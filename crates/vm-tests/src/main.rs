@@ -188,8 +188,8 @@ fn dmapool_queue_is_bounded_and_shrinks() -> Result {
     // A buffer of exactly the bound fits: zeroed and pooled by the worker. One buffer, released
     // while the worker sleeps, which is never late: a second release would race with the
     // worker's handling of the first, and under TCG each of its steps (mapping, each 256 KiB
-    // piece) takes 1-5 ms, which the busy-machine rule reads as a worker kept off its core:
-    // that release would be closed, as on a busy machine (3 runs in 5 before this change).
+    // piece) takes milliseconds, which the busy-machine rule reads as a worker kept off its
+    // core: that release would be closed, as on a busy machine (docs/DESIGN.md, The VM).
     let a = pool.alloc(2 << 20).map_err(e)?;
     drop(a);
     pool.flush();

@@ -108,8 +108,8 @@ impl Punctuality {
     /// [`NAP_LONGEST`], and looks at the queue whenever it wakes up: releases never wake it.
     ///
     /// This is what keeps a wake-up off the releasing thread when releases come further apart
-    /// than the spin: measured here (a VM), waking a sleeping thread cost the releasing thread
-    /// 8-10 us, more than the release itself by a factor of fifty. A nap costs only the worker
+    /// than the spin: waking a sleeping thread costs the releasing thread far more than the
+    /// release itself (measured: docs/DESIGN.md, Tuning, "Naps"). A nap costs only the worker
     /// a timer wake-up, and the worker finds queued work at most one nap late (an allocation
     /// that comes first zeroes the blocks it needs itself).
     pub(crate) fn set_naps(&self, d: std::time::Duration) {

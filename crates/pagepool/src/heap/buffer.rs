@@ -108,8 +108,9 @@ impl Buffer {
     /// A buffer from this thread's cache: one run of blocks end to end, still dirty, counted by
     /// the cache. Zeroed here, after the buffer's fields are written: the caller moves the
     /// buffer (an 80-byte value, copied 16 bytes at a time) at once, and copying fields stored
-    /// a moment before stalls store forwarding, ~9 ns of a ~54 ns 4 KiB allocation and release
-    /// (measured with rustc 1.95; the order of the stores is the compiler's to keep).
+    /// a moment before stalls store forwarding, a large part of a 4 KiB allocation and release
+    /// (measured with rustc 1.95: docs/DESIGN.md, Small buffers; the order of the stores is the
+    /// compiler's to keep).
     /// Written before the zeroing, they have reached the cache by the time they are copied.
     ///
     /// # Safety

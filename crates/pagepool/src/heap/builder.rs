@@ -226,8 +226,8 @@ impl HeapBuilder {
     /// How long the idle worker, after its spin, keeps taking short naps and looking for work
     /// when it wakes, before it sleeps until a release wakes it (default 100 ms; zero sleeps at
     /// once). While it naps, releases cost no wake-up (a system call on the releasing thread);
-    /// each nap costs the worker a timer wake-up (about 20 in the first 2 ms of idleness, a few
-    /// more after that).
+    /// each nap costs the worker a timer wake-up (short naps at first, longer ones as idleness
+    /// goes on).
     pub fn worker_naps(mut self, d: std::time::Duration) -> Self {
         self.worker_naps = d;
         self

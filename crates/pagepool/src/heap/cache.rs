@@ -1,13 +1,14 @@
 //! Per-thread caches of small released buffers: the 4 KiB fast path.
 //!
-//! For a small buffer, every shared step costs more than the zeroing itself: zeroing 4 KiB
-//! takes ~26 ns here, while a trip through the pool, the worker's queue and the shared counters
-//! took ~85 ns (three locks and eight atomic read-modify-writes), and handing the block to the
-//! worker on the other core would add cache-line transfers on top. So a thread keeps the last
-//! few small buffers it released, still dirty, in a cache of its own (per heap), and zeroes one
-//! inline when it allocates that size again: no lock, no atomic read-modify-write, and the
-//! zeroed lines are hot in the allocating core's cache when the program writes them. The same
-//! idea as the network stack's page_pool allocation cache and glibc's tcache.
+//! For a small buffer, every shared step costs more than the zeroing itself: a trip through the
+//! pool, the worker's queue and the shared counters (three locks and eight atomic
+//! read-modify-writes) took longer than zeroing 4 KiB (docs/DESIGN.md, Small buffers), and
+//! handing the block to the worker on the other core would add cache-line transfers on top.
+//! So a thread keeps the last few small buffers it released, still dirty, in a cache of its
+//! own (per heap), and zeroes one inline when it allocates that size again: no lock, no atomic
+//! read-modify-write, and the zeroed lines are hot in the allocating core's cache when the
+//! program writes them. The same idea as the network stack's page_pool allocation cache and
+//! glibc's tcache.
 //!
 //! What it costs, and the bounds:
 //! - each thread holds at most [`HeapBuilder::thread_cache`](crate::HeapBuilder::thread_cache)

@@ -151,8 +151,8 @@ impl HeapInner {
         }
         // Cheapest question first: `scattered` looks at the runs in hand, `pooling` reads the
         // owner's limit (a cache line of its own, often cold after zeroing a large buffer:
-        // asked on every allocation, it made a deferred heap's 4 MiB allocations 1.12-1.24x a
-        // synchronous heap's on the same work).
+        // asked on every allocation, it made a deferred heap's large allocations slower than a
+        // synchronous heap's on the same work; docs/DESIGN.md, A busy machine).
         let needs_view = h.handoff.is_some()
             && g.hits + g.inline > 0
             && scattered(&g.runs, &g.missing, h.page)
@@ -390,8 +390,8 @@ impl HeapInner {
             // the front and the worker's from the back (see `Job::next_worker_piece`), and its
             // lines stay where they were zeroed; a queued block is shared the same way (see
             // `zero_stolen`). (Taking the queued one, two blocks in circulation were each
-            // zeroed whole by one core and the next time by the other: 35-40 us a call in a
-            // tight loop of 1 MiB buffers, against 17-21 us.)
+            // zeroed whole by one core and the next time by the other, which was slower in a
+            // tight loop of 1 MiB buffers: docs/DESIGN.md, Tuning.)
             if want == 1 && pooled == 0 && self.help_worker(handoff, order, true) {
                 waited = true;
                 pooled += take_pooled(runs, want, false);

@@ -156,10 +156,10 @@ impl Job {
     /// buffer that circulates is then zeroed piece by piece by the same core each time, and
     /// its lines stay in that core's cache. (Handed out from one end, the pieces fell to
     /// whoever asked first, and a buffer's lines moved between the cores' caches at every
-    /// zeroing: a tight loop of 1 MiB buffers shared with the worker took 37-43 us a call,
-    /// against 23-27 us zeroed by the allocating thread alone.) A chunk of a larger buffer,
-    /// whose allocation zeroes the buffer's other chunks from its other end, is zeroed from
-    /// the front by both, as before.
+    /// zeroing, and a tight loop of 1 MiB buffers shared with the worker was slower than one
+    /// zeroed by the allocating thread alone: docs/DESIGN.md, Tuning.) A chunk of a larger
+    /// buffer, whose allocation zeroes the buffer's other chunks from its other end, is zeroed
+    /// from the front by both, as before.
     pub(crate) fn next_worker_piece(&self, page: usize) -> Option<(usize, usize)> {
         let from_back = self.run.is_whole(self.buffer_pages);
         self.next_piece(page, from_back, |left| {

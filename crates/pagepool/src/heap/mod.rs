@@ -18,8 +18,8 @@
 //! dirty, in the releasing thread's own cache of this heap (64 KiB by default), and the
 //! thread's next allocation of that size takes it back and zeroes it inline: no lock, no atomic
 //! read-modify-write, no hand-off to another core, which at that size all cost more than the
-//! zeroing (measured: 4 KiB allocate + release ~60 ns this way against ~120 ns through the
-//! pools and the queue). See the `cache` module for the bounds and how caches are emptied.
+//! zeroing (measured: docs/DESIGN.md, Small buffers). See the `cache` module for the bounds and
+//! how caches are emptied.
 //!
 //! ## Releasing
 //! By default a released buffer is queued for the heap's worker in O(1) (a buffer that needed
