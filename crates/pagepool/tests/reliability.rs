@@ -58,11 +58,16 @@ fn a_panicking_release_callback_does_not_wedge_a_heap() {
     let registry = Registry::new(64);
     let bad = registry.register("panics", usize::MAX);
     let pool = bad.add_pool(0, Box::new(|_b: Block| panic!("release callback panics")));
-    let layout = Layout::from_size_align(page, page).unwrap();
-    for _ in 0..32 {
-        // SAFETY: a fresh zeroed page-sized allocation, owned by the pool from now on (its
-        // release callback leaks it: this is a test of a broken callback).
-        let b = unsafe { Block::from_raw(NonNull::new(alloc_zeroed(layout)).unwrap(), 0) };
+    // The pages: one zeroed allocation that outlives the pool (its release callback drops
+    // the blocks it is given, and the pool may still hold some when the test ends), freed at
+    // the end, so that nothing leaks.
+    let layout = Layout::from_size_align(32 * page, page).unwrap();
+    // SAFETY: a non-zero-sized layout.
+    let pages = NonNull::new(unsafe { alloc_zeroed(layout) }).unwrap();
+    for i in 0..32 {
+        // SAFETY: page `i` of the allocation above: zeroed, page-aligned, given to the pool
+        // alone, and freed only after the pool is gone (below).
+        let b = unsafe { Block::from_raw(pages.add(i * page), 0) };
         pool.give(b).unwrap();
     }
     let heap = quiet_heap(&registry);
@@ -100,6 +105,10 @@ fn a_panicking_release_callback_does_not_wedge_a_heap() {
         0,
         "the pools were shrunk after it"
     );
+    drop((heap, pool, bad, registry));
+    // SAFETY: the allocation made above with this layout; the pool that held its pages is
+    // gone.
+    unsafe { std::alloc::dealloc(pages.as_ptr(), layout) };
 }
 
 #[test]
