@@ -12,13 +12,13 @@
 //! |---|---|---|
 //! | page allocator, `mmap` | memfd arenas, one system-call layer | `os.rs`, `arena.rs` |
 //! | TTM pool types (caching, dma32, NUMA pools) | [`PoolType`]: locked, huge, node(N) ([`HeapBuilder::pool_type`]) | `attrs.rs`, `arena.rs` |
-//! | `drm_page_pool` | [`pool::PagePool`], [`pool::Block`] | `pool.rs` |
-//! | pool list, global max, shrinker | [`registry::Registry`], [`registry::Owner`], [`registry::Shrinker`] | `registry.rs` |
+//! | `drm_page_pool` | [`pool::PagePool`], [`pool::Block`] | `pool/` |
+//! | pool list, global max, shrinker | [`registry::Registry`], [`registry::Owner`], [`registry::Shrinker`] | `registry/`, `shrinker.rs` |
 //! | deferred-free helper | a generic bounded queue and its worker, used by [`SystemHeap`] (through its hand-off) and [`dmapool::DmaBufPool`] | `deferred/`, `heap/handoff.rs` |
 //! | shrinkers run by reclaim | [`pressure::PressureMonitor`] (PSI, cgroup watermark) | `pressure.rs` |
 //! | system heap, sg table, udmabuf export | [`SystemHeap`], [`Buffer`], [`ExportedBuffer`] | `heap/`, `export.rs` |
 //! | per-CPU page lists, page_pool alloc cache | per-thread caches of small buffers ([`HeapBuilder::thread_cache`]) | `heap/cache.rs` |
-//! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | `dmabuf.rs` |
+//! | dma-buf heaps, `DMA_BUF_IOCTL_SYNC` | [`dmabuf::DmaHeap`], [`dmabuf::DmaBuf`] | `dmabuf/` |
 //! | a pool of real dma-bufs | [`dmapool::DmaBufPool`] | `dmapool.rs` |
 //! | debugfs `page_pool` | [`stats::RegistryStats`] (its `Display`), [`HeapStats`] | `stats.rs` |
 //!
