@@ -1542,13 +1542,17 @@ fn stress_heaps_from_many_threads() {
     // then zero their own buffers) up to the end; as soon as it runs on time again, releases
     // queue and it zeroes them. Within 3 s, longer than the longest hold. (Unless other
     // programs keep every core busy all that time: the releases are then zeroed by the
-    // releasing thread, the busy-machine behaviour, checked instead.)
+    // releasing thread, the busy-machine behaviour, checked instead. "All that time" is read
+    // as most of the samples: builds and test runs beside this one come and go between
+    // samples, and one quiet sample does not give a nice-19 worker the core.)
     for h in [0, 2] {
         let heap = &w.heaps[h].heap;
         let t = Instant::now();
-        let (sync_before, mut busy_throughout) = (heap.stats().zeroed_sync, true);
+        let sync_before = heap.stats().zeroed_sync;
+        let (mut samples, mut busy_samples) = (0u32, 0u32);
         let recovered = loop {
-            busy_throughout &= common::cores_oversubscribed();
+            samples += 1;
+            busy_samples += u32::from(common::cores_oversubscribed());
             let before = heap.stats().zeroed_worker;
             drop(heap.alloc(1 << 20).unwrap());
             heap.flush();
@@ -1563,7 +1567,7 @@ fn stress_heaps_from_many_threads() {
         c.check(
             "end: once the load stops, the worker zeroes releases again (or, while other \
              programs keep every core busy, each release zeroes its own buffer)",
-            recovered || (busy_throughout && heap.stats().zeroed_sync > sync_before),
+            recovered || (2 * busy_samples >= samples && heap.stats().zeroed_sync > sync_before),
             || format!("{}: {}", w.heaps[h].name, heap.stats()),
         );
     }
