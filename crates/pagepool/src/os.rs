@@ -164,8 +164,26 @@ pub(crate) unsafe fn bind_node(p: NonNull<u8>, len: usize, node: u32) -> Result<
 /// # Safety
 /// The caller owns the range.
 pub(crate) unsafe fn lock(p: NonNull<u8>, len: usize) -> Result<(), rustix::io::Errno> {
+    // Under ThreadSanitizer (`.ci/san`: rustix on libc) the sanitizer runtime's `mlock`
+    // interceptor locks nothing; the system call itself, which touches no memory TSan tracks,
+    // keeps a locked heap locked there too.
+    #[cfg(pagepool_tsan)]
+    {
+        // SAFETY: as below; `mlock` reads and writes no memory of the process.
+        let r = unsafe { libc::syscall(libc::SYS_mlock, p.as_ptr(), len) };
+        if r != 0 {
+            return Err(
+                rustix::io::Errno::from_io_error(&std::io::Error::last_os_error())
+                    .unwrap_or(rustix::io::Errno::NOMEM),
+            );
+        }
+        Ok(())
+    }
     // SAFETY: locking changes no contents; the caller owns the range.
-    unsafe { rustix::mm::mlock(p.as_ptr().cast(), len) }
+    #[cfg(not(pagepool_tsan))]
+    unsafe {
+        rustix::mm::mlock(p.as_ptr().cast(), len)
+    }
 }
 
 /// Unlocks `p..p + len` (`munlock`).
@@ -173,7 +191,18 @@ pub(crate) unsafe fn lock(p: NonNull<u8>, len: usize) -> Result<(), rustix::io::
 /// # Safety
 /// The caller owns the range.
 pub(crate) unsafe fn unlock(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    // The system call itself under ThreadSanitizer, as in `lock`.
+    #[cfg(pagepool_tsan)]
+    {
+        // SAFETY: `munlock` reads and writes no memory of the process.
+        let r = unsafe { libc::syscall(libc::SYS_munlock, p.as_ptr(), len) };
+        if r != 0 {
+            return Err(OsError::new("munlock", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
     // SAFETY: unlocking changes no contents; the caller owns the range.
+    #[cfg(not(pagepool_tsan))]
     unsafe { rustix::mm::munlock(p.as_ptr().cast(), len) }.map_err(|e| OsError::new("munlock", e))
 }
 

@@ -7,6 +7,8 @@
 //! lines straight to memory instead, and beat `memset` on such buffers (measured: docs/DESIGN.md,
 //! Tuning, "Zeroing method").
 
+// Under ThreadSanitizer (`--cfg pagepool_tsan`) the streaming stores are not used.
+#![cfg_attr(pagepool_tsan, allow(dead_code))]
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
