@@ -188,7 +188,7 @@ pub fn measure_size(
     // runs the seed's loop: up to 5000 calls per thread, as many as fit the budget counting
     // the threads' calls as if made one after another, and together at least MIN_CALLS. (A
     // thread's share of 5000 at 4 KiB lasted about as long as one wake-up of a thread, and
-    // the rates of one system ranged widely: docs/BENCHMARKS.md, threads mode.)
+    // the rates of one system ranged widely: docs/BENCHMARKS.md, heap-bench, threads-T.)
     let t = threads.unwrap_or(1);
     let counts: Vec<usize> = est
         .iter()
