@@ -316,19 +316,22 @@ fn combinations_carry_every_attribute() {
     assert_eq!(b.as_ptr() as usize % (2 << 20), 0);
 }
 
+/// A heap of pool type `ty` named `name` on `registry`, releasing synchronously.
+fn sync_heap_on(registry: &std::sync::Arc<Registry>, name: &str, ty: PoolType) -> SystemHeap {
+    SystemHeap::builder()
+        .name(name)
+        .pool_type(ty)
+        .registry(registry.clone())
+        .pressure(None)
+        .deferred(false)
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn one_registry_table_has_a_row_per_pool_type() {
     let registry = Registry::new(1 << 30);
-    let build = |name: &str, ty: PoolType| {
-        SystemHeap::builder()
-            .name(name)
-            .pool_type(ty)
-            .registry(registry.clone())
-            .pressure(None)
-            .deferred(false)
-            .build()
-            .unwrap()
-    };
+    let build = |name: &str, ty: PoolType| sync_heap_on(&registry, name, ty);
     let a = build("a", PoolType::SYSTEM);
     let b = build("b", PoolType::SYSTEM);
     let l = build("l", PoolType::SYSTEM.locked());
@@ -361,16 +364,7 @@ fn one_registry_table_has_a_row_per_pool_type() {
 /// on one registry whose maximum lets them.
 fn locked_and_huge_filled() -> (std::sync::Arc<Registry>, SystemHeap, SystemHeap) {
     let registry = Registry::new(usize::MAX / 2);
-    let build = |name: &str, ty: PoolType| {
-        SystemHeap::builder()
-            .name(name)
-            .pool_type(ty)
-            .registry(registry.clone())
-            .pressure(None)
-            .deferred(false)
-            .build()
-            .unwrap()
-    };
+    let build = |name: &str, ty: PoolType| sync_heap_on(&registry, name, ty);
     let locked = build("l", PoolType::SYSTEM.locked());
     let huge = build("h", PoolType::SYSTEM.huge());
     assert_eq!(locked.reserve(1 << 20, 8).unwrap(), 8);

@@ -450,11 +450,7 @@ mod tests {
     }
 
     fn run(start: usize, order: u8, count: usize) -> Run {
-        Run {
-            start,
-            order,
-            count,
-        }
+        Run::new(start, order, count)
     }
 
     #[test]

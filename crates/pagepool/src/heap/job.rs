@@ -20,6 +20,16 @@ pub(crate) struct Run {
 }
 
 impl Run {
+    /// `count` blocks of `order` from address `start`.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) const fn new(start: usize, order: u8, count: usize) -> Run {
+        Run {
+            start,
+            order,
+            count,
+        }
+    }
+
     /// Pages in the run.
     #[inline]
     pub(crate) fn pages(&self) -> usize {
@@ -244,11 +254,7 @@ mod tests {
     use super::*;
 
     fn run(start: usize, order: u8, count: usize) -> Run {
-        Run {
-            start,
-            order,
-            count,
-        }
+        Run::new(start, order, count)
     }
 
     #[test]
