@@ -115,7 +115,7 @@ pub(crate) struct Location {
 
 /// A heap's arenas, and the counters of pages taken from and given back to the system.
 pub(crate) struct Arenas {
-    list: Mutex<Vec<Arena>>,
+    mapped: Mutex<Vec<Arena>>,
     name: String,
     arena_size: usize,
     pool_type: PoolType,
@@ -127,7 +127,7 @@ pub(crate) struct Arenas {
 }
 
 // SAFETY: the raw base pointers are only addresses of mappings the set owns; all access to
-// the list goes through the Mutex.
+// the arenas goes through the Mutex.
 unsafe impl Send for Arenas {}
 // SAFETY: as above.
 unsafe impl Sync for Arenas {}
@@ -146,7 +146,7 @@ impl Arenas {
         huge: Option<HugeBacking>,
     ) -> Arenas {
         Arenas {
-            list: Mutex::new(Vec::new()),
+            mapped: Mutex::new(Vec::new()),
             name: name.to_owned(),
             arena_size,
             pool_type,
@@ -156,13 +156,13 @@ impl Arenas {
         }
     }
 
-    fn list(&self) -> MutexGuard<'_, Vec<Arena>> {
-        lock(&self.list)
+    fn mapped(&self) -> MutexGuard<'_, Vec<Arena>> {
+        lock(&self.mapped)
     }
 
     /// The number of arenas mapped now.
     pub(crate) fn count(&self) -> usize {
-        self.list().len()
+        self.mapped().len()
     }
 
     /// Gets `bytes` (a multiple of the page size; of 2 MiB for a huge pool type) of fresh,
@@ -201,7 +201,7 @@ impl Arenas {
 
     /// Each arena's home mapping: `(address, length)`.
     pub(crate) fn ranges(&self) -> Vec<(usize, usize)> {
-        self.list()
+        self.mapped()
             .iter()
             .map(|a| (a.base.as_ptr() as usize, a.len))
             .collect()
@@ -209,8 +209,8 @@ impl Arenas {
 
     fn carve_once(&self, bytes: usize) -> Result<NonNull<u8>, Carve> {
         let (fd, off, p, backing) = {
-            let mut list = self.list();
-            let found = list.iter_mut().find_map(|a| {
+            let mut arenas = self.mapped();
+            let found = arenas.iter_mut().find_map(|a| {
                 let off = a.carve(bytes)?;
                 // SAFETY: `off + bytes <= a.len`, inside the home mapping.
                 Some((a.fd.clone(), off, unsafe { a.base.add(off) }, a.huge))
@@ -223,8 +223,8 @@ impl Arenas {
                         .map_err(|e| Carve::Failed(e.into()))?;
                     let off = arena.carve(bytes).expect("a new arena has room");
                     let found = (arena.fd.clone(), off, arena.base, arena.huge);
-                    let at = list.partition_point(|a| a.base < arena.base);
-                    list.insert(at, arena);
+                    let at = arenas.partition_point(|a| a.base < arena.base);
+                    arenas.insert(at, arena);
                     found
                 }
             }
@@ -239,11 +239,11 @@ impl Arenas {
                 );
             if ran_out {
                 // Whatever part was populated goes back; no more carving in this arena.
-                let mut list = self.list();
-                if let Some(a) = list.iter_mut().find(|a| a.contains(p)) {
+                let mut arenas = self.mapped();
+                if let Some(a) = arenas.iter_mut().find(|a| a.contains(p)) {
                     a.full = true;
                 }
-                drop(list);
+                drop(arenas);
                 self.give_back(p, bytes, true);
                 return Err(Carve::HugetlbRanOut(e));
             }
@@ -393,12 +393,12 @@ impl Arenas {
     }
 
     fn give_back(&self, p: NonNull<u8>, bytes: usize, punch: bool) {
-        let mut list = self.list();
-        let Some(i) = list.iter().position(|a| a.contains(p)) else {
+        let mut arenas = self.mapped();
+        let Some(i) = arenas.iter().position(|a| a.contains(p)) else {
             log::error!("pagepool: released range {p:p} is in no arena");
             return;
         };
-        let arena = &mut list[i];
+        let arena = &mut arenas[i];
         let off = p.as_ptr() as usize - arena.base.as_ptr() as usize;
         if self.pool_type.is_locked() {
             // Unlocked before the hole is punched, so that the process's locked memory
@@ -417,7 +417,7 @@ impl Arenas {
         }
         arena.uncarve(off, bytes);
         if arena.used == 0 {
-            let arena = list.remove(i);
+            let arena = arenas.remove(i);
             // Bounded: the same sum was checked when the arena was mapped (`map_arena`).
             let span = arena.len + os::page_size();
             fork::forget_mapping(arena.base, span);
@@ -430,10 +430,10 @@ impl Arenas {
 
     /// Where each of `blocks` lives (for mapping views of them).
     pub(crate) fn locate(&self, blocks: impl Iterator<Item = NonNull<u8>>) -> Vec<Location> {
-        let list = self.list();
+        let arenas = self.mapped();
         blocks
             .map(|p| {
-                let a = list
+                let a = arenas
                     .iter()
                     .find(|a| a.contains(p))
                     .expect("a used block lies in an arena");
@@ -448,7 +448,7 @@ impl Arenas {
 
 impl Drop for Arenas {
     fn drop(&mut self) {
-        for a in self.list().drain(..) {
+        for a in self.mapped().drain(..) {
             if a.used != 0 {
                 log::error!("pagepool: arena dropped with {} bytes in use", a.used);
             }
