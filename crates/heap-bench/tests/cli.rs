@@ -34,6 +34,18 @@ const EVERY_MODE: [&str; 8] = [
     "jemalloc-tuned",
 ];
 
+/// The standard output of a run that must have succeeded; panics with both outputs if it did
+/// not.
+fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The systems `mode` runs by default.
 fn systems_of(mode: &str) -> &'static [&'static str] {
     if mode == "tight" {
@@ -57,12 +69,7 @@ fn tiny_run_prints_every_row_of_every_mode() {
         .arg(&svg)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     for mode in MODES {
         let threads: usize = mode
             .strip_prefix("threads-")
@@ -220,12 +227,7 @@ fn named_rows_and_switches_on_a_busy_machine() {
         .arg(&json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     let lines: Vec<&str> = stdout.lines().collect();
     for sys in rows {
         for size in [4096, 65536] {
@@ -354,12 +356,7 @@ fn attrs_mode_prints_every_pair_with_its_settings() {
         .arg(&json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(!stdout.contains("NaN"), "{stdout}");
     assert!(
         !stdout.contains("== mode: tight =="),
@@ -467,12 +464,7 @@ fn random_mode_reports_every_row_and_its_backing() {
         .arg(&json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = succeeded(&out);
     assert!(!stdout.contains("NaN"), "{stdout}");
     let section = stdout
         .split("== mode: random ==")
