@@ -128,7 +128,6 @@ impl HeapInner {
     #[cold]
     pub(crate) fn undo_alloc(&self, runs: &[Run], stolen: &[Run], fresh: Option<(usize, usize)>) {
         let page = self.page;
-        let within = |a: usize, r: &Run| a >= r.start && a < r.end(page);
         let mut given = 0;
         for r in runs {
             let i = self.pool_index(r.order);
@@ -151,7 +150,7 @@ impl HeapInner {
                         r.order,
                     )
                 };
-                let res = if stolen.iter().any(|s| within(a, s)) {
+                let res = if stolen.iter().any(|s| s.holds(a, page)) {
                     given += 1;
                     self.pools[i].give_quiet(block)
                 } else {

@@ -257,11 +257,7 @@ impl HeapInner {
             if fresh.is_ok() {
                 // The fresh range replaces what was left out: only now is it given up.
                 let stolen = &g.stolen;
-                let queued = |r: &Run| {
-                    stolen
-                        .iter()
-                        .any(|s| r.start >= s.start && r.start < s.end(h.page))
-                };
+                let queued = |r: &Run| stolen.iter().any(|s| s.holds(r.start, h.page));
                 for r in &g.to_pool {
                     let (p, z) = if queued(r) {
                         (0, r.count)
@@ -287,7 +283,7 @@ impl HeapInner {
                     !to_pool
                         .iter()
                         .chain(to_system)
-                        .any(|r| r.start >= s.start && r.start < s.end(h.page))
+                        .any(|r| s.holds(r.start, h.page))
                 });
             } else {
                 // Refused: the buffer is made of what was gathered, and only what is missing

@@ -30,6 +30,12 @@ impl Run {
         }
     }
 
+    /// Whether address `a` lies in the run (of `page`-byte pages).
+    #[inline]
+    pub(crate) fn holds(&self, a: usize, page: usize) -> bool {
+        a >= self.start && a < self.end(page)
+    }
+
     /// Pages in the run.
     #[inline]
     pub(crate) fn pages(&self) -> usize {
