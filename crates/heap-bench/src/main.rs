@@ -30,7 +30,7 @@ use clap::Parser;
 use crate::calls::{SMALL_REPS, SizePlan, measure_size};
 use crate::measure::{Bandwidth, TouchFloor};
 use crate::plan::{ModePlan, Plan};
-use crate::report::{ModeReport, Report, Row, WorkerFigure};
+use crate::report::{ModeReport, Report, Row, WorkerFigure, ZeroingShare};
 use crate::systems::{CallOpts, System};
 use crate::team::{BusyLoad, busy_child};
 
@@ -463,6 +463,24 @@ impl Bounds {
         } else {
             (Duration::from_millis(50), 3)
         };
+        if calls && !args.child_tuned {
+            let t = pagepool::stats::tempo();
+            println!(
+                "pagepool's measure of this machine: a 256 KiB piece zeroed in {:.1} us (memset) / \
+                 {:.1} us (streaming), a wake-up {:.1} us, a short sleep {:.1} us late; streaming \
+                 stores above {} bytes; hand-off wait {:?}, worker grace {:?}, shortest hold {:?}, \
+                 first nap {:?}",
+                t.memset_piece_ns() as f64 / 1e3,
+                t.streaming_piece_ns() as f64 / 1e3,
+                t.wake_ns() as f64 / 1e3,
+                t.sleep_late_ns() as f64 / 1e3,
+                t.streaming_from(),
+                t.handoff_wait(),
+                t.worker_grace(),
+                t.late_hold(),
+                t.nap_first(),
+            );
+        }
         let bw: Vec<(usize, Bandwidth)> = args
             .sizes
             .iter()
@@ -735,6 +753,12 @@ impl CallModes<'_> {
             // The worker's zeroing throughput during this size, beside one-thread zeroing.
             if let (Some(before), Some(h)) = (before, pagepool_heap) {
                 mr.worker.extend(worker_figure(h, &before, size, &b));
+                let after = h.stats();
+                mr.zeroing.push(ZeroingShare {
+                    size,
+                    worker_bytes: after.worker_bytes - before.worker_bytes,
+                    caller_bytes: after.caller_zeroed_bytes - before.caller_zeroed_bytes,
+                });
             }
             // Start every size from empty pools, so that memory figures are per size.
             for h in self.systems.iter().filter_map(System::heap) {

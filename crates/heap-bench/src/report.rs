@@ -238,6 +238,30 @@ pub struct WorkerFigure {
     pub best_method: &'static str,
 }
 
+/// Who zeroed the default heap's memory while one size ran: the worker, or the threads that
+/// allocate and release (see `HeapStats::worker_share`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ZeroingShare {
+    /// The size.
+    pub size: usize,
+    /// Bytes the worker zeroed.
+    pub worker_bytes: u64,
+    /// Bytes the calling threads zeroed.
+    pub caller_bytes: u64,
+}
+
+impl ZeroingShare {
+    /// The worker's share, from 0 to 1 (0 when nothing was zeroed).
+    pub fn worker_share(&self) -> f64 {
+        let all = self.worker_bytes + self.caller_bytes;
+        if all == 0 {
+            0.0
+        } else {
+            self.worker_bytes as f64 / all as f64
+        }
+    }
+}
+
 /// One mode's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeReport {
@@ -249,6 +273,8 @@ pub struct ModeReport {
     pub rows: Vec<Row>,
     /// The worker's throughput per size.
     pub worker: Vec<WorkerFigure>,
+    /// Who zeroed the default heap's memory, per size.
+    pub zeroing: Vec<ZeroingShare>,
     /// The random mode's rows (none in the other modes).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reads: Vec<ReadRow>,
@@ -276,8 +302,27 @@ impl ModeReport {
             work_ns: Vec::new(),
             rows: Vec::new(),
             worker: Vec::new(),
+            zeroing: Vec::new(),
             reads: Vec::new(),
         }
+    }
+
+    /// `peer / pagepool` at every size of `bw` where both rows ran, for one summary line;
+    /// `None` where the peer has no row (the kernel heap outside the VM).
+    fn against(&self, peer: &str, bw: &[(usize, Bandwidth)]) -> Option<String> {
+        let cells: Vec<String> = bw
+            .iter()
+            .filter_map(|&(size, _)| {
+                let p = self.find(peer, size).filter(|r| r.absent.is_none())?;
+                let b = self.find("pagepool", size)?;
+                Some(format!(
+                    "{} {:.2}x",
+                    human(size),
+                    p.ns_per_call / b.ns_per_call
+                ))
+            })
+            .collect();
+        (!cells.is_empty()).then(|| cells.join(", "))
     }
 
     /// The attrs mode's summary: one row per size, one column per system, each pagepool pool
@@ -568,6 +613,22 @@ impl ModeReport {
             ),
         ] {
             out.push_str(&self.metric_table(what, bw, systems, metric));
+        }
+        for z in &self.zeroing {
+            let _ = writeln!(
+                out,
+                "zeroing at {}: the worker {:.0}% of {} MiB, the calling thread {:.0}%",
+                human(z.size),
+                100.0 * z.worker_share(),
+                (z.worker_bytes + z.caller_bytes) >> 20,
+                100.0 * (1.0 - z.worker_share()),
+            );
+        }
+        if let Some(kernel) = self.against("dmabuf", bw) {
+            let _ = writeln!(
+                out,
+                "pagepool against the kernel's dma-buf system heap ((x) = dmabuf / pagepool): {kernel}"
+            );
         }
         for w in &self.worker {
             let _ = writeln!(

@@ -21,12 +21,13 @@
 //! | stripe | [`STRIPE_BYTES`] (64 KiB) | fixed | the smallest piece two threads split a run into |
 //! | worker piece | [`WORKER_PIECE`] stripes (256 KiB) | fixed | what the worker zeroes at once |
 //! | shared zeroing | [`SHARE_FROM`] (16 MiB, and any buffer taken whole in one run) | fixed | the smallest buffer whose stolen blocks an allocation shares with the worker |
-//! | hand-off wait | [`HANDOFF_WAIT`] (50 us) | fixed | an allocation's wait for work in the worker's hands |
-//! | hand-off cap | [`HANDOFF_CAP`] (5 ms) | fixed | that wait while the worker makes progress |
-//! | worker grace | [`WORKER_GRACE`] (1 ms), [`WAKE_GRACE`] (10 ms), [`PREEMPTED`] (1 ms) | fixed | lateness before releases stop queueing |
-//! | hold | as long as the worker was late: [`LATE_HOLD`] (3 ms) to [`LATE_HOLD_MAX`] (1 s) | fixed | how long releases zero their own buffers then |
-//! | naps | [`NAP_FIRST`], [`NAP_STEADY_FOR`], [`NAP_LONGEST`] | fixed | an idle worker's nap lengths |
-//! | claim delay | [`CLAIM_DELAY`] (2 us) | fixed | a spinning worker leaves new work to a following allocation |
+//! | hand-off wait | the longer of 8 pieces' zeroing and 2 wake-ups, 20 us to 20 ms ([`HANDOFF_WAIT_OF_PIECE`], [`HANDOFF_WAIT_OF_WAKE`]) | measured (`crate::tempo`) | an allocation's wait for work in the worker's hands |
+//! | hand-off cap | [`HANDOFF_CAP_OF_WAIT`] hand-off waits | measured | that wait while the worker makes progress |
+//! | worker grace | [`WORKER_GRACE_OF_WAIT`] hand-off waits; woken: [`WAKE_GRACE_OF_GRACE`] graces | measured | lateness before releases stop queueing |
+//! | hold | as long as the worker was late: [`LATE_HOLD_OF_GRACE`] to [`LATE_HOLD_MAX_OF_GRACE`] graces | measured | how long releases zero their own buffers then |
+//! | naps | from a short sleep's lateness ([`EARLY_BY_OF_WAIT`], [`NAP_FIRST_OF_EARLY`], [`NAP_STEADY_OF_FIRST`], [`NAP_LONGEST_OF_FIRST`]) | measured | an idle worker's nap lengths |
+//! | claim delay | half a piece's zeroing ([`CLAIM_DELAY_OF_PIECE`]) | measured | a spinning worker leaves new work to a following allocation |
+//! | streaming stores | above half the last-level cache, or always where they win by [`STREAMING_WIN`] | measured | how buffers are zeroed |
 //! | ring | [`HOT_BLOCKS`] (64) | fixed | pooled blocks whose addresses a pool keeps in an array |
 //! | regathering | [`REGATHER_FIRST`] (8) to [`REGATHER_LONGEST`] (1024) | fixed | scattered allocations in a row before one takes fresh pages |
 
@@ -111,15 +112,6 @@ pub(crate) const WORKER_PIECE: usize = 4;
 /// the blocks an allocation wants (a bound on the time it holds the queue's lock).
 pub(crate) const FIT_SCAN: usize = 32;
 
-/// The longest a thread waits for work in another thread's hands while that thread makes no
-/// progress (a piece being zeroed by the worker, a claim landing, a lock the worker holds):
-/// about the time the worker takes to zero its largest piece ([`WORKER_PIECE`] stripes,
-/// 256 KiB) here. Past it, an allocation does without: it takes other queued blocks or fresh pages, and
-/// whoever holds the work finishes it on their own time. The worker runs at nice 19; on a busy
-/// machine the scheduler can leave it waiting for hundreds of milliseconds, even in the middle
-/// of a stripe or while it holds a lock, and no allocation must wait that long with it.
-pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
-
 /// The smallest buffer whose queued blocks an allocation that takes them shares with the idle
 /// worker (16 MiB), besides a buffer taken whole in one run (a 1 MiB buffer of one block): the
 /// allocation zeroes the run from the front and the worker from the back (see
@@ -132,64 +124,96 @@ pub(crate) const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_m
 /// faster than alone. Measured: docs/DESIGN.md, Tuning.)
 pub(crate) const SHARE_FROM: usize = 16 << 20;
 
-/// The longest an allocation waits for the worker even while it makes progress (see
-/// `Handoff::wait_worker`): beyond this, fresh pages are cheaper. (Loom's models do not
-/// time that wait.)
-#[cfg_attr(loom, allow(dead_code))]
-pub(crate) const HANDOFF_CAP: std::time::Duration = std::time::Duration::from_millis(5);
+/// The worker's piece in bytes ([`WORKER_PIECE`] stripes): the unit of zeroing the machine's
+/// tempo is measured in (`crate::tempo`).
+pub(crate) const WORKER_PIECE_BYTES: usize = WORKER_PIECE * STRIPE_BYTES;
 
-/// How long before the next release is due a worker napping through an idle spell wakes up to
-/// spin (see `ReleaseQueue::next_with`): covers the nap's lateness (the worker's timer slack is
-/// set small) and some variation in the program's rhythm.
-pub(crate) const EARLY_BY: std::time::Duration = std::time::Duration::from_micros(25);
+// ---- The wall-clock bounds: multiples of what the machine measures (`crate::tempo`) ----
+//
+// The unit is the hand-off wait: the longest a thread waits for work in another thread's hands
+// while that thread makes no progress. It is the longer of several pieces' zeroing and a few
+// wake-ups on this machine; every other bound is a multiple of it (or of the lateness of a short
+// sleep). On the machine the constants were first tuned on (a piece zeroed in ~3-5 us, a
+// wake-up in ~25 us) they come out as the fixed values they replace: a 50 us wait, a 1 ms grace,
+// a 10 ms wake grace, a 3 ms hold. In an emulated VM (pieces ~20 times slower, wake-ups
+// slower still) they grow with it, so that allocations wait for a worker that is merely slow
+// instead of zeroing alongside it, and a worker is not held to be off its core while it zeroes.
 
-/// The longest gap between releases the rhythm records (10 ms): longer ones are pauses.
-pub(crate) const RHYTHM_MAX_NS: u64 = 10_000_000;
+/// Streaming stores zero every buffer where they zero a cached piece this many times faster
+/// than `memset` (an emulated CPU, where `rep stosb` runs byte by byte: ten times slower
+/// there). Otherwise only buffers larger than half the last-level cache are streamed.
+pub(crate) const STREAMING_WIN: u64 = 2;
 
-/// How late the worker may be (see `ReleaseQueue::due_ns`) before a release stops queueing for it:
-/// on a busy machine a nice-19 thread can wait hundreds of milliseconds for a core, and work
-/// queued for it would be zeroed by the next allocation instead, on the allocation's time. A
-/// release that zeroes its own buffer does what a synchronous heap does, at the same cost. A
-/// running worker renews its promise every few microseconds (each spin round, each stripe it
-/// zeroes), so a worker this late has lost its core.
-pub(crate) const WORKER_GRACE: std::time::Duration = std::time::Duration::from_millis(1);
+/// The hand-off wait is at least this many pieces' zeroing: a waiter gives the worker time
+/// to finish the piece it holds and the next.
+pub(crate) const HANDOFF_WAIT_OF_PIECE: u64 = 8;
 
-/// How late a worker woken by a release may be to look at the queue (see `WORKER_GRACE`):
-/// longer than a running worker's grace, as a woken thread waits for the scheduler, and in a
-/// VM for an idle virtual CPU to be run again, which took milliseconds even on an idle machine
-/// (docs/DESIGN.md, Tuning).
-pub(crate) const WAKE_GRACE: std::time::Duration = std::time::Duration::from_millis(10);
+/// ... and at least this many wake-ups: the worker may have to be woken, or wake its waiter.
+pub(crate) const HANDOFF_WAIT_OF_WAKE: u64 = 2;
+
+/// The hand-off wait's floor: below it, a wait is lost in the scheduler's own noise.
+pub(crate) const HANDOFF_WAIT_MIN: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// The hand-off wait's ceiling: an allocation never waits longer for work that does not move.
+pub(crate) const HANDOFF_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The hand-off cap (the longest an allocation waits for the worker even while it makes
+/// progress; beyond it, fresh pages are cheaper), in hand-off waits.
+pub(crate) const HANDOFF_CAP_OF_WAIT: u32 = 100;
+
+/// How late a running worker may be on its promise to look at the queue (it renews it every
+/// spin round and every stripe), in hand-off waits. Past it, on a loaded machine, it counts as
+/// kept off its core: on a busy machine a nice-19 thread can wait hundreds of milliseconds for
+/// a core, and work queued for it would be zeroed by the next allocation instead, on the
+/// allocation's time. A release that zeroes its own buffer does what a synchronous heap does,
+/// at the same cost. Renewing its promise more than this late past it is "preempted" too.
+pub(crate) const WORKER_GRACE_OF_WAIT: u32 = 20;
+
+/// How late a worker woken by a release may be to look at the queue, in worker graces: a
+/// woken thread waits for the scheduler, and in a VM for an idle virtual CPU to be run again,
+/// which took milliseconds even on an idle machine (docs/DESIGN.md, Tuning).
+pub(crate) const WAKE_GRACE_OF_GRACE: u32 = 10;
 
 /// The shortest time releases keep zeroing their own buffers after the worker was found late,
 /// or found itself kept off its core (a hold lasts as long as the worker was late, see
-/// `ReleaseQueue::hold`): a worker that runs for a moment meanwhile is likely to lose its core
-/// again before it is done, leaving what it took on for the next allocation.
-pub(crate) const LATE_HOLD: std::time::Duration = std::time::Duration::from_millis(3);
+/// `Punctuality::hold`), in worker graces: a worker that runs for a moment meanwhile is likely
+/// to lose its core again before it is done, leaving what it took on for the next allocation.
+pub(crate) const LATE_HOLD_OF_GRACE: u32 = 3;
 
-/// The longest hold (see `ReleaseQueue::hold`).
-pub(crate) const LATE_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest hold, in worker graces (1 s where the grace is 1 ms).
+pub(crate) const LATE_HOLD_MAX_OF_GRACE: u32 = 1000;
 
-/// How late past its promise the worker must renew it to count as having been kept off its
-/// core (see `ReleaseQueue::promise`).
-pub(crate) const PREEMPTED: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long before the next release is due a worker napping through an idle spell wakes up to
+/// spin (see `Punctuality::until_next_release`): at least the lateness of a short sleep (the
+/// nap's own lateness), and at least this fraction of the hand-off wait (some variation in the
+/// program's rhythm).
+pub(crate) const EARLY_BY_OF_WAIT: u32 = 4;
 
-/// How long a spinning worker leaves newly queued work alone before claiming it. A program that
-/// allocates right after it releases (the same buffer size, back to back) takes the dirty
-/// blocks itself and shares their zeroing with the idle worker; had the worker claimed them
-/// first, the allocation would help with the claim, then wait for it to land in a pool and take
-/// it from there, which is slower (docs/DESIGN.md, Tuning). A program that works between
-/// releases loses nothing: the worker still zeroes long before its next allocation.
-pub(crate) const CLAIM_DELAY: std::time::Duration = std::time::Duration::from_micros(2);
+/// An idle worker's first naps, in `early_by`s (see `Punctuality::set_naps`; the worker's own
+/// small timer slack, [`WORKER_TIMER_SLACK_NS`], keeps them about this short).
+pub(crate) const NAP_FIRST_OF_EARLY: u32 = 4;
 
-/// An idle worker's first naps (see [`ReleaseQueue::set_worker_naps`]); the worker's own small
-/// timer slack (see `spawn_worker`) keeps them about this short.
-pub(crate) const NAP_FIRST: std::time::Duration = std::time::Duration::from_micros(100);
+/// How long an idle worker keeps taking its first, shortest naps, in first naps.
+pub(crate) const NAP_STEADY_OF_FIRST: u32 = 20;
 
-/// How long an idle worker keeps taking its first, shortest naps.
-pub(crate) const NAP_STEADY_FOR: std::time::Duration = std::time::Duration::from_millis(2);
+/// The longest nap, in first naps.
+pub(crate) const NAP_LONGEST_OF_FIRST: u32 = 64;
 
-/// The longest nap.
-pub(crate) const NAP_LONGEST: std::time::Duration = std::time::Duration::from_micros(6400);
+/// The longest gap between releases the rhythm records, in longest naps: longer ones are
+/// pauses.
+pub(crate) const RHYTHM_MAX_OF_NAP: u32 = 3;
+
+/// How long a spinning worker leaves newly queued work alone before claiming it, as a
+/// fraction of a piece's zeroing (at least 1 us). A program that allocates right after it
+/// releases (the same buffer size, back to back) takes the dirty blocks itself and shares
+/// their zeroing with the idle worker; had the worker claimed them first, the allocation would
+/// help with the claim, then wait for it to land in a pool and take it from there, which is
+/// slower (docs/DESIGN.md, Tuning). A program that works between releases loses nothing: the
+/// worker still zeroes long before its next allocation.
+pub(crate) const CLAIM_DELAY_OF_PIECE: u64 = 2;
+
+/// The worker's timer slack in ns, so that its naps end on time (the default slack is 50 us).
+pub(crate) const WORKER_TIMER_SLACK_NS: u64 = 5_000;
 
 // ---- Pools ----
 

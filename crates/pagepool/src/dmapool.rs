@@ -81,7 +81,7 @@ const SETUP_ALLOWANCE: Duration = Duration::from_millis(10);
 
 /// How much of a buffer the worker zeroes before it renews its promise to the queue (see
 /// `ReleaseQueue::promise`): the heap's worker's largest piece, far less work than a running
-/// worker's grace (`WORKER_GRACE`) allows.
+/// worker's grace (`Tempo::worker_grace`) allows.
 const ZERO_PIECE: usize = 256 << 10;
 
 struct State {

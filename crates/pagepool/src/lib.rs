@@ -69,6 +69,7 @@ pub mod registry;
 mod shrinker;
 pub mod stats;
 mod sync;
+mod tempo;
 mod zero;
 
 pub use attrs::{BackingReport, HugeBacking, PoolType};

@@ -344,6 +344,13 @@ pub(crate) fn cores_oversubscribed() -> bool {
     running.is_some_and(|r| r > cores)
 }
 
+/// Sets the calling thread's timer slack to `ns` (how late the kernel may end its sleeps, to
+/// batch wake-ups); on failure the default (50 us) stays.
+pub(crate) fn set_timer_slack(ns: u64) {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects the calling thread only.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong) };
+}
+
 /// The number of mappings of this process (lines of `/proc/self/maps`).
 ///
 /// The kernel caps it (`vm.max_map_count`, 65530 by default); pagepool keeps its share bounded,

@@ -14,6 +14,7 @@
 use std::fmt::{self, Write as _};
 
 pub use crate::os::mapping_count;
+pub use crate::tempo::{Tempo, tempo};
 
 /// One pool's contents and counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +228,11 @@ pub struct HeapStats {
     pub worker_bytes: u64,
     /// Nanoseconds the worker spent zeroing them (not waiting for helpers).
     pub worker_nanos: u64,
+    /// Bytes zeroed by every other thread: allocations (queued blocks they took, their share
+    /// of runs zeroed with the worker, blocks from a thread cache) and releases that zeroed
+    /// their own buffers. With [`worker_bytes`](Self::worker_bytes), the worker's share of the
+    /// zeroing ([`worker_share`](Self::worker_share)).
+    pub caller_zeroed_bytes: u64,
     /// Pages queued for the worker or being zeroed by it now.
     pub queued_pages: usize,
     /// The most pages queued or being zeroed at once.
@@ -254,6 +260,21 @@ impl HeapStats {
         } else {
             self.worker_bytes as f64 * 1e9 / self.worker_nanos as f64
         }
+    }
+
+    /// The share of the bytes this heap zeroed that the worker zeroed, from 0 to 1; `None`
+    /// before anything was zeroed.
+    ///
+    /// # Examples
+    /// ```
+    /// let heap = pagepool::SystemHeap::builder().deferred(false).build()?;
+    /// drop(heap.alloc(1 << 20)?); // zeroed on release, by the releasing thread
+    /// assert_eq!(heap.stats().worker_share(), Some(0.0));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn worker_share(&self) -> Option<f64> {
+        let all = self.worker_bytes.saturating_add(self.caller_zeroed_bytes);
+        (all > 0).then(|| self.worker_bytes as f64 / all as f64)
     }
 }
 
@@ -364,7 +385,7 @@ impl fmt::Display for HeapStats {
             f,
             "zeroed: by worker {} inline {} on release {}; waited for worker {} (helped {}); \
              abandoned {}; queued pages {} (peak {} of {}, refused {}); freed under pressure {} \
-             pages; reclaimed for allocations {} pages; worker {:.2} GB/s",
+             pages; reclaimed for allocations {} pages; worker {:.2} GB/s, {} of the bytes zeroed",
             self.zeroed_worker,
             self.zeroed_inline,
             self.zeroed_sync,
@@ -378,6 +399,8 @@ impl fmt::Display for HeapStats {
             self.pressure_freed_pages,
             self.reclaimed_pages,
             self.worker_bytes_per_sec() / 1e9,
+            self.worker_share()
+                .map_or_else(|| "none".to_string(), |s| format!("{:.0}%", 100.0 * s)),
         )?;
         if let Some(p) = &self.pressure {
             writeln!(

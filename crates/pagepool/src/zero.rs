@@ -10,35 +10,13 @@
 // Under ThreadSanitizer (`--cfg pagepool_tsan`) the streaming stores are not used.
 #![cfg_attr(pagepool_tsan, allow(dead_code))]
 use std::ptr::NonNull;
-use std::sync::OnceLock;
 
-/// Buffers larger than this are zeroed with streaming stores: half the last-level cache (read
-/// from sysfs; 8 MiB where it cannot be read).
+/// Buffers larger than this are zeroed with streaming stores (see
+/// [`Tempo::streaming_from`](crate::tempo::Tempo::streaming_from): half the last-level cache,
+/// or every buffer where streaming stores win even on cached memory).
 #[inline]
 pub(crate) fn streaming_threshold() -> usize {
-    static T: OnceLock<usize> = OnceLock::new();
-    *T.get_or_init(|| last_level_cache().map_or(8 << 20, |c| c / 2))
-}
-
-fn last_level_cache() -> Option<usize> {
-    (0..8)
-        .rev()
-        .filter_map(|i| {
-            let s = std::fs::read_to_string(format!(
-                "/sys/devices/system/cpu/cpu0/cache/index{i}/size"
-            ))
-            .ok()?;
-            let s = s.trim();
-            let (num, mul) = match s.strip_suffix('K') {
-                Some(n) => (n, 1024),
-                None => match s.strip_suffix('M') {
-                    Some(n) => (n, 1 << 20),
-                    None => (s, 1),
-                },
-            };
-            num.parse::<usize>().ok().map(|n| n * mul)
-        })
-        .max()
+    crate::tempo::tempo().streaming_from()
 }
 
 /// Zeroes `len` bytes at `p`; `streaming` asks for non-temporal stores where the CPU has them.
@@ -183,6 +161,5 @@ mod tests {
                 "nothing past the end"
             );
         }
-        assert!(streaming_threshold() >= 1 << 20);
     }
 }

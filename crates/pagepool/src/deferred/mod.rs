@@ -74,8 +74,8 @@ pub(crate) enum Reason {
 }
 
 /// Starts a deferred-free worker thread named `name` running `body`: at nice 19, so that it
-/// only uses cores nothing else wants, and with a timer slack of 5 us, so that its naps end on
-/// time (the default slack is 50 us).
+/// only uses cores nothing else wants, and with a small timer slack ([`WORKER_TIMER_SLACK_NS`](crate::config::WORKER_TIMER_SLACK_NS)),
+/// so that its naps end on time (the default slack is 50 us).
 pub(crate) fn spawn_worker(
     name: &str,
     body: impl FnOnce() + Send + 'static,
@@ -87,9 +87,7 @@ pub(crate) fn spawn_worker(
             {
                 log::debug!("pagepool: cannot lower the worker's priority: {e}");
             }
-            // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects this thread
-            // only.
-            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 5_000 as libc::c_ulong) };
+            crate::os::set_timer_slack(crate::config::WORKER_TIMER_SLACK_NS);
             body()
         })
 }

@@ -3,25 +3,26 @@
 //! work meanwhile (its spin and naps, timed to the rhythm of releases). It knows nothing of the
 //! queue's items: the queue asks it questions and tells it what happened.
 
-use crate::config::{
-    EARLY_BY, LATE_HOLD, LATE_HOLD_MAX, NAP_FIRST, NAP_LONGEST, NAP_STEADY_FOR, PREEMPTED,
-    RHYTHM_MAX_NS, WAKE_GRACE, WORKER_GRACE,
-};
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::tempo::Tempo;
 
 /// The nap an idle worker takes after `idle` without work, or `None` once it has napped for
 /// `naps_ns` and should sleep until woken.
-pub(super) fn nap_length(idle: std::time::Duration, naps_ns: u64) -> Option<std::time::Duration> {
+pub(super) fn nap_length(
+    t: &Tempo,
+    idle: std::time::Duration,
+    naps_ns: u64,
+) -> Option<std::time::Duration> {
     let naps = std::time::Duration::from_nanos(naps_ns);
     if idle >= naps {
         return None;
     }
-    let nap = if idle < NAP_STEADY_FOR {
-        NAP_FIRST
+    let nap = if idle < t.nap_steady_for() {
+        t.nap_first()
     } else {
-        // Double per NAP_STEADY_FOR of idleness past the first, up to the longest nap.
-        let doublings = (idle.as_nanos() / NAP_STEADY_FOR.as_nanos()).min(16) as u32;
-        (NAP_FIRST * 2u32.pow(doublings)).min(NAP_LONGEST)
+        // Double per steady spell of idleness past the first, up to the longest nap.
+        let doublings = (idle.as_nanos() / t.nap_steady_for().as_nanos()).min(16) as u32;
+        (t.nap_first() * 2u32.pow(doublings)).min(t.nap_longest())
     };
     Some(nap.min(naps - idle))
 }
@@ -35,7 +36,7 @@ pub(crate) struct Punctuality {
     /// How long an idle worker naps before it sleeps until woken, in ns (0: no naps).
     pub(super) naps_ns: AtomicU64,
     /// When the worker promised to look at the queue next, in ns since `born` (`u64::MAX`:
-    /// asleep until a release wakes it). Past that by [`WORKER_GRACE`], the scheduler is not
+    /// asleep until a release wakes it). Past that by the worker grace (`Tempo::worker_grace`), the scheduler is not
     /// running the worker, and releases zero their buffers themselves.
     pub(super) due_ns: AtomicU64,
     /// Until when releases zero their own buffers after the worker was found late, and the
@@ -57,6 +58,8 @@ pub(crate) struct Punctuality {
     pub(super) load_check: Option<fn() -> bool>,
     /// Until when a worker found late is not held against (see `loaded`), in ns since `born`.
     pub(super) calm_until_ns: AtomicU64,
+    /// The machine's tempo, which every wall-clock bound here is a multiple of.
+    pub(super) tempo: Tempo,
 }
 
 /// The machine's load check (see [`crate::os::cores_oversubscribed`]); none under loom, whose
@@ -84,6 +87,7 @@ impl Punctuality {
             release_gap_ns: AtomicU64::new(0),
             load_check: machine_load_check(),
             calm_until_ns: AtomicU64::new(0),
+            tempo: *crate::tempo::tempo(),
         }
     }
 
@@ -91,6 +95,11 @@ impl Punctuality {
     /// `None` turns it off.
     pub(super) fn set_load_check(&mut self, check: Option<fn() -> bool>) {
         self.load_check = check;
+    }
+
+    /// The tempo the bounds are multiples of.
+    pub(crate) fn tempo(&self) -> &Tempo {
+        &self.tempo
     }
 
     /// How long an idle worker keeps polling for work before it sleeps (default 0). Waking a
@@ -103,9 +112,9 @@ impl Punctuality {
     }
 
     /// How long an idle worker keeps napping, after its spin, before it sleeps until woken
-    /// (default 0: it sleeps at once). A napping worker sleeps [`NAP_FIRST`] at a time for the
-    /// first [`NAP_STEADY_FOR`] of idleness, then naps twice as long each time up to
-    /// [`NAP_LONGEST`], and looks at the queue whenever it wakes up: releases never wake it.
+    /// (default 0: it sleeps at once). A napping worker sleeps the first nap (`Tempo::nap_first`) at a time for the
+    /// first `Tempo::nap_steady_for` of idleness, then naps twice as long each time up to
+    /// the longest nap, and looks at the queue whenever it wakes up: releases never wake it.
     ///
     /// This is what keeps a wake-up off the releasing thread when releases come further apart
     /// than the spin: waking a sleeping thread costs the releasing thread far more than the
@@ -155,7 +164,7 @@ impl Punctuality {
     pub(crate) fn note_release(&self, now: u64) {
         let last = self.last_release_ns.swap(now, Ordering::Relaxed);
         let gap = now.saturating_sub(last);
-        if last == 0 || gap > RHYTHM_MAX_NS {
+        if last == 0 || gap > self.tempo.rhythm_max().as_nanos() as u64 {
             return; // no rhythm to learn from a first release or a long pause
         }
         let old = self.release_gap_ns.load(Ordering::Relaxed);
@@ -168,16 +177,16 @@ impl Punctuality {
     }
 
     /// When releases come in a steady rhythm: how long the idle worker can nap and still be
-    /// awake [`EARLY_BY`] before the next release is due. `None`: spin now.
+    /// awake `Tempo::early_by` before the next release is due. `None`: spin now.
     pub(crate) fn until_next_release(&self) -> Option<std::time::Duration> {
         let gap = self.release_gap_ns.load(Ordering::Relaxed);
         if gap == 0 {
             return None;
         }
         let due = self.last_release_ns.load(Ordering::Relaxed) + gap;
-        let wake = due.saturating_sub(EARLY_BY.as_nanos() as u64);
+        let wake = due.saturating_sub(self.tempo.early_by().as_nanos() as u64);
         let now = self.now_ns();
-        (wake > now + EARLY_BY.as_nanos() as u64)
+        (wake > now + self.tempo.early_by().as_nanos() as u64)
             .then(|| std::time::Duration::from_nanos(wake - now))
     }
 
@@ -189,16 +198,16 @@ impl Punctuality {
     /// The worker's promise: it looks at the queue again within `d` (see `due_ns`).
     ///
     /// Called by the worker only (and by a release that wakes it). A worker that renews its
-    /// promise more than [`PREEMPTED`] after it fell due was kept off its core meanwhile: on a
+    /// promise more than the worker grace after it fell due was kept off its core meanwhile: on a
     /// loaded machine (see [`loaded`](Self::loaded)), releases then zero their own buffers for
-    /// at least the next [`LATE_HOLD`].
+    /// at least the next the shortest hold (`Tempo::late_hold`).
     pub(crate) fn promise(&self, d: std::time::Duration) {
         let now = self.now_ns();
         let prev = self
             .due_ns
             .swap(now.saturating_add(d.as_nanos() as u64), Ordering::Relaxed);
         if prev != u64::MAX
-            && now > prev.saturating_add(PREEMPTED.as_nanos() as u64)
+            && now > prev.saturating_add(self.tempo.worker_grace().as_nanos() as u64)
             && self.loaded(now)
         {
             self.hold(now, now - prev);
@@ -210,7 +219,7 @@ impl Punctuality {
     /// worker late on a machine with idle cores was kept away by something passing (a virtual
     /// CPU the host did not run, a timer that fired late), not by other work that will keep it
     /// away: releases go on queueing for it, and the machine is not looked at again for
-    /// [`LATE_HOLD`] (a late worker is noticed by every release until it comes back).
+    /// the shortest hold (`Tempo::late_hold`) (a late worker is noticed by every release until it comes back).
     pub(super) fn loaded(&self, now: u64) -> bool {
         let Some(check) = self.load_check else {
             return true;
@@ -221,13 +230,15 @@ impl Punctuality {
         if check() {
             return true;
         }
-        self.calm_until_ns
-            .store(now + LATE_HOLD.as_nanos() as u64, Ordering::Relaxed);
+        self.calm_until_ns.store(
+            now + self.tempo.late_hold().as_nanos() as u64,
+            Ordering::Relaxed,
+        );
         false
     }
 
-    /// True when the worker is late by more than [`WORKER_GRACE`] on its promise on a loaded
-    /// machine (see [`loaded`](Self::loaded)), or was so within the last [`LATE_HOLD`]: a
+    /// True when the worker is late by more than the worker grace (`Tempo::worker_grace`) on its promise on a loaded
+    /// machine (see [`loaded`](Self::loaded)), or was so within the last the shortest hold (`Tempo::late_hold`): a
     /// machine busy enough to leave the worker without a core usually stays so, and a worker
     /// that runs for a moment meanwhile is likely to lose its core again before it is done.
     pub(crate) fn worker_late(&self, now: u64) -> bool {
@@ -243,11 +254,11 @@ impl Punctuality {
         }
     }
 
-    /// How late the worker is on its promise `now`, if by more than [`WORKER_GRACE`] (never
+    /// How late the worker is on its promise `now`, if by more than the worker grace (`Tempo::worker_grace`) (never
     /// while it sleeps until woken).
     fn past_grace(&self, now: u64) -> Option<u64> {
         let due = self.due_ns.load(Ordering::Relaxed);
-        (due != u64::MAX && now > due.saturating_add(WORKER_GRACE.as_nanos() as u64))
+        (due != u64::MAX && now > due.saturating_add(self.tempo.worker_grace().as_nanos() as u64))
             .then(|| now - due)
     }
 
@@ -263,17 +274,17 @@ impl Punctuality {
     }
 
     /// Releases zero their own buffers from `now` for a while, the worker having been found
-    /// `late` past its promise: as long again as that (at least [`LATE_HOLD`]), as a thread
+    /// `late` past its promise: as long again as that (at least the shortest hold (`Tempo::late_hold`)), as a thread
     /// kept off its core that long is likely to be kept off again as long; four times as long
-    /// (up to [`LATE_HOLD_MAX`]) each time the worker is found late again soon after the last hold
+    /// (up to the longest hold (`Tempo::late_hold_max`)) each time the worker is found late again soon after the last hold
     /// ended or before it showed that it runs again, so that a machine that stays busy queues almost nothing for a worker that gets
     /// no core, while a single hiccup (another thread taking the worker's core for a few
     /// milliseconds) costs one short hold. A worker found late while a hold runs (it comes
     /// back, and sees how long it was away) extends the hold to as long again from now.
     pub(super) fn hold(&self, now: u64, late: u64) {
         let until = self.late_until_ns.load(Ordering::Relaxed);
-        let floor = LATE_HOLD.as_nanos() as u64;
-        let late = late.clamp(floor, LATE_HOLD_MAX.as_nanos() as u64);
+        let floor = self.tempo.late_hold().as_nanos() as u64;
+        let late = late.clamp(floor, self.tempo.late_hold_max().as_nanos() as u64);
         if now < until {
             // One hiccup, seen twice (by a release and by the worker): one hold.
             if now + late > until {
@@ -286,7 +297,9 @@ impl Punctuality {
         // (probation: see `answer_probe`).
         let again = now < until.saturating_add(last) || self.probation.load(Ordering::Relaxed);
         let hold = if until > 0 && again {
-            (last * 4).max(late).min(LATE_HOLD_MAX.as_nanos() as u64)
+            (last * 4)
+                .max(late)
+                .min(self.tempo.late_hold_max().as_nanos() as u64)
         } else {
             late
         };
@@ -297,14 +310,14 @@ impl Punctuality {
     }
 
     /// Before a sleeping worker is woken: it owes a look at the queue as soon as the scheduler
-    /// runs it, and counts as late after [`WAKE_GRACE`] (a woken thread that has a core runs
+    /// runs it, and counts as late after the wake grace (`Tempo::wake_grace`) (a woken thread that has a core runs
     /// within tens of microseconds), not the longer grace of a running worker.
     pub(crate) fn expect_worker(&self) {
         let due = self.due_ns.load(Ordering::Relaxed);
-        // Due `WAKE_GRACE - WORKER_GRACE` from now, so that it counts as late `WAKE_GRACE`
+        // Due the wake grace less the worker grace from now, so that it counts as late the wake grace
         // from now (`worker_late` adds the grace of a running worker).
-        let by = (self.now_ns() + WAKE_GRACE.as_nanos() as u64)
-            .saturating_sub(WORKER_GRACE.as_nanos() as u64);
+        let by = (self.now_ns() + self.tempo.wake_grace().as_nanos() as u64)
+            .saturating_sub(self.tempo.worker_grace().as_nanos() as u64);
         if due == u64::MAX || by < due {
             self.due_ns.store(by, Ordering::Relaxed);
         }

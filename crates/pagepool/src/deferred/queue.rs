@@ -3,7 +3,6 @@
 //! for its owner, and the queue as a shrinker (under pressure, queued items go straight back
 //! to the system).
 
-use crate::config::HANDOFF_WAIT;
 use crate::shrinker::Shrinker;
 use crate::sync::{MutexGuard, Ordering, lock, lock_within, wait_timeout};
 
@@ -23,7 +22,11 @@ impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
         self.punctuality.note_release(now);
         let pages = item.pages();
         let wake = {
-            let Some(mut q) = lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking) else {
+            let Some(mut q) = lock_within(
+                &self.queue,
+                crate::tempo::tempo().handoff_wait(),
+                &self.worker_locking,
+            ) else {
                 // The worker holds the lock and is not running: the caller frees the item.
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return Err(item);
@@ -117,11 +120,15 @@ impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
     }
 
     /// The queue, locked, for its owner's bookkeeping (taking part of an item, reading the
-    /// tally): if its lock is free within [`HANDOFF_WAIT`], or taken by a thread other than
+    /// tally): if its lock is free within the hand-off wait (`Tempo::handoff_wait`), or taken by a thread other than
     /// the worker in a locking section (see `sync::lock_within`); `None` otherwise (the worker
     /// holds it and is not running: do without).
     pub(crate) fn lock_bounded(&self) -> Option<MutexGuard<'_, Queue<I, T>>> {
-        lock_within(&self.queue, HANDOFF_WAIT, &self.worker_locking)
+        lock_within(
+            &self.queue,
+            crate::tempo::tempo().handoff_wait(),
+            &self.worker_locking,
+        )
     }
 
     /// Wakes the threads waiting in `flush`, if any: the caller drained the queue (see

@@ -3,36 +3,44 @@
 
 use super::punctual::nap_length;
 use super::*;
-use crate::config::*;
 use crate::shrinker::Shrinker;
+use crate::tempo::Tempo;
 use std::sync::Arc;
 
+/// The tempo the tests' queues run with, whatever this machine measures: a 1 ms worker
+/// grace, a 3 ms shortest hold, a 1 s longest, 100 us first naps (see `Tempo::fixed`).
+fn t() -> Tempo {
+    Tempo::fixed()
+}
+
 /// A queue of [`Thing`]s that frees nothing (the tests here look at the queue, not at the
-/// callback).
+/// callback), with the fixed tempo.
 fn things(max: usize) -> (ReleaseQueue<Thing>, ()) {
-    (ReleaseQueue::new(4096, max, Box::new(|_, _| {})), ())
+    let mut q = ReleaseQueue::new(4096, max, Box::new(|_, _| {}));
+    q.punctuality.tempo = t();
+    (q, ())
 }
 
 #[test]
 fn naps_start_short_grow_to_the_longest_and_end() {
     let ms = |m: u64| std::time::Duration::from_millis(m);
     let budget = 100_000_000; // 100 ms
-    assert_eq!(nap_length(ms(0), budget), Some(NAP_FIRST));
-    assert_eq!(nap_length(ms(1), budget), Some(NAP_FIRST));
-    let mut last = NAP_FIRST;
+    assert_eq!(nap_length(&t(), ms(0), budget), Some(t().nap_first()));
+    assert_eq!(nap_length(&t(), ms(1), budget), Some(t().nap_first()));
+    let mut last = t().nap_first();
     for m in 2..93 {
-        let nap = nap_length(ms(m), budget).unwrap();
-        assert!(nap >= last && nap <= NAP_LONGEST, "{m} ms: {nap:?}");
+        let nap = nap_length(&t(), ms(m), budget).unwrap();
+        assert!(nap >= last && nap <= t().nap_longest(), "{m} ms: {nap:?}");
         last = nap;
     }
-    assert_eq!(last, NAP_LONGEST);
+    assert_eq!(last, t().nap_longest());
     assert_eq!(
-        nap_length(std::time::Duration::from_micros(99_950), budget),
+        nap_length(&t(), std::time::Duration::from_micros(99_950), budget),
         Some(std::time::Duration::from_micros(50)),
         "the last nap ends with the budget"
     );
-    assert_eq!(nap_length(ms(100), budget), None);
-    assert_eq!(nap_length(ms(0), 0), None, "no naps: sleep at once");
+    assert_eq!(nap_length(&t(), ms(100), budget), None);
+    assert_eq!(nap_length(&t(), ms(0), 0), None, "no naps: sleep at once");
 }
 
 #[test]
@@ -45,7 +53,7 @@ fn after_a_hold_releases_wait_for_the_worker_to_answer_a_probe() {
         l.queue(one()).is_err(),
         "held: the release zeroes its buffer"
     );
-    std::thread::sleep(LATE_HOLD + std::time::Duration::from_millis(5));
+    std::thread::sleep(t().late_hold() + std::time::Duration::from_millis(5));
     assert!(!l.punctuality.holding());
     assert!(l.queue(one()).is_err(), "on probation: the probe is asked");
     assert!(l.punctuality.probe_out.load(Ordering::Relaxed));
@@ -63,7 +71,7 @@ fn after_a_hold_releases_wait_for_the_worker_to_answer_a_probe() {
     );
     assert!(l.queue(one()).is_err(), "the probe");
     l.promise(std::time::Duration::ZERO); // the worker: "I look at once"; then it does not
-    std::thread::sleep(WORKER_GRACE + std::time::Duration::from_millis(1));
+    std::thread::sleep(t().worker_grace() + std::time::Duration::from_millis(1));
     l.punctuality.answer_probe();
     assert!(l.punctuality.holding(), "late: held again");
     assert!(
@@ -103,7 +111,7 @@ fn a_late_worker_is_held_against_only_on_a_loaded_machine() {
     let one = || Thing(0, 1);
     let late = |l: &ReleaseQueue<Thing>| {
         l.promise(std::time::Duration::ZERO); // "I look at once"; then it does not
-        std::thread::sleep(WORKER_GRACE + std::time::Duration::from_millis(1));
+        std::thread::sleep(t().worker_grace() + std::time::Duration::from_millis(1));
     };
 
     // Idle cores: a late worker was kept away by something passing; releases queue.
@@ -120,11 +128,11 @@ fn a_late_worker_is_held_against_only_on_a_loaded_machine() {
     assert_eq!(
         CHECKS.load(Ordering::Relaxed),
         1,
-        "the machine is looked at once per LATE_HOLD, not once per release"
+        "the machine is looked at once per shortest hold, not once per release"
     );
     // Its own lateness, found when it comes back, is not held against it either.
     l.promise(std::time::Duration::ZERO);
-    std::thread::sleep(LATE_HOLD + PREEMPTED + std::time::Duration::from_millis(1));
+    std::thread::sleep(t().late_hold() + t().worker_grace() + std::time::Duration::from_millis(1));
     l.promise(std::time::Duration::ZERO);
     assert!(!l.punctuality.holding());
     assert_eq!(CHECKS.load(Ordering::Relaxed), 2, "looked at again");
@@ -237,7 +245,7 @@ fn a_hold_lasts_as_long_as_the_worker_was_late_and_grows_on_repeats() {
     l.punctuality.hold(now, ms(1));
     assert_eq!(
         l.punctuality.hold_ns.load(Ordering::Relaxed),
-        LATE_HOLD.as_nanos() as u64
+        t().late_hold().as_nanos() as u64
     );
     assert_eq!(
         l.punctuality.late_until_ns.load(Ordering::Relaxed),
@@ -263,7 +271,7 @@ fn a_hold_lasts_as_long_as_the_worker_was_late_and_grows_on_repeats() {
     l.punctuality.hold(probing, ms(1));
     assert_eq!(l.punctuality.hold_ns.load(Ordering::Relaxed), ms(48));
     // Long after, the worker having answered on time: a first hold again, as long as the
-    // lateness (at most LATE_HOLD_MAX).
+    // lateness (at most the longest hold).
     l.punctuality.probation.store(false, Ordering::Relaxed);
     let later = probing + ms(5000);
     l.punctuality.hold(later, ms(40));
@@ -272,6 +280,6 @@ fn a_hold_lasts_as_long_as_the_worker_was_late_and_grows_on_repeats() {
     l.punctuality.hold(later + ms(10_000), ms(50_000));
     assert_eq!(
         l.punctuality.hold_ns.load(Ordering::Relaxed),
-        LATE_HOLD_MAX.as_nanos() as u64
+        t().late_hold_max().as_nanos() as u64
     );
 }

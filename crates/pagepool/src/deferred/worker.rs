@@ -1,7 +1,7 @@
 //! The worker's side of the queue: how it waits for work (spin, naps, sleep: when, its
 //! [`Punctuality`] says), the loop step that takes work, and the serve loop for whole items.
 
-use crate::config::{CHUNK_PAGES, CLAIM_DELAY};
+use crate::config::CHUNK_PAGES;
 use crate::sync::{MutexGuard, Ordering, lock, wait, wait_timeout};
 
 use super::punctual::nap_length;
@@ -31,7 +31,7 @@ impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
             return false;
         }
         let end = crate::sync::Instant::now() + std::time::Duration::from_nanos(ns);
-        // When queued work was first seen: it is claimed once it has waited CLAIM_DELAY.
+        // When queued work was first seen: it is claimed once it has waited the claim delay.
         let mut seen: Option<crate::sync::Instant> = None;
         loop {
             for _ in 0..64 {
@@ -47,7 +47,10 @@ impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
                 }
                 if self.queued_hint.load(Ordering::Relaxed) >= CHUNK_PAGES {
                     match seen {
-                        Some(t) if t.elapsed() >= CLAIM_DELAY && !self.punctuality.holding() => {
+                        Some(t)
+                            if t.elapsed() >= self.punctuality.tempo().claim_delay()
+                                && !self.punctuality.holding() =>
+                        {
                             return true;
                         }
                         Some(_) => {}
@@ -175,7 +178,7 @@ impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
             } else {
                 self.punctuality.naps()
             };
-            match nap_length(idle, naps) {
+            match nap_length(self.punctuality.tempo(), idle, naps) {
                 Some(nap) => q = self.nap(q, &mut locking, nap),
                 None => {
                     q.sleeping += 1;

@@ -345,8 +345,9 @@ impl HeapBuilder {
             #[cfg(loom)]
             None => Registry::new(usize::MAX),
         };
-        // Read the cache size now (sysfs), not on the first release.
-        crate::zero::streaming_threshold();
+        // Measure the machine now (a few milliseconds, once per process), not on the first
+        // allocation or release.
+        crate::tempo::tempo();
         let config = Config {
             name: self.name,
             orders,

@@ -28,6 +28,8 @@ pub(crate) struct Counters {
     pub(crate) remapped: AtomicU64,
     pub(crate) zeroed_sync: AtomicU64,
     pub(crate) zeroed_inline: AtomicU64,
+    /// Bytes zeroed by threads other than the worker (see `zero_run`, `zero_part`).
+    pub(crate) caller_bytes: AtomicU64,
     pub(crate) waited: AtomicU64,
     pub(crate) helped: AtomicU64,
     /// Runs an allocation gave up on, waiting for the worker (see `zero_stolen`).
@@ -196,19 +198,37 @@ impl HeapInner {
     #[inline]
     pub(crate) unsafe fn zero_run(&self, r: &Run, buffer_pages: usize) {
         let streaming = buffer_pages * self.page > crate::zero::streaming_threshold();
+        let len = r.pages() * self.page;
         // SAFETY: the run is a used arena range, mapped at its home address, owned by the caller.
-        unsafe { crate::zero::zero(r.ptr(), r.pages() * self.page, streaming) };
+        unsafe { crate::zero::zero(r.ptr(), len, streaming) };
+        self.count_caller_zeroing(len);
     }
 
-    /// Zeroes `len` bytes at `off` into a job's run.
+    /// Zeroes `len` bytes at `off` into a job's run, on a thread other than the worker.
     ///
     /// # Safety
     /// The caller has taken that stripe of the job (see [`Job::next_stripe`]).
     pub(crate) unsafe fn zero_part(&self, job: &Job, off: usize, len: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.zero_part_uncounted(job, off, len) };
+        self.count_caller_zeroing(len);
+    }
+
+    /// [`zero_part`](Self::zero_part) for the worker, which counts its own bytes.
+    ///
+    /// # Safety
+    /// As for `zero_part`.
+    pub(super) unsafe fn zero_part_uncounted(&self, job: &Job, off: usize, len: usize) {
         let streaming = job.buffer_pages() * self.page > crate::zero::streaming_threshold();
         // SAFETY: the stripe is inside the job's run, a used arena range owned by the caller
         // for the stripe's duration.
         unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
+    }
+
+    fn count_caller_zeroing(&self, bytes: usize) {
+        self.counters
+            .caller_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Releases a dropped buffer's runs: queued for the worker, else zeroed here and pooled,

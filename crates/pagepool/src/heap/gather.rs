@@ -5,7 +5,7 @@
 
 use super::core::HeapInner;
 use super::job::{Run, Runs};
-use crate::config::{CHUNK_PAGES, HANDOFF_WAIT, REGATHER_FIRST, REGATHER_LONGEST};
+use crate::config::{CHUNK_PAGES, REGATHER_FIRST, REGATHER_LONGEST};
 use crate::error::AllocError;
 use crate::pool::Near;
 use crate::shrinker::Shrinker;
@@ -367,9 +367,14 @@ impl HeapInner {
                 hi,
                 held: bytes,
             });
-            pool.take_within(n, end_to_end, near, HANDOFF_WAIT, worker_locking, |b| {
-                runs.push(Run::from_block(b))
-            })
+            pool.take_within(
+                n,
+                end_to_end,
+                near,
+                crate::tempo::tempo().handoff_wait(),
+                worker_locking,
+                |b| runs.push(Run::from_block(b)),
+            )
         };
         // A buffer of several blocks takes pooled blocks at once only if they lie end to end;
         // otherwise queued ones first, when there are any: a released set, part of it landed

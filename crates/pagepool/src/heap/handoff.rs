@@ -10,7 +10,7 @@ use crossbeam_utils::CachePadded;
 
 use super::core::HeapInner;
 use super::job::{Blocks, Job, Run, Runs};
-use crate::config::{CHUNK_PAGES, FIT_SCAN, HANDOFF_WAIT, SHARE_FROM, STRIPE_BYTES};
+use crate::config::{CHUNK_PAGES, FIT_SCAN, SHARE_FROM, STRIPE_BYTES};
 use crate::deferred::{Queue, Reason, ReleaseQueue, Work};
 use crate::shrinker::Shrinker;
 use crate::sync::{AtomicBool, Mutex, Ordering, lock, lock_within, try_lock};
@@ -198,8 +198,11 @@ impl Handoff {
     /// already. [`withdraw`](Self::withdraw) it once the job is complete.
     pub(crate) fn offer(&self, job: Arc<Job>) -> bool {
         // Offering: only if the slot's lock is free now (the worker may hold it).
-        let Some(mut slot) = lock_within(&self.shared, HANDOFF_WAIT, self.queue.worker_locking())
-        else {
+        let Some(mut slot) = lock_within(
+            &self.shared,
+            crate::tempo::tempo().handoff_wait(),
+            self.queue.worker_locking(),
+        ) else {
             return false;
         };
         if self.shared_hint.load(Ordering::Acquire) && slot.as_ref().is_some_and(|j| !j.taken()) {
@@ -269,9 +272,12 @@ impl Handoff {
     /// and zeroes them with `zero(offset, len)` (offsets from the run's start) until none is
     /// left. Returns true if it zeroed any. The run still lands through the worker.
     pub(crate) fn help(&self, order: u8, mut zero: impl FnMut(&Job, usize, usize)) -> bool {
-        let Some(job) = lock_within(&self.job, HANDOFF_WAIT, self.queue.worker_locking())
-            .and_then(|j| j.clone())
-        else {
+        let Some(job) = lock_within(
+            &self.job,
+            crate::tempo::tempo().handoff_wait(),
+            self.queue.worker_locking(),
+        )
+        .and_then(|j| j.clone()) else {
             return false;
         };
         if job.run.order != order {
@@ -289,7 +295,7 @@ impl Handoff {
 
     /// Pages of `order` the worker is zeroing now: an allocation short of blocks of that order
     /// may do better to [`wait_landed`](Self::wait_landed) than to fault in fresh pages. 0 if
-    /// the queue's lock stays busy for [`HANDOFF_WAIT`].
+    /// the queue's lock stays busy for the hand-off wait (`Tempo::handoff_wait`).
     pub(crate) fn in_flight(&self, order: u8) -> usize {
         self.queue
             .lock_bounded()
@@ -305,8 +311,8 @@ impl Handoff {
 
     /// Spins until `done()`, for as long as the worker is seen making progress: it renews its
     /// promise (`due_ns`) after every piece it zeroes. Gives up once it has not for
-    /// [`HANDOFF_WAIT`] (the scheduler is not running it, or it is not working on what the
-    /// caller waits for), and after [`HANDOFF_CAP`](crate::config::HANDOFF_CAP) in any case. Returns `done()`'s last
+    /// the hand-off wait (`Tempo::handoff_wait`) (the scheduler is not running it, or it is not working on what the
+    /// caller waits for), and after the hand-off cap (`Tempo::handoff_cap`) in any case. Returns `done()`'s last
     /// answer.
     pub(crate) fn wait_worker(&self, mut done: impl FnMut() -> bool) -> bool {
         if done() {
@@ -319,6 +325,7 @@ impl Handoff {
         }
         #[cfg(not(loom))]
         {
+            let tempo = self.queue.punctuality().tempo();
             let start = std::time::Instant::now();
             let (mut seen, mut progress) = (self.queue.punctuality().due(), start);
             loop {
@@ -333,7 +340,7 @@ impl Handoff {
                 if due != seen {
                     (seen, progress) = (due, now);
                 }
-                if now - progress >= HANDOFF_WAIT || now - start >= crate::config::HANDOFF_CAP {
+                if now - progress >= tempo.handoff_wait() || now - start >= tempo.handoff_cap() {
                     return done();
                 }
             }
@@ -361,7 +368,7 @@ impl HeapInner {
     /// Zeroes a run an allocation took from the queue; one of a buffer of at least
     /// [`SHARE_FROM`], or a whole buffer, is shared with the idle worker, stripe by stripe, so
     /// that two cores zero it. Returns false if the worker did not finish its stripe within
-    /// [`HANDOFF_WAIT`]: the run is then the worker's to land, and the caller must do without
+    /// the hand-off wait (`Tempo::handoff_wait`): the run is then the worker's to land, and the caller must do without
     /// it.
     ///
     /// # Safety

@@ -165,7 +165,7 @@ impl Job {
     /// Takes the worker's next piece, as [`next_stripe`](Self::next_stripe) does but from the
     /// back of the run and at most [`WORKER_PIECE`] stripes: the worker runs at low priority,
     /// and what it holds when the scheduler leaves it waiting is at most that, which nobody
-    /// waits for longer than [`HANDOFF_WAIT`](crate::config::HANDOFF_WAIT).
+    /// waits for longer than the hand-off wait (`Tempo::handoff_wait`).
     ///
     /// For a run that is a whole buffer (a 1 MiB buffer of one block), allocations always zero
     /// it from the front and the worker from the back, whichever of them took the run: a

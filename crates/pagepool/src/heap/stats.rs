@@ -51,6 +51,7 @@ pub(super) fn assemble(h: &HeapInner) -> HeapStats {
         exports_held_at_release: c.exports_held.load(Ordering::Relaxed),
         worker_bytes: c.worker.bytes.load(Ordering::Relaxed),
         worker_nanos: c.worker.nanos.load(Ordering::Relaxed),
+        caller_zeroed_bytes: c.caller_bytes.load(Ordering::Relaxed),
         queued_pages: h.handoff.as_ref().map_or(0, |l| l.queue().pending_pages()),
         peak_queued_pages: h.handoff.as_ref().map_or(0, |l| l.queue().peak_pages()),
         queue_limit_pages: h.handoff.as_ref().map_or(0, |l| l.queue().max_pages()),

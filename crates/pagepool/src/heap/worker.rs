@@ -26,7 +26,7 @@ impl HeapInner {
         while done < len {
             let n = (len - done).min(STRIPE_BYTES);
             // SAFETY: a sub-range of the piece the caller was handed.
-            unsafe { self.zero_part(job, off + done, n) };
+            unsafe { self.zero_part_uncounted(job, off + done, n) };
             handoff.queue().promise(std::time::Duration::ZERO);
             done += n;
         }
@@ -95,7 +95,7 @@ impl HeapInner {
             // The worker's own zeroing ends here; what follows is waiting for helpers (each
             // zeroing a stripe of 64 KiB, a few microseconds): a short exponential spin, then
             // yielding the core at each look (a helper is an allocation, at normal priority; no
-            // allocation waits for the worker meanwhile for long, see `HANDOFF_WAIT`).
+            // allocation waits for the worker meanwhile for long, see `Tempo::handoff_wait`).
             self.count_worker(mine, t.elapsed());
             let backoff = crossbeam_utils::Backoff::new();
             while !job.complete() {
