@@ -97,6 +97,14 @@ fn tiny_run_prints_every_row_of_every_mode() {
         }
     }
     assert!(stdout.contains("zeroing limit"));
+    assert!(
+        stdout.contains("pagepool's measure of this machine: a 256 KiB piece zeroed in"),
+        "the tempo the heap's bounds derive from"
+    );
+    assert!(
+        stdout.contains("zeroing at ") && stdout.contains("the calling thread"),
+        "the worker's share of zeroing"
+    );
     for what in [
         "p50 ns per call",
         "p99 ns per call",

@@ -22,7 +22,13 @@ use crate::config::{
 };
 use std::time::Duration;
 
-/// What this machine measured, and the bounds derived from it (see the [module](self)).
+/// What this machine measured, and the bounds derived from it.
+///
+/// Three measurements: zeroing a 256 KiB piece of resident memory (with `memset` and with
+/// streaming stores), waking a sleeping thread, and how late a short sleep ends. Every
+/// wall-clock bound of the deferred-free worker and the heap's hand-off is a multiple of them,
+/// so that on a slow machine (an emulated CPU) the worker is waited for as long as it needs,
+/// and on a fast one no longer. The unit is [`handoff_wait`](Self::handoff_wait).
 ///
 /// Read with [`tempo`](crate::stats::tempo); measured the first time anything asks for it
 /// (building a heap does), in a few milliseconds, once per process.

@@ -11,14 +11,6 @@
 #![cfg_attr(pagepool_tsan, allow(dead_code))]
 use std::ptr::NonNull;
 
-/// Buffers larger than this are zeroed with streaming stores (see
-/// [`Tempo::streaming_from`](crate::tempo::Tempo::streaming_from): half the last-level cache,
-/// or every buffer where streaming stores win even on cached memory).
-#[inline]
-pub(crate) fn streaming_threshold() -> usize {
-    crate::tempo::tempo().streaming_from()
-}
-
 /// Zeroes `len` bytes at `p`; `streaming` asks for non-temporal stores where the CPU has them.
 ///
 /// # Safety

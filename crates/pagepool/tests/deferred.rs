@@ -38,8 +38,13 @@ fn release_queues_and_the_worker_zeroes() {
     );
     assert!(st.worker_bytes_per_sec() > 0.0);
     assert_eq!(st.worker_bytes, 32 << 20);
+    assert_eq!(st.caller_zeroed_bytes, 0);
+    assert_eq!(st.worker_share(), Some(1.0));
     let again = heap.alloc(32 << 20).unwrap();
     assert!(again.iter().all(|&x| x == 0));
+    // A pooled buffer is handed out as it is: nothing more was zeroed, by anyone.
+    let st = heap.stats();
+    assert_eq!((st.worker_bytes, st.caller_zeroed_bytes), (32 << 20, 0));
 }
 
 #[test]
@@ -212,6 +217,12 @@ fn synchronous_release_when_deferred_is_off() {
         (2, 0, 0)
     );
     assert_eq!(st.pooled_pages(), 512, "pooled before drop returned");
+    assert_eq!(
+        (st.caller_zeroed_bytes, st.worker_bytes),
+        (2 << 20, 0),
+        "the releasing thread zeroed the buffer, once"
+    );
+    assert_eq!(st.worker_share(), Some(0.0));
 }
 
 /// Waits up to 10 s for `done`.

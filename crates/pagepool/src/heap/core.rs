@@ -197,7 +197,7 @@ impl HeapInner {
     /// its home address.
     #[inline]
     pub(crate) unsafe fn zero_run(&self, r: &Run, buffer_pages: usize) {
-        let streaming = buffer_pages * self.page > crate::zero::streaming_threshold();
+        let streaming = buffer_pages * self.page > crate::tempo::tempo().streaming_from();
         let len = r.pages() * self.page;
         // SAFETY: the run is a used arena range, mapped at its home address, owned by the caller.
         unsafe { crate::zero::zero(r.ptr(), len, streaming) };
@@ -219,7 +219,7 @@ impl HeapInner {
     /// # Safety
     /// As for `zero_part`.
     pub(super) unsafe fn zero_part_uncounted(&self, job: &Job, off: usize, len: usize) {
-        let streaming = job.buffer_pages() * self.page > crate::zero::streaming_threshold();
+        let streaming = job.buffer_pages() * self.page > crate::tempo::tempo().streaming_from();
         // SAFETY: the stripe is inside the job's run, a used arena range owned by the caller
         // for the stripe's duration.
         unsafe { crate::zero::zero(job.run().ptr().add(off), len, streaming) };
