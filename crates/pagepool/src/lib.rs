@@ -50,6 +50,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(not(loom))]
+pub mod alloc;
 mod arena;
 mod attrs;
 mod config;
@@ -65,6 +67,8 @@ mod loom_tests;
 mod os;
 pub mod pool;
 pub mod pressure;
+#[cfg(not(loom))]
+mod private;
 pub mod registry;
 mod shrinker;
 pub mod stats;

@@ -241,6 +241,34 @@ pub(crate) fn reserve(len: usize) -> Result<NonNull<u8>, OsError> {
     NonNull::new(p.cast()).ok_or_else(|| OsError::new("mmap reserve", rustix::io::Errno::FAULT))
 }
 
+/// Makes `len` bytes at `p`, part of a reservation made with [`reserve`], readable and
+/// writable private anonymous memory (zero until written; counted as committed memory).
+///
+/// # Safety
+/// The caller owns `p..p + len`, a range of its own reservation with no live reference into it.
+pub(crate) unsafe fn open_private(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    // SAFETY: the caller owns the range; changing its protection affects no one else.
+    unsafe {
+        rustix::mm::mprotect(
+            p.as_ptr().cast(),
+            len,
+            rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE,
+        )
+    }
+    .map_err(|e| OsError::new("mprotect", e))
+}
+
+/// Gives the pages of private anonymous memory at `p..p + len` back to the system
+/// (`MADV_DONTNEED`): the range stays mapped and reads as zero, using no memory until written.
+///
+/// # Safety
+/// The caller owns the range, and nothing reads or writes it during the call.
+pub(crate) unsafe fn discard(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    // SAFETY: the caller owns the range; its contents are no longer wanted.
+    unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, rustix::mm::Advice::LinuxDontNeed) }
+        .map_err(|e| OsError::new("madvise(MADV_DONTNEED)", e))
+}
+
 /// Maps `len` bytes of `fd` at file offset `offset` exactly at `at`, replacing what was there;
 /// with `populate`, faults the pages in at once (`MAP_POPULATE`).
 ///

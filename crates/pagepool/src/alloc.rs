@@ -1,0 +1,383 @@
+//! A global allocator: large requests from pagepool's private-memory pools, the rest from an
+//! inner allocator.
+//!
+//! [`PoolAlloc`] serves requests of at least its threshold (64 KiB by default) up to its
+//! largest pooled size (64 MiB) from pools of ordinary private memory, kept by the same page
+//! pools, registry and deferred-free worker as [`SystemHeap`](crate::SystemHeap): `vec![0; n]`
+//! and every other `alloc_zeroed` takes a block the worker zeroed in the background, `alloc`
+//! takes a block as it was left (never zeroed needlessly), and releasing one costs a push.
+//! Everything else, and every pointer outside the pools' one reserved range, goes to the inner
+//! allocator ([`System`] by default; any [`GlobalAlloc`] through the type parameter).
+//!
+//! ```
+//! use pagepool::alloc::PoolAlloc;
+//!
+//! #[global_allocator]
+//! static GLOBAL: PoolAlloc = PoolAlloc::new();
+//!
+//! fn main() {
+//!     for _ in 0..100 {
+//!         let frame = vec![0u8; 8 << 20]; // a zeroed block from the pools, after the first
+//!         assert_eq!(frame[4096], 0);
+//!     }
+//!     let stats = GLOBAL.stats().expect("a large allocation was made");
+//!     assert!(stats.clean_hits > 0);
+//!     println!("{stats}");
+//! }
+//! ```
+//!
+//! Memory behaves as malloc's does: a forked child sees its parent's buffers copy-on-write and
+//! allocates and frees on its own (without a worker: it zeroes what `alloc_zeroed` needs on
+//! its own time). The allocator never calls itself: while it runs pagepool's own code
+//! (statistics, the worker's queue, starting the worker thread), every allocation that code
+//! makes goes to the inner allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::fmt;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
+
+use crate::private::{Pools, Settings};
+use crate::stats::OwnerStats;
+
+/// The default threshold: requests of 64 KiB and more go to the pools.
+pub const DEFAULT_THRESHOLD: usize = 64 << 10;
+
+/// The default largest pooled size: larger requests go to the inner allocator.
+pub const DEFAULT_LARGEST: usize = 64 << 20;
+
+/// The default limit of each kind of pooled memory (dirty, clean): 256 MiB.
+pub const DEFAULT_POOL_LIMIT: usize = 256 << 20;
+
+const UNINIT: u8 = 0;
+const STARTING: u8 = 1;
+const READY: u8 = 2;
+const FAILED: u8 = 3;
+
+thread_local! {
+    /// Set while this thread runs pagepool's own code for the allocator: whatever it
+    /// allocates goes to the inner allocator. A `const` initialiser and no destructor: reading
+    /// it never allocates, and it is readable until the thread's very end.
+    static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's allocations sent to the inner allocator.
+fn inside<R>(f: impl FnOnce() -> R) -> R {
+    let was = INSIDE.replace(true);
+    let r = f();
+    INSIDE.set(was);
+    r
+}
+
+/// A [`GlobalAlloc`] that serves large requests from pagepool's private-memory pools and the
+/// rest from `A` (see the [module](self)).
+///
+/// Settings are `const`, for a `static`: [`threshold`](Self::threshold),
+/// [`largest`](Self::largest), [`pool_limit`](Self::pool_limit). The pools are made on the
+/// first request at or above the threshold; if the system refuses their address space, every
+/// request goes to `A`.
+pub struct PoolAlloc<A = System> {
+    inner: A,
+    threshold: usize,
+    largest: usize,
+    limit: usize,
+    worker: bool,
+    state: AtomicU8,
+    pools: AtomicPtr<Pools>,
+}
+
+impl PoolAlloc<System> {
+    /// The allocator with the default settings over the system allocator.
+    pub const fn new() -> PoolAlloc<System> {
+        PoolAlloc::with_inner(System)
+    }
+}
+
+impl Default for PoolAlloc<System> {
+    fn default() -> Self {
+        PoolAlloc::new()
+    }
+}
+
+impl<A> PoolAlloc<A> {
+    /// The allocator with the default settings over `inner`, which serves requests below the
+    /// threshold and above the largest pooled size (mimalloc's or jemalloc's `GlobalAlloc`, for
+    /// instance).
+    pub const fn with_inner(inner: A) -> PoolAlloc<A> {
+        PoolAlloc {
+            inner,
+            threshold: DEFAULT_THRESHOLD,
+            largest: DEFAULT_LARGEST,
+            limit: DEFAULT_POOL_LIMIT,
+            worker: true,
+            state: AtomicU8::new(UNINIT),
+            pools: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Requests of at least `bytes` go to the pools (default [`DEFAULT_THRESHOLD`]). Rounded
+    /// up to a power of two of pages; at least one page.
+    pub const fn threshold(mut self, bytes: usize) -> Self {
+        self.threshold = bytes;
+        self
+    }
+
+    /// Requests larger than `bytes` go to the inner allocator (default [`DEFAULT_LARGEST`];
+    /// rounded up to a power of two of pages, at most 2^30 pages). A largest size below the
+    /// threshold leaves one class, of the threshold's size.
+    pub const fn largest(mut self, bytes: usize) -> Self {
+        self.largest = bytes;
+        self
+    }
+
+    /// The most memory each kind of pool keeps (released blocks as they were left, and blocks
+    /// zeroed for `alloc_zeroed`), default [`DEFAULT_POOL_LIMIT`]; 0 pools nothing.
+    pub const fn pool_limit(mut self, bytes: usize) -> Self {
+        self.limit = bytes;
+        self
+    }
+
+    /// Whether released blocks are zeroed by a background worker (default on); off, they are
+    /// zeroed by the `alloc_zeroed` that takes them.
+    pub const fn worker(mut self, on: bool) -> Self {
+        self.worker = on;
+        self
+    }
+
+    /// The pools, made on first use; `None` while another thread makes them, or if the system
+    /// refused them.
+    fn pools(&self) -> Option<&'static Pools> {
+        let p = self.pools.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: a non-null `pools` is a leaked box, never freed.
+            return Some(unsafe { &*p });
+        }
+        if self
+            .state
+            .compare_exchange(UNINIT, STARTING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return None;
+        }
+        let made = inside(|| Pools::new(self.settings()).map(|p| Box::into_raw(Box::new(p))));
+        match made {
+            Ok(p) => {
+                self.pools.store(p, Ordering::Release);
+                self.state.store(READY, Ordering::Release);
+                // SAFETY: just leaked.
+                Some(unsafe { &*p })
+            }
+            Err(e) => {
+                inside(|| log::debug!("pagepool: no private pools: {e}"));
+                self.state.store(FAILED, Ordering::Release);
+                None
+            }
+        }
+    }
+
+    /// The pools if they exist, without making them.
+    fn made(&self) -> Option<&'static Pools> {
+        let p = self.pools.load(Ordering::Acquire);
+        // SAFETY: a non-null `pools` is a leaked box, never freed.
+        (!p.is_null()).then(|| unsafe { &*p })
+    }
+
+    fn settings(&self) -> Settings {
+        let page = crate::os::page_size();
+        let order = |bytes: usize| {
+            let pages = bytes.max(1).div_ceil(page);
+            pages
+                .checked_next_power_of_two()
+                .map_or(30, |p| p.trailing_zeros().min(30)) as u8
+        };
+        let min_order = order(self.threshold);
+        Settings {
+            threshold: self.threshold.max(1),
+            min_order,
+            max_order: order(self.largest).max(min_order),
+            limit_pages: self.limit / page,
+            worker: self.worker,
+        }
+    }
+
+    /// Whether a request of `layout` goes to the pools.
+    #[inline]
+    fn pooled(&self, layout: Layout) -> bool {
+        layout.size() >= self.threshold && layout.size() <= self.largest && !INSIDE.get()
+    }
+
+    /// The pools' statistics; `None` before the first request at or above the threshold.
+    pub fn stats(&self) -> Option<PrivateStats> {
+        let pools = self.made()?;
+        Some(inside(|| pools.stats()))
+    }
+
+    /// Waits until the worker has zeroed every released block waiting for it.
+    pub fn flush(&self) {
+        if let Some(p) = self.made() {
+            inside(|| p.flush());
+        }
+    }
+
+    /// Gives every pooled block's memory back to the system (as under memory pressure); returns
+    /// the pages given back. Blocks in use are not touched.
+    pub fn trim(&self) -> usize {
+        self.made().map_or(0, |p| inside(|| p.trim()))
+    }
+
+    /// Whether `p` is a pointer of the pools (and not of the inner allocator).
+    pub fn owns(&self, p: *const u8) -> bool {
+        self.made()
+            .is_some_and(|pools| pools.contains(p.cast_mut()))
+    }
+
+    /// The bytes usable at `p`, a pointer this allocator returned: its block's size for a
+    /// pooled pointer; `None` for one of the inner allocator (which does not say).
+    pub fn usable_size(&self, p: *const u8) -> Option<usize> {
+        self.made()?.usable_size(p.cast_mut())
+    }
+}
+
+// SAFETY: every pointer handed out is either the inner allocator's (for the same layout) or the
+// start of a pooled block, which is at least `layout.size()` bytes (its class holds
+// `max(size, align)` rounded up to a power of two of pages) and aligned to its own size, hence
+// to `layout.align()` (the class was chosen for it); blocks are exclusive until released, and a
+// release goes back where the pointer came from: the pools for a pointer in their range, `A`
+// otherwise. `alloc_zeroed` memory is all zero (a clean block, a dirty one zeroed over its
+// extent, which covers everything ever written to it, or fresh memory). Nothing here unwinds.
+unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if self.pooled(layout)
+            && let Some(pools) = self.pools()
+            && let Some(p) = inside(|| pools.alloc(layout.size(), layout.align(), false))
+        {
+            return p.as_ptr();
+        }
+        // SAFETY: forwarded from the caller (a non-zero-size layout).
+        unsafe { self.inner.alloc(layout) }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if self.pooled(layout)
+            && let Some(pools) = self.pools()
+            && let Some(p) = inside(|| pools.alloc(layout.size(), layout.align(), true))
+        {
+            return p.as_ptr();
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.inner.alloc_zeroed(layout) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        if let Some(pools) = self.made()
+            && pools.contains(p)
+        {
+            // SAFETY: `p` is in the pools' range, so it came from them (the caller's contract:
+            // this allocator returned it for `layout`), and the caller is done with it.
+            return inside(|| unsafe { pools.dealloc(NonNull::new_unchecked(p), layout.size()) });
+        }
+        // SAFETY: not the pools', so the inner allocator's, for `layout`.
+        unsafe { self.inner.dealloc(p, layout) }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let pools = self.made();
+        let ours = pools.is_some_and(|pools| pools.contains(p));
+        if ours
+            && new_size >= self.threshold
+            && pools.is_some_and(|pools| pools.fits_in_place(p, new_size, layout.align()))
+        {
+            // The block holds it where it is; what was written at the old size may still be
+            // there when it is released at the new one.
+            if let Some(pools) = pools {
+                inside(|| pools.note_written(p, layout.size()));
+            }
+            return p;
+        }
+        // SAFETY: `new_size` is non-zero and rounds to at most isize::MAX (the caller's
+        // contract), with the old layout's valid alignment.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        if !ours && !self.pooled(new_layout) {
+            // SAFETY: the inner allocator's pointer, forwarded with the caller's contract.
+            return unsafe { self.inner.realloc(p, layout, new_size) };
+        }
+        // SAFETY: as `alloc`'s contract: a valid non-zero layout.
+        let q = unsafe { self.alloc(new_layout) };
+        if !q.is_null() {
+            // SAFETY: both blocks hold at least the smaller size, and are distinct (`p` is
+            // still allocated while `q` is made).
+            unsafe { ptr::copy_nonoverlapping(p, q, layout.size().min(new_size)) };
+            // SAFETY: `p` was allocated with `layout`, and is no longer used.
+            unsafe { self.dealloc(p, layout) };
+        }
+        q
+    }
+}
+
+/// The private pools' statistics (see [`PoolAlloc::stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PrivateStats {
+    /// The smallest request the pools serve.
+    pub threshold: usize,
+    /// The largest block size.
+    pub largest: usize,
+    /// Requests the pools served.
+    pub allocs: u64,
+    /// Of them, served from a clean block (zeroed by the worker, or given back and fresh).
+    pub clean_hits: u64,
+    /// Served from a dirty block (for `alloc_zeroed`, zeroed inline first).
+    pub dirty_hits: u64,
+    /// Served from a fresh block (memory from the system, zero).
+    pub fresh: u64,
+    /// Blocks released.
+    pub frees: u64,
+    /// Bytes `alloc_zeroed` zeroed on the calling thread (dirty blocks, none clean).
+    pub zeroed_inline_bytes: u64,
+    /// Bytes the worker zeroed.
+    pub zeroed_worker_bytes: u64,
+    /// Blocks whose memory went back to the system (limits, pressure, trim).
+    pub released_blocks: u64,
+    /// Pages pooled dirty now.
+    pub dirty_pages: usize,
+    /// Pages pooled clean now.
+    pub clean_pages: usize,
+    /// Pages waiting for the worker or being zeroed.
+    pub queued_pages: usize,
+    /// Whether a worker zeroes released blocks (not in a forked child, nor where no thread
+    /// could be started).
+    pub worker: bool,
+    /// The dirty pools, per order, as the registry counts them.
+    pub dirty: OwnerStats,
+    /// The clean pools.
+    pub clean: OwnerStats,
+}
+
+impl fmt::Display for PrivateStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "private pools ({} B to {} B): allocs {} (clean {}, dirty {}, fresh {}), frees {}; \
+             pooled dirty {} pages, clean {} pages, queued {} pages; zeroed by the worker {} B, \
+             inline {} B; released {} blocks; worker {}",
+            self.threshold,
+            self.largest,
+            self.allocs,
+            self.clean_hits,
+            self.dirty_hits,
+            self.fresh,
+            self.frees,
+            self.dirty_pages,
+            self.clean_pages,
+            self.queued_pages,
+            self.zeroed_worker_bytes,
+            self.zeroed_inline_bytes,
+            self.released_blocks,
+            if self.worker { "running" } else { "none" },
+        )
+    }
+}

@@ -1,0 +1,456 @@
+//! Private-memory pools: the third pool user, serving ordinary private anonymous memory of
+//! size classes from one reserved range (`range.rs`), for the global allocator
+//! ([`crate::alloc::PoolAlloc`]).
+//!
+//! Memory behaves as malloc's does: private and anonymous, so a forked child sees its parent's
+//! blocks copy-on-write and allocates and frees on its own. Each size class (a power of two
+//! from the threshold to the largest pooled size) keeps two page pools of the same registry as
+//! every other user:
+//!
+//! - **dirty** blocks, for `alloc` (malloc promises nothing about contents: they are never
+//!   zeroed needlessly);
+//! - **clean** blocks, for `alloc_zeroed` (calloc), zeroed by the worker through the
+//!   deferred-free helper; zeroed inline only when none is clean.
+//!
+//! A released block goes to the worker to be zeroed only while its class is asked for zeroed
+//! memory (a `calloc` among the class's last [`ZEROED_MEMORY`] allocations); otherwise it is
+//! pooled dirty. Only what may have been written is zeroed: the block's *extent*, the largest
+//! size it was allocated with since it was last zeroed (a `Vec` of 33 MiB in a 64 MiB block
+//! costs 33 MiB of zeroing, never 64). Both pools are owners of the registry like any other
+//! (their limits, the global maximum, shrinking, the pressure monitor and `trim` give their
+//! memory back: `MADV_DONTNEED`, the slot then kept, empty, for the next fresh block).
+//!
+//! A forked child keeps the range (its blocks are copy-on-write copies) but starts with empty
+//! pools and no worker (its state is a [`ForkCell`]): the parent's pooled blocks are left as
+//! they are (shared with the parent until written, never reused), blocks the child frees go
+//! to its own pools, and blocks it frees for zeroing are zeroed on its own time.
+
+mod range;
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::deferred::{Item, Reason, ReleaseQueue};
+use crate::fork::ForkCell;
+use crate::pool::{Block, PagePool};
+use crate::registry::{Owner, Registry, Shrinker};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::sync::{Mutex, lock};
+
+pub(crate) use range::Range;
+use range::Slot;
+
+/// A class releases blocks for zeroing while a `calloc` was among its last this many
+/// allocations (each `calloc` sets the score to it, each plain allocation takes one off).
+pub(crate) const ZEROED_MEMORY: u32 = 16;
+
+/// What the pools were built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settings {
+    /// The smallest request served (smaller ones go to the next allocator).
+    pub(crate) threshold: usize,
+    /// The smallest class's order (its blocks are `page << min_order` bytes).
+    pub(crate) min_order: u8,
+    /// The largest class's order.
+    pub(crate) max_order: u8,
+    /// Each kind of pool's limit (dirty, clean), in pages.
+    pub(crate) limit_pages: usize,
+    /// Whether released blocks may be zeroed by a worker thread (off: never started).
+    pub(crate) worker: bool,
+}
+
+/// The private pools: their range and this fork generation's state.
+pub(crate) struct Pools {
+    range: &'static Range,
+    settings: Settings,
+    state: ForkCell<State>,
+}
+
+/// One fork generation's pools, worker and counters.
+struct State {
+    classes: Vec<Class>,
+    dirty_owner: Arc<Owner>,
+    clean_owner: Arc<Owner>,
+    queue: Option<Arc<ReleaseQueue<Dirty>>>,
+    counters: Arc<Counters>,
+}
+
+/// Slots whose memory went back to the system (all zero, using no memory), per class.
+type EmptySlots = Arc<Mutex<Vec<u32>>>;
+
+/// What the worker needs of a class: where a zeroed block goes, and where a slot whose memory
+/// it gave back under pressure goes.
+type WorkerClass = (Arc<PagePool>, EmptySlots);
+
+/// One size class's pools, its empty slots and its appetite for zeroed memory.
+struct Class {
+    dirty: Arc<PagePool>,
+    clean: Arc<PagePool>,
+    /// Slots whose memory went back to the system (all zero, using no memory).
+    empty: EmptySlots,
+    zeroed_score: AtomicU32,
+}
+
+/// The counters of [`PrivateStats`](crate::alloc::PrivateStats).
+#[derive(Default)]
+struct Counters {
+    allocs: AtomicU64,
+    clean_hits: AtomicU64,
+    dirty_hits: AtomicU64,
+    fresh: AtomicU64,
+    frees: AtomicU64,
+    zeroed_inline_bytes: AtomicU64,
+    zeroed_worker_bytes: AtomicU64,
+    released: AtomicU64,
+}
+
+/// A released block on its way to the worker.
+struct Dirty {
+    slot: Slot,
+    pages: usize,
+}
+
+impl Item for Dirty {
+    fn pages(&self) -> usize {
+        self.pages
+    }
+}
+
+impl Pools {
+    /// Reserves the range and builds the first generation's pools (registered with the
+    /// process's registry) and, with `settings.worker`, starts the worker.
+    pub(crate) fn new(settings: Settings) -> Result<Pools, crate::OsError> {
+        let range: &'static Range = Box::leak(Box::new(Range::new(
+            settings.min_order,
+            settings.max_order,
+        )?));
+        let state = State::new(range, settings, settings.worker);
+        Ok(Pools {
+            range,
+            settings,
+            state: ForkCell::new(state),
+        })
+    }
+
+    fn state(&self) -> &State {
+        let (range, settings) = (self.range, self.settings);
+        // A forked child: fresh pools, no worker (see the module).
+        self.state.get(|_| State::new(range, settings, false))
+    }
+
+    /// Whether `p` lies in the pools' range (is theirs to free).
+    #[inline]
+    pub(crate) fn contains(&self, p: *mut u8) -> bool {
+        self.range.contains(p as usize)
+    }
+
+    /// A block for `size` bytes aligned to `align` (all zero with `zeroed`), or `None` when no
+    /// class holds it or its region and the system have no memory for it.
+    pub(crate) fn alloc(&self, size: usize, align: usize, zeroed: bool) -> Option<NonNull<u8>> {
+        let class = self.range.class_for(size, align)?;
+        let st = self.state();
+        let c = &st.classes[class];
+        let counters = &st.counters;
+        counters.allocs.fetch_add(1, Ordering::Relaxed);
+        if zeroed {
+            c.zeroed_score.store(ZEROED_MEMORY, Ordering::Relaxed);
+        } else if c.zeroed_score.load(Ordering::Relaxed) > 0 {
+            let _ = c
+                .zeroed_score
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| s.checked_sub(1));
+        }
+        let (first, second) = if zeroed {
+            (&c.clean, &c.dirty)
+        } else {
+            (&c.dirty, &c.clean)
+        };
+        let slot = if let Some(b) = first.take() {
+            let hit = if zeroed {
+                &counters.clean_hits
+            } else {
+                &counters.dirty_hits
+            };
+            hit.fetch_add(1, Ordering::Relaxed);
+            self.slot_of_block(b)
+        } else if let Some(b) = second.take() {
+            let s = self.slot_of_block(b);
+            if zeroed {
+                counters.dirty_hits.fetch_add(1, Ordering::Relaxed);
+                let n = self.zero_extent(s);
+                counters
+                    .zeroed_inline_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            } else {
+                counters.clean_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            s
+        } else {
+            let empty = lock(&c.empty).pop();
+            let s = match empty {
+                Some(index) => Slot {
+                    class,
+                    index: index as usize,
+                },
+                None => self.range.carve(class)?,
+            };
+            counters.fresh.fetch_add(1, Ordering::Relaxed);
+            s
+        };
+        if !self.range.set_live(slot, true) {
+            fatal("a pooled block handed out twice");
+        }
+        Some(self.range.addr(slot))
+    }
+
+    /// Releases a block of the range that was allocated with `size` bytes (its extent widens to
+    /// cover them).
+    ///
+    /// # Safety
+    /// `p` came from [`alloc`](Self::alloc) of these pools, with `size` at most the size
+    /// asked for then (or grown in place since), and nothing uses it any more.
+    pub(crate) unsafe fn dealloc(&self, p: NonNull<u8>, size: usize) {
+        let Some(slot) = self.range.slot_of(p.as_ptr() as usize) else {
+            fatal("free of a pointer inside the pools that no block starts");
+        };
+        if !self.range.set_live(slot, false) {
+            fatal("double free of a pooled block");
+        }
+        self.range.widen(slot, size);
+        let st = self.state();
+        st.counters.frees.fetch_add(1, Ordering::Relaxed);
+        let c = &st.classes[slot.class];
+        let pages = self.range.extent(slot) / crate::os::page_size();
+        if pages == 0 {
+            // Never written (a block taken clean and released as it was): clean already.
+            return self.give(&c.clean, slot);
+        }
+        if c.zeroed_score.load(Ordering::Relaxed) > 0
+            && let Some(q) = &st.queue
+            && q.queue(Dirty { slot, pages }).is_ok()
+        {
+            return;
+        }
+        self.give(&c.dirty, slot);
+    }
+
+    /// The usable size of a block that `p` starts, if it is one of the range's.
+    pub(crate) fn usable_size(&self, p: *mut u8) -> Option<usize> {
+        let s = self.range.slot_of(p as usize)?;
+        Some(self.range.block_bytes(s.class))
+    }
+
+    /// Whether a block that `p` starts, allocated in a block of its class, can hold `size`
+    /// bytes aligned to `align` where it is (a realloc in place).
+    pub(crate) fn fits_in_place(&self, p: *mut u8, size: usize, align: usize) -> bool {
+        let Some(s) = self.range.slot_of(p as usize) else {
+            return false;
+        };
+        self.range.class_for(size, align) == Some(s.class)
+    }
+
+    /// Records that a live block of the range that `p` starts may have been written over its
+    /// first `size` bytes (a block kept in place by a `realloc` to a smaller size).
+    pub(crate) fn note_written(&self, p: *mut u8, size: usize) {
+        if let Some(s) = self.range.slot_of(p as usize) {
+            self.range.widen(s, size);
+        }
+    }
+
+    /// Waits until the worker has zeroed every released block (none in a forked child).
+    pub(crate) fn flush(&self) {
+        if let Some(q) = &self.state().queue {
+            q.flush();
+        }
+    }
+
+    /// Gives every pooled and queued block's memory back to the system; returns the pages.
+    pub(crate) fn trim(&self) -> usize {
+        let st = self.state();
+        let mut freed = 0;
+        if let Some(q) = &st.queue {
+            freed += q.scan(usize::MAX);
+            q.flush();
+        }
+        for c in &st.classes {
+            freed += c.dirty.shrink(usize::MAX) + c.clean.shrink(usize::MAX);
+        }
+        freed
+    }
+
+    /// A snapshot of the pools' statistics.
+    pub(crate) fn stats(&self) -> crate::alloc::PrivateStats {
+        let st = self.state();
+        let c = &st.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        crate::alloc::PrivateStats {
+            threshold: self.settings.threshold,
+            largest: self.range.block_bytes(self.range.classes() - 1),
+            allocs: get(&c.allocs),
+            clean_hits: get(&c.clean_hits),
+            dirty_hits: get(&c.dirty_hits),
+            fresh: get(&c.fresh),
+            frees: get(&c.frees),
+            zeroed_inline_bytes: get(&c.zeroed_inline_bytes),
+            zeroed_worker_bytes: get(&c.zeroed_worker_bytes),
+            released_blocks: get(&c.released),
+            dirty_pages: st.dirty_owner.count(),
+            clean_pages: st.clean_owner.count(),
+            queued_pages: st.queue.as_ref().map_or(0, |q| q.pages()),
+            worker: st.queue.is_some(),
+            dirty: st.dirty_owner.stats(),
+            clean: st.clean_owner.stats(),
+        }
+    }
+
+    fn slot_of_block(&self, b: Block) -> Slot {
+        let p = b.into_raw();
+        match self.range.slot_of(p.as_ptr() as usize) {
+            Some(s) => s,
+            None => fatal("a pooled block outside its range"),
+        }
+    }
+
+    /// Zeroes what of the slot may be dirty; returns the bytes zeroed.
+    fn zero_extent(&self, s: Slot) -> usize {
+        zero_extent(self.range, s)
+    }
+
+    fn give(&self, pool: &PagePool, s: Slot) {
+        // SAFETY: the slot is a carved block of the range, readable and writable, owned by the
+        // caller (released, not live), and the range is never unmapped while the pools exist.
+        let b = unsafe { Block::from_raw(self.range.addr(s), self.range.order(s.class)) };
+        if let Err(b) = pool.give(b) {
+            // Not the pool's order: impossible, the pools are built per class.
+            let _ = b.into_raw();
+            fatal("a block given to a pool of another class");
+        }
+    }
+}
+
+/// Zeroes what of slot `s` may be dirty (its extent) and marks it clean; returns the bytes.
+fn zero_extent(range: &Range, s: Slot) -> usize {
+    let n = range.extent(s);
+    if n > 0 {
+        let streaming = n > crate::tempo::tempo().streaming_from();
+        // SAFETY: the slot is carved (readable and writable) and owned by the caller (taken
+        // from a pool or the queue), so nothing else reads or writes it.
+        unsafe { crate::zero::zero(range.addr(s), n, streaming) };
+        range.clear(s);
+    }
+    n
+}
+
+/// Gives a slot's memory back to the system and keeps the slot as an empty one.
+fn discard(range: &Range, empty: &Mutex<Vec<u32>>, s: Slot, counters: &Counters) {
+    // SAFETY: the slot is carved and owned by the caller (a pool's release or the queue's).
+    let _ = unsafe { crate::os::discard(range.addr(s), range.block_bytes(s.class)) };
+    range.clear(s);
+    counters.released.fetch_add(1, Ordering::Relaxed);
+    lock(empty).push(s.index as u32);
+}
+
+impl State {
+    fn new(range: &'static Range, settings: Settings, worker: bool) -> State {
+        let registry = Registry::global();
+        let dirty_owner = registry.register_typed("private-dirty", "private", settings.limit_pages);
+        let clean_owner = registry.register_typed("private-clean", "private", settings.limit_pages);
+        let counters = Arc::new(Counters::default());
+        let mut classes = Vec::with_capacity(range.classes());
+        for class in 0..range.classes() {
+            let order = range.order(class);
+            let empty = Arc::new(Mutex::new(Vec::new()));
+            let release = |empty: EmptySlots, counters: Arc<Counters>| {
+                Box::new(move |b: Block| {
+                    let p = b.into_raw();
+                    match range.slot_of(p.as_ptr() as usize) {
+                        Some(s) => discard(range, &empty, s, &counters),
+                        None => fatal("a pooled block outside its range"),
+                    }
+                }) as crate::pool::ReleaseFn
+            };
+            classes.push(Class {
+                dirty: dirty_owner.add_pool(order, release(empty.clone(), counters.clone())),
+                clean: clean_owner.add_pool(order, release(empty.clone(), counters.clone())),
+                empty,
+                zeroed_score: AtomicU32::new(0),
+            });
+        }
+        let classes_for_queue: Vec<WorkerClass> = classes
+            .iter()
+            .map(|c| (c.clean.clone(), c.empty.clone()))
+            .collect();
+        let queue = worker
+            .then(|| start_worker(range, settings, classes_for_queue, counters.clone()))
+            .flatten();
+        State {
+            classes,
+            dirty_owner,
+            clean_owner,
+            queue,
+            counters,
+        }
+    }
+}
+
+/// The queue of blocks to zero and its worker: `None` when no thread can be started (blocks
+/// are then pooled dirty, and zeroed by the `calloc` that takes them).
+fn start_worker(
+    range: &'static Range,
+    settings: Settings,
+    classes: Vec<WorkerClass>,
+    counters: Arc<Counters>,
+) -> Option<Arc<ReleaseQueue<Dirty>>> {
+    let page = crate::os::page_size();
+    let c = counters.clone();
+    let queue = Arc::new(ReleaseQueue::new(
+        page,
+        settings.limit_pages,
+        Box::new(move |d: Dirty, why| {
+            let (clean, empty) = &classes[d.slot.class];
+            match why {
+                Reason::Normal => {
+                    let n = zero_extent(range, d.slot);
+                    c.zeroed_worker_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    // SAFETY: as in `Pools::give`: a carved slot the queue owned, now zeroed.
+                    let b =
+                        unsafe { Block::from_raw(range.addr(d.slot), range.order(d.slot.class)) };
+                    if clean.give(b).is_err() {
+                        fatal("a block given to a pool of another class");
+                    }
+                }
+                Reason::UnderPressure => discard(range, empty, d.slot, &c),
+            }
+        }),
+    ));
+    queue.set_wake_pages(1);
+    // Under memory pressure, queued blocks go straight back to the system.
+    let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&queue) as _;
+    Registry::global().add_shrinker(weak);
+    let q = queue.clone();
+    match crate::deferred::spawn_worker("pagepool-private", move || q.serve(|| None)) {
+        Ok(_) => Some(queue),
+        Err(e) => {
+            log::debug!("pagepool: no private-pool worker ({e}); calloc zeroes inline");
+            None
+        }
+    }
+}
+
+/// Ends the process with a one-line message, as glibc does on a corrupted free: continuing
+/// would hand the same memory out twice.
+#[cold]
+fn fatal(what: &str) -> ! {
+    // Written with one system call and no allocation: the allocator may be what is broken.
+    let mut line = [0u8; 160];
+    let prefix = b"pagepool: ";
+    let n = prefix.len().min(line.len());
+    line[..n].copy_from_slice(&prefix[..n]);
+    let body = what.as_bytes();
+    let m = body.len().min(line.len() - n - 1);
+    line[n..n + m].copy_from_slice(&body[..m]);
+    line[n + m] = b'\n';
+    // SAFETY: `line[..n + m + 1]` is initialised memory we own; write(2) only reads it.
+    let _ = unsafe { libc::write(2, line.as_ptr().cast(), n + m + 1) };
+    std::process::abort();
+}
