@@ -207,6 +207,49 @@ impl<A> PoolAlloc<A> {
         layout.size() >= self.threshold && layout.size() <= self.largest && !INSIDE.get()
     }
 
+    /// A block of the pools for `size` bytes aligned to `align`, all zero with `zeroed`;
+    /// `None` where the pools do not serve the request (below the threshold, above the largest
+    /// size, an alignment no block has, no memory left in its class) and the caller should ask
+    /// another allocator. For callers that route requests themselves (the C library): release
+    /// it with [`free_pooled`](Self::free_pooled).
+    pub fn alloc_pooled(&self, size: usize, align: usize, zeroed: bool) -> Option<NonNull<u8>> {
+        if size < self.threshold || size > self.largest || INSIDE.get() {
+            return None;
+        }
+        let pools = self.pools()?;
+        inside(|| pools.alloc(size, align, zeroed))
+    }
+
+    /// Releases a block of the pools.
+    ///
+    /// A pointer inside the pools' range that starts no block handed out (a pointer into a
+    /// block, a block released already) ends the process with a one-line message on standard
+    /// error, as glibc does for a corrupted free: the pools are never corrupted.
+    ///
+    /// # Safety
+    /// [`owns(p)`](Self::owns) is true, `p` was returned by this allocator, and nothing uses
+    /// the block any more.
+    pub unsafe fn free_pooled(&self, p: NonNull<u8>) {
+        if let Some(pools) = self.made() {
+            // SAFETY: forwarded from the caller.
+            inside(|| unsafe { pools.dealloc(p) });
+        }
+    }
+
+    /// Whether the block of the pools that `p` starts can hold `size` bytes aligned to `align`
+    /// where it is; if so its holder may use `size` bytes from now on (a `realloc` in place).
+    /// False for any other pointer.
+    pub fn resize_in_place(&self, p: *mut u8, size: usize, align: usize) -> bool {
+        let Some(pools) = self.made() else {
+            return false;
+        };
+        if size < self.threshold || !pools.fits_in_place(p, size, align) {
+            return false;
+        }
+        inside(|| pools.note_written(p, size));
+        true
+    }
+
     /// The pools' statistics; `None` before the first request at or above the threshold.
     pub fn stats(&self) -> Option<PrivateStats> {
         let pools = self.made()?;
@@ -226,6 +269,12 @@ impl<A> PoolAlloc<A> {
         self.made().map_or(0, |p| inside(|| p.trim()))
     }
 
+    /// Whether the pools serve requests of `size` bytes (from the threshold to the largest
+    /// pooled size).
+    pub fn serves(&self, size: usize) -> bool {
+        size >= self.threshold && size <= self.largest
+    }
+
     /// Whether `p` is a pointer of the pools (and not of the inner allocator).
     pub fn owns(&self, p: *const u8) -> bool {
         self.made()
@@ -233,9 +282,14 @@ impl<A> PoolAlloc<A> {
     }
 
     /// The bytes usable at `p`, a pointer this allocator returned: its block's size for a
-    /// pooled pointer; `None` for one of the inner allocator (which does not say).
+    /// pooled pointer (all of which its holder may then write, and which is zeroed in full
+    /// when it comes back for `alloc_zeroed`); `None` for one of the inner allocator (which does
+    /// not say).
     pub fn usable_size(&self, p: *const u8) -> Option<usize> {
-        self.made()?.usable_size(p.cast_mut())
+        let pools = self.made()?;
+        let n = pools.usable_size(p.cast_mut())?;
+        inside(|| pools.note_written(p.cast_mut(), n));
+        Some(n)
     }
 }
 
@@ -278,7 +332,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
         {
             // SAFETY: `p` is in the pools' range, so it came from them (the caller's contract:
             // this allocator returned it for `layout`), and the caller is done with it.
-            return inside(|| unsafe { pools.dealloc(NonNull::new_unchecked(p), layout.size()) });
+            return inside(|| unsafe { pools.dealloc(NonNull::new_unchecked(p)) });
         }
         // SAFETY: not the pools', so the inner allocator's, for `layout`.
         unsafe { self.inner.dealloc(p, layout) }
@@ -291,10 +345,9 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
             && new_size >= self.threshold
             && pools.is_some_and(|pools| pools.fits_in_place(p, new_size, layout.align()))
         {
-            // The block holds it where it is; what was written at the old size may still be
-            // there when it is released at the new one.
+            // The block holds it where it is, and may now be written up to the new size.
             if let Some(pools) = pools {
-                inside(|| pools.note_written(p, layout.size()));
+                inside(|| pools.note_written(p, new_size));
             }
             return p;
         }
@@ -378,6 +431,17 @@ impl fmt::Display for PrivateStats {
             self.zeroed_inline_bytes,
             self.released_blocks,
             if self.worker { "running" } else { "none" },
-        )
+        )?;
+        let rows = [
+            ("private-dirty", self.dirty.pools.as_slice()),
+            ("private-clean", self.clean.pools.as_slice()),
+        ];
+        let total = self.dirty.pages + self.clean.pages;
+        let max = self
+            .dirty
+            .limit_pages
+            .zip(self.clean.limit_pages)
+            .map(|(a, b)| a.saturating_add(b));
+        f.write_str(&crate::stats::render_table(&rows, total, max, None))
     }
 }

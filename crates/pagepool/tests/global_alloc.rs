@@ -108,7 +108,7 @@ fn only_the_allocated_size_is_zeroed() {
     GLOBAL.trim();
     let before = stats();
     let mut v = vec![0u8; 33 << 20];
-    assert_eq!(GLOBAL.usable_size(v.as_ptr()), Some(64 << 20));
+    assert!(GLOBAL.owns(v.as_ptr()));
     v[(33 << 20) - 1] = 1;
     drop(v);
     GLOBAL.flush();
@@ -122,6 +122,21 @@ fn only_the_allocated_size_is_zeroed() {
     assert!(
         again.iter().all(|&b| b == 0),
         "the block's tail was never dirty"
+    );
+    drop(again);
+    GLOBAL.flush();
+    // A block whose usable size was asked may be written in full: it is zeroed in full.
+    let mut v = vec![0u8; 33 << 20];
+    assert_eq!(GLOBAL.usable_size(v.as_ptr()), Some(64 << 20));
+    // SAFETY: the usable size says the whole block may be written.
+    unsafe { v.as_mut_ptr().add((64 << 20) - 1).write(5) };
+    drop(v);
+    GLOBAL.flush();
+    let big = vec![0u8; 64 << 20];
+    assert_eq!(
+        big[(64 << 20) - 1],
+        0,
+        "the last byte of the block was zeroed"
     );
 }
 

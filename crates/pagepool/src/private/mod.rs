@@ -200,23 +200,23 @@ impl Pools {
         if !self.range.set_live(slot, true) {
             fatal("a pooled block handed out twice");
         }
+        // What its user may write: zeroed when it comes back.
+        self.range.widen(slot, size);
         Some(self.range.addr(slot))
     }
 
-    /// Releases a block of the range that was allocated with `size` bytes (its extent widens to
-    /// cover them).
+    /// Releases a block of the range (its extent covers what it was allocated with, grown in
+    /// place to, or said to be usable at: see [`note_written`](Self::note_written)).
     ///
     /// # Safety
-    /// `p` came from [`alloc`](Self::alloc) of these pools, with `size` at most the size
-    /// asked for then (or grown in place since), and nothing uses it any more.
-    pub(crate) unsafe fn dealloc(&self, p: NonNull<u8>, size: usize) {
+    /// `p` came from [`alloc`](Self::alloc) of these pools, and nothing uses it any more.
+    pub(crate) unsafe fn dealloc(&self, p: NonNull<u8>) {
         let Some(slot) = self.range.slot_of(p.as_ptr() as usize) else {
             fatal("free of a pointer inside the pools that no block starts");
         };
         if !self.range.set_live(slot, false) {
             fatal("double free of a pooled block");
         }
-        self.range.widen(slot, size);
         let st = self.state();
         st.counters.frees.fetch_add(1, Ordering::Relaxed);
         let c = &st.classes[slot.class];
@@ -249,8 +249,8 @@ impl Pools {
         self.range.class_for(size, align) == Some(s.class)
     }
 
-    /// Records that a live block of the range that `p` starts may have been written over its
-    /// first `size` bytes (a block kept in place by a `realloc` to a smaller size).
+    /// Records that a live block of the range that `p` starts may be written over its first
+    /// `size` bytes (a block grown in place by a `realloc`, or whose usable size was asked).
     pub(crate) fn note_written(&self, p: *mut u8, size: usize) {
         if let Some(s) = self.range.slot_of(p as usize) {
             self.range.widen(s, size);
