@@ -410,6 +410,9 @@ fn run(args: Args) -> Result<(), String> {
             println!("== {} heap statistics ==\n{st}", sys.name);
             report.heap_stats.push((sys.name.to_string(), st));
         }
+        if let Some(st) = sys.private_stats() {
+            println!("== {} statistics ==\n{st}", sys.name);
+        }
     }
     let limits = systems
         .iter()
@@ -761,9 +764,8 @@ impl CallModes<'_> {
                 });
             }
             // Start every size from empty pools, so that memory figures are per size.
-            for h in self.systems.iter().filter_map(System::heap) {
-                h.flush();
-                h.trim();
+            for sys in self.systems.iter() {
+                sys.settle();
             }
         }
         bar.suspend(|| print!("{}", mr.summary(&bounds.bw, &bounds.floors, self.names)));
@@ -893,9 +895,8 @@ fn run_attrs(
             mr.rows.push(row);
         }
         // Start every size from empty pools.
-        for h in systems.iter().filter_map(System::heap) {
-            h.flush();
-            h.trim();
+        for sys in &systems {
+            sys.settle();
         }
     }
     let pairs: Vec<(&str, &str)> = systems::ATTRS_PAIRS

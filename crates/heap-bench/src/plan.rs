@@ -282,7 +282,7 @@ mod tests {
         let m = &p.call_modes;
         assert_eq!(m[0].systems, systems::ALL);
         for mode in &m[1..] {
-            assert_eq!(mode.systems.len(), 8, "{mode:?}");
+            assert_eq!(mode.systems.len(), 10, "{mode:?}");
             assert!(mode.systems.iter().all(|s| systems::in_every_mode(s)));
         }
         assert!(!m[0].work && m[1].work && m[2].work && !m[3].work);
@@ -290,14 +290,14 @@ mod tests {
         assert_eq!((m[3].threads, m[4].threads), (Some(2), Some(4)));
         let sizes = [4096, 1 << 20];
         let cells: Vec<_> = m[1].cells(&sizes).collect();
-        assert_eq!(cells.len(), 16);
+        assert_eq!(cells.len(), 20);
         assert_eq!(cells[0], (4096, "pagepool"));
-        assert_eq!(cells[8], (1 << 20, "pagepool"));
-        // Warm-up and repetitions, every row: 12 + 4 * 8 systems, two sizes, three steps each.
-        assert_eq!(p.bar_len(&sizes, 2, 5, |_| true), (12 + 4 * 8) * 2 * 3);
+        assert_eq!(cells[10], (1 << 20, "pagepool"));
+        // Warm-up and repetitions, every row: 14 + 4 * 10 systems, two sizes, three steps each.
+        assert_eq!(p.bar_len(&sizes, 2, 5, |_| true), (14 + 4 * 10) * 2 * 3);
         assert_eq!(
             p.bar_len(&sizes, 2, 5, |s| s != "dmabuf"),
-            (11 + 4 * 8) * 2 * 3
+            (13 + 4 * 10) * 2 * 3
         );
     }
 

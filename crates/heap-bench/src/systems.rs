@@ -15,10 +15,12 @@ use rustix::mm::{Advice, MapFlags, ProtFlags};
 use tikv_jemallocator::Jemalloc;
 
 /// Every system, in table order.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
     "pagepool",
     "pagepool-nopool",
     "pagepool-syncfree",
+    "pagepool-alloc",
+    "pagepool-c",
     "calloc",
     "mimalloc",
     "jemalloc",
@@ -57,6 +59,10 @@ pub const ATTRS_PAIRS: [(&str, &str); 3] = [
     ("pagepool-node0", "mmap-mbind"),
 ];
 
+/// The `pagepool-alloc` row's allocator: pagepool's global allocator with its defaults (called
+/// directly here; a program would name it `#[global_allocator]`).
+pub static POOL_ALLOC: pagepool::alloc::PoolAlloc = pagepool::alloc::PoolAlloc::new();
+
 /// A huge page: 2 MiB (x86-64, and arm64 with 4 KiB base pages).
 pub const HUGE: usize = 2 << 20;
 
@@ -78,7 +84,14 @@ pub const PEERS: [&str; 6] = [
 /// mapping), and in the paced, loaded and threads modes they would take most of the default
 /// run's time to show again what the tight mode shows.
 pub fn in_every_mode(name: &str) -> bool {
-    name == "pagepool" || name == "pagepool-syncfree" || PEERS.contains(&name)
+    [
+        "pagepool",
+        "pagepool-syncfree",
+        "pagepool-alloc",
+        "pagepool-c",
+    ]
+    .contains(&name)
+        || PEERS.contains(&name)
 }
 
 /// The peers configured as a performance-minded user would: each allocator's settings are
@@ -162,6 +175,10 @@ pub struct CallOpts {
 
 enum Kind {
     Heap(SystemHeap),
+    /// The global allocator, [`POOL_ALLOC`]: `alloc_zeroed` + `dealloc`.
+    PoolAlloc,
+    /// The C library: `pagepool_calloc` + `pagepool_free`.
+    PoolC,
     Calloc,
     Mimalloc,
     Jemalloc,
@@ -211,6 +228,8 @@ impl System {
             )?),
             // The tuned rows are the same calls, in a process whose allocators were configured
             // (see `tune_this_process`).
+            "pagepool-alloc" => Kind::PoolAlloc,
+            "pagepool-c" => Kind::PoolC,
             "calloc" | "calloc-tuned" => Kind::Calloc,
             "mimalloc" | "mimalloc-tuned" => Kind::Mimalloc,
             "jemalloc" | "jemalloc-tuned" => Kind::Jemalloc,
@@ -280,6 +299,34 @@ impl System {
         }
     }
 
+    /// Empties a pagepool row's pools (after the worker is done), so that the next size starts
+    /// from none: the heap's, or the allocator layer's.
+    pub fn settle(&self) {
+        match &self.kind {
+            Some(Kind::Heap(h)) => {
+                h.flush();
+                h.trim();
+            }
+            Some(Kind::PoolAlloc) => {
+                POOL_ALLOC.flush();
+                POOL_ALLOC.trim();
+            }
+            Some(Kind::PoolC) => {
+                pagepool_c::pagepool_trim();
+            }
+            _ => {}
+        }
+    }
+
+    /// The allocator layer's statistics, for its rows.
+    pub fn private_stats(&self) -> Option<pagepool::alloc::PrivateStats> {
+        match &self.kind {
+            Some(Kind::PoolAlloc) => POOL_ALLOC.stats(),
+            Some(Kind::PoolC) => pagepool_c::stats(),
+            _ => None,
+        }
+    }
+
     /// One call: obtain `size` bytes, use them, release them.
     pub fn call(&self, size: usize, opts: CallOpts) -> Result<(), String> {
         let Some(kind) = &self.kind else {
@@ -301,6 +348,19 @@ impl System {
                 );
                 // SAFETY: allocated by `calloc` above.
                 unsafe { libc::free(p.as_ptr().cast()) };
+                r
+            }
+            Kind::PoolAlloc => with_global(&POOL_ALLOC, size, opts),
+            Kind::PoolC => {
+                let p = pagepool_c::pagepool_calloc(size, 1).cast::<u8>();
+                let p = NonNull::new(p).ok_or("pagepool_calloc returned NULL")?;
+                // SAFETY: `p` points to `size` bytes we own until `pagepool_free`.
+                let r = use_buffer(
+                    unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), size) },
+                    opts,
+                );
+                // SAFETY: allocated by `pagepool_calloc` above.
+                unsafe { pagepool_c::pagepool_free(p.as_ptr().cast()) };
                 r
             }
             Kind::Mimalloc => with_global(&MiMalloc, size, opts),

@@ -5,10 +5,12 @@
 
 use std::process::Command;
 
-const SYSTEMS: [&str; 12] = [
+const SYSTEMS: [&str; 14] = [
     "pagepool",
     "pagepool-nopool",
     "pagepool-syncfree",
+    "pagepool-alloc",
+    "pagepool-c",
     "calloc",
     "mimalloc",
     "jemalloc",
@@ -23,9 +25,11 @@ const SYSTEMS: [&str; 12] = [
 const MODES: [&str; 5] = ["tight", "paced", "loaded", "threads-2", "threads-4"];
 
 /// The systems of the modes other than tight when no `--systems` are given.
-const EVERY_MODE: [&str; 8] = [
+const EVERY_MODE: [&str; 10] = [
     "pagepool",
     "pagepool-syncfree",
+    "pagepool-alloc",
+    "pagepool-c",
     "calloc",
     "mimalloc",
     "jemalloc",

@@ -172,9 +172,15 @@ pub unsafe extern "C" fn pagepool_realloc(p: *mut libc::c_void, size: usize) -> 
     q
 }
 
+/// The pools' statistics, for Rust callers; `None` before the first pooled request.
+pub fn stats() -> Option<pools::alloc::PrivateStats> {
+    POOLS.stats()
+}
+
 /// Gives every pooled block's memory back to the system; returns the bytes given back.
 #[unsafe(no_mangle)]
 pub extern "C" fn pagepool_trim() -> usize {
+    POOLS.flush();
     POOLS.trim() * pools::page_size()
 }
 

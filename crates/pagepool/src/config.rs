@@ -126,6 +126,7 @@ pub(crate) const SHARE_FROM: usize = 16 << 20;
 
 /// The worker's piece in bytes ([`WORKER_PIECE`] stripes): the unit of zeroing the machine's
 /// tempo is measured in (`crate::tempo`).
+#[cfg_attr(loom, allow(dead_code))] // measured only outside the loom models
 pub(crate) const WORKER_PIECE_BYTES: usize = WORKER_PIECE * STRIPE_BYTES;
 
 // ---- The wall-clock bounds: multiples of what the machine measures (`crate::tempo`) ----

@@ -246,6 +246,7 @@ pub(crate) fn reserve(len: usize) -> Result<NonNull<u8>, OsError> {
 ///
 /// # Safety
 /// The caller owns `p..p + len`, a range of its own reservation with no live reference into it.
+#[cfg(not(loom))] // the private pools are not in the loom models
 pub(crate) unsafe fn open_private(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
     // SAFETY: the caller owns the range; changing its protection affects no one else.
     unsafe {
@@ -263,6 +264,7 @@ pub(crate) unsafe fn open_private(p: NonNull<u8>, len: usize) -> Result<(), OsEr
 ///
 /// # Safety
 /// The caller owns the range, and nothing reads or writes it during the call.
+#[cfg(not(loom))]
 pub(crate) unsafe fn discard(p: NonNull<u8>, len: usize) -> Result<(), OsError> {
     // SAFETY: the caller owns the range; its contents are no longer wanted.
     unsafe { rustix::mm::madvise(p.as_ptr().cast(), len, rustix::mm::Advice::LinuxDontNeed) }

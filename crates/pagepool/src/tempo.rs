@@ -18,7 +18,6 @@ use crate::config::{
     HANDOFF_WAIT_MIN, HANDOFF_WAIT_OF_PIECE, HANDOFF_WAIT_OF_WAKE, LATE_HOLD_MAX_OF_GRACE,
     LATE_HOLD_OF_GRACE, NAP_FIRST_OF_EARLY, NAP_LONGEST_OF_FIRST, NAP_STEADY_OF_FIRST,
     RHYTHM_MAX_OF_NAP, STREAMING_WIN, WAKE_GRACE_OF_GRACE, WORKER_GRACE_OF_WAIT,
-    WORKER_PIECE_BYTES,
 };
 use std::time::Duration;
 
@@ -218,6 +217,7 @@ fn measure() -> Tempo {
 /// stores, in ns.
 #[cfg(not(loom))]
 fn zero_piece_ns() -> (u64, u64) {
+    use crate::config::WORKER_PIECE_BYTES;
     use std::ptr::NonNull;
     let mut buf = vec![1u8; WORKER_PIECE_BYTES + 64];
     let off = buf.as_ptr().align_offset(64);

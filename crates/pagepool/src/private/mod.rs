@@ -173,8 +173,11 @@ impl Pools {
             };
             hit.fetch_add(1, Ordering::Relaxed);
             self.slot_of_block(b)
-        } else if let Some(b) = second.take() {
-            let s = self.slot_of_block(b);
+        } else if let Some(s) = second
+            .take()
+            .map(|b| self.slot_of_block(b))
+            .or_else(|| steal(st, class))
+        {
             if zeroed {
                 counters.dirty_hits.fetch_add(1, Ordering::Relaxed);
                 let n = self.zero_extent(s);
@@ -326,6 +329,30 @@ impl Pools {
             fatal("a block given to a pool of another class");
         }
     }
+}
+
+/// A block of `class` taken back from the worker's queue before the worker claimed it (the
+/// newest such among the last [`FIT_SCAN`](crate::config::FIT_SCAN) queued), for an allocation
+/// that found both pools empty: zeroing it on the allocating thread (for `calloc`; `malloc`
+/// takes it as it is) costs what glibc's `calloc` costs, where fresh memory costs a page fault
+/// per page. `None` when there is none, or the queue's lock stays held by a worker that does not
+/// run.
+fn steal(st: &State, class: usize) -> Option<Slot> {
+    let q = st.queue.as_ref()?;
+    let mut g = q.lock_bounded()?;
+    let items = g.items();
+    let i = (0..items.len())
+        .rev()
+        .take(crate::config::FIT_SCAN)
+        .find(|&i| items[i].0.slot.class == class)?;
+    let (d, _) = items.remove(i)?;
+    q.took(&mut g, d.pages);
+    let drained = g.drained();
+    drop(g);
+    if drained {
+        q.wake_waiters();
+    }
+    Some(d.slot)
 }
 
 /// Zeroes what of slot `s` may be dirty (its extent) and marks it clean; returns the bytes.
