@@ -1,7 +1,6 @@
 //! The worker's side of the queue: how it waits for work (spin, naps, sleep: when, its
 //! [`Punctuality`] says), the loop step that takes work, and the serve loop for whole items.
 
-use crate::config::CHUNK_PAGES;
 use crate::sync::{MutexGuard, Ordering, lock, wait, wait_timeout};
 
 use super::punctual::nap_length;
@@ -22,8 +21,9 @@ impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
         self.punctuality.set_naps(d);
     }
 
-    /// Polls for queued work (a chunk's worth: smaller releases are left to the allocations
-    /// that will want them, as they do not wake a sleeping worker either) or other work (see
+    /// Polls for queued work (the pages that would wake a sleeping worker, a chunk's worth by
+    /// default: smaller releases are left to the allocations that will want them, as they do
+    /// not wake a sleeping worker either; see `set_wake_pages`) or other work (see
     /// [`next_with`](Self::next_with)), for up to the worker spin time; true if some arrived.
     pub(super) fn spin_for_work(&self, other: &impl Fn(Ordering) -> bool) -> bool {
         let ns = self.punctuality.spin();
@@ -45,7 +45,9 @@ impl<I: Item, T: Tally<I>> ReleaseQueue<I, T> {
                 {
                     return true;
                 }
-                if self.queued_hint.load(Ordering::Relaxed) >= CHUNK_PAGES {
+                if self.queued_hint.load(Ordering::Relaxed)
+                    >= self.wake_pages.load(Ordering::Relaxed)
+                {
                     match seen {
                         Some(t)
                             if t.elapsed() >= self.punctuality.tempo().claim_delay()

@@ -450,7 +450,13 @@ fn start_worker(
             }
         }),
     ));
+    // Every release is the worker's (no allocation shares a block's zeroing with it): a
+    // sleeping worker is woken by the first, a spinning one takes it; and as the heap's, it
+    // spins and naps between releases rather than sleep, so that a release seldom pays a
+    // wake-up.
     queue.set_wake_pages(1);
+    queue.set_worker_spin(crate::config::DEFAULT_WORKER_SPIN);
+    queue.set_worker_naps(crate::config::DEFAULT_WORKER_NAPS);
     // Under memory pressure, queued blocks go straight back to the system.
     let weak: std::sync::Weak<dyn Shrinker> = Arc::downgrade(&queue) as _;
     Registry::global().add_shrinker(weak);
