@@ -154,6 +154,12 @@ pub unsafe extern "C" fn pagepool_realloc(p: *mut libc::c_void, size: usize) -> 
     if ours && POOLS.resize_in_place(p.cast(), size, MALLOC_ALIGN) {
         return p;
     }
+    if ours
+        // SAFETY: the caller's live block of the pools, replaced by the result on success.
+        && let Some(q) = unsafe { POOLS.grow_pooled(NonNull::new_unchecked(p.cast()), size, MALLOC_ALIGN) }
+    {
+        return q.as_ptr().cast();
+    }
     // SAFETY: `p` is live (the caller's contract): its usable size is known to whoever made it.
     let old = unsafe { pagepool_usable_size(p) };
     if !ours && !POOLS.serves(size) {

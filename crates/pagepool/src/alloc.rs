@@ -250,6 +250,28 @@ impl<A> PoolAlloc<A> {
         true
     }
 
+    /// Moves the block of the pools that `p` starts to a larger one that holds `size` bytes
+    /// aligned to `align`, by moving its pages rather than copying them (see
+    /// [`PrivateStats::moved_blocks`]); `None` where it cannot (a block under 1 MiB, a size the
+    /// pools do not serve, no room), and the caller allocates and copies instead, `p` untouched.
+    ///
+    /// # Safety
+    /// [`owns(p)`](Self::owns) is true, `p` is a live block from this allocator, and on
+    /// success its holder uses the returned pointer instead (the contents moved with it).
+    pub unsafe fn grow_pooled(
+        &self,
+        p: NonNull<u8>,
+        size: usize,
+        align: usize,
+    ) -> Option<NonNull<u8>> {
+        if size > self.largest || INSIDE.get() {
+            return None;
+        }
+        let pools = self.made()?;
+        // SAFETY: forwarded from the caller.
+        inside(|| unsafe { pools.grow(p.as_ptr(), size, align) })
+    }
+
     /// The pools' statistics; `None` before the first request at or above the threshold.
     pub fn stats(&self) -> Option<PrivateStats> {
         let pools = self.made()?;
@@ -358,6 +380,14 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
             // SAFETY: the inner allocator's pointer, forwarded with the caller's contract.
             return unsafe { self.inner.realloc(p, layout, new_size) };
         }
+        if ours
+            && self.pooled(new_layout)
+            && let Some(pools) = pools
+            // SAFETY: `p` is the caller's live block of the pools, given up on success.
+            && let Some(q) = inside(|| unsafe { pools.grow(p, new_size, layout.align()) })
+        {
+            return q.as_ptr();
+        }
         // SAFETY: as `alloc`'s contract: a valid non-zero layout.
         let q = unsafe { self.alloc(new_layout) };
         if !q.is_null() {
@@ -395,6 +425,8 @@ pub struct PrivateStats {
     pub zeroed_worker_bytes: u64,
     /// Blocks whose memory went back to the system (limits, pressure, trim).
     pub released_blocks: u64,
+    /// Blocks a `realloc` moved to a larger class by their pages, without copying.
+    pub moved_blocks: u64,
     /// Pages pooled dirty now.
     pub dirty_pages: usize,
     /// Pages pooled clean now.
@@ -416,7 +448,7 @@ impl fmt::Display for PrivateStats {
             f,
             "private pools ({} B to {} B): allocs {} (clean {}, dirty {}, fresh {}), frees {}; \
              pooled dirty {} pages, clean {} pages, queued {} pages; zeroed by the worker {} B, \
-             inline {} B; released {} blocks; worker {}",
+             inline {} B; released {} blocks, moved {}; worker {}",
             self.threshold,
             self.largest,
             self.allocs,
@@ -430,6 +462,7 @@ impl fmt::Display for PrivateStats {
             self.zeroed_worker_bytes,
             self.zeroed_inline_bytes,
             self.released_blocks,
+            self.moved_blocks,
             if self.worker { "running" } else { "none" },
         )?;
         let rows = [

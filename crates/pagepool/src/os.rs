@@ -271,6 +271,54 @@ pub(crate) unsafe fn discard(p: NonNull<u8>, len: usize) -> Result<(), OsError> 
         .map_err(|e| OsError::new("madvise(MADV_DONTNEED)", e))
 }
 
+/// Moves the pages of private anonymous memory at `from..from + len` to `to..to + len`
+/// (`mremap` with `MREMAP_FIXED`), replacing what was at `to`; `from..from + len` is left
+/// unmapped. Fails (`EFAULT`) where the range spans mappings with different flags.
+///
+/// # Safety
+/// The caller owns both ranges (parts of its own reservation), with no live reference into
+/// either; afterwards the memory is at `to`, and `from` must be mapped again before use.
+#[cfg(not(loom))] // the private pools are not in the loom models
+pub(crate) unsafe fn move_pages(
+    from: NonNull<u8>,
+    len: usize,
+    to: NonNull<u8>,
+) -> Result<(), OsError> {
+    // SAFETY: the caller owns both ranges; MREMAP_FIXED replaces only `to..to + len`.
+    unsafe {
+        rustix::mm::mremap_fixed(
+            from.as_ptr().cast(),
+            len,
+            len,
+            rustix::mm::MremapFlags::MAYMOVE,
+            to.as_ptr().cast(),
+        )
+    }
+    .map(|_| ())
+    .map_err(|e| OsError::new("mremap", e))
+}
+
+/// Maps zero, readable and writable private anonymous memory at `at..at + len`, where nothing
+/// is mapped (`MAP_FIXED_NOREPLACE`): fails (`EEXIST`) if anything is, leaving it alone.
+///
+/// # Safety
+/// The caller owns `at..at + len`, a hole it made in its own reservation.
+#[cfg(not(loom))]
+pub(crate) unsafe fn refill_private(at: NonNull<u8>, len: usize) -> Result<(), OsError> {
+    // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped, so no mapping of anyone
+    // else is replaced.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            at.as_ptr().cast(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE | MapFlags::NORESERVE,
+        )
+    }
+    .map(|_| ())
+    .map_err(|e| OsError::new("mmap refill", e))
+}
+
 /// Maps `len` bytes of `fd` at file offset `offset` exactly at `at`, replacing what was there;
 /// with `populate`, faults the pages in at once (`MAP_POPULATE`).
 ///

@@ -183,6 +183,40 @@ fn realloc_keeps_the_contents_growing_and_shrinking() {
 }
 
 #[test]
+fn realloc_moves_large_blocks_by_their_pages() {
+    let _g = serial();
+    warm();
+    let maps_before = pagepool::stats::mapping_count().unwrap();
+    let before = stats();
+    for round in 0..20u64 {
+        let mut v: Vec<u64> = Vec::with_capacity((1 << 20) / 8);
+        for i in 0..(32u64 << 20) / 8 {
+            v.push(i ^ round); // 1 MiB to 32 MiB: moved at 2, 4, 8, 16 and 32 MiB
+        }
+        assert!(GLOBAL.owns(v.as_ptr().cast()));
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64 ^ round));
+        drop(v);
+    }
+    let after = stats();
+    assert!(
+        after.moved_blocks - before.moved_blocks >= 5 * 20,
+        "every doubling from 1 MiB moved pages: {after}"
+    );
+    // The slots the blocks left are zero and used again.
+    GLOBAL.trim();
+    for _ in 0..4 {
+        let v = vec![0u8; 2 << 20];
+        assert!(v.iter().all(|&b| b == 0));
+    }
+    // Moving pages makes and merges mappings; it must not make more with every move.
+    let maps_after = pagepool::stats::mapping_count().unwrap();
+    assert!(
+        maps_after < maps_before + 64,
+        "{maps_before} mappings before 100 moves, {maps_after} after"
+    );
+}
+
+#[test]
 fn alignments_up_to_the_largest_block_and_sizes_past_it() {
     let _g = serial();
     for align in [8usize, 4096, 64 << 10, 1 << 20, 2 << 20, 32 << 20] {

@@ -45,6 +45,10 @@ use range::Slot;
 /// allocations (each `calloc` sets the score to it, each plain allocation takes one off).
 pub(crate) const ZEROED_MEMORY: u32 = 16;
 
+/// The smallest block a `realloc` moves by its pages (`mremap`) rather than by copying: two
+/// system calls and the page-table moves cost more than copying a smaller block.
+pub(crate) const MOVE_FROM: usize = 1 << 20;
+
 /// What the pools were built with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Settings {
@@ -103,6 +107,7 @@ struct Counters {
     zeroed_inline_bytes: AtomicU64,
     zeroed_worker_bytes: AtomicU64,
     released: AtomicU64,
+    moved: AtomicU64,
 }
 
 /// A released block on its way to the worker.
@@ -252,6 +257,58 @@ impl Pools {
         self.range.class_for(size, align) == Some(s.class)
     }
 
+    /// Moves the live block that `p` starts to a block of the class that holds `size` bytes
+    /// aligned to `align`, without copying: its pages move (`mremap`) to an empty or fresh
+    /// slot of that class, and the old slot is mapped again, zero, and kept empty. `None` where
+    /// the pools cannot (no larger class holds it, no slot, the block is smaller than
+    /// [`MOVE_FROM`], its range spans mappings a program split with `madvise`, the system
+    /// refused), and the caller copies instead; the block is then untouched.
+    ///
+    /// # Safety
+    /// `p` is a live block of these pools whose holder gives it up for the returned one.
+    pub(crate) unsafe fn grow(&self, p: *mut u8, size: usize, align: usize) -> Option<NonNull<u8>> {
+        let old = self.range.slot_of(p as usize)?;
+        let class = self.range.class_for(size, align)?;
+        let bytes = self.range.block_bytes(old.class);
+        if class <= old.class || bytes < MOVE_FROM {
+            return None;
+        }
+        let st = self.state();
+        let c = &st.classes[class];
+        let empty = lock(&c.empty).pop();
+        let to = match empty {
+            Some(index) => Slot {
+                class,
+                index: index as usize,
+            },
+            None => self.range.carve(class)?,
+        };
+        let (from_addr, to_addr) = (self.range.addr(old), self.range.addr(to));
+        // SAFETY: `old` is the caller's live block, `to` a slot no one holds (empty or just
+        // carved), both in our reservation; the caller gives `p` up.
+        if unsafe { crate::os::move_pages(from_addr, bytes, to_addr) }.is_err() {
+            lock(&c.empty).push(to.index as u32); // zero and unused still
+            return None;
+        }
+        let extent = self.range.extent(old);
+        self.range.set_live(old, false);
+        self.range.clear(old);
+        // SAFETY: `from_addr..+bytes` is the hole the move left in our reservation.
+        match unsafe { crate::os::refill_private(from_addr, bytes) } {
+            Ok(()) => lock(&st.classes[old.class].empty).push(old.index as u32),
+            // Something else was mapped into the hole meanwhile (another thread's `mmap`):
+            // that slot is lost to the pools, never handed out again.
+            Err(e) => log::debug!("pagepool: a moved block's slot is lost: {e}"),
+        }
+        if !self.range.set_live(to, true) {
+            fatal("a pooled block handed out twice");
+        }
+        self.range.widen(to, extent);
+        self.range.widen(to, size);
+        st.counters.moved.fetch_add(1, Ordering::Relaxed);
+        Some(to_addr)
+    }
+
     /// Records that a live block of the range that `p` starts may be written over its first
     /// `size` bytes (a block grown in place by a `realloc`, or whose usable size was asked).
     pub(crate) fn note_written(&self, p: *mut u8, size: usize) {
@@ -297,6 +354,7 @@ impl Pools {
             zeroed_inline_bytes: get(&c.zeroed_inline_bytes),
             zeroed_worker_bytes: get(&c.zeroed_worker_bytes),
             released_blocks: get(&c.released),
+            moved_blocks: get(&c.moved),
             dirty_pages: st.dirty_owner.count(),
             clean_pages: st.clean_owner.count(),
             queued_pages: st.queue.as_ref().map_or(0, |q| q.pages()),
