@@ -15,6 +15,7 @@
 #![allow(unreachable_pub)]
 
 mod calls;
+mod growth;
 mod measure;
 mod plan;
 mod random;
@@ -54,8 +55,8 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "tight,paced,loaded,threads",
-        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random"]
+        default_value = "tight,paced,loaded,threads,realloc",
+        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random", "realloc"]
     )]
     mode: Vec<String>,
     /// Threads mode: how many threads share the heap or allocator, comma separated.
@@ -402,6 +403,9 @@ fn run(args: Args) -> Result<(), String> {
     };
     if random {
         random::run_mode(&args, &plan.random, &bar, &mut report)?;
+    }
+    if plan.realloc && !args.child_tuned {
+        growth::run_mode(&bar, &mut report)?;
     }
     bar.finish_and_clear();
     for sys in systems.iter().chain(&attrs_systems) {

@@ -68,6 +68,8 @@ pub struct Plan {
     pub attrs: Vec<&'static str>,
     /// The random mode's buffer lengths, smallest first (empty: the mode does not run).
     pub random: Vec<usize>,
+    /// Whether the realloc mode runs (its rows are its own: `growth::ROWS`).
+    pub realloc: bool,
 }
 
 impl Plan {
@@ -84,10 +86,11 @@ impl Plan {
         let modes = expand_modes(args)?;
         let call_modes: Vec<&String> = modes
             .iter()
-            .filter(|m| !matches!(m.as_str(), "attrs" | "random"))
+            .filter(|m| !matches!(m.as_str(), "attrs" | "random" | "realloc"))
             .collect();
         let attrs = modes.iter().any(|m| m == "attrs");
         let random = modes.iter().any(|m| m == "random");
+        let realloc = modes.iter().any(|m| m == "realloc");
         let known = |s: &str| {
             systems::ALL.contains(&s) || systems::EXTRA.contains(&s) || systems::ATTRS.contains(&s)
         };
@@ -152,6 +155,7 @@ impl Plan {
             names,
             attrs: attrs_names,
             random: random_sizes,
+            realloc,
         })
     }
 
@@ -174,6 +178,11 @@ impl Plan {
         (cells * (reps + 1)
             + sizes.len() * self.attrs.len() * (reps + 1)
             + self.random.len() * random::ROWS.len() * (random_reps + 1)) as u64
+            + if self.realloc {
+                crate::growth::steps()
+            } else {
+                0
+            }
     }
 }
 
@@ -268,15 +277,23 @@ mod tests {
     }
 
     /// The default run: the four modes of calls (threads with 2 and 4), every system in tight,
-    /// the general-purpose ones in the others, at the seed's four sizes; neither attrs nor
-    /// random.
+    /// the general-purpose ones and the allocator layer in the others, at the seed's four sizes;
+    /// and the realloc mode; neither attrs nor random.
     #[test]
     fn the_default_plan_is_the_protocols() {
         let p = plan(&[]).unwrap();
         assert_eq!(
             p.modes,
-            ["tight", "paced", "loaded", "threads-2", "threads-4"]
+            [
+                "tight",
+                "paced",
+                "loaded",
+                "threads-2",
+                "threads-4",
+                "realloc"
+            ]
         );
+        assert!(p.realloc);
         assert_eq!(p.names, systems::ALL);
         assert!(p.attrs.is_empty() && p.random.is_empty());
         let m = &p.call_modes;
@@ -294,10 +311,14 @@ mod tests {
         assert_eq!(cells[0], (4096, "pagepool"));
         assert_eq!(cells[10], (1 << 20, "pagepool"));
         // Warm-up and repetitions, every row: 14 + 4 * 10 systems, two sizes, three steps each.
-        assert_eq!(p.bar_len(&sizes, 2, 5, |_| true), (14 + 4 * 10) * 2 * 3);
+        let growth = crate::growth::steps();
+        assert_eq!(
+            p.bar_len(&sizes, 2, 5, |_| true),
+            (14 + 4 * 10) * 2 * 3 + growth
+        );
         assert_eq!(
             p.bar_len(&sizes, 2, 5, |s| s != "dmabuf"),
-            (13 + 4 * 10) * 2 * 3
+            (13 + 4 * 10) * 2 * 3 + growth
         );
     }
 

@@ -682,6 +682,8 @@ pub struct Report {
     pub modes: Vec<ModeReport>,
     /// Each pagepool heap's statistics at the end.
     pub heap_stats: Vec<(String, pagepool::HeapStats)>,
+    /// The realloc mode's rows (empty: it did not run).
+    pub growth: Vec<crate::growth::GrowthRow>,
     /// What the run found wrong with its own measurements (a row beating the zeroing limit or
     /// the touch floor after they were measured again).
     pub warnings: Vec<String>,
@@ -711,6 +713,7 @@ impl Report {
             sizes: Vec::new(),
             modes: Vec::new(),
             heap_stats: Vec::new(),
+            growth: Vec::new(),
             warnings: Vec::new(),
         }
         .with_bounds(bw, floors)

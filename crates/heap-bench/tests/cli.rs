@@ -132,9 +132,40 @@ fn tiny_run_prints_every_row_of_every_mode() {
         );
     }
     assert!(stdout.contains("== pagepool heap statistics =="));
+    // The allocator layer's rows, their statistics, and the realloc mode (in the default run).
+    assert!(
+        stdout.contains("== pagepool-alloc statistics ==")
+            && stdout.contains("== pagepool-c statistics ==")
+    );
+    for pattern in ["doubling 4 KiB to 256 MiB", "steps of 64 KiB to 32 MiB"] {
+        let section = stdout
+            .split(&format!("== summary: realloc, {pattern}"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no realloc summary for {pattern}:\n{stdout}"));
+        for sys in [
+            "pagepool-alloc",
+            "pagepool-c",
+            "calloc",
+            "mimalloc",
+            "jemalloc",
+        ] {
+            assert!(
+                section
+                    .lines()
+                    .take(6)
+                    .any(|l| l.trim_start().starts_with(sys) && l.ends_with("ns per realloc")),
+                "{pattern}: no {sys} row:\n{section}"
+            );
+        }
+    }
     assert!(stdout.contains("== memory: peak RSS of the pagepool rows =="));
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["growth"].as_array().unwrap().len(),
+        10,
+        "5 rows, 2 patterns"
+    );
     let floors = report["touch_floor"].as_array().unwrap();
     assert_eq!(floors.len(), 2, "one touch floor per size");
     for f in floors {
