@@ -1540,11 +1540,16 @@ fn stress_heaps_from_many_threads() {
     // Once the load stops, the deferred heaps' releases (a and default) go back to their
     // workers: the run keeps both cores busy, so a worker may have been found late (releases
     // then zero their own buffers) up to the end; as soon as it runs on time again, releases
-    // queue and it zeroes them. Within 3 s, longer than the longest hold. (Unless other
+    // queue and it zeroes them. Within the longest hold and 2 s more (the hold's length is a
+    // multiple of what the machine measured: see `pagepool::stats::tempo`). (Unless other
     // programs keep every core busy all that time: the releases are then zeroed by the
     // releasing thread, the busy-machine behaviour, checked instead. "All that time" is read
     // as most of the samples: builds and test runs beside this one come and go between
     // samples, and one quiet sample does not give a nice-19 worker the core.)
+    // Per heap: whether other programs kept every core busy through that phase (the worker
+    // then may never have had a core, and the checks that it ran accept that).
+    let mut busy_all_along = [false; 4];
+    let longest_wait = pagepool::stats::tempo().late_hold_max() + Duration::from_secs(2);
     for h in [0, 2] {
         let heap = &w.heaps[h].heap;
         let t = Instant::now();
@@ -1559,15 +1564,16 @@ fn stress_heaps_from_many_threads() {
             if heap.stats().zeroed_worker > before {
                 break true;
             }
-            if t.elapsed() > Duration::from_secs(3) {
+            if t.elapsed() > longest_wait {
                 break false;
             }
             std::thread::sleep(Duration::from_millis(5));
         };
+        busy_all_along[h] = !recovered && 2 * busy_samples >= samples;
         c.check(
             "end: once the load stops, the worker zeroes releases again (or, while other \
              programs keep every core busy, each release zeroes its own buffer)",
-            recovered || (2 * busy_samples >= samples && heap.stats().zeroed_sync > sync_before),
+            recovered || (busy_all_along[h] && heap.stats().zeroed_sync > sync_before),
             || format!("{}: {}", w.heaps[h].name, heap.stats()),
         );
     }
@@ -1602,7 +1608,13 @@ fn stress_heaps_from_many_threads() {
         }
         match h {
             0 => {
-                ran_path("ran: the worker zeroed (a)", s.zeroed_worker > 0);
+                // Unless other programs kept every core busy from start to end: a nice-19
+                // worker then gets no core, which is the busy-machine behaviour (checked at the
+                // end above).
+                ran_path(
+                    "ran: the worker zeroed (a)",
+                    s.zeroed_worker > 0 || busy_all_along[h],
+                );
                 ran_path(
                     "ran: releases zeroed past the queue bound (a)",
                     s.zeroed_sync > 0,
@@ -1612,7 +1624,7 @@ fn stress_heaps_from_many_threads() {
                 // own buffer, and queued work was seen.
                 ran_path(
                     "ran: the queue was used and refused releases (a)",
-                    s.peak_queued_pages > 0 && s.queue_refused > 0,
+                    (s.peak_queued_pages > 0 || busy_all_along[h]) && s.queue_refused > 0,
                 );
                 ran_path("ran: several arenas (a)", k.max_arenas_a.load(SEQ) > 1);
                 ran_path(
@@ -1627,7 +1639,10 @@ fn stress_heaps_from_many_threads() {
                     s.zeroed_worker == 0 && s.queue_limit_pages == 0,
                 );
             }
-            2 => ran_path("ran: the worker zeroed (default)", s.zeroed_worker > 0),
+            2 => ran_path(
+                "ran: the worker zeroed (default)",
+                s.zeroed_worker > 0 || busy_all_along[h],
+            ),
             _ => ran_path(
                 "ran: no thread cache (d)",
                 s.cache_hits == 0 && s.zeroed_sync > 0,
