@@ -427,6 +427,8 @@ pub struct PrivateStats {
     pub released_blocks: u64,
     /// Blocks a `realloc` moved to a larger class by their pages, without copying.
     pub moved_blocks: u64,
+    /// Allocations that found no block but one the worker was zeroing, and waited for it.
+    pub waited_for_worker: u64,
     /// Pages pooled dirty now.
     pub dirty_pages: usize,
     /// Pages pooled clean now.
@@ -448,7 +450,7 @@ impl fmt::Display for PrivateStats {
             f,
             "private pools ({} B to {} B): allocs {} (clean {}, dirty {}, fresh {}), frees {}; \
              pooled dirty {} pages, clean {} pages, queued {} pages; zeroed by the worker {} B, \
-             inline {} B; released {} blocks, moved {}; worker {}",
+             inline {} B; waited for the worker {}; released {} blocks, moved {}; worker {}",
             self.threshold,
             self.largest,
             self.allocs,
@@ -461,6 +463,7 @@ impl fmt::Display for PrivateStats {
             self.queued_pages,
             self.zeroed_worker_bytes,
             self.zeroed_inline_bytes,
+            self.waited_for_worker,
             self.released_blocks,
             self.moved_blocks,
             if self.worker { "running" } else { "none" },

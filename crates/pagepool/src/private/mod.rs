@@ -34,7 +34,7 @@ use crate::deferred::{Item, Reason, ReleaseQueue};
 use crate::fork::ForkCell;
 use crate::pool::{Block, PagePool};
 use crate::registry::{Owner, Registry, Shrinker};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::sync::{Mutex, lock};
 
@@ -83,9 +83,9 @@ struct State {
 /// Slots whose memory went back to the system (all zero, using no memory), per class.
 type EmptySlots = Arc<Mutex<Vec<u32>>>;
 
-/// What the worker needs of a class: where a zeroed block goes, and where a slot whose memory
-/// it gave back under pressure goes.
-type WorkerClass = (Arc<PagePool>, EmptySlots);
+/// What the worker needs of a class: where a zeroed block goes, where a slot whose memory it
+/// gave back under pressure goes, and the count of the class's blocks it is zeroing.
+type WorkerClass = (Arc<PagePool>, EmptySlots, Arc<AtomicUsize>);
 
 /// One size class's pools, its empty slots and its appetite for zeroed memory.
 struct Class {
@@ -94,6 +94,9 @@ struct Class {
     /// Slots whose memory went back to the system (all zero, using no memory).
     empty: EmptySlots,
     zeroed_score: AtomicU32,
+    /// Blocks of this class the worker is zeroing now (an allocation that finds no block
+    /// waits for one of them rather than fault in fresh memory).
+    zeroing: Arc<AtomicUsize>,
 }
 
 /// The counters of [`PrivateStats`](crate::alloc::PrivateStats).
@@ -108,6 +111,7 @@ struct Counters {
     zeroed_worker_bytes: AtomicU64,
     released: AtomicU64,
     moved: AtomicU64,
+    waited: AtomicU64,
 }
 
 /// A released block on its way to the worker.
@@ -193,6 +197,14 @@ impl Pools {
                 counters.clean_hits.fetch_add(1, Ordering::Relaxed);
             }
             s
+        } else if let Some(s) = self.wait_for_worker(c, class) {
+            counters.waited.fetch_add(1, Ordering::Relaxed);
+            if zeroed {
+                counters.clean_hits.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counters.dirty_hits.fetch_add(1, Ordering::Relaxed);
+            }
+            s
         } else {
             let empty = lock(&c.empty).pop();
             let s = match empty {
@@ -211,6 +223,33 @@ impl Pools {
         // What its user may write: zeroed when it comes back.
         self.range.widen(slot, size);
         Some(self.range.addr(slot))
+    }
+
+    /// A block of `class` the worker is zeroing now, waited for: as long as zeroing the block
+    /// takes at the speed this machine measured, twice over (at most the hand-off cap). Fresh
+    /// memory costs a page fault per page, several times the zeroing. `None` when the worker
+    /// zeroes none of the class, or it did not land in time.
+    fn wait_for_worker(&self, c: &Class, class: usize) -> Option<Slot> {
+        if c.zeroing.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let tempo = crate::tempo::tempo();
+        let piece_ns = tempo.memset_piece_ns().min(tempo.streaming_piece_ns());
+        let pieces = (self.range.block_bytes(class) / crate::config::WORKER_PIECE_BYTES).max(1);
+        let budget = std::time::Duration::from_nanos(piece_ns.saturating_mul(2 * pieces as u64))
+            .min(tempo.handoff_cap());
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(b) = c.clean.take() {
+                return Some(self.slot_of_block(b));
+            }
+            if c.zeroing.load(Ordering::Acquire) == 0 || start.elapsed() >= budget {
+                return None;
+            }
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
+        }
     }
 
     /// Releases a block of the range (its extent covers what it was allocated with, grown in
@@ -355,6 +394,7 @@ impl Pools {
             zeroed_worker_bytes: get(&c.zeroed_worker_bytes),
             released_blocks: get(&c.released),
             moved_blocks: get(&c.moved),
+            waited_for_worker: get(&c.waited),
             dirty_pages: st.dirty_owner.count(),
             clean_pages: st.clean_owner.count(),
             queued_pages: st.queue.as_ref().map_or(0, |q| q.pages()),
@@ -426,6 +466,22 @@ fn zero_extent(range: &Range, s: Slot) -> usize {
     n
 }
 
+/// [`zero_extent`] a worker piece at a time, calling `after_piece` after each.
+fn zero_extent_by_pieces(range: &Range, s: Slot, mut after_piece: impl FnMut()) -> usize {
+    let n = range.extent(s);
+    let streaming = n > crate::tempo::tempo().streaming_from();
+    let mut done = 0;
+    while done < n {
+        let len = (n - done).min(crate::config::WORKER_PIECE_BYTES);
+        // SAFETY: as in `zero_extent`; `done + len <= n`, within the slot.
+        unsafe { crate::zero::zero(range.addr(s).add(done), len, streaming) };
+        done += len;
+        after_piece();
+    }
+    range.clear(s);
+    n
+}
+
 /// Gives a slot's memory back to the system and keeps the slot as an empty one.
 fn discard(range: &Range, empty: &Mutex<Vec<u32>>, s: Slot, counters: &Counters) {
     // SAFETY: the slot is carved and owned by the caller (a pool's release or the queue's).
@@ -459,11 +515,12 @@ impl State {
                 clean: clean_owner.add_pool(order, release(empty.clone(), counters.clone())),
                 empty,
                 zeroed_score: AtomicU32::new(0),
+                zeroing: Arc::new(AtomicUsize::new(0)),
             });
         }
         let classes_for_queue: Vec<WorkerClass> = classes
             .iter()
-            .map(|c| (c.clean.clone(), c.empty.clone()))
+            .map(|c| (c.clean.clone(), c.empty.clone(), c.zeroing.clone()))
             .collect();
         let queue = worker
             .then(|| start_worker(range, settings, classes_for_queue, counters.clone()))
@@ -488,26 +545,39 @@ fn start_worker(
 ) -> Option<Arc<ReleaseQueue<Dirty>>> {
     let page = crate::os::page_size();
     let c = counters.clone();
-    let queue = Arc::new(ReleaseQueue::new(
-        page,
-        settings.limit_pages,
-        Box::new(move |d: Dirty, why| {
-            let (clean, empty) = &classes[d.slot.class];
-            match why {
-                Reason::Normal => {
-                    let n = zero_extent(range, d.slot);
-                    c.zeroed_worker_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    // SAFETY: as in `Pools::give`: a carved slot the queue owned, now zeroed.
-                    let b =
-                        unsafe { Block::from_raw(range.addr(d.slot), range.order(d.slot.class)) };
-                    if clean.give(b).is_err() {
-                        fatal("a block given to a pool of another class");
+    let queue = Arc::new_cyclic(|me: &std::sync::Weak<ReleaseQueue<Dirty>>| {
+        let me = me.clone();
+        ReleaseQueue::new(
+            page,
+            settings.limit_pages,
+            Box::new(move |d: Dirty, why| {
+                let (clean, empty, zeroing) = &classes[d.slot.class];
+                match why {
+                    Reason::Normal => {
+                        zeroing.fetch_add(1, Ordering::Relaxed);
+                        // A piece at a time, renewing the worker's promise after each: a release
+                        // that finds the worker late on it pools its block dirty instead (see
+                        // `ReleaseQueue::queue`), and a 64 MiB block takes milliseconds.
+                        let n = zero_extent_by_pieces(range, d.slot, || {
+                            if let Some(q) = me.upgrade() {
+                                q.promise(std::time::Duration::ZERO);
+                            }
+                        });
+                        c.zeroed_worker_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        // SAFETY: as in `Pools::give`: a carved slot the queue owned, now zeroed.
+                        let b = unsafe {
+                            Block::from_raw(range.addr(d.slot), range.order(d.slot.class))
+                        };
+                        if clean.give(b).is_err() {
+                            fatal("a block given to a pool of another class");
+                        }
+                        zeroing.fetch_sub(1, Ordering::Release);
                     }
+                    Reason::UnderPressure => discard(range, empty, d.slot, &c),
                 }
-                Reason::UnderPressure => discard(range, empty, d.slot, &c),
-            }
-        }),
-    ));
+            }),
+        )
+    });
     // Every release is the worker's (no allocation shares a block's zeroing with it): a
     // sleeping worker is woken by the first, a spinning one takes it; and as the heap's, it
     // spins and naps between releases rather than sleep, so that a release seldom pays a
