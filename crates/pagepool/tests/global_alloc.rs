@@ -216,6 +216,32 @@ fn realloc_moves_large_blocks_by_their_pages() {
     );
 }
 
+/// numpy marks arrays of 4 MiB and more `MADV_HUGEPAGE`, and the mark outlives the array: a
+/// block released with it comes back zeroed all the same (whatever backs it, a huge page or
+/// base pages), through the worker, inline zeroing and `trim`.
+#[test]
+fn a_block_left_marked_for_huge_pages_comes_back_zero() {
+    let _g = serial();
+    for round in 0..6u8 {
+        let mut v = vec![0u8; 6 << 20]; // an 8 MiB block, aligned to 8 MiB
+        assert!(GLOBAL.owns(v.as_ptr()));
+        // SAFETY: the vector's own memory; advice changes no contents.
+        let r = unsafe { libc::madvise(v.as_mut_ptr().cast(), 6 << 20, libc::MADV_HUGEPAGE) };
+        assert_eq!(r, 0);
+        assert!(v.iter().all(|&b| b == 0), "round {round}");
+        v.fill(0xa0 | round);
+        drop(v);
+        match round % 3 {
+            0 => GLOBAL.flush(), // zeroed by the worker
+            1 => {}              // perhaps taken back and zeroed inline
+            _ => {
+                GLOBAL.flush();
+                GLOBAL.trim(); // given back, the slot reused
+            }
+        }
+    }
+}
+
 #[test]
 fn alignments_up_to_the_largest_block_and_sizes_past_it() {
     let _g = serial();
