@@ -21,7 +21,7 @@
 //!         assert_eq!(frame[4096], 0);
 //!     }
 //!     let stats = GLOBAL.stats().expect("a large allocation was made");
-//!     assert!(stats.clean_hits > 0);
+//!     assert_eq!(stats.allocs, 100); // how many were clean, zeroed inline or fresh: see the text
 //!     println!("{stats}");
 //! }
 //! ```
@@ -398,6 +398,101 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
             unsafe { self.dealloc(p, layout) };
         }
         q
+    }
+}
+
+/// With the `allocator-api2` feature: the pools as a collection's allocator, without making
+/// [`PoolAlloc`] the global allocator. Implemented for a shared reference (a `static`), so that
+/// every collection uses one set of pools and one worker. Requests the pools do not serve go to
+/// the inner allocator, as through [`GlobalAlloc`].
+///
+/// ```
+/// # #[cfg(feature = "allocator-api2")] {
+/// use allocator_api2::vec::Vec;
+/// use pagepool::alloc::PoolAlloc;
+///
+/// static POOLS: PoolAlloc = PoolAlloc::new();
+///
+/// let mut frame: Vec<u8, &PoolAlloc> = Vec::with_capacity_in(8 << 20, &POOLS);
+/// frame.resize(8 << 20, 0);
+/// assert!(POOLS.owns(frame.as_ptr()));
+/// # }
+/// ```
+#[cfg(feature = "allocator-api2")]
+// SAFETY: `allocate` and `allocate_zeroed` return memory from `GlobalAlloc::alloc` /
+// `alloc_zeroed` of this allocator for the same layout (valid for its size, aligned, exclusive
+// until deallocated); `deallocate` and `grow` hand it back through `GlobalAlloc::dealloc` /
+// `realloc` with the layout it was allocated with (the trait's contract), which route a
+// pointer to whoever made it. A shared reference to one allocator is the same allocator in
+// every copy (clones share the pools), as the trait requires.
+unsafe impl<A: GlobalAlloc> allocator_api2::alloc::Allocator for &PoolAlloc<A> {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        self.allocate_with(layout, false)
+    }
+
+    fn allocate_zeroed(
+        &self,
+        layout: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        self.allocate_with(layout, true)
+    }
+
+    unsafe fn deallocate(&self, p: NonNull<u8>, layout: Layout) {
+        if layout.size() != 0 {
+            // SAFETY: the trait's contract: `p` was allocated here with `layout`.
+            unsafe { GlobalAlloc::dealloc(*self, p.as_ptr(), layout) }
+        }
+    }
+
+    unsafe fn grow(
+        &self,
+        p: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if old.size() == 0 || new.align() > old.align() {
+            // No block yet, or a stricter alignment: a new allocation and a copy.
+            let q = self.allocate(new)?;
+            // SAFETY: the trait's contract: `p` holds `old.size()` bytes, `q` at least as many.
+            unsafe {
+                ptr::copy_nonoverlapping(p.as_ptr(), q.as_ptr().cast::<u8>(), old.size());
+                self.deallocate(p, old);
+            }
+            return Ok(q);
+        }
+        // SAFETY: the trait's contract: `p` was allocated here with `old`, `new.size()` is at
+        // least `old.size()`, and `new` is a valid layout with `old`'s alignment.
+        let q = unsafe { GlobalAlloc::realloc(*self, p.as_ptr(), old, new.size()) };
+        NonNull::new(q)
+            .map(|q| NonNull::slice_from_raw_parts(q, new.size()))
+            .ok_or(allocator_api2::alloc::AllocError)
+    }
+}
+
+#[cfg(feature = "allocator-api2")]
+impl<A: GlobalAlloc> PoolAlloc<A> {
+    fn allocate_with(
+        &self,
+        layout: Layout,
+        zeroed: bool,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if layout.size() == 0 {
+            // A zero-size allocation: a dangling, aligned pointer (no memory).
+            let p =
+                NonNull::new(layout.align() as *mut u8).ok_or(allocator_api2::alloc::AllocError)?;
+            return Ok(NonNull::slice_from_raw_parts(p, 0));
+        }
+        // SAFETY: a layout of non-zero size.
+        let p = unsafe {
+            if zeroed {
+                GlobalAlloc::alloc_zeroed(self, layout)
+            } else {
+                GlobalAlloc::alloc(self, layout)
+            }
+        };
+        NonNull::new(p)
+            .map(|p| NonNull::slice_from_raw_parts(p, layout.size()))
+            .ok_or(allocator_api2::alloc::AllocError)
     }
 }
 
