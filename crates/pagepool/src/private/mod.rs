@@ -206,14 +206,7 @@ impl Pools {
             }
             s
         } else {
-            let empty = lock(&c.empty).pop();
-            let s = match empty {
-                Some(index) => Slot {
-                    class,
-                    index: index as usize,
-                },
-                None => self.range.carve(class)?,
-            };
+            let s = self.empty_or_carved(c, class)?;
             counters.fresh.fetch_add(1, Ordering::Relaxed);
             s
         };
@@ -314,14 +307,7 @@ impl Pools {
         }
         let st = self.state();
         let c = &st.classes[class];
-        let empty = lock(&c.empty).pop();
-        let to = match empty {
-            Some(index) => Slot {
-                class,
-                index: index as usize,
-            },
-            None => self.range.carve(class)?,
-        };
+        let to = self.empty_or_carved(c, class)?;
         let (from_addr, to_addr) = (self.range.addr(old), self.range.addr(to));
         // SAFETY: `old` is the caller's live block, `to` a slot no one holds (empty or just
         // carved), both in our reservation; the caller gives `p` up.
@@ -401,6 +387,19 @@ impl Pools {
             worker: st.queue.is_some(),
             dirty: st.dirty_owner.stats(),
             clean: st.clean_owner.stats(),
+        }
+    }
+
+    /// A slot of `class` with no memory behind it (all zero): one given back to the system
+    /// before, else a fresh one; `None` when the region is full or the system refuses.
+    fn empty_or_carved(&self, c: &Class, class: usize) -> Option<Slot> {
+        let empty = lock(&c.empty).pop();
+        match empty {
+            Some(index) => Some(Slot {
+                class,
+                index: index as usize,
+            }),
+            None => self.range.carve(class),
         }
     }
 
