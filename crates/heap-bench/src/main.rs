@@ -20,6 +20,7 @@ mod measure;
 mod plan;
 mod random;
 mod report;
+mod sparse;
 mod systems;
 mod team;
 
@@ -55,8 +56,8 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "tight,paced,loaded,threads,realloc",
-        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random", "realloc"]
+        default_value = "tight,paced,loaded,threads,realloc,sparse",
+        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random", "realloc", "sparse"]
     )]
     mode: Vec<String>,
     /// Threads mode: how many threads share the heap or allocator, comma separated.
@@ -406,6 +407,9 @@ fn run(args: Args) -> Result<(), String> {
     }
     if plan.realloc && !args.child_tuned {
         growth::run_mode(&bar, &mut report)?;
+    }
+    if plan.sparse && !args.child_tuned {
+        sparse::run_mode(&bar, &mut report)?;
     }
     bar.finish_and_clear();
     for sys in systems.iter().chain(&attrs_systems) {

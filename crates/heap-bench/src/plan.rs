@@ -70,6 +70,8 @@ pub struct Plan {
     pub random: Vec<usize>,
     /// Whether the realloc mode runs (its rows are its own: `growth::ROWS`).
     pub realloc: bool,
+    /// Whether the sparse mode runs (its rows are its own: `sparse::ROWS`).
+    pub sparse: bool,
 }
 
 impl Plan {
@@ -86,11 +88,12 @@ impl Plan {
         let modes = expand_modes(args)?;
         let call_modes: Vec<&String> = modes
             .iter()
-            .filter(|m| !matches!(m.as_str(), "attrs" | "random" | "realloc"))
+            .filter(|m| !matches!(m.as_str(), "attrs" | "random" | "realloc" | "sparse"))
             .collect();
         let attrs = modes.iter().any(|m| m == "attrs");
         let random = modes.iter().any(|m| m == "random");
         let realloc = modes.iter().any(|m| m == "realloc");
+        let sparse = modes.iter().any(|m| m == "sparse");
         let known = |s: &str| {
             systems::ALL.contains(&s) || systems::EXTRA.contains(&s) || systems::ATTRS.contains(&s)
         };
@@ -156,6 +159,7 @@ impl Plan {
             attrs: attrs_names,
             random: random_sizes,
             realloc,
+            sparse,
         })
     }
 
@@ -180,6 +184,11 @@ impl Plan {
             + self.random.len() * random::ROWS.len() * (random_reps + 1)) as u64
             + if self.realloc {
                 crate::growth::steps()
+            } else {
+                0
+            }
+            + if self.sparse {
+                crate::sparse::steps()
             } else {
                 0
             }
@@ -278,7 +287,7 @@ mod tests {
 
     /// The default run: the four modes of calls (threads with 2 and 4), every system in tight,
     /// the general-purpose ones and the allocator layer in the others, at the seed's four sizes;
-    /// and the realloc mode; neither attrs nor random.
+    /// and the realloc and sparse modes; neither attrs nor random.
     #[test]
     fn the_default_plan_is_the_protocols() {
         let p = plan(&[]).unwrap();
@@ -290,10 +299,11 @@ mod tests {
                 "loaded",
                 "threads-2",
                 "threads-4",
-                "realloc"
+                "realloc",
+                "sparse"
             ]
         );
-        assert!(p.realloc);
+        assert!(p.realloc && p.sparse);
         assert_eq!(p.names, systems::ALL);
         assert!(p.attrs.is_empty() && p.random.is_empty());
         let m = &p.call_modes;
@@ -311,7 +321,7 @@ mod tests {
         assert_eq!(cells[0], (4096, "pagepool"));
         assert_eq!(cells[10], (1 << 20, "pagepool"));
         // Warm-up and repetitions, every row: 14 + 4 * 10 systems, two sizes, three steps each.
-        let growth = crate::growth::steps();
+        let growth = crate::growth::steps() + crate::sparse::steps();
         assert_eq!(
             p.bar_len(&sizes, 2, 5, |_| true),
             (14 + 4 * 10) * 2 * 3 + growth

@@ -684,6 +684,8 @@ pub struct Report {
     pub heap_stats: Vec<(String, pagepool::HeapStats)>,
     /// The realloc mode's rows (empty: it did not run).
     pub growth: Vec<crate::growth::GrowthRow>,
+    /// The sparse mode's rows (empty: it did not run).
+    pub sparse: Vec<crate::sparse::SparseRow>,
     /// What the run found wrong with its own measurements (a row beating the zeroing limit or
     /// the touch floor after they were measured again).
     pub warnings: Vec<String>,
@@ -714,6 +716,7 @@ impl Report {
             modes: Vec::new(),
             heap_stats: Vec::new(),
             growth: Vec::new(),
+            sparse: Vec::new(),
             warnings: Vec::new(),
         }
         .with_bounds(bw, floors)

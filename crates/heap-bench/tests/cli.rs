@@ -166,6 +166,25 @@ fn tiny_run_prints_every_row_of_every_mode() {
         10,
         "5 rows, 2 patterns"
     );
+    assert_eq!(
+        report["sparse"].as_array().unwrap().len(),
+        12,
+        "3 rows, 4 fractions"
+    );
+    let sparse = stdout
+        .split("== summary: sparse")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no sparse summary:\n{stdout}"));
+    for every in ["1/1 ", "1/4 ", "1/32 ", "1/256 "] {
+        for sys in ["pagepool-alloc", "pagepool-c", "calloc"] {
+            assert!(
+                sparse.lines().any(|l| l.trim_start().starts_with(every)
+                    && l.contains(sys)
+                    && l.contains(" wall ")),
+                "{every}{sys}: no row:\n{sparse}"
+            );
+        }
+    }
     let floors = report["touch_floor"].as_array().unwrap();
     assert_eq!(floors.len(), 2, "one touch floor per size");
     for f in floors {

@@ -183,6 +183,11 @@ pub fn stats() -> Option<pools::alloc::PrivateStats> {
     POOLS.stats()
 }
 
+/// Waits until the worker has zeroed every released block waiting for it, for Rust callers.
+pub fn flush() {
+    POOLS.flush();
+}
+
 /// Gives every pooled block's memory back to the system; returns the bytes given back.
 #[unsafe(no_mangle)]
 pub extern "C" fn pagepool_trim() -> usize {
