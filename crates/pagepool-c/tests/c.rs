@@ -7,10 +7,30 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `target/<profile>`, where cargo put `libpagepool.so` and `.a` beside this test's `deps/`.
+/// Where `libpagepool.so` and `libpagepool.a` of this checkout are: built for the test by
+/// `cargo build -p pagepool-c` into a target directory of its own (`target/c-test`; `cargo
+/// test` builds only the library's rlib, and a build into the test's own target directory
+/// would wait for the lock that `cargo test` holds). Once per test binary; a no-op when they
+/// are up to date.
 fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let workspace = manifest().parent().unwrap().parent().unwrap();
+        let target = workspace.join("target").join("c-test");
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "-p", "pagepool-c", "--lib"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(workspace)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo build -p pagepool-c:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("debug")
+    })
+    .clone()
 }
 
 fn manifest() -> &'static Path {
