@@ -75,8 +75,8 @@ fn inside<R>(f: impl FnOnce() -> R) -> R {
 ///
 /// Settings are `const`, for a `static`: [`threshold`](Self::threshold),
 /// [`largest`](Self::largest), [`pool_limit`](Self::pool_limit). The pools are made on the
-/// first request at or above the threshold; if the system refuses their address space, every
-/// request goes to `A`.
+/// first request at or above the threshold (other threads' requests wait for them meanwhile);
+/// if the system refuses their address space, every request goes to `A`.
 pub struct PoolAlloc<A = System> {
     inner: A,
     threshold: usize,
@@ -153,12 +153,19 @@ impl<A> PoolAlloc<A> {
             // SAFETY: a non-null `pools` is a leaked box, never freed.
             return Some(unsafe { &*p });
         }
-        if self
-            .state
-            .compare_exchange(UNINIT, STARTING, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
+        if let Err(state) =
+            self.state
+                .compare_exchange(UNINIT, STARTING, Ordering::AcqRel, Ordering::Acquire)
         {
-            return None;
+            if state == STARTING {
+                // Another thread makes them (a few milliseconds, once): wait, so that every
+                // request at or above the threshold is the pools'. The thread making them
+                // never waits here (its own allocations go to the inner allocator meanwhile).
+                while self.state.load(Ordering::Acquire) == STARTING {
+                    std::thread::yield_now();
+                }
+            }
+            return self.made();
         }
         let made = inside(|| Pools::new(self.settings()).map(|p| Box::into_raw(Box::new(p))));
         match made {
