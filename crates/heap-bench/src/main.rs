@@ -23,6 +23,7 @@ mod report;
 mod sparse;
 mod systems;
 mod team;
+mod tracking;
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};

@@ -3,7 +3,9 @@
 //! included, and its zeroing of the last buffers waited for at the end), beside the wall time,
 //! for the allocator layer and glibc's `calloc`. glibc hands out fresh pages a `calloc` never
 //! touches (a fault per page written, nothing for the rest), so where few pages are written it
-//! pays little; a pool that zeroes whole buffers pays for every page.
+//! pays little; a pool that zeroes whole buffers pays for every page. The `write-tracking` row
+//! is one block under userfaultfd write-protection, cleaned by `PAGEMAP_SCAN` of what was
+//! written (`tracking.rs`): what the pools would pay if they tracked writes.
 
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use serde::Serialize;
 use crate::report::Report;
 
 /// The mode's rows; ratios are the row's CPU over glibc's.
-pub const ROWS: [&str; 3] = ["pagepool-alloc", "pagepool-c", "calloc"];
+pub const ROWS: [&str; 4] = ["pagepool-alloc", "pagepool-c", "write-tracking", "calloc"];
 
 /// The buffer size.
 pub const SIZE: usize = 32 << 20;
@@ -43,6 +45,9 @@ pub struct SparseRow {
 /// `calls` calls of `system`, writing one page in `every`; then the pools' pending zeroing,
 /// waited for. Returns (CPU ns, wall ns) per call.
 fn run(system: &str, every: usize, calls: usize) -> Result<(f64, f64), String> {
+    if system == "write-tracking" {
+        return run_tracked(every, calls);
+    }
     let (c0, t0) = (crate::measure::process_cpu_ns(), Instant::now());
     for _ in 0..calls {
         let p: *mut u8 = match system {
@@ -80,6 +85,36 @@ fn run(system: &str, every: usize, calls: usize) -> Result<(f64, f64), String> {
         "pagepool-alloc" => crate::systems::POOL_ALLOC.flush(),
         "pagepool-c" => pagepool_c::flush(),
         _ => {}
+    }
+    let (cpu, wall) = (
+        (crate::measure::process_cpu_ns() - c0) as f64,
+        t0.elapsed().as_nanos() as f64,
+    );
+    Ok((cpu / calls as f64, wall / calls as f64))
+}
+
+/// The `write-tracking` row: one tracked block, written as the others are, cleaned after each
+/// call (zeroing what was written). Where the kernel cannot track writes, the row's times are
+/// NaN (printed as such) and the error is said once.
+fn run_tracked(every: usize, calls: usize) -> Result<(f64, f64), String> {
+    let mut block = match crate::tracking::TrackedBlock::new(SIZE) {
+        Ok(b) => b,
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("sparse: no write tracking here ({e}): row left empty"));
+            return Ok((f64::NAN, f64::NAN));
+        }
+    };
+    let (c0, t0) = (crate::measure::process_cpu_ns(), Instant::now());
+    for _ in 0..calls {
+        let p = block.ptr();
+        let mut off = 0;
+        while off < SIZE {
+            // SAFETY: `off < SIZE`, within the block.
+            unsafe { p.add(off).write_volatile(1) };
+            off += 4096 * every;
+        }
+        block.clean().map_err(|e| format!("write-tracking: {e}"))?;
     }
     let (cpu, wall) = (
         (crate::measure::process_cpu_ns() - c0) as f64,
@@ -174,6 +209,9 @@ mod tests {
         for system in ROWS {
             for every in EVERY {
                 let (cpu, wall) = run(system, every, 2).unwrap();
+                if system == "write-tracking" && cpu.is_nan() {
+                    continue; // said on stderr: the kernel cannot track writes
+                }
                 assert!(cpu >= 0.0 && wall > 0.0, "{system} 1/{every}");
             }
         }
