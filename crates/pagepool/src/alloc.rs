@@ -83,6 +83,7 @@ pub struct PoolAlloc<A = System> {
     largest: usize,
     limit: usize,
     worker: bool,
+    pressure: bool,
     state: AtomicU8,
     pools: AtomicPtr<Pools>,
 }
@@ -111,6 +112,7 @@ impl<A> PoolAlloc<A> {
             largest: DEFAULT_LARGEST,
             limit: DEFAULT_POOL_LIMIT,
             worker: true,
+            pressure: true,
             state: AtomicU8::new(UNINIT),
             pools: AtomicPtr::new(ptr::null_mut()),
         }
@@ -142,6 +144,18 @@ impl<A> PoolAlloc<A> {
     /// zeroed by the `alloc_zeroed` that takes them.
     pub const fn worker(mut self, on: bool) -> Self {
         self.worker = on;
+        self
+    }
+
+    /// Whether the pools start the pressure monitor of the process's registry
+    /// ([`Registry::global`](crate::registry::Registry::global)) with
+    /// [`PressureConfig::default`](crate::pressure::PressureConfig::default) when they are
+    /// made (default on), unless one runs already (a heap's, or one the program started with
+    /// [`Registry::start_monitor`](crate::registry::Registry::start_monitor)). Under memory pressure
+    /// (PSI, or the cgroup's usage near its limit) it gives pooled blocks back to the system.
+    /// A forked child's pools start none.
+    pub const fn pressure(mut self, on: bool) -> Self {
+        self.pressure = on;
         self
     }
 
@@ -205,6 +219,7 @@ impl<A> PoolAlloc<A> {
             max_order: order(self.largest).max(min_order),
             limit_pages: self.limit / page,
             worker: self.worker,
+            pressure: self.pressure,
         }
     }
 

@@ -5,7 +5,7 @@
 //! those cases fail: that is the point. The pool-type cases are in `pool_types.rs`.
 //!
 //! Output: `ok <case> ...` or `FAIL <case>: <why>` per case, then `N passed, M failed`; the exit
-//! status is non-zero if any case failed. `vm-tests hog <MiB>` and `vm-tests hold <fd> <len>
+//! status is non-zero if any case failed. `vm-tests hog <MiB> [cgroup]` and `vm-tests hold <fd> <len>
 //! <byte>` are the helper processes some cases start.
 
 use std::io::{BufRead, Write};
@@ -613,11 +613,145 @@ fn pressure_releases_before_oom() -> Result {
     Ok(report)
 }
 
-/// The `hog` helper: grows to `mib` MiB in 8 MiB steps, touching every page, then exits 0.
-fn hog(mib: usize) -> i32 {
+/// The private pools (the allocator layer) under machine-wide memory pressure: this process in
+/// the root cgroup, where no memory limit applies (the cgroup watermark has nothing to watch),
+/// the pools holding most of what the registry allows, swap on (the VM's zram device: without
+/// swap nothing can be reclaimed, no task stalls, and the OOM killer acts first), and a hog in
+/// a cgroup of its own growing past what the machine has free. Only the machine's PSI (the
+/// root cgroup's `memory.pressure`, which is `/proc/pressure/memory`) can see it: the monitor
+/// the pools start by default must give their blocks back.
+fn private_pools_release_under_machine_wide_pressure() -> Result {
+    let swap = |on: bool| {
+        Command::new("/bin/busybox")
+            .args([if on { "swapon" } else { "swapoff" }, "/dev/zram0"])
+            .status()
+            .map_err(e)
+            .and_then(|s| check(s.success(), || format!("swapon/swapoff /dev/zram0: {s}")))
+    };
+    swap(true)?;
+    let r = machine_wide_pressure();
+    swap(false)?;
+    r
+}
+
+fn machine_wide_pressure() -> Result {
+    use std::alloc::{GlobalAlloc, Layout};
+    static POOLS: pagepool::alloc::PoolAlloc = pagepool::alloc::PoolAlloc::new();
+    const HOG_CG: &str = "/sys/fs/cgroup/hog";
+    let block = Layout::from_size_align(4 << 20, 4096).map_err(e)?;
+    // As much as the registry's maximum (a quarter of the machine) lets the pools keep.
+    let max = Registry::global()
+        .stats()
+        .max_pages
+        .unwrap_or(usize::MAX / 4096);
+    let want = max.saturating_mul(4096).min(192 << 20) / (4 << 20);
+    let ptrs: Vec<*mut u8> = (0..want)
+        // SAFETY: a non-zero layout.
+        .map(|_| unsafe { POOLS.alloc_zeroed(block) })
+        .collect();
+    if ptrs.iter().any(|p| p.is_null()) {
+        return Err("the pools refused a block".into());
+    }
+    for &p in &ptrs {
+        // SAFETY: a live 4 MiB block; then released once, with its layout.
+        unsafe {
+            p.write_bytes(0x5a, 4 << 20);
+            POOLS.dealloc(p, block);
+        }
+    }
+    POOLS.flush();
+    let pooled = |st: &pagepool::alloc::PrivateStats| {
+        ((st.dirty_pages + st.clean_pages + st.queued_pages) * 4096) as u64
+    };
+    let before = POOLS.stats().ok_or("no pools")?;
+    check(pooled(&before) >= (want * (4 << 20)) as u64 / 2, || {
+        format!(
+            "the pools keep only {} bytes of {want} blocks: {before:?}",
+            pooled(&before)
+        )
+    })?;
+    let ps = Registry::global()
+        .pressure_stats()
+        .ok_or("the pools started no pressure monitor")?;
+    check(ps.watermark.is_none(), || {
+        format!("a watermark in the root cgroup: {ps:?}")
+    })?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").map_err(e)?;
+    let avail_mib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or("no MemAvailable")?
+        >> 10;
+    // More than the machine has available, less than that plus what the pools hold.
+    let hog_mib = avail_mib + (pooled(&before) >> 20) * 3 / 4;
+    let _ = std::fs::create_dir(HOG_CG);
+    let t = Instant::now();
+    let status = Command::new(std::env::current_exe().map_err(e)?)
+        .args(["hog", &hog_mib.to_string(), HOG_CG])
+        .status()
+        .map_err(e)?;
+    let took = t.elapsed();
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let oom_kills = vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let p = Registry::global().pressure_stats().unwrap_or_default();
+    let after = POOLS.stats().ok_or("no pools")?;
+    let mut report = format!(
+        "source {:?}, watermark {:?}; MemAvailable {avail_mib} MiB, hog {hog_mib} MiB done in \
+         {took:.2?}, exit {status}; oom_kill {oom_kills}; pooled {} -> {} MiB; {} events:",
+        ps.source,
+        ps.watermark,
+        pooled(&before) >> 20,
+        pooled(&after) >> 20,
+        p.events
+    );
+    let start_ms = p.recent.first().map_or(0, |ev| ev.unix_ms);
+    for ev in &p.recent {
+        report.push_str(&format!(
+            " [+{} ms {} released {} pages in {} us]",
+            ev.unix_ms - start_ms,
+            ev.source,
+            ev.pages_released,
+            ev.micros
+        ));
+    }
+    check(status.success(), || {
+        format!("the hog did not finish: {report}")
+    })?;
+    check(oom_kills == 0, || format!("the OOM killer acted: {report}"))?;
+    check(p.events > 0 && pooled(&after) < pooled(&before), || {
+        format!("no pressure response: {report}")
+    })?;
+    check(
+        p.recent.iter().all(|ev| ev.source.starts_with("psi")),
+        || format!("a signal other than PSI: {report}"),
+    )?;
+    Ok(report)
+}
+
+/// The `hog` helper: moves into `cgroup` if one is named, grows to `mib` MiB in 8 MiB steps,
+/// touching every page, then exits 0.
+fn hog(mib: usize, cgroup: Option<&str>) -> i32 {
+    if let Some(cg) = cgroup
+        && let Err(err) =
+            std::fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())
+    {
+        eprintln!("hog: {cg}: {err}");
+        return 2;
+    }
     let mut chunks = Vec::new();
-    for _ in 0..mib / 8 {
-        chunks.push(vec![1u8; 8 << 20]);
+    for i in 0..mib / 8 {
+        let mut chunk = vec![1u8; 8 << 20];
+        // A different word in every page: no page is all one byte (which zram would keep
+        // as nothing).
+        for (page, p) in chunk.chunks_mut(4096).enumerate() {
+            p[..8].copy_from_slice(&((i << 16) + page).to_le_bytes());
+        }
+        chunks.push(chunk);
         std::thread::sleep(Duration::from_millis(20));
     }
     std::hint::black_box(&chunks);
@@ -650,9 +784,10 @@ fn heap_zeroed_after_dirty_free() -> Result {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("hog") => {
-            std::process::exit(hog(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64)))
-        }
+        Some("hog") => std::process::exit(hog(
+            args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64),
+            args.get(3).map(String::as_str),
+        )),
         Some("hold") => {
             let n = |i: usize| {
                 args.get(i)
@@ -768,6 +903,11 @@ fn main() {
     for (name, f) in cases {
         run(name, &f);
     }
+    // In the root cgroup, before the next case leaves it.
+    run(
+        "private_pools_release_under_machine_wide_pressure",
+        &private_pools_release_under_machine_wide_pressure,
+    );
     // Last: it moves this process into a memory-limited cgroup.
     run(
         "pressure_releases_before_oom",

@@ -62,6 +62,9 @@ pub(crate) struct Settings {
     pub(crate) limit_pages: usize,
     /// Whether released blocks may be zeroed by a worker thread (off: never started).
     pub(crate) worker: bool,
+    /// Whether the first generation starts the pressure monitor of the process's registry
+    /// (unless one runs already), with its default settings.
+    pub(crate) pressure: bool,
 }
 
 /// The private pools: their range and this fork generation's state.
@@ -493,13 +496,21 @@ fn discard(range: &Range, empty: &Mutex<Vec<u32>>, s: Slot, counters: &Counters)
 impl State {
     fn new(range: &'static Range, settings: Settings, worker: bool) -> State {
         let registry = Registry::global();
+        if worker && settings.pressure {
+            // The parent's generation only: a forked child runs no threads of the pools.
+            registry.start_monitor(crate::pressure::PressureConfig::default());
+        }
         let dirty_owner = registry.register_typed("private-dirty", "private", settings.limit_pages);
         let clean_owner = registry.register_typed("private-clean", "private", settings.limit_pages);
         let counters = Arc::new(Counters::default());
         let mut classes = Vec::with_capacity(range.classes());
         for class in 0..range.classes() {
             let order = range.order(class);
-            let empty = Arc::new(Mutex::new(Vec::new()));
+            // Room for every slot of the class from the start: a push never allocates, so a
+            // release from any thread (the registry's shrinking runs on others' threads, not
+            // marked as the allocator's own) never asks the allocator for memory.
+            let slots = range::REGION_BYTES / range.block_bytes(class);
+            let empty = Arc::new(Mutex::new(Vec::with_capacity(slots)));
             let release = |empty: EmptySlots, counters: Arc<Counters>| {
                 Box::new(move |b: Block| {
                     let p = b.into_raw();
