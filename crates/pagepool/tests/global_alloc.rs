@@ -1,7 +1,8 @@
 //! `PoolAlloc` as this test binary's global allocator: zeroed vectors from the pools, plain
 //! allocations never zeroed, only the allocated size zeroed, realloc, alignments, threads
 //! freeing each other's buffers, fork (copy-on-write, a child allocating on its own), bad
-//! frees ending the process with one line, trim and the registry's table.
+//! frees ending the process with one line, trim and the registry's table, and the pressure
+//! monitor the pools start.
 //!
 //! The pools and their counters are process-wide, so the tests here take one lock and compare
 //! counters before and after.
@@ -454,4 +455,82 @@ fn bad_frees_end_the_process_with_one_line() {
         assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{case}: {err}");
         assert!(err.lines().any(|l| l == says), "{case}: {err}");
     }
+}
+
+/// A pressure source that signals once, then waits out every timeout (or stops).
+struct SignalOnce(bool);
+
+impl pagepool::pressure::PressureSource for SignalOnce {
+    fn describe(&self) -> String {
+        "signal once".into()
+    }
+    fn wait(
+        &mut self,
+        timeout: std::time::Duration,
+        stop: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<pagepool::pressure::Wait> {
+        if !std::mem::replace(&mut self.0, true) {
+            return Ok(pagepool::pressure::Wait::Signal);
+        }
+        let mut fds = [rustix::event::PollFd::from_borrowed_fd(
+            stop,
+            rustix::event::PollFlags::IN,
+        )];
+        let t =
+            rustix::event::Timespec::try_from(timeout.min(std::time::Duration::from_millis(50)))
+                .expect("a short timeout");
+        Ok(match rustix::event::poll(&mut fds, Some(&t)) {
+            Ok(n) if n > 0 => pagepool::pressure::Wait::Stopped,
+            _ => pagepool::pressure::Wait::Timeout,
+        })
+    }
+}
+
+/// The pools start the process registry's pressure monitor when they are made, and a pressure
+/// signal to that registry gives pooled blocks back.
+#[test]
+fn the_pools_start_the_pressure_monitor_and_pressure_shrinks_them() {
+    use pagepool::pressure::{PressureConfig, PressureMonitor};
+    use pagepool::registry::Registry;
+    let _g = serial();
+    warm();
+    let ps = Registry::global().pressure_stats();
+    assert!(ps.is_some(), "no monitor after the pools were made");
+    let bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0u8; 2 << 20]).collect();
+    drop(bufs);
+    GLOBAL.flush();
+    let before = stats();
+    let pooled = |s: &pagepool::alloc::PrivateStats| s.dirty_pages + s.clean_pages;
+    assert!(pooled(&before) >= 8 * 512, "{before}");
+    // The monitor replaced by one on a source that signals once (the registry's own, with
+    // its default share: half of what the owners hold).
+    let monitor = PressureMonitor::with_source(
+        Registry::global(),
+        Some(Box::new(SignalOnce(false))),
+        None,
+        PressureConfig::default(),
+    )
+    .expect("a monitor thread");
+    Registry::global().set_monitor(Some(monitor));
+    let t = std::time::Instant::now();
+    loop {
+        let p = Registry::global().pressure_stats().unwrap_or_default();
+        if p.events > 0 {
+            assert!(p.pages_released > 0, "{p:?}");
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "no event: {p:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let after = stats();
+    assert!(
+        pooled(&after) < pooled(&before) && after.released_blocks > before.released_blocks,
+        "{before}\n{after}"
+    );
+    // The default monitor back, as the pools started it.
+    Registry::global().set_monitor(None);
+    assert!(Registry::global().start_monitor(PressureConfig::default()));
 }
