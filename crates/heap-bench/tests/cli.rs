@@ -168,15 +168,15 @@ fn tiny_run_prints_every_row_of_every_mode() {
     );
     assert_eq!(
         report["sparse"].as_array().unwrap().len(),
-        12,
-        "3 rows, 4 fractions"
+        16,
+        "4 rows, 4 fractions"
     );
     let sparse = stdout
         .split("== summary: sparse")
         .nth(1)
         .unwrap_or_else(|| panic!("no sparse summary:\n{stdout}"));
     for every in ["1/1 ", "1/4 ", "1/32 ", "1/256 "] {
-        for sys in ["pagepool-alloc", "pagepool-c", "calloc"] {
+        for sys in ["pagepool-alloc", "pagepool-c", "write-tracking", "calloc"] {
             assert!(
                 sparse.lines().any(|l| l.trim_start().starts_with(every)
                     && l.contains(sys)

@@ -36,7 +36,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::fmt;
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, AtomicUsize, Ordering};
 
 use crate::private::{Pools, Settings};
 use crate::stats::OwnerStats;
@@ -70,6 +70,13 @@ fn inside<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// The calling thread, as `pthread_self` names it (read from the thread's control block: no
+/// thread-local variable, no allocation).
+fn this_thread() -> usize {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() as usize }
+}
+
 /// A [`GlobalAlloc`] that serves large requests from pagepool's private-memory pools and the
 /// rest from `A` (see the [module](self)).
 ///
@@ -84,7 +91,11 @@ pub struct PoolAlloc<A = System> {
     limit: usize,
     worker: bool,
     pressure: bool,
+    guard: bool,
     state: AtomicU8,
+    /// The thread making the pools, and its process (while `state` is `STARTING`).
+    starter: AtomicUsize,
+    starter_pid: AtomicU32,
     pools: AtomicPtr<Pools>,
 }
 
@@ -113,7 +124,10 @@ impl<A> PoolAlloc<A> {
             limit: DEFAULT_POOL_LIMIT,
             worker: true,
             pressure: true,
+            guard: true,
             state: AtomicU8::new(UNINIT),
+            starter: AtomicUsize::new(0),
+            starter_pid: AtomicU32::new(0),
             pools: AtomicPtr::new(ptr::null_mut()),
         }
     }
@@ -159,6 +173,29 @@ impl<A> PoolAlloc<A> {
         self
     }
 
+    /// Whether pagepool's own allocations made while this allocator runs are marked, on a
+    /// thread-local flag, to go to the inner allocator (default on). That is what keeps a
+    /// `#[global_allocator]` from recursing into itself. Off, for an allocator that is not the
+    /// program's global allocator and whose callers route requests themselves (a C library or
+    /// an `LD_PRELOAD` drop-in, where pagepool's own allocations reach a different allocator),
+    /// the allocator touches no thread-local variable at all.
+    pub const fn thread_guard(mut self, on: bool) -> Self {
+        self.guard = on;
+        self
+    }
+
+    /// Whether this thread runs pagepool's own code for this allocator now.
+    #[inline]
+    fn guarded(&self) -> bool {
+        self.guard && INSIDE.get()
+    }
+
+    /// Runs `f`, pagepool's own code, marked as such where the guard is on.
+    #[inline]
+    fn inside<R>(&self, f: impl FnOnce() -> R) -> R {
+        if self.guard { inside(f) } else { f() }
+    }
+
     /// The pools, made on first use; `None` while another thread makes them, or if the system
     /// refused them.
     fn pools(&self) -> Option<&'static Pools> {
@@ -171,17 +208,26 @@ impl<A> PoolAlloc<A> {
             self.state
                 .compare_exchange(UNINIT, STARTING, Ordering::AcqRel, Ordering::Acquire)
         {
-            if state == STARTING {
+            if state == STARTING
+                && self.starter.load(Ordering::Acquire) != this_thread()
+                && self.starter_pid.load(Ordering::Acquire) == std::process::id()
+            {
                 // Another thread makes them (a few milliseconds, once): wait, so that every
                 // request at or above the threshold is the pools'. The thread making them
-                // never waits here (its own allocations go to the inner allocator meanwhile).
+                // never waits here (its own allocations go to the inner allocator meanwhile,
+                // by the guard, or by this test where the guard is off), nor does a child
+                // forked while another thread made them: they are never made there, and its
+                // requests go to the inner allocator.
                 while self.state.load(Ordering::Acquire) == STARTING {
                     std::thread::yield_now();
                 }
             }
             return self.made();
         }
-        let made = inside(|| Pools::new(self.settings()).map(|p| Box::into_raw(Box::new(p))));
+        self.starter_pid
+            .store(std::process::id(), Ordering::Release);
+        self.starter.store(this_thread(), Ordering::Release);
+        let made = self.inside(|| Pools::new(self.settings()).map(|p| Box::into_raw(Box::new(p))));
         match made {
             Ok(p) => {
                 self.pools.store(p, Ordering::Release);
@@ -190,7 +236,7 @@ impl<A> PoolAlloc<A> {
                 Some(unsafe { &*p })
             }
             Err(e) => {
-                inside(|| log::debug!("pagepool: no private pools: {e}"));
+                self.inside(|| log::debug!("pagepool: no private pools: {e}"));
                 self.state.store(FAILED, Ordering::Release);
                 None
             }
@@ -226,7 +272,7 @@ impl<A> PoolAlloc<A> {
     /// Whether a request of `layout` goes to the pools.
     #[inline]
     fn pooled(&self, layout: Layout) -> bool {
-        layout.size() >= self.threshold && layout.size() <= self.largest && !INSIDE.get()
+        layout.size() >= self.threshold && layout.size() <= self.largest && !self.guarded()
     }
 
     /// A block of the pools for `size` bytes aligned to `align`, all zero with `zeroed`;
@@ -235,11 +281,11 @@ impl<A> PoolAlloc<A> {
     /// another allocator. For callers that route requests themselves (the C library): release
     /// it with [`free_pooled`](Self::free_pooled).
     pub fn alloc_pooled(&self, size: usize, align: usize, zeroed: bool) -> Option<NonNull<u8>> {
-        if size < self.threshold || size > self.largest || INSIDE.get() {
+        if size < self.threshold || size > self.largest || self.guarded() {
             return None;
         }
         let pools = self.pools()?;
-        inside(|| pools.alloc(size, align, zeroed))
+        self.inside(|| pools.alloc(size, align, zeroed))
     }
 
     /// Releases a block of the pools.
@@ -254,7 +300,7 @@ impl<A> PoolAlloc<A> {
     pub unsafe fn free_pooled(&self, p: NonNull<u8>) {
         if let Some(pools) = self.made() {
             // SAFETY: forwarded from the caller.
-            inside(|| unsafe { pools.dealloc(p) });
+            self.inside(|| unsafe { pools.dealloc(p) });
         }
     }
 
@@ -268,7 +314,7 @@ impl<A> PoolAlloc<A> {
         if size < self.threshold || !pools.fits_in_place(p, size, align) {
             return false;
         }
-        inside(|| pools.note_written(p, size));
+        self.inside(|| pools.note_written(p, size));
         true
     }
 
@@ -286,31 +332,31 @@ impl<A> PoolAlloc<A> {
         size: usize,
         align: usize,
     ) -> Option<NonNull<u8>> {
-        if size > self.largest || INSIDE.get() {
+        if size > self.largest || self.guarded() {
             return None;
         }
         let pools = self.made()?;
         // SAFETY: forwarded from the caller.
-        inside(|| unsafe { pools.grow(p.as_ptr(), size, align) })
+        self.inside(|| unsafe { pools.grow(p.as_ptr(), size, align) })
     }
 
     /// The pools' statistics; `None` before the first request at or above the threshold.
     pub fn stats(&self) -> Option<PrivateStats> {
         let pools = self.made()?;
-        Some(inside(|| pools.stats()))
+        Some(self.inside(|| pools.stats()))
     }
 
     /// Waits until the worker has zeroed every released block waiting for it.
     pub fn flush(&self) {
         if let Some(p) = self.made() {
-            inside(|| p.flush());
+            self.inside(|| p.flush());
         }
     }
 
     /// Gives every pooled block's memory back to the system (as under memory pressure); returns
     /// the pages given back. Blocks in use are not touched.
     pub fn trim(&self) -> usize {
-        self.made().map_or(0, |p| inside(|| p.trim()))
+        self.made().map_or(0, |p| self.inside(|| p.trim()))
     }
 
     /// Whether the pools serve requests of `size` bytes (from the threshold to the largest
@@ -332,8 +378,16 @@ impl<A> PoolAlloc<A> {
     pub fn usable_size(&self, p: *const u8) -> Option<usize> {
         let pools = self.made()?;
         let n = pools.usable_size(p.cast_mut())?;
-        inside(|| pools.note_written(p.cast_mut(), n));
+        self.inside(|| pools.note_written(p.cast_mut(), n));
         Some(n)
+    }
+
+    /// How many bytes from `p`, the start of a block of the pools, may hold data: at least
+    /// what the block was allocated with, grown to or said usable, at most its usable size
+    /// (a copy of the block's contents needs no more). Unlike [`usable_size`](Self::usable_size)
+    /// it promises nothing to the holder. `None` for any other pointer.
+    pub fn contents_len(&self, p: *const u8) -> Option<usize> {
+        self.made()?.extent_of(p.cast_mut())
     }
 }
 
@@ -349,7 +403,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if self.pooled(layout)
             && let Some(pools) = self.pools()
-            && let Some(p) = inside(|| pools.alloc(layout.size(), layout.align(), false))
+            && let Some(p) = self.inside(|| pools.alloc(layout.size(), layout.align(), false))
         {
             return p.as_ptr();
         }
@@ -361,7 +415,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if self.pooled(layout)
             && let Some(pools) = self.pools()
-            && let Some(p) = inside(|| pools.alloc(layout.size(), layout.align(), true))
+            && let Some(p) = self.inside(|| pools.alloc(layout.size(), layout.align(), true))
         {
             return p.as_ptr();
         }
@@ -376,7 +430,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
         {
             // SAFETY: `p` is in the pools' range, so it came from them (the caller's contract:
             // this allocator returned it for `layout`), and the caller is done with it.
-            return inside(|| unsafe { pools.dealloc(NonNull::new_unchecked(p)) });
+            return self.inside(|| unsafe { pools.dealloc(NonNull::new_unchecked(p)) });
         }
         // SAFETY: not the pools', so the inner allocator's, for `layout`.
         unsafe { self.inner.dealloc(p, layout) }
@@ -391,7 +445,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
         {
             // The block holds it where it is, and may now be written up to the new size.
             if let Some(pools) = pools {
-                inside(|| pools.note_written(p, new_size));
+                self.inside(|| pools.note_written(p, new_size));
             }
             return p;
         }
@@ -406,7 +460,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for PoolAlloc<A> {
             && self.pooled(new_layout)
             && let Some(pools) = pools
             // SAFETY: `p` is the caller's live block of the pools, given up on success.
-            && let Some(q) = inside(|| unsafe { pools.grow(p, new_size, layout.align()) })
+            && let Some(q) = self.inside(|| unsafe { pools.grow(p, new_size, layout.align()) })
         {
             return q.as_ptr();
         }

@@ -70,6 +70,7 @@ pub mod pressure;
 #[cfg(not(loom))]
 mod private;
 pub mod registry;
+pub mod route;
 mod shrinker;
 pub mod stats;
 mod sync;

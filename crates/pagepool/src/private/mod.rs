@@ -283,6 +283,13 @@ impl Pools {
         Some(self.range.block_bytes(s.class))
     }
 
+    /// How much of the block that `p` starts may hold data (its extent), if it is one of the
+    /// range's.
+    pub(crate) fn extent_of(&self, p: *mut u8) -> Option<usize> {
+        let s = self.range.slot_of(p as usize)?;
+        Some(self.range.extent(s))
+    }
+
     /// Whether a block that `p` starts, allocated in a block of its class, can hold `size`
     /// bytes aligned to `align` where it is (a realloc in place).
     pub(crate) fn fits_in_place(&self, p: *mut u8, size: usize, align: usize) -> bool {
