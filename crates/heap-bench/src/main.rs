@@ -151,19 +151,12 @@ impl Args {
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: usize = num.parse().map_err(|e| format!("bad size {s:?}: {e}"))?;
-    match n.checked_mul(mul) {
-        Some(0) | None => Err(format!(
-            "bad size {s:?}: must be between 1 byte and the address space"
-        )),
+    match pagepool::parse_size(s) {
+        Some(0) => Err(format!("bad size {s:?}: must be at least 1 byte")),
         Some(v) => Ok(v),
+        None => Err(format!(
+            "bad size {s:?}: want bytes or a number with K, M or G"
+        )),
     }
 }
 

@@ -47,7 +47,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 
 use pagepool::alloc::PoolAlloc;
 use pagepool::route::{Next, Router};
@@ -138,6 +138,9 @@ static POOLS: OnceLock<PoolAlloc<Glibc>> = OnceLock::new();
 static ASAN: AtomicBool = AtomicBool::new(false);
 /// Whether the statistics go to stderr at exit.
 static STATS_AT_EXIT: AtomicBool = AtomicBool::new(false);
+/// Where they go: a close-on-exec copy of stderr made by the constructor (programs such as
+/// `dd` close their stderr before they exit), or -1 for stderr itself.
+static STATS_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// A function found with `dlsym(RTLD_NEXT, name)`, once.
 struct NextFn {
@@ -515,10 +518,15 @@ fn find_dlopen() -> *mut c_void {
 
 /// Writes `text` to stderr, whole (no allocation).
 fn say(text: &[u8]) {
+    say_to(2, text)
+}
+
+/// Writes `text` to `fd`, whole (no allocation).
+fn say_to(fd: c_int, text: &[u8]) {
     let mut rest = text;
     while !rest.is_empty() {
         // SAFETY: `rest` is initialised memory; write(2) only reads it.
-        let n = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+        let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
         if n <= 0 {
             return;
         }
@@ -556,6 +564,11 @@ extern "C" fn init() {
     }
     let s = Settings::from_environ(&mut |line| say(line.as_bytes()));
     STATS_AT_EXIT.store(s.stats, Ordering::Relaxed);
+    if s.stats {
+        // SAFETY: duplicates a descriptor; no memory is involved.
+        let fd = unsafe { libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 64) };
+        STATS_FD.store(fd, Ordering::Relaxed);
+    }
     if s.disable {
         STATE.store(OFF, Ordering::Release);
         return;
@@ -584,13 +597,20 @@ extern "C" fn fini() {
         return;
     }
     let name = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
-    say(format!(
-        "pagepool: statistics of process {} ({}) at exit\n",
-        std::process::id(),
-        name.trim()
-    )
-    .as_bytes());
-    r.write_stats(2);
+    let fd = match STATS_FD.load(Ordering::Relaxed) {
+        -1 => 2,
+        fd => fd,
+    };
+    say_to(
+        fd,
+        format!(
+            "pagepool: statistics of process {} ({}) at exit\n",
+            std::process::id(),
+            name.trim()
+        )
+        .as_bytes(),
+    );
+    r.write_stats(fd);
 }
 
 #[used]

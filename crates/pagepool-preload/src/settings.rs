@@ -4,6 +4,7 @@
 use std::ffi::{CStr, c_char};
 
 use pagepool::alloc::{DEFAULT_LARGEST, DEFAULT_POOL_LIMIT, DEFAULT_THRESHOLD};
+use pagepool::parse_size;
 
 unsafe extern "C" {
     static environ: *const *const c_char;
@@ -33,27 +34,6 @@ impl Default for Settings {
             disable: false,
         }
     }
-}
-
-/// A size: bytes, or a number with `K`, `M`, `G` or `T` (powers of 1024; `KiB`, `kb` and the
-/// like are accepted too).
-pub(crate) fn parse_size(s: &str) -> Option<usize> {
-    let s = s.trim();
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    if digits == 0 {
-        return None;
-    }
-    let n: usize = s[..digits].parse().ok()?;
-    let unit = s[digits..].trim().to_ascii_lowercase();
-    let shift = match unit.as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return None,
-    };
-    n.checked_mul(1usize << shift)
 }
 
 /// A switch: `1`, `yes`, `on`, `true`, or `0`, `no`, `off`, `false`.
@@ -145,27 +125,6 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("64K"), Some(64 << 10));
-        assert_eq!(parse_size("8M"), Some(8 << 20));
-        assert_eq!(parse_size("2G"), Some(2 << 30));
-        assert_eq!(parse_size("2gib"), Some(2 << 30));
-        assert_eq!(parse_size(" 4096 "), Some(4096));
-        assert_eq!(parse_size("0"), Some(0));
-        for bad in [
-            "",
-            "K",
-            "-1",
-            "1.5M",
-            "12Q",
-            "99999999999999999999",
-            "16777216T",
-        ] {
-            assert_eq!(parse_size(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn bad_values_say_one_line_each_and_keep_the_default() {

@@ -225,3 +225,57 @@ pub(crate) const HOT_BLOCKS: usize = 64;
 // ---- The pressure monitor ----
 
 pub(crate) const RECENT: usize = 32;
+
+/// A size as people write it: bytes, or a whole number with `K`, `M`, `G` or `T` (powers of
+/// 1024; `KiB`, `kb` and the like too, in any case, spaces around allowed). `None` for anything
+/// else, or a size past `usize`.
+///
+/// ```
+/// use pagepool::parse_size;
+/// assert_eq!(parse_size("64K"), Some(64 << 10));
+/// assert_eq!(parse_size("8 MiB"), Some(8 << 20));
+/// assert_eq!(parse_size("4096"), Some(4096));
+/// assert_eq!(parse_size("1.5M"), None);
+/// ```
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    if digits == 0 {
+        return None;
+    }
+    let n: usize = s[..digits].parse().ok()?;
+    let shift = match s[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1usize << shift)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("2gib"), Some(2 << 30));
+        assert_eq!(parse_size(" 4096 "), Some(4096));
+        assert_eq!(parse_size("0"), Some(0));
+        for bad in [
+            "",
+            "K",
+            "-1",
+            "1.5M",
+            "12Q",
+            "99999999999999999999",
+            "16777216T",
+            "4K4",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -78,6 +78,7 @@ mod tempo;
 mod zero;
 
 pub use attrs::{BackingReport, HugeBacking, PoolType};
+pub use config::parse_size;
 pub use error::{AllocError, ConfigError, OsError};
 pub use export::{ExportError, ExportedBuffer};
 pub use heap::{BlockInfo, Buffer, HeapBuilder, SystemHeap};
