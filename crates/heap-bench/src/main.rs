@@ -18,6 +18,7 @@ mod calls;
 mod growth;
 mod measure;
 mod plan;
+mod programs;
 mod random;
 mod report;
 mod sparse;
@@ -53,12 +54,14 @@ struct Args {
     /// 8-byte reads (a pointer chase through every 64-byte line in random order) over one buffer
     /// of `--random-bytes` and one of `--random-small`, for a pagepool buffer (4 KiB pages), a
     /// pagepool huge buffer, an anonymous mmap with MADV_HUGEPAGE and one without: ns per read,
-    /// and the huge pages each got.
+    /// and the huge pages each got; and `programs`, real workloads (numpy, Pillow, lzma,
+    /// zstandard, SQLite) in Python processes under glibc, pagepool's drop-in, mimalloc and
+    /// jemalloc (programs/setup installs what it needs).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "tight,paced,loaded,threads,realloc,sparse",
-        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random", "realloc", "sparse"]
+        value_parser = ["tight", "paced", "loaded", "threads", "both", "attrs", "random", "realloc", "sparse", "programs"]
     )]
     mode: Vec<String>,
     /// Threads mode: how many threads share the heap or allocator, comma separated.
@@ -85,6 +88,10 @@ struct Args {
     /// whose fewest calls (200) take more than its budget runs one repetition.
     #[arg(long)]
     reps: Option<usize>,
+    /// Programs mode: the Python (with numpy, Pillow and zstandard) to run the workloads in
+    /// (default: target/programs/venv/bin/python, which programs/setup makes).
+    #[arg(long, value_name = "PATH")]
+    python: Option<std::path::PathBuf>,
     /// Time budget per row in milliseconds (time in calls, all repetitions; paced work between
     /// calls comes on top), used to choose the call count.
     #[arg(long, default_value_t = 400)]
@@ -404,6 +411,14 @@ fn run(args: Args) -> Result<(), String> {
     }
     if plan.sparse && !args.child_tuned {
         sparse::run_mode(&bar, &mut report)?;
+    }
+    if plan.programs && !args.child_tuned {
+        programs::run_mode(
+            args.python.as_deref(),
+            args.reps.unwrap_or(1),
+            &bar,
+            &mut report,
+        )?;
     }
     bar.finish_and_clear();
     for sys in systems.iter().chain(&attrs_systems) {

@@ -72,6 +72,10 @@ pub struct Plan {
     pub realloc: bool,
     /// Whether the sparse mode runs (its rows are its own: `sparse::ROWS`).
     pub sparse: bool,
+    /// Whether the programs mode runs (its rows are its own: `programs::PRELOADS`).
+    pub programs: bool,
+    /// The programs mode's repetitions (`--reps`, default 1).
+    pub programs_reps: usize,
 }
 
 impl Plan {
@@ -88,12 +92,18 @@ impl Plan {
         let modes = expand_modes(args)?;
         let call_modes: Vec<&String> = modes
             .iter()
-            .filter(|m| !matches!(m.as_str(), "attrs" | "random" | "realloc" | "sparse"))
+            .filter(|m| {
+                !matches!(
+                    m.as_str(),
+                    "attrs" | "random" | "realloc" | "sparse" | "programs"
+                )
+            })
             .collect();
         let attrs = modes.iter().any(|m| m == "attrs");
         let random = modes.iter().any(|m| m == "random");
         let realloc = modes.iter().any(|m| m == "realloc");
         let sparse = modes.iter().any(|m| m == "sparse");
+        let programs = modes.iter().any(|m| m == "programs");
         let known = |s: &str| {
             systems::ALL.contains(&s) || systems::EXTRA.contains(&s) || systems::ATTRS.contains(&s)
         };
@@ -160,6 +170,8 @@ impl Plan {
             random: random_sizes,
             realloc,
             sparse,
+            programs,
+            programs_reps: args.reps.unwrap_or(1),
         })
     }
 
@@ -189,6 +201,11 @@ impl Plan {
             }
             + if self.sparse {
                 crate::sparse::steps()
+            } else {
+                0
+            }
+            + if self.programs {
+                crate::programs::steps(self.programs_reps)
             } else {
                 0
             }

@@ -686,6 +686,8 @@ pub struct Report {
     pub growth: Vec<crate::growth::GrowthRow>,
     /// The sparse mode's rows (empty: it did not run).
     pub sparse: Vec<crate::sparse::SparseRow>,
+    /// The programs mode's rows (empty: it did not run).
+    pub programs: Vec<crate::programs::ProgramRow>,
     /// What the run found wrong with its own measurements (a row beating the zeroing limit or
     /// the touch floor after they were measured again).
     pub warnings: Vec<String>,
@@ -717,6 +719,7 @@ impl Report {
             heap_stats: Vec::new(),
             growth: Vec::new(),
             sparse: Vec::new(),
+            programs: Vec::new(),
             warnings: Vec::new(),
         }
         .with_bounds(bw, floors)
