@@ -593,20 +593,8 @@ fn pressure_releases_before_oom() -> Result {
         st.pooled_pages(),
         p.events
     );
-    let start_ms = p.recent.first().map_or(0, |ev| ev.unix_ms);
-    for ev in &p.recent {
-        report.push_str(&format!(
-            " [+{} ms {} released {} pages in {} us]",
-            ev.unix_ms - start_ms,
-            ev.source,
-            ev.pages_released,
-            ev.micros
-        ));
-    }
-    check(status.success(), || {
-        format!("the hog did not finish: {report}")
-    })?;
-    check(oom_kills == 0, || format!("the OOM killer acted: {report}"))?;
+    report.push_str(&recent_events(&p));
+    hog_finished(status, oom_kills, &report)?;
     check(p.events > 0 && p.pages_released > 0, || {
         format!("no pressure response: {report}")
     })?;
@@ -709,20 +697,8 @@ fn machine_wide_pressure() -> Result {
         pooled(&after) >> 20,
         p.events
     );
-    let start_ms = p.recent.first().map_or(0, |ev| ev.unix_ms);
-    for ev in &p.recent {
-        report.push_str(&format!(
-            " [+{} ms {} released {} pages in {} us]",
-            ev.unix_ms - start_ms,
-            ev.source,
-            ev.pages_released,
-            ev.micros
-        ));
-    }
-    check(status.success(), || {
-        format!("the hog did not finish: {report}")
-    })?;
-    check(oom_kills == 0, || format!("the OOM killer acted: {report}"))?;
+    report.push_str(&recent_events(&p));
+    hog_finished(status, oom_kills, &report)?;
     check(p.events > 0 && pooled(&after) < pooled(&before), || {
         format!("no pressure response: {report}")
     })?;
@@ -731,6 +707,31 @@ fn machine_wide_pressure() -> Result {
         || format!("a signal other than PSI: {report}"),
     )?;
     Ok(report)
+}
+
+/// The monitor's recent events, one bracket each, timed from the first.
+fn recent_events(p: &pagepool::stats::PressureStats) -> String {
+    let start_ms = p.recent.first().map_or(0, |ev| ev.unix_ms);
+    p.recent
+        .iter()
+        .map(|ev| {
+            format!(
+                " [+{} ms {} released {} pages in {} us]",
+                ev.unix_ms - start_ms,
+                ev.source,
+                ev.pages_released,
+                ev.micros
+            )
+        })
+        .collect()
+}
+
+/// The hog finished, and the OOM killer never acted.
+fn hog_finished(status: std::process::ExitStatus, oom_kills: u64, report: &str) -> Result<()> {
+    check(status.success(), || {
+        format!("the hog did not finish: {report}")
+    })?;
+    check(oom_kills == 0, || format!("the OOM killer acted: {report}"))
 }
 
 /// The `hog` helper: moves into `cgroup` if one is named, grows to `mib` MiB in 8 MiB steps,
