@@ -166,25 +166,15 @@ fn python(explicit: Option<&Path>) -> Result<PathBuf, String> {
     }
 }
 
-/// The drop-in beside this binary; an error naming the build command if it is missing. Says
-/// so once if it is older than this binary (a build of heap-bench alone leaves it stale).
+/// The drop-in beside this binary; an error naming the build command if it is missing.
 fn drop_in() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let so = exe.with_file_name("libpagepool_preload.so");
-    let (Ok(so_meta), Ok(exe_meta)) = (std::fs::metadata(&so), std::fs::metadata(&exe)) else {
+    if !so.exists() {
         return Err(format!(
             "programs mode: no drop-in at {}: cargo build --release -p pagepool-preload",
             so.display()
         ));
-    };
-    if let (Ok(a), Ok(b)) = (so_meta.modified(), exe_meta.modified())
-        && a < b
-    {
-        eprintln!(
-            "programs mode: {} is older than heap-bench: rebuild it if the library changed \
-             (cargo build --release -p pagepool-preload)",
-            so.display()
-        );
     }
     Ok(so)
 }
@@ -218,6 +208,11 @@ pub fn run_mode(
     let started = Instant::now();
     let python = python(python_arg)?;
     let drop_in = drop_in()?;
+    println!(
+        "programs: Python {}, the drop-in {}",
+        python.display(),
+        drop_in.display()
+    );
     let dir = std::env::temp_dir().join(format!("heap-bench-programs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let script = dir.join("workloads.py");
