@@ -70,6 +70,7 @@ pub mod pressure;
 #[cfg(not(loom))]
 mod private;
 pub mod registry;
+#[cfg(not(loom))]
 pub mod route;
 mod shrinker;
 pub mod stats;
