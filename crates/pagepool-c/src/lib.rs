@@ -72,22 +72,26 @@ impl Next for Libc {
     }
 }
 
-const ROUTER: Router<'static, Libc> = Router {
-    pools: &POOLS,
-    next: Libc,
-};
+/// The routing of every function: the pools, then the C library.
+#[inline]
+fn router() -> Router<'static, Libc> {
+    Router {
+        pools: &POOLS,
+        next: Libc,
+    }
+}
 
 /// `malloc`: `size` bytes, contents unspecified; NULL and `ENOMEM` when there is no memory.
 #[unsafe(no_mangle)]
 pub extern "C" fn pagepool_malloc(size: usize) -> *mut c_void {
-    ROUTER.malloc(size)
+    router().malloc(size)
 }
 
 /// `calloc`: `n * size` zeroed bytes; NULL and `ENOMEM` when the product overflows or there
 /// is no memory.
 #[unsafe(no_mangle)]
 pub extern "C" fn pagepool_calloc(n: usize, size: usize) -> *mut c_void {
-    ROUTER.calloc(n, size)
+    router().calloc(n, size)
 }
 
 /// `aligned_alloc`: `size` bytes aligned to `align`, a power of two (else NULL and `EINVAL`).
@@ -97,7 +101,7 @@ pub extern "C" fn pagepool_aligned_alloc(align: usize, size: usize) -> *mut c_vo
         route::set_errno(libc::EINVAL);
         return std::ptr::null_mut();
     }
-    ROUTER.aligned(align, size)
+    router().aligned(align, size)
 }
 
 /// `free`: releases a pointer from these functions; NULL does nothing; `errno` is kept.
@@ -107,7 +111,7 @@ pub extern "C" fn pagepool_aligned_alloc(align: usize, size: usize) -> *mut c_vo
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pagepool_free(p: *mut c_void) {
     // SAFETY: forwarded from the caller.
-    unsafe { ROUTER.free(p) }
+    unsafe { router().free(p) }
 }
 
 /// `malloc_usable_size`: the bytes usable at `p`, all of which its holder may write; 0 for
@@ -118,7 +122,7 @@ pub unsafe extern "C" fn pagepool_free(p: *mut c_void) {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pagepool_usable_size(p: *mut c_void) -> usize {
     // SAFETY: forwarded from the caller.
-    unsafe { ROUTER.usable_size(p) }
+    unsafe { router().usable_size(p) }
 }
 
 /// `realloc`: contents kept up to the smaller size; NULL `p` is `malloc`; size 0 frees `p`
@@ -129,7 +133,7 @@ pub unsafe extern "C" fn pagepool_usable_size(p: *mut c_void) -> usize {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pagepool_realloc(p: *mut c_void, size: usize) -> *mut c_void {
     // SAFETY: forwarded from the caller.
-    unsafe { ROUTER.realloc(p, size) }
+    unsafe { router().realloc(p, size) }
 }
 
 /// The pools' statistics, for Rust callers; `None` before the first pooled request.
@@ -145,12 +149,12 @@ pub fn flush() {
 /// Gives every pooled block's memory back to the system; returns the bytes given back.
 #[unsafe(no_mangle)]
 pub extern "C" fn pagepool_trim() -> usize {
-    ROUTER.trim()
+    router().trim()
 }
 
 /// Writes the pools' statistics and the registry's table as text to `fd`: 0 on success, -1
 /// with `errno` set on error.
 #[unsafe(no_mangle)]
 pub extern "C" fn pagepool_write_stats(fd: libc::c_int) -> libc::c_int {
-    ROUTER.write_stats(fd)
+    router().write_stats(fd)
 }
