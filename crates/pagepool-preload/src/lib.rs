@@ -275,10 +275,7 @@ fn router() -> Option<Router<'static, Glibcs, Glibc>> {
     if STATE.load(Ordering::Acquire) != READY {
         return None;
     }
-    POOLS.get().map(|pools| Router {
-        pools,
-        next: Glibcs,
-    })
+    release_router()
 }
 
 /// The router for a release: the pools if they exist (their pointers must go back to them
@@ -523,15 +520,8 @@ fn say(text: &[u8]) {
 
 /// Writes `text` to `fd`, whole (no allocation).
 fn say_to(fd: c_int, text: &[u8]) {
-    let mut rest = text;
-    while !rest.is_empty() {
-        // SAFETY: `rest` is initialised memory; write(2) only reads it.
-        let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
-        if n <= 0 {
-            return;
-        }
-        rest = &rest[n as usize..];
-    }
+    // A failed write of a message has nowhere to be said.
+    let _ = pagepool::route::write_all(fd, text);
 }
 
 /// The constructor: finds glibc's functions, reads the settings, and makes the pools usable

@@ -235,18 +235,24 @@ impl<N: Next, A> Router<'_, N, A> {
             Some(s) => format!("{s}\n{}", crate::registry::Registry::global().stats()),
             None => "pagepool: the private pools were not used\n".to_string(),
         };
-        let mut rest = text.as_bytes();
-        while !rest.is_empty() {
-            // SAFETY: `rest` is initialised memory we own; write(2) only reads it.
-            let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
-            if n < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return -1;
-            }
-            rest = &rest[n as usize..];
-        }
-        0
+        write_all(fd, text.as_bytes())
     }
+}
+
+/// Writes `bytes` to `fd`, whole (retrying after an interrupted or short write), without
+/// allocating: 0 on success, -1 with `errno` set on error.
+pub fn write_all(fd: libc::c_int, bytes: &[u8]) -> libc::c_int {
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        // SAFETY: `rest` is initialised memory; write(2) only reads it.
+        let n = unsafe { libc::write(fd, rest.as_ptr().cast(), rest.len()) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return -1;
+        }
+        rest = &rest[n as usize..];
+    }
+    0
 }
